@@ -1,0 +1,393 @@
+"""The public plugin API: everything a transport or credential plugin may import.
+
+Plugins import from here and nowhere else in ``gatewayd`` (tests may also use
+``gatewayd.testing``). What is not re-exported here may change without notice.
+
+A plugin module declares hook implementations with :data:`hookimpl`; the hooks are
+documented in :mod:`gatewayd.hookspecs`. Hooks only *register* classes: the message
+path itself is plain typed async code on :class:`Transport` and
+:class:`CredentialBackend`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+import pluggy
+import structlog
+
+from gatewayd.errors import (
+    BacklogFullError,
+    ConfigError,
+    CredentialError,
+    GatewaydError,
+    IntakeRefusedError,
+    InvalidMessageError,
+    PluginError,
+    UnknownDeviceError,
+)
+from gatewayd.msgin5g.model import Address
+from gatewayd.options import MISSING, Options, SecretRef
+
+__all__ = [
+    "MISSING",
+    "Acceptance",
+    "Address",
+    "BacklogFullError",
+    "ConfigError",
+    "CredentialBackend",
+    "CredentialError",
+    "DeliveryOutcome",
+    "Device",
+    "DeviceReport",
+    "Downlink",
+    "GatewaydError",
+    "IntakeRefusedError",
+    "InvalidMessageError",
+    "Options",
+    "PluginContext",
+    "PluginError",
+    "PluginSettings",
+    "Registry",
+    "SecretRef",
+    "Signer",
+    "TlsIdentity",
+    "Transport",
+    "TransportContext",
+    "TransportSettings",
+    "TrustAnchors",
+    "UnknownDeviceError",
+    "Uplink",
+    "UplinkReport",
+    "hookimpl",
+]
+
+hookimpl = pluggy.HookimplMarker("gatewayd")
+"""Marks a plugin function as the implementation of a ``gatewayd_*`` hook."""
+
+Logger = structlog.stdlib.BoundLogger
+
+
+# --- devices and messages -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Device:
+    """One device a transport serves, and the UE Service ID it has in MSGin5G.
+
+    ``options`` holds the transport's own per-device keys from the config (a webhook
+    URL, a token reference, ...), read with :class:`Options`.
+    """
+
+    name: str
+    service_id: str
+    options: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Uplink:
+    """A message a device sent, as a transport hands it to the gateway.
+
+    ``msg_id`` is the device's own id when its protocol has one: redeliveries with the
+    same id are recognised and stored once. ``dest`` may be left out: the gateway then
+    uses the reply route of the last message the device received, or the configured
+    default destination.
+    """
+
+    device: str
+    payload: str | None
+    msg_id: str | None = None
+    dest: Address | None = None
+    app_id: str | None = None
+    report_requested: bool = False
+    expiry: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Acceptance:
+    """The gateway has durably stored a message: only now may the transport ack it."""
+
+    msg_id: str
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceReport:
+    """A device's own, application-level report on a downlink message it received."""
+
+    device: str
+    msg_id: str
+    delivered: bool
+    cause: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Downlink:
+    """A message for a device. ``origin`` is the MSGin5G party that sent it."""
+
+    msg_id: str
+    device: Device
+    origin: Address
+    payload: str | None
+    app_id: str | None = None
+    report_requested: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveryOutcome:
+    """What became of a :class:`Downlink`, from the transport's own evidence.
+
+    A failure is ``permanent`` when retrying cannot help (the device's endpoint refused
+    the message); otherwise the gateway retries with backoff until the message expires.
+    """
+
+    delivered: bool
+    cause: str | None = None
+    permanent: bool = False
+
+    @classmethod
+    def success(cls) -> DeliveryOutcome:
+        return cls(delivered=True)
+
+    @classmethod
+    def failure(cls, cause: str, *, permanent: bool = False) -> DeliveryOutcome:
+        return cls(delivered=False, cause=cause, permanent=permanent)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UplinkReport:
+    """The server's delivery report for a message this device sent."""
+
+    device: Device
+    msg_id: str
+    delivered: bool
+    cause: str | None = None
+
+
+# --- settings and context -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PluginSettings:
+    """One configured instance of a plugin: ``[credentials.NAME]`` or ``[transports.NAME]``.
+
+    ``options`` holds the plugin's own keys; read each with a typed getter and finish with
+    ``options.check_unknown()`` so a misspelt key fails at start, naming itself.
+    ``base_dir`` is the config file's folder, for relative paths.
+    """
+
+    name: str
+    plugin: str
+    options: Options
+    base_dir: Path
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransportSettings(PluginSettings):
+    """A transport instance, with the devices the config maps for it.
+
+    ``service_id_template`` (for example ``"{device}@iot.example"``) admits devices that
+    are not listed: the gateway learns them from their first message.
+    """
+
+    devices: tuple[Device, ...] = ()
+    service_id_template: str | None = None
+
+
+class PluginContext(Protocol):
+    """What the gateway offers every plugin instance."""
+
+    @property
+    def log(self) -> Logger:
+        """A logger bound to this plugin instance."""
+        ...
+
+    def credentials(self, name: str) -> CredentialBackend:
+        """The credential backend configured as ``[credentials.NAME]``.
+
+        Raises :class:`ConfigError` when there is none.
+        """
+        ...
+
+
+class TransportContext(PluginContext, Protocol):
+    """What the gateway offers a transport: intake, and its device mapping."""
+
+    async def accept(self, uplink: Uplink) -> Acceptance:
+        """Store a device's message durably; return only once it is committed.
+
+        Acknowledge the message to the device (PUBACK, HTTP 2xx, submit_sm_resp) only
+        after this returns. Raises a subclass of :class:`IntakeRefusedError` when the
+        message is refused: translate its ``reason`` into the device protocol's terms.
+        """
+        ...
+
+    async def accept_report(self, report: DeviceReport) -> None:
+        """Store a device's own report on a downlink message it received."""
+        ...
+
+    def device(self, name: str) -> Device | None:
+        """The mapped device with this transport-local name, if the config lists it."""
+        ...
+
+
+# --- credential backends --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TlsIdentity:
+    """Our own X.509 identity: a PEM chain (leaf first) and its unencrypted PEM key."""
+
+    cert_chain_pem: bytes
+    key_pem: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrustAnchors:
+    """Whom we trust: CA certificates (PEM) and, optionally, CRLs (PEM) for them."""
+
+    ca_pem: bytes
+    crl_pem: tuple[bytes, ...] = ()
+
+
+class Signer(Protocol):
+    """A private key that signs on our behalf, possibly inside an HSM."""
+
+    @property
+    def algorithm(self) -> str:
+        """The JWS algorithm name of the signatures (``ES256``, ``RS256``, ...)."""
+        ...
+
+    @property
+    def key_id(self) -> str | None:
+        """The ``kid`` a verifier uses to pick our public key, if any."""
+        ...
+
+    async def sign(self, data: bytes) -> bytes:
+        """Sign ``data``; the result is in JWS form (raw r||s for ECDSA)."""
+        ...
+
+
+class CredentialBackend(ABC):  # noqa: B024 - every capability is optional on purpose
+    """A source of credential material: files, systemd credentials, a token endpoint, an HSM.
+
+    A backend offers any subset of the capabilities below; the ones it lacks return
+    ``None``. The gateway calls :meth:`load` at start, on SIGHUP and when one of
+    :meth:`watched_paths` changes, and rebuilds its TLS contexts from what the getters
+    then return: new connections use the new material, established ones carry on.
+    """
+
+    def __init__(self, settings: PluginSettings, context: PluginContext) -> None:
+        self.settings = settings
+        self.context = context
+
+    async def load(self) -> None:  # noqa: B027 - optional, a stateless backend needs none
+        """(Re)read the material. Raise :class:`CredentialError` when it is unusable."""
+
+    def tls_identity(self) -> TlsIdentity | None:
+        """Our certificate chain and key for TLS, if this backend provides them."""
+        return None
+
+    def trust_anchors(self) -> TrustAnchors | None:
+        """The CAs (and CRLs) that vouch for peers, if this backend provides them."""
+        return None
+
+    def signer(self) -> Signer | None:
+        """A signing key (for ``private_key_jwt`` assertions and the like), if any."""
+        return None
+
+    async def access_token(self, *, audience: str, scope: str) -> str | None:
+        """An OAuth 2.0 bearer token for calls to ``audience``, if this backend issues them."""
+        return None
+
+    def watched_paths(self) -> tuple[Path, ...]:
+        """Files whose change should trigger :meth:`load` (rotation without restart)."""
+        return ()
+
+    async def aclose(self) -> None:  # noqa: B027 - optional
+        """Release what :meth:`load` opened (sessions, HTTP clients)."""
+
+
+# --- transports -----------------------------------------------------------------------
+
+
+class Transport(ABC):
+    """A device-side protocol endpoint (MQTT, HTTP webhooks, SMPP, ...).
+
+    Lifecycle, driven by the gateway: :meth:`start` (connect, listen; intake may begin),
+    :meth:`run` in a task named ``transport:NAME`` (the intake loop, if the protocol
+    needs one), :meth:`stop` (stop intake, close). :meth:`deliver` may be called between
+    ``start`` and ``stop``, concurrently.
+    """
+
+    def __init__(self, settings: TransportSettings, context: TransportContext) -> None:
+        self.settings = settings
+        self.context = context
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Connect or listen. Raise :class:`GatewaydError` when that is impossible."""
+
+    async def run(self) -> None:  # noqa: B027 - a listener-based transport needs no loop
+        """The intake loop; return when stopped. It owns its reconnects; an exception here
+        is a crash that stops the gateway."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Stop intake, finish what is in flight, release the connection."""
+
+    @abstractmethod
+    async def deliver(self, message: Downlink) -> DeliveryOutcome:
+        """Deliver a downlink message; the outcome is the transport's evidence of it."""
+
+    async def deliver_report(self, report: UplinkReport) -> bool:
+        """Pass the server's report on an uplink message to the device, if the protocol can.
+
+        Return ``False`` when it cannot (the report is then only logged)."""
+        return False
+
+
+# --- registration ---------------------------------------------------------------------
+
+C = TypeVar("C")
+
+
+class Registry(Generic[C]):
+    """Where a hook registers the classes it offers, under the name the config uses."""
+
+    def __init__(self, kind: str) -> None:
+        self._kind = kind
+        self._classes: dict[str, C] = {}
+        self._owners: dict[str, str] = {}
+        self.current_plugin = "?"
+
+    def add(self, name: str, cls: C) -> None:
+        if name in self._classes:
+            raise PluginError(
+                f"{self._kind} {name!r} is registered twice "
+                f"(by {self._owners[name]} and {self.current_plugin})"
+            )
+        self._classes[name] = cls
+        self._owners[name] = self.current_plugin
+
+    def get(self, name: str) -> C | None:
+        return self._classes.get(name)
+
+    def owner(self, name: str) -> str:
+        return self._owners[name]
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(sorted(self._classes))
+
+
+TransportFactory = Callable[[TransportSettings, TransportContext], Transport]
+CredentialFactory = Callable[[PluginSettings, PluginContext], CredentialBackend]

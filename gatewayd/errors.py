@@ -1,0 +1,133 @@
+"""The one exception root, and the process exit codes built on it.
+
+Everything gatewayd raises on purpose derives from :class:`GatewaydError`; library
+exceptions are translated at the edge where they enter (``raise ... from None`` when
+the original adds nothing but noise).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Documented exit codes of the ``gatewayd`` command.
+
+    systemd units use them: ``RestartPreventExitStatus=78 77`` stops a restart loop on a
+    broken config or credential, which a restart cannot fix.
+    """
+
+    OK = 0
+    FAILURE = 1  # an unexpected runtime failure; a restart may help
+    USAGE = 2  # bad command line (argparse's own code)
+    PEER_REFUSED = 3  # the MSGin5G server refused us (authentication/authorization)
+    UNAVAILABLE = 69  # EX_UNAVAILABLE: a required service (server, store) is unreachable
+    CREDENTIALS = 77  # EX_NOPERM: credentials missing, unreadable, expired or rejected
+    CONFIG = 78  # EX_CONFIG: the configuration is invalid
+
+
+class GatewaydError(Exception):
+    """Root of every error gatewayd raises on purpose."""
+
+    exit_code: ExitCode = ExitCode.FAILURE
+
+
+class ConfigError(GatewaydError):
+    """A configuration value is missing or wrong; names the file and key path."""
+
+    exit_code = ExitCode.CONFIG
+
+    def __init__(self, key: str, problem: str, *, source: str | None = None) -> None:
+        self.key = key
+        self.problem = problem
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{key}: {problem}")
+
+
+class CredentialError(GatewaydError):
+    """Credential material is missing, unreadable, expired or does not fit together."""
+
+    exit_code = ExitCode.CREDENTIALS
+
+
+class PluginError(GatewaydError):
+    """A plugin failed to load, declared an unknown hook, or broke the plugin API."""
+
+    exit_code = ExitCode.CONFIG
+
+
+class PeerRefusedError(GatewaydError):
+    """The remote peer refused us: TLS authentication or authorization failed.
+
+    Never transient: retrying with the same credentials cannot succeed, so callers
+    surface it instead of backing off forever.
+    """
+
+    exit_code = ExitCode.PEER_REFUSED
+
+
+class PeerUnavailableError(GatewaydError):
+    """The remote peer could not be reached or answered with a transient failure."""
+
+    exit_code = ExitCode.UNAVAILABLE
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ProtocolError(GatewaydError):
+    """The peer answered something the protocol does not allow."""
+
+
+class InvalidBodyError(GatewaydError):
+    """A JSON body does not match the TS 29.538 schema.
+
+    ``pointer`` is a JSON Pointer to the offending attribute, as ProblemDetails'
+    ``invalidParams[].param`` wants it.
+    """
+
+    def __init__(self, pointer: str, reason: str) -> None:
+        self.pointer = pointer
+        self.reason = reason
+        super().__init__(f"{pointer or '/'}: {reason}")
+
+
+class IntakeRefusedError(GatewaydError):
+    """The gateway will not take a message from a transport; nothing was stored.
+
+    Transports translate ``reason`` into their own protocol's terms (an HTTP status, an
+    MQTT reason code, an SMPP command status).
+    """
+
+    reason: str = "refused"
+
+    def __init__(self, detail: str, *, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+class UnknownDeviceError(IntakeRefusedError):
+    """The device is not in the mapping and the mapping admits no dynamic devices."""
+
+    reason = "unknown_device"
+
+
+class InvalidMessageError(IntakeRefusedError):
+    """The device's message cannot become an MSGin5G message (size, encoding, fields)."""
+
+    reason = "invalid_message"
+
+
+class BacklogFullError(IntakeRefusedError):
+    """The store's backlog limit is reached, or its disk is full or read-only."""
+
+    reason = "backlog_full"
+
+
+class StoreError(GatewaydError):
+    """The durable store failed (I/O error, corruption)."""
+
+    exit_code = ExitCode.UNAVAILABLE

@@ -1,0 +1,1 @@
+"""Entry point of the gatewayd-http plugin: registers its classes with gatewayd."""

@@ -1,0 +1,1 @@
+"""Entry point of the gatewayd-mqtt plugin: registers its classes with gatewayd."""

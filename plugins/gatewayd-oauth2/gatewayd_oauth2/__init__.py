@@ -1,0 +1,1 @@
+"""gatewayd-oauth2 plugin."""

@@ -1,0 +1,1 @@
+"""gatewayd-pkcs11 plugin."""

@@ -1,0 +1,1 @@
+"""gatewayd-x509 plugin."""
