@@ -1,0 +1,171 @@
+"""The device-facing HTTP API: authentication, body limits, and the hand-over to intake.
+
+Order per request, chosen so nothing is read from an unauthenticated peer:
+authenticate (headers or TLS only) -> authorize the path's device -> content type ->
+size -> JSON -> ``context.accept`` -> 202. The 202 leaves only after ``accept``
+returned, i.e. after the gateway stored the message durably.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gatewayd.api import IntakeRefusedError, TransportContext
+from gatewayd_http.config import BEARER, HttpConfig
+from gatewayd_http.messages import parse_report, parse_uplink
+from gatewayd_http.problems import Problem, refusal
+from gatewayd_http.tlsctx import peer_names
+
+_REALM = 'Bearer realm="gatewayd"'
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Credentials:
+    """What authenticates each device: its token (bearer) or certificate identity."""
+
+    tokens: Mapping[str, bytes]  # device name -> token
+    identities: Mapping[str, str]  # certificate SAN -> device name
+
+
+class Intake:
+    """Builds the aiohttp application that receives device messages and reports."""
+
+    def __init__(
+        self, config: HttpConfig, credentials: Credentials, context: TransportContext
+    ) -> None:
+        self._config = config
+        self._credentials = credentials
+        self._context = context
+
+    def app(self) -> web.Application:
+        """The application; ``client_max_size`` makes aiohttp enforce ``max_body``."""
+        app = web.Application(client_max_size=self._config.max_body, middlewares=[self._problems])
+        app.router.add_post("/v1/devices/{device}/messages", self._messages)
+        app.router.add_post("/v1/devices/{device}/reports", self._reports)
+        return app
+
+    async def _messages(self, request: web.Request) -> web.Response:
+        device = self._authorize(request)
+        uplink = parse_uplink(device, await self._json(request))
+        log = self._context.log.bind(device=device, msg_id=uplink.msg_id)
+        try:
+            acceptance = await self._context.accept(uplink)
+        except IntakeRefusedError as exc:
+            log.warning("http.uplink.refused", reason=exc.reason, detail=exc.detail)
+            raise refusal(exc) from None
+        log.info("http.uplink.accepted", msg_id=acceptance.msg_id, duplicate=acceptance.duplicate)
+        return web.json_response(
+            {"msgId": acceptance.msg_id, "duplicate": acceptance.duplicate}, status=202
+        )
+
+    async def _reports(self, request: web.Request) -> web.Response:
+        device = self._authorize(request)
+        report = parse_report(device, await self._json(request))
+        log = self._context.log.bind(device=device, msg_id=report.msg_id)
+        try:
+            await self._context.accept_report(report)
+        except IntakeRefusedError as exc:
+            log.warning("http.report.refused", reason=exc.reason, detail=exc.detail)
+            raise refusal(exc) from None
+        log.info("http.report.accepted", delivered=report.delivered)
+        return web.json_response({"msgId": report.msg_id}, status=202)
+
+    @web.middleware
+    async def _problems(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+        """Every error leaves as problem JSON, aiohttp's own (404, 405) included."""
+        try:
+            return await handler(request)
+        except Problem as problem:
+            answer = problem
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            keep = ("allow", "retry-after")
+            headers = {k: v for k, v in exc.headers.items() if k.lower() in keep}
+            answer = Problem(exc.status, exc.reason, headers=headers)
+        except Exception:
+            # A bug or an unexpected failure in intake: the device gets a 500 and
+            # retries; the traceback goes to the log, not to the device.
+            self._context.log.exception("http.request.failed", path=request.path)
+            answer = Problem(500, "internal error; retry later")
+        self._context.log.info(
+            "http.request.problem", path=request.path, status=answer.status, cause=answer.cause
+        )
+        return answer.response()
+
+    # --- authentication ---------------------------------------------------------------
+
+    def _authorize(self, request: web.Request) -> str:
+        """The authenticated device, which must be the one named in the path."""
+        claimed = request.match_info["device"]
+        if self._config.device_auth == BEARER:
+            device = self._bearer_device(request)
+        else:
+            device = self._cert_device(request)
+        if device != claimed:
+            # A device may only send as itself; the answer does not say whether the
+            # claimed device exists.
+            self._context.log.warning("http.auth.forbidden", device=device, claimed=claimed)
+            raise Problem(403, f"not allowed to act for device {claimed!r}")
+        return device
+
+    def _bearer_device(self, request: web.Request) -> str:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Problem(401, "a bearer token is required", headers={"WWW-Authenticate": _REALM})
+        presented = token.strip().encode()
+        found = None
+        # Compare against every token, without stopping at a match, so the time taken
+        # says nothing about which device (if any) a token belongs to.
+        for name, expected in self._credentials.tokens.items():
+            if hmac.compare_digest(presented, expected):
+                found = name
+        if found is None:
+            self._context.log.warning("http.auth.failed", peer=request.remote)
+            raise Problem(
+                401,
+                "the bearer token is not valid",
+                headers={"WWW-Authenticate": f'{_REALM}, error="invalid_token"'},
+            )
+        return found
+
+    def _cert_device(self, request: web.Request) -> str:
+        transport = request.transport
+        names = peer_names(transport.get_extra_info("ssl_object") if transport else None)
+        if not names:
+            # The TLS listener requires a certificate, so this means TLS is not in use.
+            raise Problem(401, "a client certificate is required")
+        for name in names:
+            device = self._credentials.identities.get(name)
+            if device is not None:
+                return device
+        self._context.log.warning("http.auth.forbidden", peer=request.remote, identity=names[0])
+        raise Problem(403, "the client certificate is not mapped to a device")
+
+    # --- body -------------------------------------------------------------------------
+
+    async def _json(self, request: web.Request) -> object:
+        if request.content_type != "application/json":
+            raise Problem(415, "the body must be application/json")
+        length = request.content_length
+        if length is not None and length > self._config.max_body:
+            raise _too_large(self._config.max_body)
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            # A chunked body, or one longer than its Content-Length said.
+            raise _too_large(self._config.max_body) from None
+        try:
+            return json.loads(raw)
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError alike
+            raise Problem(400, f"the body is not valid JSON: {exc}") from None
+
+
+def _too_large(limit: int) -> Problem:
+    return Problem(413, f"the body exceeds {limit} bytes")
