@@ -1,0 +1,23 @@
+"""The bundled reference MSGin5G Server (``gatewayd sim``): for demos, tests, benchmarks.
+
+It implements the server side of MSGS_MSGDelivery (TS 29.538) and of our registration
+extension MSGS_GWRegistration, and pushes downlink messages to registered gateways.
+"""
+
+from __future__ import annotations
+
+from gatewayd.sim.records import PushResult, Registration, ReportRecord, UplinkRecord
+from gatewayd.sim.server import SimServer, SimTimeoutError
+from gatewayd.sim.settings import SimSettings, gateway, load
+
+__all__ = [
+    "PushResult",
+    "Registration",
+    "ReportRecord",
+    "SimServer",
+    "SimSettings",
+    "SimTimeoutError",
+    "UplinkRecord",
+    "gateway",
+    "load",
+]

@@ -1,0 +1,170 @@
+"""Settings of the reference MSGin5G Server, read from a TOML file (see conf/sim.example.toml).
+
+Key material is loaded into memory at load time (keys are files; a key's passphrase is a
+secret reference), so :class:`SimSettings` can equally be built in a test from
+certificates made with :mod:`gatewayd.pki`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from gatewayd.api import TlsIdentity, TrustAnchors
+from gatewayd.errors import ConfigError, CredentialError
+from gatewayd.msgin5g import GatewayType
+from gatewayd.options import Options
+from gatewayd.sim.policy import AllowList, GatewayPolicy, ServiceIdPattern
+
+DEFAULT_AS_ADDRESS = "as.sim.msgin5g"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimSettings:
+    """Everything the server needs; ``port``/``operator_port`` 0 pick free ports.
+
+    ``operator_port`` ``None`` disables the operator interface. ``api_root`` overrides the
+    advertised ``https://host:port`` (used in ``Location`` headers).
+    """
+
+    identity: TlsIdentity
+    trust: TrustAnchors
+    allow: AllowList
+    host: str = "127.0.0.1"
+    port: int = 0
+    api_root: str | None = None
+    max_ttl: float = 3600.0
+    operator_host: str = "127.0.0.1"
+    operator_port: int | None = 0
+    as_address: str = DEFAULT_AS_ADDRESS
+    report_delay: float = 0.0
+
+
+def gateway(identity: str, gw_type: str, service_ids: tuple[str, ...]) -> GatewayPolicy:
+    """An allow-list entry from plain values (patterns as in the TOML file)."""
+    return GatewayPolicy(
+        identity=identity,
+        gw_type=gw_type,
+        service_ids=tuple(ServiceIdPattern.parse(text) for text in service_ids),
+    )
+
+
+def load(path: Path) -> SimSettings:
+    """Read and check a TOML settings file; every error names the key path."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError("-", f"cannot read {path}: {exc.strerror}", source=str(path)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("-", f"not valid TOML: {exc}", source=str(path)) from None
+    root = Options(data, "", source=str(path))
+    base = path.parent
+
+    listen = root.table("listen")
+    host = listen.get_str("host", "127.0.0.1")
+    port = listen.get_int("port", 0)
+    api_root = listen.get_str("api_root", None)
+    listen.check_unknown()
+
+    tls = root.table("tls", required=True)
+    identity = _identity(tls, base)
+    trust = _trust(tls, base)
+    tls.check_unknown()
+
+    registration = root.table("registration")
+    max_ttl = registration.get_float("max_ttl", 3600.0, minimum=1.0)
+    registration.check_unknown()
+
+    operator = root.table("operator")
+    operator_host = operator.get_str("host", "127.0.0.1")
+    if not _loopback(operator_host):
+        # The operator interface is plain HTTP without authentication: loopback only.
+        raise operator.error(
+            "host", "must be a loopback address (the interface is unauthenticated)"
+        )
+    operator_port: int | None = operator.get_int("port", 0)
+    if not operator.get_bool("enabled", True):
+        operator_port = None
+    operator.check_unknown()
+
+    downlink = root.table("downlink")
+    as_address = downlink.get_str("default_from", DEFAULT_AS_ADDRESS)
+    report_delay = downlink.get_float("report_delay", 0.0)
+    downlink.check_unknown()
+
+    entries = []
+    for table in root.tables("gateways"):
+        identity_id = table.get_str("identity")
+        gw_type = table.get_choice("type", tuple(t.value for t in GatewayType))
+        patterns = table.get_str_list("service_ids")
+        if not patterns:
+            raise table.error("service_ids", "must list at least one service id or pattern")
+        try:
+            entries.append(gateway(identity_id, gw_type, patterns))
+        except ValueError as exc:
+            raise table.error("service_ids", str(exc)) from None
+        table.check_unknown()
+    root.check_unknown()
+    return SimSettings(
+        identity=identity,
+        trust=trust,
+        allow=AllowList(tuple(entries)),
+        host=host,
+        port=port,
+        api_root=api_root,
+        max_ttl=max_ttl,
+        operator_host=operator_host,
+        operator_port=operator_port,
+        as_address=as_address,
+        report_delay=report_delay,
+    )
+
+
+def _identity(tls: Options, base: Path) -> TlsIdentity:
+    cert = _read(tls, "cert", base)
+    key = _read(tls, "key", base)
+    passphrase = tls.secret("key_passphrase", required=False)
+    try:
+        loaded = serialization.load_pem_private_key(
+            key, password=passphrase.read_bytes().rstrip(b"\r\n") if passphrase else None
+        )
+    except (ValueError, TypeError) as exc:
+        # TypeError: encrypted without a passphrase, or a passphrase for a plain key.
+        raise CredentialError(f"{tls.key('key')}: cannot load the private key: {exc}") from None
+    plain = loaded.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return TlsIdentity(cert_chain_pem=cert, key_pem=plain)
+
+
+def _trust(tls: Options, base: Path) -> TrustAnchors:
+    ca = _read(tls, "ca", base)
+    crl = _read(tls, "crl", base, required=False)
+    return TrustAnchors(ca_pem=ca, crl_pem=(crl,) if crl else ())
+
+
+def _read(options: Options, name: str, base: Path, *, required: bool = True) -> bytes:
+    path = (
+        options.get_path(name, base=base) if required else options.get_path(name, None, base=base)
+    )
+    if path is None:
+        return b""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise options.error(name, f"cannot read {path}: {exc.strerror}") from None
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
