@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 
 import aiohttp
@@ -78,6 +79,10 @@ class HttpTransport(Transport):
                 f"{self.config.host}:{self.config.port}: {exc.strerror or exc}"
             ) from None
         host, port = self.address
+        if server_ssl is None and not _is_loopback(self.config.host):
+            # TS 33.501 Annex Y.3: TLS protects MSGin5G-4 unless the network does; bearer
+            # tokens in clear text are only acceptable on a protected network.
+            self.context.log.warning("http.tls.disabled", host=host, port=port)
         self.context.log.info(
             "http.listening",
             host=host,
@@ -189,3 +194,12 @@ def _webhook(device: DeviceConfig) -> Webhook:
         return Webhook(url=device.webhook)
     context = webhook_context(device.webhook_ca, f"{device.key_path}.webhook_ca")
     return Webhook(url=device.webhook, ssl_context=context)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

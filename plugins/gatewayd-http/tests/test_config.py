@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from gatewayd_http import plugin
 from gatewayd_http.transport import HttpTransport
+from structlog.testing import capture_logs
 
 from gatewayd.api import ConfigError, GatewaydError, Registry, TransportFactory
 
@@ -182,3 +183,13 @@ async def test_stop_finishes_in_flight_then_refuses(start_transport: Any, bearer
         assert await asyncio.wait_for(request, 5) == 202
         await asyncio.wait_for(stopping, 5)
     assert [u.msg_id for u in ctx.accepted] == ["late"]
+
+
+async def test_cleartext_listener_off_loopback_warns(build_transport: Any) -> None:
+    transport = build_transport({"listen": "0.0.0.0:0"}, [])
+    with capture_logs() as logs:
+        await transport.start()
+        await transport.stop()
+    events = [entry["event"] for entry in logs]
+    assert "http.tls.disabled" in events
+    assert events.index("http.listening") < events.index("http.stopped")
