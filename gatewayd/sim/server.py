@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import structlog
 from aiohttp import web
@@ -56,10 +56,10 @@ _DOWNLINK_SCHEMA = {
     "N3G": ("TS29538_MSGG_N3GDelivery.yaml", "N3gMessageDelivery"),
     "L3G": ("TS29538_MSGG_L3GDelivery.yaml", "L3gMessageDelivery"),
 }
-_REPORT_FILE = {"N3G": "TS29538_MSGG_N3GDelivery.yaml", "L3G": "TS29538_MSGG_L3GDelivery.yaml"}
 
 # (api file, schema, body) -> violations; gatewayd.testing.schemas.problems fits.
 SchemaCheck = Callable[[str, str, object], tuple[str, ...]]
+T = TypeVar("T")
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -269,8 +269,8 @@ class SimServer:
             deliv_st=ReportDeliveryStatus.REPT_DELY_SUCCESS.value,
         )
         body = report.to_json()
-        api_file = _REPORT_FILE.get(registration.gw_type, _REPORT_FILE["N3G"])
-        self._check_outgoing(api_file, "DeliveryStatusReport", body)
+        # Both MSGG APIs take the report type defined in MSGS_MSGDelivery.
+        self._check_outgoing(MSGDELIVERY_FILE, "DeliveryStatusReport", body)
         status, error = await self._client.post(
             registration.gw_id, f"{registration.delivery_root}/deliver-report", body
         )
@@ -363,7 +363,12 @@ class SimServer:
             status=status, text=json.dumps(body), content_type="application/problem+json"
         )
 
-    async def _read(self, request: web.Request, api_file: str, schema: str) -> Mapping[str, Any]:
+    async def _read(
+        self, request: web.Request, api_file: str, schema: str, parse: Callable[[object], T]
+    ) -> tuple[T, Mapping[str, Any]]:
+        """Parse a JSON body with the wire type, then (optionally) check it on the schema.
+
+        The wire type goes first because its errors carry the precise JSON pointer."""
         if request.content_type != "application/json":
             raise _Answer(
                 self._problem(415, "Unsupported Media Type", detail="expected application/json")
@@ -372,14 +377,13 @@ class SimServer:
             raw = json.loads(await request.read())
         except (ValueError, UnicodeDecodeError):
             raise InvalidBodyError("", "is not valid JSON") from None
-        if not isinstance(raw, dict):
-            raise InvalidBodyError("", "must be a JSON object")
+        parsed = parse(raw)
         if self._check is not None:
             found = self._check(api_file, schema, raw)
             if found:
                 pointer, _, reason = found[0].partition(": ")
                 raise InvalidBodyError("" if pointer == "/" else pointer, reason)
-        return raw
+        return parsed, raw
 
     def _check_outgoing(self, api_file: str, schema: str, body: object) -> None:
         if self._check is not None:
@@ -397,8 +401,9 @@ class SimServer:
     # MSGS_GWRegistration ------------------------------------------------------------
 
     async def _register(self, request: web.Request) -> web.StreamResponse:
-        raw = await self._read(request, EXTENSION_FILE, "GatewayRegistration")
-        body = GatewayRegistration.from_json(raw)
+        body, raw = await self._read(
+            request, EXTENSION_FILE, "GatewayRegistration", GatewayRegistration.from_json
+        )
         self.settings.allow.check_registration(
             _peer(request), body.gw_id, body.gw_type, body.ue_svc_ids
         )
@@ -423,8 +428,9 @@ class SimServer:
 
     async def _update(self, request: web.Request) -> web.StreamResponse:
         rid = request.match_info["rid"]
-        raw = await self._read(request, EXTENSION_FILE, "GatewayRegistration")
-        body = GatewayRegistration.from_json(raw)
+        body, raw = await self._read(
+            request, EXTENSION_FILE, "GatewayRegistration", GatewayRegistration.from_json
+        )
         self.settings.allow.check_registration(
             _peer(request), body.gw_id, body.gw_type, body.ue_svc_ids
         )
@@ -497,8 +503,9 @@ class SimServer:
         raise Refused("SERVICE_ID_NOT_ALLOWED", "oriAddr is not a UE this gateway registered")
 
     async def _uplink(self, request: web.Request) -> web.StreamResponse:
-        raw = await self._read(request, MSGDELIVERY_FILE, "UEMessageDelivery")
-        message = UEMessageDelivery.from_json(raw)
+        message, raw = await self._read(
+            request, MSGDELIVERY_FILE, "UEMessageDelivery", UEMessageDelivery.from_json
+        )
         registration = self._serving(request, message.ori_addr)
         bound = log.bind(msg_id=message.msg_id, gw_id=registration.gw_id)
         key = (registration.gw_id, message.msg_id)
@@ -521,8 +528,9 @@ class SimServer:
         return self._json(200, MSGDELIVERY_FILE, "MessageDeliveryAck", ack.to_json())
 
     async def _report(self, request: web.Request) -> web.StreamResponse:
-        raw = await self._read(request, MSGDELIVERY_FILE, "DeliveryStatusReport")
-        report = DeliveryStatusReport.from_json(raw)
+        report, raw = await self._read(
+            request, MSGDELIVERY_FILE, "DeliveryStatusReport", DeliveryStatusReport.from_json
+        )
         registration = self._serving(request, report.ori_addr)
         self.reports.append(ReportRecord(gw_id=registration.gw_id, report=report, raw=raw))
         log.info(
