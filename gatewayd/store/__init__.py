@@ -1,0 +1,12 @@
+"""The durable store between the transports and the northbound link (SQLite, WAL).
+
+Nothing accepted is lost: :meth:`Store.put` returns only after its transaction has
+committed, and many concurrent puts share one commit. See ``docs/durability.md``.
+"""
+
+from __future__ import annotations
+
+from gatewayd.store.model import Item, PutRequest, PutResult, Queue, State, StoreSettings
+from gatewayd.store.store import Store
+
+__all__ = ["Item", "PutRequest", "PutResult", "Queue", "State", "Store", "StoreSettings"]

@@ -1,0 +1,81 @@
+"""The store's data types: settings, queues, stored items and put results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreSettings:
+    """Where the store lives and how much it may hold.
+
+    ``synchronous="full"`` loses nothing that :meth:`Store.put` returned for, even on
+    power loss; ``"normal"`` is faster but a power cut (not a process crash) can lose the
+    commits since the last WAL checkpoint. See ``docs/durability.md``.
+    """
+
+    path: Path
+    synchronous: Literal["full", "normal"] = "full"
+    max_messages: int = 100_000  # backlog limit, pending+retrying rows over all queues
+    max_bytes: int = 256 * 1024 * 1024  # backlog limit on stored body bytes
+    max_age: float = 7 * 86400  # seconds; older pending rows expire to the DLQ
+    dedup_window: float = 86400  # seconds a finished row's dedup key is remembered
+    batch_max: int = 512  # most rows per group-commit transaction
+    busy_timeout: float = 5.0  # seconds to wait for another process's write lock
+
+
+class Queue(StrEnum):
+    """The three queues the store holds."""
+
+    UPLINK = "uplink"  # UEMessageDelivery bodies bound for the server
+    REPORT = "report"  # DeliveryStatusReport bodies bound for the server
+    DOWNLINK = "downlink"  # GatewayMessageDelivery bodies bound for a device
+
+
+class State(StrEnum):
+    """Where an item is in its life: waiting, delivered (a dedup tombstone), or in the DLQ."""
+
+    PENDING = "pending"
+    DONE = "done"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Item:
+    """One stored message. ``body`` is empty once the item is done (only its key stays)."""
+
+    id: int
+    queue: Queue
+    msg_id: str
+    lane: str
+    body: dict[str, Any] = field(repr=False)
+    created: float
+    attempts: int
+    not_before: float
+    expires_at: float | None
+    last_error: str | None
+    state: str  # "pending" | "done" | "dead"
+    size: int = 0  # bytes of the stored JSON body
+    finished: float | None = None  # when it became done or dead
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    """The outcome of a put: the item's id, and whether it was stored already."""
+
+    id: int
+    duplicate: bool  # the dedup key was already stored (pending, done or dead): nothing new
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PutRequest:
+    """One message for :meth:`Store.put_many`, with the same fields as :meth:`Store.put`."""
+
+    msg_id: str
+    dedup_key: str
+    lane: str
+    body: dict[str, Any] = field(repr=False)
+    expires_at: float | None = None

@@ -1,0 +1,566 @@
+"""The durable store: uplink, report and downlink queues, DLQ, dedup and small tables.
+
+All SQLite work runs on the :class:`~gatewayd.store.writer.Writer` thread; the methods
+here are thin async wrappers that build a job, hand it over and await the commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import sqlite3
+import time
+from collections.abc import Collection, Sequence
+from typing import Any
+
+import structlog
+
+from gatewayd.errors import BacklogFullError
+from gatewayd.store.model import Item, PutRequest, PutResult, Queue, State, StoreSettings
+from gatewayd.store.schema import ITEM_COLUMNS, encode_body, row_to_item
+from gatewayd.store.writer import RETRY_AFTER_BACKLOG, Txn, Writer
+
+log = structlog.get_logger(__name__)
+
+_SELECT = f"SELECT {ITEM_COLUMNS} FROM items"  # noqa: S608 - a constant column list
+
+
+class Store:
+    """Durable queues for messages in transit. Open with :meth:`open`, end with :meth:`close`.
+
+    Usable from several processes at once (the ``gatewayd queue`` CLI next to a live
+    daemon): WAL mode, and a busy timeout for the short moments another writer holds
+    the lock.
+    """
+
+    def __init__(self, settings: StoreSettings) -> None:
+        self.settings = settings
+        self._writer = Writer(settings, self._woken)
+        self._wakeups: dict[Queue, asyncio.Event] = {q: asyncio.Event() for q in Queue}
+        # A counter per queue, bumped on every commit that added work to it, and the
+        # value seen by the last due(): wait_for_work() returns at once if work arrived
+        # between the two, so that wake-up is never lost.
+        self._generation: dict[Queue, int] = dict.fromkeys(Queue, 0)
+        self._seen: dict[Queue, int] = dict.fromkeys(Queue, 0)
+
+    @classmethod
+    async def open(cls, settings: StoreSettings) -> Store:
+        """Open (creating if needed) the database and start the writer thread."""
+        store = cls(settings)
+        await store._writer.start()
+        log.info(
+            "store.opened",
+            path=str(settings.path),
+            synchronous=settings.synchronous,
+            max_messages=settings.max_messages,
+            max_bytes=settings.max_bytes,
+        )
+        return store
+
+    async def close(self) -> None:
+        """Finish queued work, close the database and join the writer thread.
+
+        Pending items stay in the database for the next start.
+        """
+        await self._writer.stop()
+        log.info("store.closed", path=str(self.settings.path))
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- intake ------------------------------------------------------------------------
+
+    async def put(
+        self,
+        queue: Queue,
+        *,
+        msg_id: str,
+        dedup_key: str,
+        lane: str,
+        body: dict[str, Any],
+        expires_at: float | None = None,
+    ) -> PutResult:
+        """Store one message; return only after its transaction has committed.
+
+        Concurrent puts share one transaction (group commit). A ``dedup_key`` stored
+        before (pending, done within the dedup window, or dead) returns the existing id
+        with ``duplicate=True`` and writes nothing. Raises :class:`BacklogFullError` when
+        a backlog limit would be exceeded or the disk is full or read-only; nothing is
+        stored then.
+        """
+        request = PutRequest(
+            msg_id=msg_id, dedup_key=dedup_key, lane=lane, body=body, expires_at=expires_at
+        )
+        (result,) = await self.put_many(queue, [request])
+        return result
+
+    async def put_many(self, queue: Queue, requests: Sequence[PutRequest]) -> list[PutResult]:
+        """Store several messages atomically: all of them (or their duplicates), or none.
+
+        Useful for the segments of one message: a refusal never leaves half of them.
+        """
+        encoded = [(r, encode_body(r.body)) for r in requests]
+        now = time.time()
+        results: list[PutResult] = await self._writer.call(
+            lambda txn: _put_all(txn, queue, encoded, now), intake=True
+        )
+        for request, result in zip(requests, results, strict=True):
+            if result.duplicate:
+                log.debug("store.duplicate", msg_id=request.msg_id, queue=str(queue), id=result.id)
+        return results
+
+    # --- the sender's side -------------------------------------------------------------
+
+    async def due(
+        self,
+        queue: Queue,
+        *,
+        limit: int,
+        now: float | None = None,
+        busy_lanes: Collection[str] = (),
+    ) -> list[Item]:
+        """The head pending item of each lane, if due, oldest first, at most ``limit``.
+
+        Only a lane's head (its lowest id) is ever returned, so a lane's second message
+        waits until its first is done or dead: that is the per-device order. Lanes in
+        ``busy_lanes`` (being sent right now) are left out.
+        """
+        at = time.time() if now is None else now
+        busy = frozenset(busy_lanes)
+
+        def job(txn: Txn) -> tuple[int, list[Item]]:
+            generation = self._generation[queue]
+            rows = txn.conn.execute(
+                f"{_SELECT} WHERE id IN (SELECT min(id) FROM items"  # noqa: S608 - constant
+                " WHERE queue = ? AND state = 'pending' GROUP BY lane)"
+                " AND not_before <= ? ORDER BY id",
+                (queue.value, at),
+            )
+            items: list[Item] = []
+            for row in rows:
+                if row[3] in busy:
+                    continue
+                items.append(row_to_item(row))
+                if len(items) >= limit:
+                    break
+            return generation, items
+
+        generation, items = await self._writer.call(job)
+        self._seen[queue] = generation
+        return items
+
+    async def wait_for_work(self, queue: Queue, timeout: float) -> None:  # noqa: ASYNC109 - the interface others code against
+        """Return when a put to ``queue`` commits, or after ``timeout`` seconds.
+
+        Returns at once when work arrived since the last :meth:`due` on this queue.
+        """
+        if self._generation[queue] != self._seen[queue]:
+            return
+        event = self._wakeups[queue]
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            return
+
+    def _woken(self, queues: set[Queue]) -> None:
+        # On the loop, after a commit that added work to these queues.
+        for queue in queues:
+            self._generation[queue] += 1
+            self._wakeups[queue].set()
+            self._wakeups[queue] = asyncio.Event()
+
+    async def done(self, item_id: int) -> None:
+        """Delivered: drop the body, keep the row as a dedup tombstone."""
+        now = time.time()
+        await self._writer.call(lambda txn: _finish(txn, item_id, State.DONE, None, now))
+
+    async def retry_later(self, item_id: int, *, not_before: float, error: str) -> None:
+        """A transient failure: count the attempt and hold the item until ``not_before``."""
+
+        def job(txn: Txn) -> None:
+            txn.conn.execute(
+                "UPDATE items SET attempts = attempts + 1, not_before = ?, last_error = ?"
+                " WHERE id = ? AND state = 'pending'",
+                (not_before, error, item_id),
+            )
+
+        await self._writer.call(job)
+
+    async def dead(self, item_id: int, *, reason: str) -> None:
+        """A permanent failure: move the item to the dead-letter queue."""
+        now = time.time()
+        msg_id = await self._writer.call(lambda txn: _finish(txn, item_id, State.DEAD, reason, now))
+        if msg_id is not None:
+            log.warning("store.dead", msg_id=msg_id, id=item_id, reason=reason)
+
+    async def expire(self, now: float | None = None) -> list[Item]:
+        """Move pending items past their ``expires_at`` or ``max_age`` to the DLQ.
+
+        Returns them (now dead), so the caller can turn them into failure reports.
+        """
+        at = time.time() if now is None else now
+        oldest = at - self.settings.max_age
+
+        def job(txn: Txn) -> list[Item]:
+            rows = txn.conn.execute(
+                f"{_SELECT} WHERE state = 'pending'"
+                " AND (expires_at <= ? OR queued <= ?) ORDER BY id",
+                (at, oldest),
+            ).fetchall()
+            expired: list[Item] = []
+            for row in rows:
+                item = row_to_item(row)
+                reason = (
+                    "expired: exprTime passed"
+                    if item.expires_at is not None and item.expires_at <= at
+                    else "expired: older than max_age"
+                )
+                txn.conn.execute(
+                    "UPDATE items SET state = 'dead', last_error = ?, finished = ? WHERE id = ?",
+                    (reason, at, item.id),
+                )
+                txn.backlog.messages -= 1
+                txn.backlog.bytes -= item.size
+                expired.append(_replace_state(item, State.DEAD, reason, at))
+            return expired
+
+        expired = await self._writer.call(job)
+        for item in expired:
+            log.warning(
+                "store.expired",
+                msg_id=item.msg_id,
+                id=item.id,
+                queue=str(item.queue),
+                reason=item.last_error,
+            )
+        return expired
+
+    # --- inspection and the DLQ --------------------------------------------------------
+
+    async def stats(self) -> dict[str, Any]:
+        """Counts, bytes and oldest age per queue, the backlog against its limits, and
+        this process's commit counters (``commits``: transactions, ``rows_put``)."""
+        now = time.time()
+
+        def job(txn: Txn) -> dict[str, Any]:
+            queues: dict[str, Any] = {
+                q.value: {"pending": 0, "done": 0, "dead": 0, "bytes": 0, "oldest_age": None}
+                for q in Queue
+            }
+            rows = txn.conn.execute(
+                "SELECT queue, state, count(*), coalesce(sum(size), 0), min(created)"
+                " FROM items GROUP BY queue, state"
+            )
+            for queue, state, count, size, oldest in rows:
+                entry = queues.setdefault(
+                    queue, {"pending": 0, "done": 0, "dead": 0, "bytes": 0, "oldest_age": None}
+                )
+                entry[state] = count
+                if state != State.DONE:
+                    entry["bytes"] += size
+                if state == State.PENDING:
+                    entry["oldest_age"] = max(0.0, now - oldest)
+            (pages,) = txn.conn.execute("PRAGMA page_count").fetchone()
+            (page_size,) = txn.conn.execute("PRAGMA page_size").fetchone()
+            return {
+                "queues": queues,
+                "db_bytes": pages * page_size,
+                "backlog": {
+                    "messages": txn.backlog.messages,
+                    "bytes": txn.backlog.bytes,
+                    "max_messages": self.settings.max_messages,
+                    "max_bytes": self.settings.max_bytes,
+                },
+                "commits": txn.writer.commits,
+                "rows_put": txn.writer.rows_put,
+                "path": str(self.settings.path),
+                "synchronous": self.settings.synchronous,
+            }
+
+        return await self._writer.call(job)
+
+    async def list_items(
+        self, *, queue: Queue | None, state: str | None, limit: int, after: int = 0
+    ) -> list[Item]:
+        """Items by id, optionally of one queue and state; ``after`` pages on by id."""
+        clauses = ["id > ?"]
+        params: list[Any] = [after]
+        if queue is not None:
+            clauses.append("queue = ?")
+            params.append(queue.value)
+        if state is not None:
+            clauses.append("state = ?")
+            params.append(state)
+        sql = f"{_SELECT} WHERE {' AND '.join(clauses)} ORDER BY id LIMIT ?"
+        params.append(limit)
+
+        def job(txn: Txn) -> list[Item]:
+            return [row_to_item(row) for row in txn.conn.execute(sql, params)]
+
+        return await self._writer.call(job)
+
+    async def get(self, item_id: int) -> Item | None:
+        """One item by id, in any state."""
+
+        def job(txn: Txn) -> Item | None:
+            row = txn.conn.execute(f"{_SELECT} WHERE id = ?", (item_id,)).fetchone()
+            return None if row is None else row_to_item(row)
+
+        return await self._writer.call(job)
+
+    async def replay(self, item_id: int) -> bool:
+        """Move a dead item back to pending, attempts reset; it keeps its id and msgId.
+
+        Its ``expires_at`` is cleared: replaying is the operator's decision to try again,
+        and would be pointless if the item expired again at once. Replays are not held to
+        the backlog limits (the operator may be draining a full DLQ on purpose).
+        """
+        now = time.time()
+
+        def job(txn: Txn) -> str | None:
+            row = txn.conn.execute(
+                "SELECT msg_id, queue, size FROM items WHERE id = ? AND state = 'dead'",
+                (item_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            msg_id, queue, size = row
+            txn.conn.execute(
+                "UPDATE items SET state = 'pending', attempts = 0, not_before = 0,"
+                " expires_at = NULL, last_error = NULL, finished = NULL, queued = ?"
+                " WHERE id = ?",
+                (now, item_id),
+            )
+            txn.backlog.messages += 1
+            txn.backlog.bytes += size
+            txn.woken.add(Queue(queue))
+            return str(msg_id)
+
+        msg_id = await self._writer.call(job)
+        if msg_id is None:
+            return False
+        log.info("store.replayed", msg_id=msg_id, id=item_id)
+        return True
+
+    async def purge(
+        self, *, queue: Queue | None, state: str = "dead", older_than: float | None = None
+    ) -> int:
+        """Delete items in ``state`` (default: the DLQ), optionally only those that
+        finished (or, if pending, were created) more than ``older_than`` seconds ago.
+
+        Deleting also forgets their dedup keys. Returns how many were deleted.
+        """
+        clauses = ["state = ?"]
+        params: list[Any] = [state]
+        if queue is not None:
+            clauses.append("queue = ?")
+            params.append(queue.value)
+        if older_than is not None:
+            clauses.append("coalesce(finished, created) <= ?")
+            params.append(time.time() - older_than)
+        where = " AND ".join(clauses)
+
+        def job(txn: Txn) -> int:
+            if state == State.PENDING:
+                count, size = txn.conn.execute(
+                    f"SELECT count(*), coalesce(sum(size), 0) FROM items WHERE {where}",  # noqa: S608
+                    params,
+                ).fetchone()
+                txn.backlog.messages -= count
+                txn.backlog.bytes -= size
+            return txn.conn.execute(f"DELETE FROM items WHERE {where}", params).rowcount  # noqa: S608
+
+        count = await self._writer.call(job)
+        log.info("store.purged", count=count, state=state, queue=queue and str(queue))
+        return count
+
+    async def prune(self, now: float | None = None) -> int:
+        """Forget dedup tombstones older than ``dedup_window`` and expired reply routes.
+
+        Returns the number of tombstones dropped.
+        """
+        at = time.time() if now is None else now
+
+        def job(txn: Txn) -> int:
+            txn.conn.execute("DELETE FROM routes WHERE expires <= ?", (at,))
+            return txn.conn.execute(
+                "DELETE FROM items WHERE state = 'done' AND finished <= ?",
+                (at - self.settings.dedup_window,),
+            ).rowcount
+
+        return await self._writer.call(job)
+
+    async def limit_size(self, max_bytes: int | None) -> None:
+        """Cap the database file at about ``max_bytes`` (``None``: no cap but the disk's).
+
+        Reaching the cap behaves exactly like a full disk, which is how tests and
+        operators can rehearse that case. The cap lasts until the store is closed.
+        """
+
+        def job(txn: Txn) -> None:
+            (page_size,) = txn.conn.execute("PRAGMA page_size").fetchone()
+            pages = 0xFFFFFFFE if max_bytes is None else max(1, max_bytes // page_size)
+            txn.conn.execute(f"PRAGMA max_page_count = {int(pages)}")
+
+        await self._writer.call(job)
+
+    # --- reply routes and learned devices ----------------------------------------------
+
+    async def remember_route(self, service_id: str, origin: dict[str, Any], ttl: float) -> None:
+        """Remember for ``ttl`` seconds that ``origin`` last sent to UE ``service_id``."""
+        expires = time.time() + ttl
+        encoded = encode_body(origin)
+
+        def job(txn: Txn) -> None:
+            txn.conn.execute(
+                "INSERT INTO routes (service_id, origin, expires) VALUES (?, ?, ?)"
+                " ON CONFLICT (service_id) DO UPDATE SET origin = excluded.origin,"
+                " expires = excluded.expires",
+                (service_id, encoded, expires),
+            )
+
+        await self._writer.call(job)
+
+    async def route(self, service_id: str, now: float | None = None) -> dict[str, Any] | None:
+        """The originator to send a reply from ``service_id`` to, if still remembered."""
+        at = time.time() if now is None else now
+
+        def job(txn: Txn) -> str | None:
+            row = txn.conn.execute(
+                "SELECT origin FROM routes WHERE service_id = ? AND expires > ?",
+                (service_id, at),
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        origin = await self._writer.call(job)
+        if origin is None:
+            return None
+        value: dict[str, Any] = json.loads(origin)
+        return value
+
+    async def learn_device(self, transport: str, device: str, service_id: str) -> bool:
+        """Remember a device learned from its first message.
+
+        True if it is new, or its service id changed (either way it needs registering).
+        """
+        now = time.time()
+
+        def job(txn: Txn) -> bool:
+            cursor = txn.conn.execute(
+                "INSERT INTO devices (transport, device, service_id, learned)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (transport, device) DO UPDATE"
+                " SET service_id = excluded.service_id, learned = excluded.learned"
+                " WHERE service_id != excluded.service_id",
+                (transport, device, service_id, now),
+            )
+            return cursor.rowcount > 0
+
+        return await self._writer.call(job)
+
+    async def learned_devices(self) -> list[tuple[str, str, str]]:
+        """Every learned device as ``(transport, device, service_id)``."""
+
+        def job(txn: Txn) -> list[tuple[str, str, str]]:
+            rows = txn.conn.execute(
+                "SELECT transport, device, service_id FROM devices ORDER BY transport, device"
+            )
+            return [(str(t), str(d), str(s)) for t, d, s in rows]
+
+        return await self._writer.call(job)
+
+
+# --- jobs shared by several methods (they run on the writer thread) ---------------------
+
+
+def _put_all(
+    txn: Txn, queue: Queue, encoded: list[tuple[PutRequest, str]], now: float
+) -> list[PutResult]:
+    conn = txn.conn
+    settings = txn.writer.settings
+    results: list[PutResult] = []
+    fresh: list[tuple[PutRequest, str, int]] = []
+    for request, body in encoded:
+        row = conn.execute(
+            "SELECT id FROM items WHERE queue = ? AND dedup_key = ?",
+            (queue.value, request.dedup_key),
+        ).fetchone()
+        if row is not None:
+            results.append(PutResult(row[0], duplicate=True))
+        else:
+            size = len(body.encode())
+            fresh.append((request, body, size))
+            results.append(PutResult(-1, duplicate=False))
+    if not fresh:
+        return results
+    # The limits are checked before anything is written, so a refusal leaves no trace.
+    messages = txn.backlog.messages + len(fresh)
+    size_total = txn.backlog.bytes + sum(size for _, _, size in fresh)
+    if messages > settings.max_messages or size_total > settings.max_bytes:
+        detail = (
+            f"backlog full: {txn.backlog.messages} messages / {txn.backlog.bytes} bytes stored,"
+            f" limits {settings.max_messages} / {settings.max_bytes}"
+        )
+        txn.writer.refused("backlog", detail)
+        raise BacklogFullError(detail, retry_after=RETRY_AFTER_BACKLOG)
+    # No savepoint needed: a failing INSERT makes the writer roll the whole transaction
+    # back and rerun each job alone, so this job's rows land all together or not at all.
+    new_ids = [
+        _insert(conn, queue, request, body=body, size=size, now=now)
+        for request, body, size in fresh
+    ]
+    assigned = iter(new_ids)
+    results = [r if r.duplicate else PutResult(next(assigned), duplicate=False) for r in results]
+    txn.backlog.messages = messages
+    txn.backlog.bytes = size_total
+    txn.puts += len(fresh)
+    txn.woken.add(queue)
+    return results
+
+
+def _insert(
+    conn: sqlite3.Connection, queue: Queue, request: PutRequest, *, body: str, size: int, now: float
+) -> int:
+    cursor = conn.execute(
+        "INSERT INTO items (queue, msg_id, dedup_key, lane, body, size, created, queued,"
+        " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            queue.value,
+            request.msg_id,
+            request.dedup_key,
+            request.lane,
+            body,
+            size,
+            now,
+            now,
+            request.expires_at,
+        ),
+    )
+    assert cursor.lastrowid is not None  # an INSERT always sets it
+    return cursor.lastrowid
+
+
+def _finish(txn: Txn, item_id: int, state: State, reason: str | None, now: float) -> str | None:
+    row = txn.conn.execute(
+        "SELECT msg_id, size FROM items WHERE id = ? AND state = 'pending'", (item_id,)
+    ).fetchone()
+    if row is None:
+        return None  # already finished: done/dead are idempotent
+    msg_id, size = row
+    # A done row keeps only its dedup key; a dead one keeps its body for replay.
+    body_sql = ", body = NULL" if state == State.DONE else ""
+    txn.conn.execute(
+        f"UPDATE items SET state = ?, last_error = coalesce(?, last_error), finished = ?{body_sql}"  # noqa: S608
+        " WHERE id = ?",
+        (state.value, reason, now, item_id),
+    )
+    txn.backlog.messages -= 1
+    txn.backlog.bytes -= size
+    return str(msg_id)
+
+
+def _replace_state(item: Item, state: State, reason: str, at: float) -> Item:
+    return dataclasses.replace(item, state=state.value, last_error=reason, finished=at)

@@ -1,0 +1,326 @@
+"""The store's one writer thread: it owns the SQLite connection and group-commits.
+
+Every store operation is a *job*: a function run on this thread against the open
+transaction. The thread takes whatever jobs are waiting (up to ``batch_max``), runs them
+all inside one ``BEGIN IMMEDIATE ... COMMIT`` and only then resolves their futures, so
+an acknowledgement never precedes the commit, and concurrent producers share one fsync.
+No timer batches anything: while one transaction syncs, the next batch queues up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
+
+import structlog
+
+from gatewayd.errors import BacklogFullError, GatewaydError, StoreError
+from gatewayd.store.model import Queue, StoreSettings
+from gatewayd.store.schema import connect
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+# SQLite primary result codes (extended codes carry them in the low byte).
+_SQLITE_BUSY: Final = 5
+_SQLITE_LOCKED: Final = 6
+_SQLITE_READONLY: Final = 8
+_SQLITE_IOERR: Final = 10
+_SQLITE_FULL: Final = 13
+
+# How soon a refused device may try again: a full backlog drains within seconds, a full
+# or read-only disk needs an operator.
+RETRY_AFTER_BACKLOG: Final = 5.0
+RETRY_AFTER_STORAGE: Final = 30.0
+
+# A read-only connection stays read-only: reopen it, but not more than once a second.
+_REOPEN_INTERVAL: Final = 1.0
+
+
+@dataclass(slots=True)
+class Backlog:
+    """Pending rows and their body bytes over all queues: what the limits apply to."""
+
+    messages: int = 0
+    bytes: int = 0
+
+
+@dataclass(slots=True)
+class Txn:
+    """What a job sees: the connection inside the open transaction, and its bookkeeping.
+
+    ``backlog`` is tentative: it becomes the store's figure only if the transaction
+    commits. ``woken`` collects queues whose waiters to wake after the commit.
+    """
+
+    conn: sqlite3.Connection
+    backlog: Backlog
+    writer: Writer
+    woken: set[Queue] = field(default_factory=set)
+    puts: int = 0
+
+
+@dataclass(slots=True)
+class _Job:
+    fn: Callable[[Txn], Any]
+    future: asyncio.Future[Any]
+    intake: bool  # a put: a storage failure refuses intake instead of raising StoreError
+
+
+class _StorageFailure(Exception):
+    """SQLite could not write: disk full, read-only, locked too long, or an I/O error."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+
+class Writer:
+    """The thread that owns the connection. Create inside a running loop, then :meth:`start`."""
+
+    def __init__(self, settings: StoreSettings, on_commit: Callable[[set[Queue]], None]) -> None:
+        self.settings = settings
+        self.commits = 0
+        self.rows_put = 0
+        self.backlog = Backlog()
+        self._on_commit = on_commit
+        self._loop = asyncio.get_running_loop()
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._conn: sqlite3.Connection | None = None
+        self._data_version = -1
+        self._recount = True
+        self._episode: str | None = None
+        self._reopen_at: float | None = None
+        self._closed = False
+        self._ready: asyncio.Future[None] = self._loop.create_future()
+        self._stopped: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._main, name=f"store-writer:{settings.path.name}", daemon=True
+        )
+
+    async def start(self) -> None:
+        self._thread.start()
+        try:
+            await self._ready
+        except BaseException:
+            self._thread.join()
+            raise
+
+    async def stop(self) -> None:
+        """Run what is queued, close the connection and join the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(None)
+        # Shielded: a cancelled close must still not leave the thread behind.
+        await asyncio.shield(self._stopped)
+        self._thread.join()
+
+    async def call(self, fn: Callable[[Txn], T], *, intake: bool = False) -> T:
+        """Run ``fn`` on the writer thread in the next transaction; return after COMMIT."""
+        if self._closed:
+            raise StoreError("the store is closed")
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._jobs.put(_Job(fn, future, intake))
+        return await future
+
+    # --- on the writer thread -----------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            self._conn = connect(self.settings)
+        except sqlite3.Error as exc:
+            self._resolve(self._ready, StoreError(f"cannot open {self.settings.path}: {exc}"))
+            return
+        self._resolve(self._ready, None)
+        try:
+            self._serve()
+        finally:
+            self._shutdown()
+
+    def _serve(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            batch = [job]
+            stop = False
+            while len(batch) < self.settings.batch_max:
+                try:
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            self._run(batch)
+            if stop:
+                return
+
+    def _shutdown(self) -> None:
+        # Fail whatever arrived after the stop marker, so no caller waits forever.
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                self._resolve(job.future, StoreError("the store is closed"))
+        if self._conn is not None:
+            # Fails while another process reads; the next open checkpoints then.
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._conn.close()
+            self._conn = None
+        self._resolve(self._stopped, None)
+
+    def _run(self, batch: list[_Job]) -> None:
+        batch = [job for job in batch if not job.future.cancelled()]
+        if not batch:
+            return
+        try:
+            outcomes, txn = self._transaction(batch)
+        except Exception as exc:  # every failure is handed to its caller
+            self._rollback()
+            self._recount = True
+            if len(batch) > 1:
+                # One bad job must not sink the others: give each its own transaction.
+                for job in batch:
+                    self._run([job])
+                return
+            self._fail(batch[0], exc)
+            return
+        self.commits += 1
+        self.rows_put += txn.puts
+        self.backlog = txn.backlog
+        if txn.puts and self._episode is not None:
+            log.info("store.recovered", after=self._episode, path=str(self.settings.path))
+            self._episode = None
+        for job, result in outcomes:
+            self._resolve(job.future, result)
+        if txn.woken:
+            self._call_soon(self._on_commit, set(txn.woken))
+
+    def _transaction(self, batch: list[_Job]) -> tuple[list[tuple[_Job, Any]], Txn]:
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        self._refresh_backlog(conn)
+        txn = Txn(conn, Backlog(self.backlog.messages, self.backlog.bytes), self)
+        outcomes: list[tuple[_Job, Any]] = []
+        for job in batch:
+            try:
+                outcomes.append((job, job.fn(txn)))
+            except GatewaydError as exc:
+                # Our own refusals (a full backlog) are raised before the job writes.
+                outcomes.append((job, exc))
+        conn.execute("COMMIT")
+        return outcomes, txn
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._reopen_at is not None:
+            if time.monotonic() < self._reopen_at:
+                raise _StorageFailure("readonly", "the database is read-only")
+            self._reopen_at = None
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+        if self._conn is None:
+            self._conn = connect(self.settings)
+            self._recount = True
+        return self._conn
+
+    def _refresh_backlog(self, conn: sqlite3.Connection) -> None:
+        # data_version moves when another connection (the queue CLI) commits: only then
+        # is a recount needed; our own commits keep the figure exact.
+        (version,) = conn.execute("PRAGMA data_version").fetchone()
+        if version == self._data_version and not self._recount:
+            return
+        messages, size = conn.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM items WHERE state = 'pending'"
+        ).fetchone()
+        self.backlog = Backlog(messages, size)
+        self._data_version = version
+        self._recount = False
+
+    def _rollback(self) -> None:
+        if self._conn is not None and self._conn.in_transaction:
+            # SQLite may have rolled back by itself already (SQLITE_FULL can).
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+
+    def _fail(self, job: _Job, exc: Exception) -> None:
+        failure = _classify(exc)
+        if failure is None:
+            error: Exception = (
+                exc if isinstance(exc, GatewaydError) else StoreError(f"store failure: {exc}")
+            )
+            if not isinstance(exc, GatewaydError):
+                log.error("store.error", error=str(exc), path=str(self.settings.path))
+            self._resolve(job.future, error)
+            return
+        if failure.kind == "readonly":
+            self._reopen_at = time.monotonic() + _REOPEN_INTERVAL
+        if job.intake:
+            self.refused(failure.kind, failure.detail)
+            self._resolve(
+                job.future, BacklogFullError(failure.detail, retry_after=RETRY_AFTER_STORAGE)
+            )
+        else:
+            self._resolve(job.future, StoreError(failure.detail))
+
+    def refused(self, kind: str, detail: str) -> None:
+        """Log the start of a refusal episode once, not once per refused message."""
+        if self._episode == kind:
+            return
+        self._episode = kind
+        event = "store.readonly" if kind == "readonly" else "store.full"
+        log.error(event, cause=kind, detail=detail, path=str(self.settings.path))
+
+    def _resolve(self, future: asyncio.Future[Any], outcome: Any) -> None:
+        self._call_soon(_settle, future, outcome)
+
+    def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
+        # A closed loop means nobody is left to tell.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(fn, *args)
+
+
+def _settle(future: asyncio.Future[Any], outcome: Any) -> None:
+    if future.done():
+        return  # the caller was cancelled
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+_FAILURES: Final = {
+    _SQLITE_FULL: ("disk", "the disk is full"),
+    _SQLITE_READONLY: ("readonly", "the database is read-only"),
+    _SQLITE_BUSY: ("busy", "the database stayed locked"),
+    _SQLITE_LOCKED: ("busy", "the database stayed locked"),
+    _SQLITE_IOERR: ("io", "the database cannot be written"),
+}
+
+
+def _classify(exc: Exception) -> _StorageFailure | None:
+    """A storage failure refuses intake; anything else (corruption, a bug) is an error."""
+    if isinstance(exc, _StorageFailure):
+        return exc
+    if not isinstance(exc, sqlite3.Error):
+        return None
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    if code not in _FAILURES:
+        return None
+    kind, what = _FAILURES[code]
+    return _StorageFailure(kind, f"{what}: {exc}")
