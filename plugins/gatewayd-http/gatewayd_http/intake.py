@@ -93,10 +93,11 @@ class Intake:
             # A bug or an unexpected failure in intake: the device gets a 500 and
             # retries; the traceback goes to the log, not to the device.
             self._context.log.exception("http.request.failed", path=request.path)
-            answer = Problem(500, "internal error; retry later")
-        self._context.log.info(
-            "http.request.problem", path=request.path, status=answer.status, cause=answer.cause
-        )
+            answer = Problem(500, "internal error; retry later", logged=True)
+        if not answer.logged:
+            self._context.log.info(
+                "http.request.problem", path=request.path, status=answer.status, cause=answer.cause
+            )
         return answer.response()
 
     # --- authentication ---------------------------------------------------------------

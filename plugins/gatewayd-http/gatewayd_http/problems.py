@@ -56,8 +56,12 @@ class Problem(Exception):
         *,
         cause: str | None = None,
         headers: Mapping[str, str] | None = None,
+        logged: bool = False,
     ) -> None:
         super().__init__(detail)
+        # True when the raiser already logged it with the message's context (msg_id):
+        # the middleware then adds no second, context-free line.
+        self.logged = logged
         self.status = status
         self.detail = detail
         self.cause = cause or _CAUSES.get(status, "UNSPECIFIED")
@@ -80,11 +84,11 @@ class Problem(Exception):
 
 
 def refusal(exc: IntakeRefusedError) -> Problem:
-    """The problem answer for a message the gateway refused to take."""
+    """The problem answer for a message the gateway refused to take (already logged)."""
     status, cause = _REFUSALS.get(exc.reason, (503, exc.reason.upper()))
     headers = {}
     if status == 503:
         # Retry-After takes whole seconds; round up so a device never comes back early.
         delay = exc.retry_after if exc.retry_after is not None else 1.0
         headers["Retry-After"] = str(max(1, math.ceil(delay)))
-    return Problem(status, exc.detail, cause=cause, headers=headers)
+    return Problem(status, exc.detail, cause=cause, headers=headers, logged=True)

@@ -19,7 +19,6 @@ from gatewayd.api import (
     CredentialBackend,
     Device,
     DeviceReport,
-    IntakeRefusedError,
     Options,
     PluginSettings,
     TlsIdentity,
@@ -59,7 +58,7 @@ class MemoryContext:
         self.devices = {d.name: d for d in devices}
         self.accepted: list[Uplink] = []
         self.reports: list[DeviceReport] = []
-        self.refuse: IntakeRefusedError | None = None
+        self.refuse: Exception | None = None
         self.gate: asyncio.Event | None = None
         self.entered = asyncio.Event()
         self.duplicate = False

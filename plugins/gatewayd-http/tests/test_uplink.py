@@ -256,6 +256,18 @@ async def test_logs_bind_msg_id_and_never_show_tokens(start_transport: Any, bear
     assert events["http.uplink.accepted"]["msg_id"] == "m9"
     assert events["http.uplink.refused"]["msg_id"] == "m10"
     assert "http.auth.failed" in events
+    # A refusal is one line, with its msg_id; no second, context-free line.
+    assert [e["status"] for e in logs if e["event"] == "http.request.problem"] == [401]
     text = repr(logs)
     assert TOKEN1 not in text
     assert "tok-wrong-guess" not in text
+
+
+async def test_unexpected_failure_is_500_problem(start_transport: Any, bearer: Any) -> None:
+    transport, ctx = await start_transport({}, bearer())
+    ctx.refuse = RuntimeError("store exploded")
+    with capture_logs() as logs:
+        status, headers, body = await post(url(transport), {"payload": "x"}, auth())
+    assert_problem(status, headers, body, 500)
+    assert "exploded" not in body["detail"]  # internals stay in the log
+    assert [e["event"] for e in logs] == ["http.request.failed"]
