@@ -1,0 +1,50 @@
+"""Acknowledgements in arrival order, each sent only once its message is stored.
+
+MQTT 3.1.1 4.6 and MQTT 5 4.6 ask a receiver to send PUBACKs in the order the
+PUBLISHes arrived. Messages are stored concurrently (and finish in any order), so each
+one's acknowledgement waits here until every earlier one is settled.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from gatewayd_mqtt.client import ManualAck
+
+
+@dataclass(slots=True)
+class Pending:
+    """One received QoS > 0 message, until it is settled (acked, or left to the broker)."""
+
+    mid: int
+    qos: int
+    settled: bool = False
+    ack: bool = False
+
+
+class AckQueue:
+    """Arrival-ordered acknowledgements for one connection."""
+
+    def __init__(self, acks: ManualAck) -> None:
+        self._acks = acks
+        self._queue: deque[Pending] = deque()
+        self.sent = 0
+
+    def track(self, mid: int, qos: int) -> Pending:
+        """Register a message as it arrives, before any work on it starts."""
+        entry = Pending(mid, qos)
+        self._queue.append(entry)
+        return entry
+
+    def settle(self, entry: Pending, *, ack: bool) -> None:
+        """``ack=False`` leaves the message unacknowledged: the broker redelivers it on
+        the next connection of this session. Later messages are not held up by it."""
+        entry.settled, entry.ack = True, ack
+        while self._queue and self._queue[0].settled:
+            head = self._queue.popleft()
+            if head.ack and self._acks.ack(head.mid, head.qos):
+                self.sent += 1
+
+    def __len__(self) -> int:
+        return len(self._queue)

@@ -1,0 +1,111 @@
+"""The aiomqtt client as this transport needs it: CONNACK kept, acknowledgements by hand.
+
+This module is the only place that reaches below aiomqtt's public API. Two things are
+missing there (aiomqtt 2.5, paho-mqtt 2.2):
+
+- the CONNACK properties (MQTT 5 Receive Maximum, ...), which aiomqtt drops: a
+  subclass overriding ``_on_connect`` keeps them;
+- manual acknowledgement: only paho's client has it, as ``manual_ack_set(True)`` and
+  ``ack(mid, qos)``. :class:`ManualAck` wraps that private access.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+# CONNACK codes that mean "your credentials are not good": retrying at once cannot help.
+# MQTT 3.1.1: 4 bad user name or password, 5 not authorized. MQTT 5: 0x86, 0x87, 0x8A
+# (banned), 0x8C (bad authentication method).
+AUTH_REFUSALS = frozenset({4, 5, 0x86, 0x87, 0x8A, 0x8C})
+
+DEFAULT_RECEIVE_MAXIMUM = 65535  # MQTT 5 3.2.2.3.3: absent means 65,535
+
+
+class GatewayClient(aiomqtt.Client):
+    """An :class:`aiomqtt.Client` that remembers what the broker said in its CONNACK."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connack_properties: Properties | None = None
+        self.session_present = False
+        # Set before connecting: a resumed session sends its unacknowledged messages
+        # right after CONNACK, and those must not be acked on arrival either.
+        self.acks = ManualAck(self)
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None = None,
+    ) -> None:
+        self.connack_properties = properties
+        self.session_present = bool(flags.session_present)
+        super()._on_connect(client, userdata, flags, reason_code, properties)
+
+    @property
+    def receive_maximum(self) -> int:
+        """How many QoS > 0 PUBLISHes the broker accepts in flight from us (MQTT 5)."""
+        props = self.connack_properties
+        value = getattr(props, "ReceiveMaximum", None) if props is not None else None
+        return int(value) if value else DEFAULT_RECEIVE_MAXIMUM
+
+    def failure_detail(self) -> str | None:
+        """Why a connect attempt failed below MQTT (a TLS alert), if the socket said so.
+
+        Reading it also marks the future's exception as retrieved, so asyncio does not
+        complain about it when the failed client is collected.
+        """
+        fut = self._disconnected
+        if fut.done() and not fut.cancelled() and (exc := fut.exception()) is not None:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+
+class ManualAck:
+    """Acknowledge received QoS 1/2 messages only when told to.
+
+    paho sends PUBACK (QoS 1) / PUBCOMP (QoS 2) once ``on_message`` returns unless
+    manual acknowledgement is on; aiomqtt 2.5 offers no switch for it, so this reaches
+    into aiomqtt's private ``_client`` (the paho client). Keep it the only such access.
+    """
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self._paho: paho.Client = client._client  # private: see the class docstring
+        self._paho.manual_ack_set(True)
+
+    def ack(self, mid: int, qos: int) -> bool:
+        """Send the PUBACK/PUBCOMP for ``mid``; ``False`` when the connection is gone."""
+        if qos == 0:
+            return True
+        return self._paho.ack(mid, qos) == paho.MQTT_ERR_SUCCESS
+
+
+def connect_properties(*, session_expiry: int, receive_maximum: int) -> Properties:
+    """MQTT 5 CONNECT properties: keep the session, and bound what the broker sends us."""
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call] # paho is untyped here
+    props.SessionExpiryInterval = session_expiry
+    props.ReceiveMaximum = receive_maximum
+    return props
+
+
+def publish_properties(msg_id: str) -> Properties:
+    """MQTT 5 PUBLISH properties: the message id as a user property, for raw payloads."""
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.UserProperty = ("msgId", msg_id)
+    return props
+
+
+def user_property(properties: Properties | None, name: str) -> str | None:
+    """The first MQTT 5 user property called ``name`` on a received message."""
+    for key, value in getattr(properties, "UserProperty", None) or ():
+        if key == name:
+            return str(value)
+    return None

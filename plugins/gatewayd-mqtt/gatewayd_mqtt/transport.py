@@ -1,0 +1,601 @@
+"""The MQTT transport: devices on an MQTT 3.1.1 / 5 broker, reached through one client.
+
+One connection at a time, owned by a supervisor task that reconnects with jittered
+exponential backoff and resumes the same persistent session (fixed client id), so
+what the broker holds for us survives both our restarts and the broker's. Uplink
+messages are stored by ``context.accept()`` before their PUBACK goes out; downlink
+messages are published with QoS 1/2 and count as delivered on PUBACK/PUBCOMP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from gatewayd.api import (
+    Acceptance,
+    BacklogFullError,
+    CredentialError,
+    DeliveryOutcome,
+    DeviceReport,
+    Downlink,
+    GatewaydError,
+    IntakeRefusedError,
+    Logger,
+    Transport,
+    TransportContext,
+    TransportSettings,
+    Uplink,
+    UplinkReport,
+)
+from gatewayd_mqtt.acks import AckQueue, Pending
+from gatewayd_mqtt.backoff import Backoff
+from gatewayd_mqtt.client import (
+    AUTH_REFUSALS,
+    GatewayClient,
+    connect_properties,
+    publish_properties,
+    user_property,
+)
+from gatewayd_mqtt.config import MqttConfig
+from gatewayd_mqtt.payloads import (
+    PayloadError,
+    decode_raw,
+    derived_msg_id,
+    downlink_json,
+    encode_raw,
+    parse_device_report,
+    parse_envelope,
+    report_json,
+)
+from gatewayd_mqtt.tlsctx import client_context
+
+T = TypeVar("T")
+
+# Refusals that retrying the same message cannot fix: ack it, so the broker does not
+# redeliver poison forever. Every other refusal (backlog full, ...) is transient.
+_FINAL_REFUSALS = frozenset({"unknown_device", "invalid_message"})
+
+
+class TransportStats:
+    """Counters for tests, benchmarks and metrics. Mutated only on the event loop."""
+
+    __slots__ = (
+        "accepted",
+        "connects",
+        "dropped",
+        "duplicates",
+        "inflight",
+        "max_inflight_seen",
+        "published",
+        "refusals",
+    )
+
+    def __init__(self) -> None:
+        self.accepted = 0  # uplinks and device reports stored (duplicates included)
+        self.duplicates = 0
+        self.dropped = 0  # acked without forwarding: poison, unknown device, retained
+        self.refusals = 0  # intake refused for now (backlog full): left unacked
+        self.connects = 0
+        self.published = 0  # downlinks and reports completed (PUBACK/PUBCOMP)
+        self.inflight = 0  # our QoS > 0 publishes awaiting the broker's ack
+        self.max_inflight_seen = 0
+
+
+@dataclass(slots=True, eq=False)
+class _Link:
+    """One live connection and what belongs to it alone."""
+
+    client: GatewayClient
+    acks: AckQueue
+    inflight: asyncio.Semaphore  # sized from the broker's Receive Maximum
+    limit: int
+    lost: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class _ErrorTrap(logging.Handler):
+    """Keeps paho's last error line: the only place a TLS alert after the handshake shows
+    (TLS 1.3 lets the client's handshake finish; the refusal comes on the first read)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.last: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.last = record.getMessage()
+
+
+class MqttTransport(Transport):
+    """``plugin = "mqtt"``: see ``docs/transports/mqtt.md`` for the options."""
+
+    def __init__(self, settings: TransportSettings, context: TransportContext) -> None:
+        super().__init__(settings, context)
+        self.config = MqttConfig.from_options(settings.options)
+        self.stats = TransportStats()
+        self._password: str | None = None
+        self._link: _Link | None = None
+        self._stopping = asyncio.Event()
+        self._first: asyncio.Future[None] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        # Bounds the uplinks being stored at once. MQTT 5 brokers hold to our Receive
+        # Maximum anyway; for 3.1.1 (and QoS 0) this is the only bound.
+        self._uplink_slots = asyncio.Semaphore(self.config.receive_maximum)
+        self._reconnect = Backoff(
+            initial=self.config.reconnect_initial, maximum=self.config.reconnect_max
+        )
+        self._retry = Backoff(initial=0.05, maximum=5.0)
+        self._paho_log = logging.getLogger(f"gatewayd_mqtt.paho.{settings.name}")
+        self._trap = _ErrorTrap()
+        self._paho_log.addHandler(self._trap)
+
+    @property
+    def _log(self) -> Logger:
+        return self.context.log.bind(transport=self.name)
+
+    @property
+    def connected(self) -> bool:
+        return self._link is not None
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Read the secrets, then connect once. Returns when connected and subscribed,
+        or after a first failure that a retry may fix (the supervisor keeps trying).
+        Raises :class:`CredentialError` when the broker refuses our credentials."""
+        cfg = self.config
+        if cfg.password is not None:
+            self._password = cfg.password.read_text()
+        if cfg.tls is not None:
+            self._tls_context()  # fail at start on unusable material, not at connect
+        self._first = asyncio.get_running_loop().create_future()
+        self._supervisor = asyncio.create_task(
+            self._supervise(), name=f"mqtt:{self.name}:connection"
+        )
+        try:
+            await asyncio.shield(self._first)
+        except BaseException:
+            await self._cancel_supervisor()
+            raise
+
+    async def run(self) -> None:
+        """Intake runs in the supervisor; this returns when it ends (stop) and re-raises
+        if it crashed, which the gateway treats as fatal."""
+        if self._supervisor is not None:
+            await asyncio.shield(self._supervisor)
+
+    async def stop(self) -> None:
+        """Stop reading, let in-flight uplinks finish (bounded by ``drain_timeout``) and
+        ack them, then DISCONNECT. Unfinished ones stay unacked with the broker."""
+        self._stopping.set()
+        if self._supervisor is not None:
+            try:
+                await asyncio.wait_for(
+                    asyncio.shield(self._supervisor), self.config.drain_timeout + 10
+                )
+            except TimeoutError:
+                await self._cancel_supervisor()
+            except Exception as exc:  # already logged where it happened; stop must finish
+                self._log.error("mqtt.stop.failed", error=repr(exc))
+        await self._cancel_handlers()
+        self._paho_log.removeHandler(self._trap)
+
+    async def _cancel_supervisor(self) -> None:
+        task = self._supervisor
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _cancel_handlers(self) -> None:
+        for task in list(self._handlers):
+            task.cancel()
+        if self._handlers:
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+
+    # --- the connection -------------------------------------------------------------
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """Built anew for every connection, so rotated credentials apply on reconnect."""
+        if self.config.tls is None:
+            return None
+        backend = self.context.credentials(self.config.tls)
+        trust = backend.trust_anchors()
+        if trust is None:
+            raise CredentialError(f"credentials {self.config.tls!r} offer no trust anchors")
+        return client_context(trust, backend.tls_identity())
+
+    def _new_client(self) -> GatewayClient:
+        cfg = self.config
+        extra: dict[str, Any] = {}
+        if cfg.v5:
+            extra["clean_start"] = False  # resume the session, even on the first connect
+            extra["properties"] = connect_properties(
+                session_expiry=cfg.session_expiry, receive_maximum=cfg.receive_maximum
+            )
+        else:
+            extra["clean_session"] = False
+        self._trap.last = None
+        client = GatewayClient(
+            cfg.host,
+            cfg.port,
+            username=cfg.username,
+            password=self._password,
+            identifier=cfg.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if cfg.v5 else aiomqtt.ProtocolVersion.V311,
+            keepalive=cfg.keepalive,
+            timeout=cfg.connect_timeout,
+            max_inflight_messages=cfg.max_inflight,
+            tls_context=self._tls_context(),
+            logger=self._paho_log,
+            **extra,
+        )
+        # Our semaphores bound the pending publishes; past this aiomqtt would log a
+        # warning per publish, which alone costs 20-35 % of a burst's throughput.
+        client.pending_calls_threshold = cfg.max_inflight + 16
+        return client
+
+    async def _supervise(self) -> None:
+        attempt = 0
+        while not self._stopping.is_set():
+            linked = False
+            client: GatewayClient | None = None
+            delay: float | None = None
+            try:
+                client = self._new_client()
+                async with client:
+                    linked = True
+                    attempt = 0
+                    await self._session(client)
+            except MqttConnectError as exc:
+                code = exc.rc.value if isinstance(exc.rc, ReasonCode) else exc.rc
+                if code in AUTH_REFUSALS:
+                    delay = self._auth_failed(f"CONNACK refused: {exc}", definite=True)
+                else:
+                    self._log.warning("mqtt.connect_failed", error=str(exc))
+            except aiomqtt.MqttError as exc:
+                if linked:
+                    self._log.warning("mqtt.disconnected", error=str(exc))
+                else:
+                    delay = self._connect_failed(client, exc)
+            except CredentialError as exc:
+                delay = self._auth_failed(str(exc), definite=True)
+            except GatewaydError as exc:
+                self._log.error("mqtt.session_failed", error=str(exc))
+            if self._stopping.is_set():
+                break
+            self._first_done()
+            if delay is None:
+                delay = self._reconnect.delay(attempt)
+                attempt += 1
+            await self._sleep(delay)
+        self._first_done()
+
+    def _connect_failed(self, client: GatewayClient | None, exc: aiomqtt.MqttError) -> float | None:
+        detail = (client.failure_detail() if client else None) or self._trap.last or str(exc)
+        if self.config.tls is not None and ("SSL" in detail or "certificate" in detail):
+            return self._auth_failed(f"TLS refused: {detail}", definite=True)
+        if self.config.tls is not None and "timed out" in str(exc):
+            # Over TLS 1.3 a refused client certificate looks exactly like this.
+            return self._auth_failed(f"no CONNACK over TLS: {detail}", definite=False)
+        self._log.warning("mqtt.connect_failed", error=detail)
+        return None
+
+    def _auth_failed(self, detail: str, *, definite: bool) -> float:
+        """Log; at start a definite refusal fails the start. Never a tight retry loop."""
+        self._log.error("mqtt.auth_failed", detail=detail, definite=definite)
+        if definite and self._first is not None and not self._first.done():
+            self._first.set_exception(CredentialError(f"MQTT broker refused us: {detail}"))
+        return self.config.auth_retry
+
+    def _first_done(self) -> None:
+        if self._first is not None and not self._first.done():
+            self._first.set_result(None)
+
+    async def _sleep(self, delay: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), delay)
+
+    async def _session(self, client: GatewayClient) -> None:
+        """One connection: subscribe, read until it drops or we stop."""
+        cfg = self.config
+        limit = min(cfg.max_inflight, client.receive_maximum)
+        link = _Link(client, AckQueue(client.acks), asyncio.Semaphore(limit), limit)
+        try:
+            await self._subscribe(client)
+            self._link = link
+            self.stats.connects += 1
+            self._log.info(
+                "mqtt.connected",
+                host=cfg.host,
+                port=cfg.port,
+                session_present=client.session_present,
+                receive_maximum=client.receive_maximum,
+                inflight_limit=limit,
+            )
+            self._first_done()
+            reader = asyncio.create_task(self._read(link), name=f"mqtt:{self.name}:reader")
+            stop = asyncio.create_task(self._stopping.wait(), name=f"mqtt:{self.name}:stop")
+            try:
+                await asyncio.wait({reader, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if reader.done():
+                    reader.result()  # raises MqttError when the connection dropped
+                    return
+                reader.cancel()
+                await self._drain()
+                self._log.info("mqtt.disconnected", reason="stopping")
+            finally:
+                for task in (reader, stop):
+                    task.cancel()
+                await asyncio.gather(reader, stop, return_exceptions=True)
+        finally:
+            self._link = None
+            if not link.lost.done():
+                link.lost.set_result(None)
+
+    async def _subscribe(self, client: GatewayClient) -> None:
+        cfg = self.config
+        filters = [cfg.uplink.filter]
+        if cfg.device_report is not None:
+            filters.append(cfg.device_report.filter)
+        if cfg.shared_group is not None:
+            filters = [f"$share/{cfg.shared_group}/{f}" for f in filters]
+        for topic_filter in filters:
+            granted = await client.subscribe(topic_filter, qos=cfg.uplink_qos)
+            codes = [c.value if isinstance(c, ReasonCode) else c for c in granted]
+            if any(code >= 0x80 for code in codes):
+                raise GatewaydError(f"broker refused the subscription {topic_filter!r}: {codes}")
+            self._log.debug("mqtt.subscribed", filter=topic_filter, qos=codes)
+
+    async def _drain(self) -> None:
+        """Give stored-but-unacked uplinks ``drain_timeout`` to finish and be acked."""
+        if self._handlers:
+            await asyncio.wait(set(self._handlers), timeout=self.config.drain_timeout)
+        await self._cancel_handlers()
+
+    # --- uplink -----------------------------------------------------------------------
+
+    async def _read(self, link: _Link) -> None:
+        async for message in link.client.messages:
+            await self._uplink_slots.acquire()
+            # Tracked here, in arrival order, so acks go out in that order.
+            entry = link.acks.track(message.mid, message.qos) if message.qos > 0 else None
+            task = asyncio.create_task(
+                self._handle(link, message, entry), name=f"mqtt:{self.name}:in:{message.mid}"
+            )
+            self._handlers.add(task)
+            task.add_done_callback(self._handler_done)
+
+    def _handler_done(self, task: asyncio.Task[None]) -> None:
+        self._handlers.discard(task)
+        self._uplink_slots.release()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._log.error("mqtt.uplink.crashed", error=repr(exc))
+
+    async def _handle(self, link: _Link, message: aiomqtt.Message, entry: Pending | None) -> None:
+        ack = False
+        try:
+            ack = await self._intake(link, message)
+        finally:
+            # Cancelled or refused: no ack, the broker keeps the message for the session.
+            if entry is not None:
+                link.acks.settle(entry, ack=ack)
+
+    async def _intake(self, link: _Link, message: aiomqtt.Message) -> bool:
+        """Route one received message; return whether to acknowledge it."""
+        cfg = self.config
+        topic = message.topic.value
+        raw = message.payload
+        # aiomqtt types the payload loosely; paho always hands over bytes.
+        payload = bytes(raw) if isinstance(raw, bytes | bytearray) else str(raw or "").encode()
+        log = self._log.bind(topic=topic, mid=message.mid)
+        if message.retain:
+            # Only a new subscription delivers with RETAIN set: a stale copy, not news.
+            return self._drop(log, "mqtt.uplink.retained_ignored")
+        if len(payload) > cfg.max_payload:
+            return self._drop(log, "mqtt.payload.invalid", reason="oversize", size=len(payload))
+        if (device := cfg.uplink.match(topic)) is not None:
+            return await self._uplink(link, log.bind(device=device), device, message, payload)
+        if cfg.device_report is not None and (device := cfg.device_report.match(topic)):
+            return await self._device_report(link, log.bind(device=device), device, payload)
+        return self._drop(log, "mqtt.topic.unexpected")
+
+    async def _uplink(
+        self, link: _Link, log: Logger, device: str, message: aiomqtt.Message, payload: bytes
+    ) -> bool:
+        if not self._known(device):
+            return self._drop(log, "mqtt.device.unknown")
+        try:
+            uplink = self._to_uplink(device, message.topic.value, message, payload)
+        except PayloadError as exc:
+            return self._drop(log, "mqtt.payload.invalid", reason=exc.reason, detail=exc.detail)
+        log = log.bind(msg_id=uplink.msg_id)
+        return await self._submit(link, log, lambda: self.context.accept(uplink))
+
+    async def _device_report(self, link: _Link, log: Logger, device: str, payload: bytes) -> bool:
+        if not self._known(device):
+            return self._drop(log, "mqtt.device.unknown")
+        try:
+            fields = parse_device_report(payload)
+        except PayloadError as exc:
+            return self._drop(log, "mqtt.report.invalid", reason=exc.reason, detail=exc.detail)
+        report = DeviceReport(
+            device=device, msg_id=fields.msg_id, delivered=fields.delivered, cause=fields.cause
+        )
+        log = log.bind(msg_id=report.msg_id)
+        return await self._submit(link, log, lambda: self.context.accept_report(report))
+
+    def _drop(self, log: Logger, event: str, **kw: Any) -> bool:
+        """Poison: logged, not forwarded, and acked so the broker stops redelivering it."""
+        self.stats.dropped += 1
+        log.warning(event, **kw)
+        return True
+
+    def _known(self, device: str) -> bool:
+        # With a service_id_template the core learns unlisted devices inside accept().
+        return (
+            self.settings.service_id_template is not None or self.context.device(device) is not None
+        )
+
+    def _to_uplink(
+        self, device: str, topic: str, message: aiomqtt.Message, payload: bytes
+    ) -> Uplink:
+        # QoS 0 is never redelivered: no id needed, the core assigns one.
+        fallback = derived_msg_id(topic, message.mid, payload) if message.qos > 0 else None
+        if self.config.format == "json":
+            env = parse_envelope(payload)
+            return Uplink(
+                device=device,
+                payload=env.payload,
+                msg_id=env.msg_id or fallback,
+                dest=env.dest,
+                app_id=env.app_id,
+                report_requested=env.report_requested,
+                expiry=env.expiry,
+            )
+        props = message.properties if isinstance(message.properties, Properties) else None
+        return Uplink(
+            device=device,
+            payload=encode_raw(payload),
+            msg_id=user_property(props, "msgId") or fallback,
+        )
+
+    async def _submit(
+        self, link: _Link, log: Logger, call: Callable[[], Awaitable[Acceptance | None]]
+    ) -> bool:
+        """Hand a message to the core until it is stored; ``True`` means ack it.
+
+        A transient refusal (backlog full) is retried after its ``retry_after`` (or a
+        backoff) while the message stays unacked, so the broker's in-flight window
+        fills and holds the device traffic back. Should the connection drop or the
+        transport stop meanwhile, it is given up unacked: the broker redelivers it.
+        """
+        attempt = 0
+        while True:
+            try:
+                result = await call()
+            except IntakeRefusedError as exc:
+                if exc.reason in _FINAL_REFUSALS:
+                    return self._drop(
+                        log, "mqtt.uplink.rejected", reason=exc.reason, detail=exc.detail
+                    )
+                self.stats.refusals += 1
+                delay = exc.retry_after or self._retry.delay(attempt)
+                log.warning(
+                    "mqtt.uplink.refused",
+                    reason=exc.reason,
+                    retry_in=round(delay, 3),
+                    attempt=attempt,
+                    backlog=isinstance(exc, BacklogFullError),
+                )
+            except Exception as exc:  # never crash the transport over one message
+                delay = self._retry.delay(attempt)
+                log.error("mqtt.uplink.accept_failed", error=repr(exc), attempt=attempt)
+            else:
+                self.stats.accepted += 1
+                duplicate = result is not None and result.duplicate
+                self.stats.duplicates += duplicate
+                log.debug("mqtt.uplink.accepted", duplicate=duplicate)
+                return True
+            attempt += 1
+            if not await self._pause(link, delay):
+                log.info("mqtt.uplink.left_with_broker")
+                return False
+
+    async def _pause(self, link: _Link, delay: float) -> bool:
+        """Sleep ``delay``; ``False`` if the link dropped or the transport stops first."""
+        stop = asyncio.create_task(self._stopping.wait(), name=f"mqtt:{self.name}:pause")
+        waits: set[asyncio.Future[Any]] = {stop, link.lost}
+        try:
+            done, _ = await asyncio.wait(waits, timeout=delay)
+        finally:
+            stop.cancel()
+        return not done
+
+    # --- downlink ---------------------------------------------------------------------
+
+    async def deliver(self, message: Downlink) -> DeliveryOutcome:
+        """Publish to the device's downlink topic; delivered once PUBACK/PUBCOMP is in.
+
+        With QoS 0 that is only "handed to the socket". Any failure is transient: the
+        gateway retries, so a device may see a message twice (at-least-once)."""
+        log = self._log.bind(msg_id=message.msg_id, device=message.device.name)
+        try:
+            topic = self.config.downlink.format(message.device.name)
+        except ValueError as exc:
+            log.error("mqtt.downlink.failed", cause="bad_device_name", detail=str(exc))
+            return DeliveryOutcome.failure("bad_device_name", permanent=True)
+        props: Properties | None = None
+        if self.config.format == "json":
+            payload = downlink_json(message)
+        else:
+            payload = decode_raw(message.payload or "")
+            if self.config.v5:
+                props = publish_properties(message.msg_id)
+        outcome = await self._publish(topic, payload, props)
+        if outcome.delivered:
+            log.debug("mqtt.downlink.published", topic=topic)
+        else:
+            log.warning("mqtt.downlink.failed", topic=topic, cause=outcome.cause)
+        return outcome
+
+    async def deliver_report(self, report: UplinkReport) -> bool:
+        """Publish the server's report as JSON on the device's report topic."""
+        if self.config.report is None:
+            return False
+        log = self._log.bind(msg_id=report.msg_id, device=report.device.name)
+        try:
+            topic = self.config.report.format(report.device.name)
+        except ValueError:
+            return False
+        outcome = await self._publish(topic, report_json(report), None)
+        if not outcome.delivered:
+            log.warning("mqtt.report.failed", cause=outcome.cause)
+        return outcome.delivered
+
+    async def _publish(
+        self, topic: str, payload: bytes, props: Properties | None
+    ) -> DeliveryOutcome:
+        link = self._link
+        if link is None:
+            return DeliveryOutcome.failure("mqtt_disconnected")
+        qos = self.config.downlink_qos
+        # Never more unacked publishes than the broker's Receive Maximum allows: past it
+        # an MQTT 5 broker disconnects us (0x93).
+        async with link.inflight:
+            self.stats.inflight += 1
+            self.stats.max_inflight_seen = max(self.stats.max_inflight_seen, self.stats.inflight)
+            publish = asyncio.create_task(
+                link.client.publish(
+                    topic, payload, qos=qos, properties=props, timeout=self.config.publish_timeout
+                ),
+                name=f"mqtt:{self.name}:publish",
+            )
+            try:
+                # aiomqtt's publish does not notice a dropped connection; the link does.
+                await asyncio.wait({publish, link.lost}, return_when=asyncio.FIRST_COMPLETED)
+                if not publish.done():
+                    return DeliveryOutcome.failure("mqtt_disconnected")
+                publish.result()
+            except aiomqtt.MqttError as exc:
+                return DeliveryOutcome.failure(f"mqtt_publish_failed: {exc}")
+            finally:
+                self.stats.inflight -= 1
+                if not publish.done():
+                    publish.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                        await publish
+        self.stats.published += 1
+        return DeliveryOutcome.success()
