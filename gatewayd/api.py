@@ -3,6 +3,10 @@
 Plugins import from here and nowhere else in ``gatewayd`` (tests may also use
 ``gatewayd.testing``). What is not re-exported here may change without notice.
 
+TLS contexts for device-side links are built with :func:`client_context` and
+:func:`server_context`, so every plugin gets the same profile as the core (TLS 1.2+,
+strict X.509 checks, security level 2, CRLs when given).
+
 A plugin module declares hook implementations with :data:`hookimpl`; the hooks are
 documented in :mod:`gatewayd.hookspecs`. Hooks only *register* classes: the message
 path itself is plain typed async code on :class:`Transport` and
@@ -33,6 +37,8 @@ from gatewayd.errors import (
 )
 from gatewayd.msgin5g.model import Address
 from gatewayd.options import MISSING, Options, SecretRef
+from gatewayd.security.material import TlsIdentity, TrustAnchors
+from gatewayd.security.tls import PeerIdentity, client_context, peer_identity, server_context
 
 __all__ = [
     "MISSING",
@@ -50,6 +56,7 @@ __all__ = [
     "IntakeRefusedError",
     "InvalidMessageError",
     "Options",
+    "PeerIdentity",
     "PluginContext",
     "PluginError",
     "PluginSettings",
@@ -64,7 +71,10 @@ __all__ = [
     "UnknownDeviceError",
     "Uplink",
     "UplinkReport",
+    "client_context",
     "hookimpl",
+    "peer_identity",
+    "server_context",
 ]
 
 hookimpl = pluggy.HookimplMarker("gatewayd")
@@ -237,22 +247,6 @@ class TransportContext(PluginContext, Protocol):
 
 
 # --- credential backends --------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TlsIdentity:
-    """Our own X.509 identity: a PEM chain (leaf first) and its unencrypted PEM key."""
-
-    cert_chain_pem: bytes
-    key_pem: bytes = field(repr=False)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TrustAnchors:
-    """Whom we trust: CA certificates (PEM) and, optionally, CRLs (PEM) for them."""
-
-    ca_pem: bytes
-    crl_pem: tuple[bytes, ...] = ()
 
 
 class Signer(Protocol):

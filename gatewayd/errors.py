@@ -131,3 +131,16 @@ class StoreError(GatewaydError):
     """The durable store failed (I/O error, corruption)."""
 
     exit_code = ExitCode.UNAVAILABLE
+
+
+class RequestRejectedError(GatewaydError):
+    """The peer refused one request for good (a 4xx other than 408/429).
+
+    Retrying the same request cannot succeed: the message goes to the dead-letter queue.
+    """
+
+    def __init__(self, status: int, detail: str, *, cause: str | None = None) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+        self.cause = cause

@@ -84,6 +84,10 @@ class Options:
     def path(self) -> str:
         return self._path
 
+    def narrowed(self, data: Mapping[str, Any]) -> Options:
+        """The same place in the same file, holding only ``data`` (a plugin's own keys)."""
+        return Options(data, self._path, source=self._source)
+
     def key(self, name: str) -> str:
         return f"{self._path}.{name}" if self._path else name
 

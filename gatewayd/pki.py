@@ -181,7 +181,8 @@ def init(
     issued = {
         "server": issue(ca, "msgin5g-server", dns=(server_name,), uris=(server_id,), ips=loopback),
         "gateway": issue(ca, "gatewayd", dns=(gateway_name,), uris=(gateway_id,), ips=loopback),
-        "device": issue(ca, "device", uris=(device_id,), server=False),
+        # A device both calls the gateway and serves its webhook.
+        "device": issue(ca, "device", dns=("localhost",), uris=(device_id,), ips=loopback),
     }
     for stem, item in issued.items():
         out[stem], out[f"{stem}_key"] = write_pair(directory, stem, item)

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from gatewayd.api import TlsIdentity, TrustAnchors
 from gatewayd.errors import CredentialError
+from gatewayd.security.material import TlsIdentity, TrustAnchors
 
 # OpenSSL's "DEFAULT" cipher list, with security level 2: >= 112-bit security, so RSA
 # and DH under 2048 bits and SHA-1 signatures are refused on both sides.

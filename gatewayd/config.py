@@ -1,0 +1,295 @@
+"""The gateway's TOML configuration, validated into frozen settings.
+
+Every error names the file, the key path and what was expected; a secret can only be
+given by reference. Plugin tables (``[credentials.*]``, ``[transports.*]``) are checked
+here for their common keys and handed to the plugins for the rest.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from gatewayd.api import Device, Options, PluginSettings, TransportSettings
+from gatewayd.errors import ConfigError
+from gatewayd.msgin5g.model import Address
+from gatewayd.msgin5g.registration import GatewayType
+from gatewayd.retry import RetryPolicy
+from gatewayd.store import StoreSettings
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NorthboundSettings:
+    """The MSGin5G Server we call, and how we prove who we are to it."""
+
+    api_root: str  # the server's apiRoot, e.g. https://m5s.example:8443
+    credentials: str  # backend with our TLS identity and the CAs that vouch for the server
+    server_name: str  # the identity the server's certificate must carry (DNS SAN)
+    token: str | None  # backend issuing OAuth 2.0 bearer tokens, if the server wants them
+    token_scope: str
+    registration_ttl: float
+    timeout: float
+    max_connections: int
+    concurrency: int  # uplink/report requests in flight at once
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApiSettings:
+    """Our MSGG_N3GDelivery / MSGG_L3GDelivery server, which the MSGin5G Server calls."""
+
+    host: str
+    port: int
+    advertise: str | None  # the apiRoot we register; None: https://<listen address>
+    credentials: str  # backend with our server identity and the CAs for client certs
+    allowed_peers: tuple[str, ...]  # server identities (URI or DNS SAN) that may call us
+    max_body: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RelaySettings:
+    default_destination: Address | None
+    reply_route_ttl: float
+    max_payload: int  # bytes of an MSGin5G payload string (TS 23.554: 2048 by default)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogSettings:
+    level: str
+    format: str  # auto | json | console
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    source: Path
+    gateway_id: str
+    gateway_type: GatewayType
+    state_dir: Path
+    northbound: NorthboundSettings
+    api: ApiSettings
+    store: StoreSettings
+    retry: RetryPolicy
+    relay: RelaySettings
+    log: LogSettings
+    drain_timeout: float
+    credentials: tuple[PluginSettings, ...]
+    transports: tuple[TransportSettings, ...]
+
+    def credential(self, name: str) -> PluginSettings | None:
+        return next((c for c in self.credentials if c.name == name), None)
+
+
+def load(path: Path) -> Settings:
+    """Read and validate a config file; raise :class:`ConfigError` naming the key."""
+    source = str(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("-", "file not found", source=source) from None
+    except OSError as exc:
+        raise ConfigError("-", f"cannot read: {exc.strerror}", source=source) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("-", f"not valid TOML: {exc}", source=source) from None
+    return parse(data, path)
+
+
+def parse(data: dict[str, Any], path: Path) -> Settings:
+    root = Options(data, "", source=str(path))
+    base = path.parent.resolve()
+
+    gw = root.table("gateway", required=True)
+    gateway_id = gw.get_str("id")
+    gateway_type = GatewayType(gw.get_choice("type", tuple(GatewayType)))
+    state_dir = gw.get_path("state_dir", None, base=base) or base / "state"
+    drain_timeout = gw.get_float("drain_timeout", 10.0)
+    gw.check_unknown()
+
+    credentials = tuple(
+        _plugin_settings(opts, name, base) for name, opts in _named_tables(root, "credentials")
+    )
+    cred_names = {c.name for c in credentials}
+
+    def credential_ref(opts: Options, key: str, default: str | None = None) -> str:
+        name = opts.get_str(key, default)
+        if name is None:
+            raise opts.error(key, "is required (the name of a [credentials.NAME] table)")
+        if name not in cred_names:
+            known = ", ".join(sorted(cred_names)) or "none"
+            raise opts.error(key, f"no [credentials.{name}] table (defined: {known})")
+        return name
+
+    nb = root.table("northbound", required=True)
+    api_root = nb.get_str("api_root").rstrip("/")
+    parts = urlsplit(api_root)
+    if parts.scheme != "https" or not parts.hostname:
+        raise nb.error("api_root", f"expected an https:// URL, got {api_root!r}")
+    token = nb.get_str("token", None)
+    if token is not None and token not in cred_names:
+        raise nb.error("token", f"no [credentials.{token}] table")
+    northbound = NorthboundSettings(
+        api_root=api_root,
+        credentials=credential_ref(nb, "credentials"),
+        server_name=nb.get_str("server_name", parts.hostname),
+        token=token,
+        token_scope=nb.get_str("token_scope", "msgs-msgdelivery msgs-gwregistration"),
+        registration_ttl=nb.get_float("registration_ttl", 3600.0, minimum=10.0),
+        timeout=nb.get_float("timeout", 10.0, minimum=0.1),
+        max_connections=nb.get_int("max_connections", 8, minimum=1),
+        concurrency=nb.get_int("concurrency", 64, minimum=1),
+    )
+    nb.check_unknown()
+
+    api_opts = root.table("api", required=True)
+    host, port = _host_port(api_opts, "listen")
+    advertise = api_opts.get_str("advertise", None)
+    if advertise is None and host in ("0.0.0.0", "::"):  # noqa: S104 - checking, not binding
+        raise api_opts.error("advertise", "is required when listening on all addresses")
+    api = ApiSettings(
+        host=host,
+        port=port,
+        advertise=advertise.rstrip("/") if advertise else None,
+        credentials=credential_ref(api_opts, "credentials", northbound.credentials),
+        allowed_peers=api_opts.get_str_list("allowed_peers", (northbound.server_name,)),
+        max_body=api_opts.get_int("max_body", 64 * 1024, minimum=1024),
+    )
+    api_opts.check_unknown()
+
+    store = _store(root.table("store"), state_dir, base)
+    retry = _retry(root.table("retry"))
+    relay = _relay(root.table("relay"))
+    log = _log(root.table("log"))
+
+    transports = tuple(
+        _transport_settings(opts, name, base) for name, opts in _named_tables(root, "transports")
+    )
+    if not transports:
+        raise root.error("transports", "at least one [transports.NAME] table is required")
+    _check_unique_service_ids(transports, str(path))
+    root.check_unknown()
+
+    return Settings(
+        source=path,
+        gateway_id=gateway_id,
+        gateway_type=gateway_type,
+        state_dir=state_dir,
+        northbound=northbound,
+        api=api,
+        store=store,
+        retry=retry,
+        relay=relay,
+        log=log,
+        drain_timeout=drain_timeout,
+        credentials=credentials,
+        transports=transports,
+    )
+
+
+def _store(st: Options, state_dir: Path, base: Path) -> StoreSettings:
+    store = StoreSettings(
+        path=st.get_path("path", state_dir / "gatewayd.db", base=base),
+        synchronous=st.get_choice("synchronous", ("full", "normal"), "full"),  # type: ignore[arg-type]
+        max_messages=st.get_int("max_messages", 100_000, minimum=1),
+        max_bytes=st.get_int("max_bytes", 256 * 1024 * 1024, minimum=1024),
+        max_age=st.get_float("max_age", 7 * 86400.0, minimum=1.0),
+        dedup_window=st.get_float("dedup_window", 86400.0, minimum=0.0),
+    )
+    st.check_unknown()
+    return store
+
+
+def _retry(rt: Options) -> RetryPolicy:
+    retry = RetryPolicy(
+        initial=rt.get_float("initial", 1.0, minimum=0.01),
+        maximum=rt.get_float("maximum", 300.0, minimum=0.01),
+        multiplier=rt.get_float("multiplier", 2.0, minimum=1.0),
+        jitter=rt.get_float("jitter", 0.2),
+    )
+    rt.check_unknown()
+    return retry
+
+
+def _relay(rl: Options) -> RelaySettings:
+    dest = rl.table("default_destination")
+    relay = RelaySettings(
+        default_destination=Address(dest.get_str("addrType"), dest.get_str("addr"))
+        if "addr" in dest or "addrType" in dest
+        else None,
+        reply_route_ttl=rl.get_float("reply_route_ttl", 86400.0),
+        max_payload=rl.get_int("max_payload", 2048, minimum=1),
+    )
+    dest.check_unknown()
+    rl.check_unknown()
+    return relay
+
+
+def _log(lg: Options) -> LogSettings:
+    log = LogSettings(
+        level=lg.get_choice("level", ("debug", "info", "warning", "error"), "info"),
+        format=lg.get_choice("format", ("auto", "json", "console"), "auto"),
+    )
+    lg.check_unknown()
+    return log
+
+
+def _named_tables(root: Options, key: str) -> list[tuple[str, Options]]:
+    group = root.table(key)
+    return [(name, group.table(name, required=True)) for name in list(group.raw())]
+
+
+def _plugin_settings(opts: Options, name: str, base: Path) -> PluginSettings:
+    plugin = opts.get_str("plugin")
+    rest = {k: v for k, v in opts.raw().items() if k != "plugin"}
+    return PluginSettings(name=name, plugin=plugin, options=opts.narrowed(rest), base_dir=base)
+
+
+def _transport_settings(opts: Options, name: str, base: Path) -> TransportSettings:
+    plugin = opts.get_str("plugin")
+    template = opts.get_str("service_id_template", None)
+    if template is not None and "{device}" not in template:
+        raise opts.error("service_id_template", 'must contain "{device}"')
+    devices = []
+    seen: set[str] = set()
+    for dev in opts.tables("devices"):
+        device = Device(
+            name=dev.get_str("device"),
+            service_id=dev.get_str("service_id"),
+            options={k: v for k, v in dev.raw().items() if k not in ("device", "service_id")},
+        )
+        if device.name in seen:
+            raise dev.error("device", f"device {device.name!r} is listed twice")
+        seen.add(device.name)
+        devices.append(device)
+    common = ("plugin", "service_id_template", "devices")
+    rest = {k: v for k, v in opts.raw().items() if k not in common}
+    return TransportSettings(
+        name=name,
+        plugin=plugin,
+        options=opts.narrowed(rest),
+        base_dir=base,
+        devices=tuple(devices),
+        service_id_template=template,
+    )
+
+
+def _host_port(opts: Options, key: str) -> tuple[str, int]:
+    value = opts.get_str(key)
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise opts.error(key, f'expected "host:port", got {value!r}')
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - an empty host means all
+
+
+def _check_unique_service_ids(transports: tuple[TransportSettings, ...], source: str) -> None:
+    owner: dict[str, str] = {}
+    for t in transports:
+        for d in t.devices:
+            if d.service_id in owner:
+                raise ConfigError(
+                    f"transports.{t.name}.devices",
+                    f"service_id {d.service_id!r} is already mapped in {owner[d.service_id]}",
+                    source=source,
+                )
+            owner[d.service_id] = f"transports.{t.name}"

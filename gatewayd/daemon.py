@@ -1,0 +1,440 @@
+"""The one lifecycle owner: start in order, run, drain, stop in reverse.
+
+Start: store -> credentials -> API server -> transports -> workers and registration ->
+READY=1. Stop (SIGTERM, or the injected trigger in tests): 1. stop taking downlink from
+the server, 2. finish the work in flight within ``gateway.drain_timeout`` (what is left
+stays in the store for the next start), 3. stop transports, 4. deregister, 5. close the
+northbound client, 6. close the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from gatewayd import log as logmod
+from gatewayd.api import (
+    CredentialBackend,
+    Device,
+    TlsIdentity,
+    Transport,
+    TrustAnchors,
+)
+from gatewayd.config import Settings
+from gatewayd.errors import ConfigError, CredentialError, GatewaydError, PluginError
+from gatewayd.msgin5g.model import UEMessageDelivery
+from gatewayd.northbound.client import MsgsClient
+from gatewayd.northbound.registration import Registrar
+from gatewayd.northbound.senders import Senders
+from gatewayd.northbound.server import GatewayApi
+from gatewayd.plugins import Plugins
+from gatewayd.relay import Directory, Dispatcher, TransportIntake, put_device_report
+from gatewayd.retry import CircuitBreaker
+from gatewayd.security import tls
+from gatewayd.security.identity import check_own_certificate, leaf_facts
+from gatewayd.store import Queue, Store
+from gatewayd.systemd import Notifier
+from gatewayd.worker import QueueWorker
+
+log = structlog.get_logger(__name__)
+
+EXPIRY_SWEEP_SECONDS = 2.0
+CREDENTIAL_POLL_SECONDS = 2.0
+
+
+class _PluginContext:
+    """What a credential backend gets: a bound logger and its sibling backends."""
+
+    def __init__(self, name: str, lookup: Callable[[str], CredentialBackend]) -> None:
+        self._log = structlog.get_logger("gatewayd.credentials").bind(credentials=name)
+        self._lookup = lookup
+
+    @property
+    def log(self) -> structlog.stdlib.BoundLogger:
+        return self._log  # type: ignore[no-any-return]
+
+    def credentials(self, name: str) -> CredentialBackend:
+        return self._lookup(name)
+
+
+class Gateway:
+    """One gateway process. ``run`` returns after a clean stop; errors propagate."""
+
+    def __init__(
+        self, settings: Settings, plugins: Plugins, *, notifier: Notifier | None = None
+    ) -> None:
+        self.settings = settings
+        self.plugins = plugins
+        self.notifier = notifier or Notifier()
+        self.directory = Directory(settings.transports)
+        self.credentials: dict[str, CredentialBackend] = {}
+        self.transports: dict[str, Transport] = {}
+        self.api_port: int | None = None
+        self.started = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self._crash: BaseException | None = None
+        self._stop = asyncio.Event()
+        self._store: Store | None = None
+        self._client: MsgsClient | None = None
+        self._server_tls: ssl.SSLContext | None = None
+        self._registrar: Registrar | None = None
+
+    @property
+    def store(self) -> Store:
+        assert self._store is not None, "the gateway has not started"
+        return self._store
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # --- run -----------------------------------------------------------------------------
+
+    async def run(self, shutdown: Awaitable[Any] | None = None) -> None:
+        s = self.settings
+        async with AsyncExitStack() as stack:
+            s.state_dir.mkdir(parents=True, exist_ok=True)
+            self._store = await Store.open(s.store)
+            stack.push_async_callback(self._store.close)
+            for transport, device, service_id in await self._store.learned_devices():
+                self.directory.learn(transport, Device(name=device, service_id=service_id))
+
+            await self._load_credentials()
+            stack.push_async_callback(self._close_credentials)
+            client_tls, self._server_tls = self._build_tls()
+
+            self._client = MsgsClient(
+                s.northbound.api_root,
+                client_tls,
+                server_name=s.northbound.server_name,
+                timeout=s.northbound.timeout,
+                max_connections=s.northbound.max_connections,
+                token=self._token_source(),
+            )
+            stack.push_async_callback(self._client.aclose)
+
+            api = GatewayApi(
+                gateway_type=s.gateway_type,
+                store=self._store,
+                directory=self.directory,
+                allowed_peers=s.api.allowed_peers,
+                max_body=s.api.max_body,
+                reply_route_ttl=s.relay.reply_route_ttl,
+            )
+            stack.push_async_callback(api.close)
+            self.api_port = await api.start(s.api.host, s.api.port, self._server_tls)
+            log.info("api.listening", host=s.api.host, port=self.api_port, prefix=api.prefix)
+
+            self._registrar = Registrar(
+                self._client,
+                gateway_id=s.gateway_id,
+                gateway_type=s.gateway_type,
+                target_uri=s.api.advertise or _api_root(s.api.host, self.api_port),
+                service_ids=self.directory.service_ids,
+                ttl=s.northbound.registration_ttl,
+                policy=s.retry,
+            )
+            stack.push_async_callback(self._registrar.deregister, s.northbound.timeout)
+
+            await self._start_transports(stack)
+
+            senders = Senders(self._client, self._registrar, self._store)
+            dispatcher = Dispatcher(
+                store=self._store, directory=self.directory, transports=self.transports
+            )
+            breaker = CircuitBreaker()
+            workers = {
+                "uplink": QueueWorker(
+                    self._store,
+                    Queue.UPLINK,
+                    senders.uplink,
+                    policy=s.retry,
+                    concurrency=s.northbound.concurrency,
+                    breaker=breaker,
+                    ready=self._registrar.ready,
+                ),
+                "reports": QueueWorker(
+                    self._store,
+                    Queue.REPORT,
+                    senders.report,
+                    policy=s.retry,
+                    concurrency=s.northbound.concurrency,
+                    breaker=breaker,
+                    ready=self._registrar.ready,
+                ),
+                "downlink": QueueWorker(
+                    self._store,
+                    Queue.DOWNLINK,
+                    dispatcher.handle,
+                    policy=s.retry,
+                    concurrency=s.northbound.concurrency,
+                ),
+            }
+            self._spawn("registration", self._registrar.run())
+            for name, worker in workers.items():
+                self._spawn(f"worker:{name}", worker.run())
+            self._spawn("expiry", self._expiry_loop(dispatcher))
+            self._spawn("credentials:watch", self._watch_credentials())
+            if self.notifier.watchdog_interval:
+                self._spawn("watchdog", self._watchdog(self.notifier.watchdog_interval))
+
+            self.notifier.ready(f"serving {len(self.directory.service_ids())} UE Service IDs")
+            log.info(
+                "gateway.started",
+                gateway_id=s.gateway_id,
+                role=str(s.gateway_type),
+                transports=sorted(self.transports),
+                service_ids=len(self.directory.service_ids()),
+            )
+            self.started.set()
+            await self._wait(shutdown)
+
+            # --- orderly stop ------------------------------------------------------------
+            self.notifier.stopping("draining")
+            log.info("gateway.stopping", drain_timeout=s.drain_timeout)
+            await api.stop_intake()  # 1. no new downlink from the server
+            deadline = s.drain_timeout
+            await asyncio.gather(*(w.stop(deadline) for w in workers.values()))  # 2. drain
+            await self._cancel_tasks(exclude=())
+            # 3-6: transports, registration, client, store close in reverse (exit stack).
+        if self._crash is not None:
+            raise self._crash
+        log.info("gateway.stopped")
+
+    async def _wait(self, shutdown: Awaitable[Any] | None) -> None:
+        waiters = [asyncio.ensure_future(self._stop.wait())]
+        if shutdown is not None:
+            waiters.append(asyncio.ensure_future(shutdown))
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        refused = self._registrar.refused if self._registrar else None
+        if refused is not None and self._crash is None:
+            self._crash = refused
+
+    # --- parts ---------------------------------------------------------------------------
+
+    def _spawn(self, name: str, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks[name] = task
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("task.crashed", task=task.get_name(), error=repr(exc), exc_info=exc)
+            self._crash = self._crash or exc
+            self._stop.set()
+        elif task.get_name() == "registration" and self._registrar and self._registrar.refused:
+            self._stop.set()
+
+    async def _cancel_tasks(self, exclude: tuple[str, ...]) -> None:
+        tasks = [t for n, t in self._tasks.items() if n not in exclude]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _start_transports(self, stack: AsyncExitStack) -> None:
+        for ts in self.settings.transports:
+            factory = self.plugins.transports.get(ts.plugin)
+            if factory is None:
+                known = ", ".join(self.plugins.transports.names()) or "none"
+                raise ConfigError(
+                    f"transports.{ts.name}.plugin",
+                    f"no transport plugin {ts.plugin!r} is installed (installed: {known})",
+                    source=str(self.settings.source),
+                )
+            intake = TransportIntake(
+                name=ts.name,
+                store=self.store,
+                directory=self.directory,
+                relay=self.settings.relay,
+                plugins=self.plugins,
+                credentials=self._credential,
+                on_learned=self._learned,
+            )
+            transport = factory(ts, intake)
+            await transport.start()
+            stack.push_async_callback(self._stop_transport, transport)
+            self.transports[ts.name] = transport
+            self._spawn(f"transport:{ts.name}", transport.run())
+            log.info("transport.started", transport=ts.name, plugin=ts.plugin)
+
+    async def _stop_transport(self, transport: Transport) -> None:
+        try:
+            await transport.stop()
+            log.info("transport.stopped", transport=transport.name)
+        except Exception as exc:
+            log.exception("transport.stop_failed", transport=transport.name, error=repr(exc))
+
+    async def _learned(self, device: Device) -> None:
+        if self._registrar is not None:
+            self._registrar.changed()
+
+    def _credential(self, name: str) -> CredentialBackend:
+        backend = self.credentials.get(name)
+        if backend is None:
+            raise ConfigError(f"credentials.{name}", "no such [credentials.NAME] table")
+        return backend
+
+    async def _load_credentials(self) -> None:
+        for cs in self.settings.credentials:
+            factory = self.plugins.credential_backends.get(cs.plugin)
+            if factory is None:
+                known = ", ".join(self.plugins.credential_backends.names()) or "none"
+                raise ConfigError(
+                    f"credentials.{cs.name}.plugin",
+                    f"no credential backend {cs.plugin!r} is installed (installed: {known})",
+                    source=str(self.settings.source),
+                )
+            self.credentials[cs.name] = factory(cs, _PluginContext(cs.name, self._credential))
+        for name, backend in self.credentials.items():
+            await _load_one(name, backend)
+
+    async def _close_credentials(self) -> None:
+        for backend in self.credentials.values():
+            await backend.aclose()
+
+    def _build_tls(self) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+        identity, trust = self._api_material()
+        return self._client_tls(), tls.server_context(identity, trust, require_client_cert=True)
+
+    def _client_tls(self) -> ssl.SSLContext:
+        s = self.settings
+        nb = self._credential(s.northbound.credentials)
+        identity, trust = nb.tls_identity(), nb.trust_anchors()
+        if identity is None or trust is None:
+            raise CredentialError(
+                f"credentials.{s.northbound.credentials} must provide both a TLS identity "
+                "and trust anchors for the northbound link (mutual TLS)"
+            )
+        check_own_certificate(
+            identity.cert_chain_pem,
+            expected_id=s.gateway_id,
+            what=f"credentials.{s.northbound.credentials}",
+        )
+        return tls.client_context(trust, identity)
+
+    def _api_material(self) -> tuple[TlsIdentity, TrustAnchors]:
+        name = self.settings.api.credentials
+        backend = self._credential(name)
+        identity, trust = backend.tls_identity(), backend.trust_anchors()
+        if identity is None or trust is None:
+            raise CredentialError(
+                f"credentials.{name} must provide a TLS identity and the trust anchors "
+                "that vouch for the MSGin5G Server's client certificate"
+            )
+        return identity, trust
+
+    def _token_source(self) -> Callable[[], Awaitable[str | None]] | None:
+        name = self.settings.northbound.token
+        if name is None:
+            return None
+        backend = self._credential(name)
+        audience, scope = self.settings.northbound.server_name, self.settings.northbound.token_scope
+
+        async def token() -> str | None:
+            return await backend.access_token(audience=audience, scope=scope)
+
+        return token
+
+    # --- background loops ----------------------------------------------------------------
+
+    async def _expiry_loop(self, dispatcher: Dispatcher) -> None:
+        while True:
+            for item in await self.store.expire():
+                with logmod.bound_message(item.msg_id, queue=str(item.queue)):
+                    log.warning("message.expired", to="dead-letter queue")
+                    if item.queue == Queue.UPLINK:
+                        await put_device_report(
+                            self.store, UEMessageDelivery.from_json(item.body), "EXPIRED"
+                        )
+                    elif item.queue == Queue.DOWNLINK:
+                        await dispatcher.expired(item)
+            await self.store.prune()
+            await asyncio.sleep(EXPIRY_SWEEP_SECONDS)
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read credential material; new connections use it."""
+        self.notifier.reloading()
+        try:
+            for name, backend in self.credentials.items():
+                await _load_one(name, backend)
+            client_tls = self._client_tls()
+            api_identity, _ = self._api_material()
+        except GatewaydError as exc:
+            # Keep serving with the material we have; a broken rotation must not stop us.
+            log.error("credentials.reload_failed", error=str(exc))
+        else:
+            assert self._client is not None
+            assert self._server_tls is not None
+            self._client.use_tls(client_tls)
+            # The listening socket keeps its context: load the new chain into it.
+            tls.load_identity(self._server_tls, api_identity)
+            log.info("credentials.reloaded")
+        self.notifier.ready("reloaded")
+
+    async def _watch_credentials(self) -> None:
+        def snapshot() -> dict[Path, float]:
+            out = {}
+            for backend in self.credentials.values():
+                for path in backend.watched_paths():
+                    with contextlib.suppress(OSError):
+                        out[path] = os.stat(path).st_mtime
+            return out
+
+        seen = snapshot()
+        while True:
+            await asyncio.sleep(CREDENTIAL_POLL_SECONDS)
+            now = snapshot()
+            if now != seen:
+                seen = now
+                log.info("credentials.changed_on_disk")
+                await self.reload()
+
+    async def _watchdog(self, interval: float) -> None:
+        # Ping only while the loop keeps time: a stalled loop must let systemd restart us.
+        period = interval / 2
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(period)
+            lag = time.monotonic() - before - period
+            if lag < period:
+                self.notifier.watchdog()
+            else:
+                log.warning("watchdog.loop_lagging", lag=round(lag, 3))
+
+
+def _api_root(host: str, port: int) -> str:
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
+
+async def _load_one(name: str, backend: CredentialBackend) -> None:
+    try:
+        await backend.load()
+    except GatewaydError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"credentials.{name}: the backend failed to load: {exc!r}") from exc
+    identity = backend.tls_identity()
+    if identity is not None:
+        facts = leaf_facts(identity.cert_chain_pem)
+        log.info(
+            "credentials.loaded",
+            credentials=name,
+            subject=facts.subject,
+            not_after=facts.not_after.isoformat(),
+            days_left=round(facts.days_left(), 1),
+        )

@@ -1,0 +1,141 @@
+"""Registration on behalf of the devices we serve (our MSGS_GWRegistration extension).
+
+The registrar registers at start, refreshes at two thirds of the granted lifetime, sends
+an update when a device is learned, and deregisters on stop. While the server is
+unreachable it keeps trying with backoff; device intake goes on meanwhile (messages wait
+in the store), but nothing is sent before the registration holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import structlog
+
+from gatewayd.errors import PeerRefusedError, PeerUnavailableError, RequestRejectedError
+from gatewayd.msgin5g.registration import GatewayRegistration
+from gatewayd.northbound.client import MsgsClient
+from gatewayd.retry import RetryPolicy
+
+log = structlog.get_logger(__name__)
+
+
+class Registrar:
+    def __init__(
+        self,
+        client: MsgsClient,
+        *,
+        gateway_id: str,
+        gateway_type: str,
+        target_uri: str,
+        service_ids: Callable[[], tuple[str, ...]],
+        ttl: float,
+        policy: RetryPolicy,
+    ) -> None:
+        self._client = client
+        self._gateway_id = gateway_id
+        self._gateway_type = gateway_type
+        self._target_uri = target_uri
+        self._service_ids = service_ids
+        self._ttl = ttl
+        self._policy = policy
+        self._location: str | None = None
+        self._registered_ids: frozenset[str] = frozenset()
+        self._expires = 0.0
+        self._changed = asyncio.Event()
+        self._updated = asyncio.Condition()
+        self.ready = asyncio.Event()  # set while a registration holds
+        self.refused: PeerRefusedError | RequestRejectedError | None = None
+
+    def _body(self) -> GatewayRegistration:
+        return GatewayRegistration(
+            gw_id=self._gateway_id,
+            gw_type=self._gateway_type,
+            target_uri=self._target_uri,
+            ue_svc_ids=self._service_ids(),
+            expiry=datetime.now(UTC) + timedelta(seconds=self._ttl),
+        )
+
+    async def run(self) -> None:
+        """Keep the registration alive until cancelled. Returns if the server refuses us:
+        a refusal is a config or credential problem no retry can fix (see ``refused``)."""
+        attempt = 0
+        while True:
+            try:
+                await self._register_or_update()
+                attempt = 0
+            except (PeerRefusedError, RequestRejectedError) as exc:
+                self.refused = exc
+                self.ready.clear()
+                log.error("registration.refused", error=str(exc))
+                return
+            except PeerUnavailableError as exc:
+                attempt += 1
+                delay = self._policy.delay(attempt, retry_after=exc.retry_after)
+                log.warning("registration.retry", error=str(exc), delay=round(delay, 2))
+                await self._sleep_until_change(delay)
+                continue
+            # Refresh at two thirds of the granted lifetime, or sooner on a change.
+            await self._sleep_until_change(max((self._expires - time.time()) * 2 / 3, 1.0))
+
+    async def _register_or_update(self) -> None:
+        body = self._body()
+        self._changed.clear()
+        if self._location is None:
+            result = await self._client.register(body)
+            self._location = result.location
+            event = "registration.created"
+        else:
+            try:
+                result = await self._client.update(self._location, body)
+                event = "registration.refreshed"
+            except RequestRejectedError as exc:
+                if exc.status != 404:
+                    raise
+                # The server forgot us (restart, expiry): register afresh.
+                self._location = None
+                result = await self._client.register(body)
+                self._location = result.location
+                event = "registration.created"
+        self._expires = result.ack.expiry.timestamp()
+        self._registered_ids = frozenset(body.ue_svc_ids)
+        log.info(
+            event,
+            location=self._location,
+            service_ids=len(body.ue_svc_ids),
+            expires=result.ack.expiry.isoformat(),
+        )
+        self.ready.set()
+        async with self._updated:
+            self._updated.notify_all()
+
+    async def _sleep_until_change(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout=seconds)
+
+    def changed(self) -> None:
+        """The set of served UE Service IDs grew: send an update soon."""
+        self._changed.set()
+
+    async def ensure(self, service_id: str) -> None:
+        """Wait until ``service_id`` is part of the registration the server holds."""
+        if service_id in self._registered_ids:
+            return
+        self.changed()
+        async with self._updated:
+            await self._updated.wait_for(lambda: service_id in self._registered_ids)
+
+    async def deregister(self, timeout: float) -> None:
+        if self._location is None:
+            return
+        try:
+            await asyncio.wait_for(self._client.deregister(self._location), timeout)
+            log.info("registration.deleted", location=self._location)
+        except (PeerUnavailableError, RequestRejectedError, PeerRefusedError, TimeoutError) as exc:
+            log.warning("registration.delete_failed", error=str(exc))
+        self._location = None
+        self.ready.clear()

@@ -1,0 +1,70 @@
+"""Handlers that send the uplink and report queues to the MSGin5G Server."""
+
+from __future__ import annotations
+
+import structlog
+
+from gatewayd.errors import (
+    PeerRefusedError,
+    PeerUnavailableError,
+    ProtocolError,
+    RequestRejectedError,
+)
+from gatewayd.msgin5g.model import DeliveryStatus, DeliveryStatusReport, UEMessageDelivery
+from gatewayd.northbound.client import MsgsClient
+from gatewayd.northbound.registration import Registrar
+from gatewayd.relay import put_device_report
+from gatewayd.store import Item, Store
+from gatewayd.worker import Dead, Done, Outcome, Retry
+
+log = structlog.get_logger(__name__)
+
+
+class Senders:
+    def __init__(self, client: MsgsClient, registrar: Registrar, store: Store) -> None:
+        self._client = client
+        self._registrar = registrar
+        self._store = store
+
+    async def uplink(self, item: Item) -> Outcome:
+        message = UEMessageDelivery.from_json(item.body)
+        # A learned device must be registered before its first message leaves.
+        await self._registrar.ensure(message.ori_addr.addr)
+        try:
+            ack = await self._client.deliver_ue_message(message)
+        except RequestRejectedError as exc:
+            log.warning("message.rejected", status=exc.status, cause=exc.cause, detail=exc.detail)
+            await put_device_report(self._store, message, exc.cause or f"HTTP {exc.status}")
+            return Dead(str(exc))
+        except (PeerUnavailableError, PeerRefusedError, ProtocolError) as exc:
+            return _transient(exc)
+        if ack.status == DeliveryStatus.DELY_FAILED:
+            log.warning("message.rejected", status=ack.status, cause=ack.failure_cause)
+            await put_device_report(self._store, message, ack.failure_cause or "DELY_FAILED")
+            return Dead(f"server answered DELY_FAILED: {ack.failure_cause}")
+        log.info(
+            "message.forwarded",
+            direction="uplink",
+            status=ack.status,
+            attempts=item.attempts + 1,
+        )
+        return Done()
+
+    async def report(self, item: Item) -> Outcome:
+        report = DeliveryStatusReport.from_json(item.body)
+        try:
+            await self._client.deliver_report(report)
+        except RequestRejectedError as exc:
+            log.warning("report.rejected", status=exc.status, cause=exc.cause)
+            return Dead(str(exc))
+        except (PeerUnavailableError, PeerRefusedError, ProtocolError) as exc:
+            return _transient(exc)
+        log.info("report.sent", delivered=report.delivered, dest=str(report.dest_addr))
+        return Done()
+
+
+def _transient(exc: Exception) -> Retry:
+    # A refused TLS handshake is no blip, but the message must not be lost: it waits in
+    # the store while the circuit breaker keeps probing at a falling rate.
+    retry_after = exc.retry_after if isinstance(exc, PeerUnavailableError) else None
+    return Retry(str(exc), after=retry_after)

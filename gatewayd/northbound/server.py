@@ -1,0 +1,237 @@
+"""Our MSGG_N3GDelivery / MSGG_L3GDelivery server: the MSGin5G Server calls us here.
+
+Refusal order matters for TR 33.862 key issue #4: the TLS handshake already demands a
+client certificate from a trusted CA; before a body is read, the peer's certificate
+identity must be on ``api.allowed_peers``. Only then is the body parsed, validated and
+authorized (we accept downlink only for UE Service IDs we serve), and only once it is
+durably stored does the server get its 204.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from gatewayd.errors import BacklogFullError, InvalidBodyError
+from gatewayd.log import bound_message
+from gatewayd.msgin5g.model import (
+    AddressType,
+    DeliveryStatusReport,
+    GatewayMessageDelivery,
+    InvalidParam,
+    ProblemDetails,
+)
+from gatewayd.northbound.paths import gateway_api_prefix
+from gatewayd.relay import KIND_MESSAGE, KIND_REPORT, Directory, downlink_body
+from gatewayd.security.tls import peer_identity
+from gatewayd.store import Queue, Store
+
+log = structlog.get_logger(__name__)
+
+PEER = web.RequestKey("peer", str)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def problem(
+    status: int,
+    title: str,
+    *,
+    detail: str | None = None,
+    cause: str | None = None,
+    invalid: tuple[InvalidParam, ...] = (),
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    body = ProblemDetails(
+        status=status, title=title, detail=detail, cause=cause, invalid_params=invalid
+    )
+    return web.Response(
+        status=status,
+        text=json.dumps(body.to_json()),
+        content_type="application/problem+json",
+        headers=headers,
+    )
+
+
+class GatewayApi:
+    """The aiohttp application and its site. ``ssl`` is shared and may be reloaded in place."""
+
+    def __init__(
+        self,
+        *,
+        gateway_type: str,
+        store: Store,
+        directory: Directory,
+        allowed_peers: tuple[str, ...],
+        max_body: int,
+        reply_route_ttl: float,
+        retry_after: float = 5.0,
+    ) -> None:
+        self._store = store
+        self._directory = directory
+        self._allowed = allowed_peers
+        self._route_ttl = reply_route_ttl
+        self._retry_after = retry_after
+        self.prefix = gateway_api_prefix(gateway_type)
+        self.app = web.Application(
+            client_max_size=max_body, middlewares=[self._errors, self._authenticate]
+        )
+        self.app.router.add_post(f"{self.prefix}/deliver-message", self._deliver_message)
+        self.app.router.add_post(f"{self.prefix}/deliver-report", self._deliver_report)
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+
+    async def start(self, host: str, port: int, tls: ssl.SSLContext) -> int:
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, host, port, ssl_context=tls)
+        await self._site.start()
+        server = self._site._server  # aiohttp exposes the bound port only here
+        sockets = getattr(server, "sockets", None) or ()
+        return int(sockets[0].getsockname()[1]) if sockets else port
+
+    async def stop_intake(self) -> None:
+        if self._site is not None:
+            await self._site.stop()
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # --- middlewares ---------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            return problem(413, "Payload Too Large", cause="PAYLOAD_TOO_LARGE")
+        except web.HTTPNotFound:
+            return problem(404, "Not Found", cause="RESOURCE_NOT_FOUND")
+        except web.HTTPMethodNotAllowed:
+            return problem(405, "Method Not Allowed")
+        except BacklogFullError as exc:
+            log.warning("api.intake_refused", reason=exc.reason)
+            retry = str(int(exc.retry_after or self._retry_after))
+            return problem(
+                503,
+                "Service Unavailable",
+                detail="the gateway's backlog is full",
+                cause="BACKLOG_FULL",
+                headers={"Retry-After": retry},
+            )
+        except Exception:
+            log.exception("api.internal_error", path=request.path)
+            return problem(500, "Internal Server Error", cause="SYSTEM_FAILURE")
+
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        peer = peer_identity(ssl_object)
+        # The handshake already required a trusted certificate; this is authorization.
+        if peer is None or not any(peer.matches(p) for p in self._allowed):
+            log.warning(
+                "auth.peer_rejected",
+                direction="inbound",
+                peer=peer.primary if peer else None,
+                remote=request.remote,
+                reason="not in api.allowed_peers",
+            )
+            return problem(403, "Forbidden", cause="PEER_NOT_ALLOWED")
+        request[PEER] = peer.primary
+        return await handler(request)
+
+    # --- handlers ------------------------------------------------------------------------
+
+    async def _json(self, request: web.Request) -> Any:
+        if request.content_type != "application/json":
+            raise _Refusal(
+                problem(415, "Unsupported Media Type", detail="expected application/json")
+            )
+        if request.content_length is None and request.headers.get("Transfer-Encoding") is None:
+            raise _Refusal(problem(411, "Length Required"))
+        try:
+            return await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise _Refusal(
+                problem(400, "Bad Request", detail="body is not JSON", cause="INVALID_MSG_FORMAT")
+            ) from None
+
+    async def _deliver_message(self, request: web.Request) -> web.StreamResponse:
+        try:
+            message = GatewayMessageDelivery.from_json(await self._json(request))
+        except _Refusal as refusal:
+            return refusal.response
+        except InvalidBodyError as exc:
+            return _invalid(exc)
+        with bound_message(message.msg_id, peer=request[PEER]):
+            service_id = message.dest_addr.addr
+            if (
+                message.dest_addr.addr_type != AddressType.UE
+                or self._directory.endpoint(service_id) is None
+            ):
+                log.warning("auth.message_refused", reason="destination not served")
+                return problem(
+                    403,
+                    "Forbidden",
+                    detail="the destination is not served by this gateway",
+                    cause="DESTINATION_NOT_SERVED",
+                )
+            result = await self._store.put(
+                Queue.DOWNLINK,
+                msg_id=message.msg_id,
+                dedup_key=f"down:{message.ori_addr}:{message.msg_id}",
+                lane=service_id,
+                body=downlink_body(KIND_MESSAGE, message.to_json()),
+            )
+            await self._store.remember_route(
+                service_id, message.ori_addr.to_json(), self._route_ttl
+            )
+            log.info("message.received", direction="downlink", duplicate=result.duplicate)
+        return web.Response(status=204)
+
+    async def _deliver_report(self, request: web.Request) -> web.StreamResponse:
+        try:
+            report = DeliveryStatusReport.from_json(await self._json(request))
+        except _Refusal as refusal:
+            return refusal.response
+        except InvalidBodyError as exc:
+            return _invalid(exc)
+        with bound_message(report.msg_id, peer=request[PEER]):
+            service_id = report.dest_addr.addr
+            if self._directory.endpoint(service_id) is None:
+                log.warning("auth.report_refused", reason="destination not served")
+                return problem(
+                    403,
+                    "Forbidden",
+                    detail="the report's destination is not served by this gateway",
+                    cause="DESTINATION_NOT_SERVED",
+                )
+            await self._store.put(
+                Queue.DOWNLINK,
+                msg_id=report.msg_id,
+                dedup_key=f"report-in:{report.ori_addr}:{report.msg_id}",
+                lane=service_id,
+                body=downlink_body(KIND_REPORT, report.to_json()),
+            )
+            log.info("report.received", delivered=report.delivered)
+        return web.Response(status=204)
+
+
+class _Refusal(Exception):  # control flow inside this module only
+    def __init__(self, response: web.Response) -> None:
+        self.response = response
+
+
+def _invalid(exc: InvalidBodyError) -> web.Response:
+    return problem(
+        400,
+        "Bad Request",
+        detail=str(exc),
+        cause="INVALID_MSG_FORMAT",
+        invalid=(InvalidParam(param=exc.pointer or "/", reason=exc.reason),),
+    )

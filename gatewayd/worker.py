@@ -1,0 +1,162 @@
+"""Drains one store queue: due items in, outcomes out, per-lane order kept.
+
+The uplink sender, the report sender and the downlink dispatcher are all this loop with
+a different handler. A lane (one device) has at most one item in flight, so a device's
+messages leave in the order they were accepted, while different devices proceed
+concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from gatewayd.log import bound_message
+from gatewayd.retry import CircuitBreaker, RetryPolicy
+from gatewayd.store import Item, Queue, Store
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """Handled for good: delivered, or a failure already reported."""
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """A transient failure: try again after backoff (never sooner than ``after``)."""
+
+    error: str
+    after: float | None = None
+    peer_down: bool = True  # counts against the circuit breaker
+
+
+@dataclass(frozen=True, slots=True)
+class Dead:
+    """A permanent failure: to the dead-letter queue."""
+
+    reason: str
+
+
+Outcome = Done | Retry | Dead
+Handler = Callable[[Item], Awaitable[Outcome]]
+
+
+class QueueWorker:
+    """Runs ``handler`` on due items of ``queue`` until :meth:`stop`."""
+
+    def __init__(
+        self,
+        store: Store,
+        queue: Queue,
+        handler: Handler,
+        *,
+        policy: RetryPolicy,
+        concurrency: int,
+        breaker: CircuitBreaker | None = None,
+        ready: asyncio.Event | None = None,
+    ) -> None:
+        self._store = store
+        self._queue = queue
+        self._handler = handler
+        self._policy = policy
+        self._concurrency = concurrency
+        self._breaker = breaker
+        self._ready = ready
+        self._busy: dict[str, asyncio.Task[None]] = {}  # lane -> its item in flight
+        self._stopping = asyncio.Event()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._busy)
+
+    async def run(self) -> None:
+        if self._ready is not None:
+            await self._ready.wait()
+        while not self._stopping.is_set():
+            if self._breaker is not None and not self._breaker.allow():
+                await self._pause(self._breaker.next_probe_in())
+                continue
+            room = self._concurrency - len(self._busy)
+            if room <= 0:
+                await asyncio.wait(list(self._busy.values()), return_when=asyncio.FIRST_COMPLETED)
+                continue
+            # While the breaker is half-open it lets exactly one probe through.
+            if self._breaker is not None and self._breaker.state != "closed":
+                room = 1 if not self._busy else 0
+                if room == 0:
+                    await asyncio.wait(list(self._busy.values()))
+                    continue
+            items = await self._store.due(self._queue, limit=room, busy_lanes=self._busy.keys())
+            if not items:
+                await self._idle()
+                continue
+            for item in items:
+                task = asyncio.create_task(self._handle(item), name=f"{self._queue}:{item.msg_id}")
+                self._busy[item.lane] = task
+                task.add_done_callback(self._freer(item.lane))
+
+    def _freer(self, lane: str) -> Callable[[asyncio.Task[None]], None]:
+        def free(_task: asyncio.Task[None]) -> None:
+            self._busy.pop(lane, None)
+
+        return free
+
+    async def _idle(self) -> None:
+        wake = asyncio.ensure_future(self._store.wait_for_work(self._queue, timeout=1.0))
+        stop = asyncio.ensure_future(self._stopping.wait())
+        pending = [wake, stop, *self._busy.values()]
+        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for fut in (wake, stop):
+            fut.cancel()
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=max(seconds, 0.05))
+
+    async def _handle(self, item: Item) -> None:
+        with bound_message(item.msg_id, queue=str(self._queue)):
+            try:
+                outcome = await self._handler(item)
+            except Exception as exc:  # a bug in a handler must not kill the worker
+                log.exception("worker.handler_failed", error=repr(exc))
+                outcome = Retry(f"internal error: {exc!r}", peer_down=False)
+            await self._settle(item, outcome)
+
+    async def _settle(self, item: Item, outcome: Outcome) -> None:
+        if isinstance(outcome, Done):
+            await self._store.done(item.id)
+            if self._breaker is not None:
+                self._breaker.success()
+        elif isinstance(outcome, Dead):
+            await self._store.dead(item.id, reason=outcome.reason)
+            if self._breaker is not None:
+                self._breaker.success()  # the peer answered: it is up
+        else:
+            delay = self._policy.delay(item.attempts + 1, retry_after=outcome.after)
+            await self._store.retry_later(
+                item.id, not_before=time.time() + delay, error=outcome.error
+            )
+            log.info("message.retry_scheduled", delay=round(delay, 3), error=outcome.error)
+            if self._breaker is not None and outcome.peer_down:
+                self._breaker.failure()
+
+    async def stop(self, timeout: float) -> None:
+        """Take no new items; give those in flight ``timeout`` seconds, then cancel them.
+
+        A cancelled item was not settled, so it is still pending in the store and goes
+        out again after the next start.
+        """
+        self._stopping.set()
+        tasks = list(self._busy.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
