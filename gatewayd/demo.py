@@ -88,6 +88,7 @@ plugin = "http"
 listen = "127.0.0.1:0"
 tls = "devices"
 device_auth = "client_cert"
+webhook_identity = "devices"
 
 
 [[transports.web.devices]]

@@ -30,6 +30,7 @@ plugin = "http"
 listen = "127.0.0.1:0"
 tls = "devices"
 device_auth = "client_cert"
+webhook_identity = "devices"
 
 [[transports.web.devices]]
 device = "sensor-1"
@@ -43,7 +44,7 @@ webhook_ca = "{pki["ca"]}"
 async def test_uplink_with_report_and_downlink_with_report(
     loopback_pki: Pki, sim: SimServer, gateway_config: Callable[..., config.Settings]
 ) -> None:
-    device = Device(loopback_pki, require_client_cert=False)
+    device = Device(loopback_pki)
     async with device.serving():
         settings = gateway_config(http_transport(loopback_pki, device.webhook))
         async with running_gateway(settings) as gw:
@@ -92,7 +93,7 @@ async def test_uplink_with_report_and_downlink_with_report(
 async def test_resent_downlink_is_delivered_once(
     loopback_pki: Pki, sim: SimServer, gateway_config: Callable[..., config.Settings]
 ) -> None:
-    device = Device(loopback_pki, require_client_cert=False)
+    device = Device(loopback_pki)
     async with device.serving():
         settings = gateway_config(http_transport(loopback_pki, device.webhook))
         async with running_gateway(settings):

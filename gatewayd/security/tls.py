@@ -43,10 +43,18 @@ class PeerIdentity:
 
 
 def client_context(
-    trust: TrustAnchors, identity: TlsIdentity | None = None, *, check_hostname: bool = True
+    trust: TrustAnchors | None,
+    identity: TlsIdentity | None = None,
+    *,
+    check_hostname: bool = True,
 ) -> ssl.SSLContext:
-    """A context for calling a server: the server must prove the expected identity."""
+    """A context for calling a server: the server must prove the expected identity.
+
+    Without ``trust`` the system's trust store vouches for servers (public webhooks).
+    """
     ctx = _base(ssl.PROTOCOL_TLS_CLIENT, trust)
+    if trust is None:
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     ctx.check_hostname = check_hostname
     if identity is not None:
         load_identity(ctx, identity)

@@ -36,6 +36,7 @@ class HttpConfig:
     host: str
     port: int
     tls: str | None
+    webhook_identity: str | None
     device_auth: str
     max_body: int
     delivery_timeout: float
@@ -47,6 +48,7 @@ class HttpConfig:
         opts = settings.options
         host, port = _parse_listen(opts)
         tls = opts.get_str("tls", None)
+        webhook_identity = opts.get_str("webhook_identity", None)
         device_auth = opts.get_choice("device_auth", _AUTH_MODES, BEARER)
         max_body = opts.get_int("max_body", 65536, minimum=1)
         delivery_timeout = opts.get_float("delivery_timeout", 10.0, minimum=0.001)
@@ -68,6 +70,7 @@ class HttpConfig:
             host=host,
             port=port,
             tls=tls,
+            webhook_identity=webhook_identity,
             device_auth=device_auth,
             max_body=max_body,
             delivery_timeout=delivery_timeout,

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from gatewayd.api import IntakeRefusedError, TransportContext
+from gatewayd.api import IntakeRefusedError, TransportContext, peer_identity
 from gatewayd_http.config import BEARER, HttpConfig
 from gatewayd_http.messages import parse_report, parse_uplink
 from gatewayd_http.problems import Problem, refusal
-from gatewayd_http.tlsctx import peer_names
 
 _REALM = 'Bearer realm="gatewayd"'
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -138,7 +137,8 @@ class Intake:
 
     def _cert_device(self, request: web.Request) -> str:
         transport = request.transport
-        names = peer_names(transport.get_extra_info("ssl_object") if transport else None)
+        peer = peer_identity(transport.get_extra_info("ssl_object") if transport else None)
+        names = (*peer.uris, *peer.dns_names) if peer else ()
         if not names:
             # The TLS listener requires a certificate, so this means TLS is not in use.
             raise Problem(401, "a client certificate is required")

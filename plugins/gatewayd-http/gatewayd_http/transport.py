@@ -13,15 +13,18 @@ from gatewayd.api import (
     DeliveryOutcome,
     Downlink,
     GatewaydError,
+    TlsIdentity,
     Transport,
     TransportContext,
     TransportSettings,
+    TrustAnchors,
     UplinkReport,
+    client_context,
+    server_context,
 )
 from gatewayd_http.config import BEARER, CLIENT_CERT, DeviceConfig, HttpConfig
 from gatewayd_http.intake import Credentials, Intake
 from gatewayd_http.messages import downlink_body, report_body
-from gatewayd_http.tlsctx import server_context, webhook_context
 from gatewayd_http.webhook import Webhook, post
 
 # How long stop() lets in-flight requests (a device waiting on accept) finish.
@@ -56,8 +59,18 @@ class HttpTransport(Transport):
         """Read tokens and TLS material, open the webhook client, then start listening."""
         credentials = _read_credentials(self.config)
         server_ssl = self._server_ssl()
+        identity = None
+        if self.config.webhook_identity is not None:
+            identity = self.context.credentials(self.config.webhook_identity).tls_identity()
+            if identity is None:
+                raise ConfigError(
+                    self.settings.options.key("webhook_identity"),
+                    f"credentials {self.config.webhook_identity!r} provide no TLS identity",
+                )
         self._webhooks = {
-            device.name: _webhook(device) for device in self.config.devices if device.webhook
+            device.name: _webhook(device, identity)
+            for device in self.config.devices
+            if device.webhook
         }
         # One pooled session for every webhook: keep-alive spares a TLS handshake per
         # message (about 2.5 ms of CPU each side).
@@ -188,12 +201,22 @@ def _check_unique_identities(config: HttpConfig) -> None:
         seen[device.identity] = device.name
 
 
-def _webhook(device: DeviceConfig) -> Webhook:
+def _webhook(device: DeviceConfig, identity: TlsIdentity | None) -> Webhook:
+    """The device's webhook; over https we verify it and, when configured, present our
+    own certificate so the device can authenticate the gateway (mutual TLS)."""
     assert device.webhook is not None
     if not device.webhook.startswith("https://"):
         return Webhook(url=device.webhook)
-    context = webhook_context(device.webhook_ca, f"{device.key_path}.webhook_ca")
-    return Webhook(url=device.webhook, ssl_context=context)
+    trust = None
+    if device.webhook_ca is not None:
+        try:
+            trust = TrustAnchors(ca_pem=device.webhook_ca.read_bytes())
+        except OSError as exc:
+            raise ConfigError(
+                f"{device.key_path}.webhook_ca",
+                f"cannot read CA file {device.webhook_ca}: {exc.strerror}",
+            ) from None
+    return Webhook(url=device.webhook, ssl_context=client_context(trust, identity))
 
 
 def _is_loopback(host: str) -> bool:
