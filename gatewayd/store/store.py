@@ -153,7 +153,7 @@ class Store:
         self._seen[queue] = generation
         return items
 
-    async def wait_for_work(self, queue: Queue, timeout: float) -> None:  # noqa: ASYNC109 - the interface others code against
+    async def wait_for_work(self, queue: Queue, timeout: float) -> None:
         """Return when a put to ``queue`` commits, or after ``timeout`` seconds.
 
         Returns at once when work arrived since the last :meth:`due` on this queue.
