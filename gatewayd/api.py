@@ -208,6 +208,10 @@ class TransportSettings(PluginSettings):
     devices: tuple[Device, ...] = ()
     service_id_template: str | None = None
 
+    def device_options(self, index: int) -> Options:
+        """The transport's own keys of ``devices[index]``, for errors naming the key path."""
+        return self.options.nested(self.devices[index].options, f"devices[{index}]")
+
 
 class PluginContext(Protocol):
     """What the gateway offers every plugin instance."""

@@ -93,21 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from gatewayd.daemon import Gateway
     from gatewayd.plugins import Plugins
 
     settings = config.load(args.config)
-    plugins = Plugins()
-    problems = []
-    for cs in settings.credentials:
-        if plugins.credential_backends.get(cs.plugin) is None:
-            problems.append(f"credentials.{cs.name}.plugin: no backend {cs.plugin!r} installed")
-    for ts in settings.transports:
-        if plugins.transports.get(ts.plugin) is None:
-            problems.append(f"transports.{ts.name}.plugin: no transport {ts.plugin!r} installed")
-    if problems:
-        for p in problems:
-            print(f"{args.config}: {p}", file=sys.stderr)
-        return int(ExitCode.CONFIG)
+    logmod.configure("warning", settings.log.format)
+    asyncio.run(Gateway(settings, Plugins()).check())
     print(
         f"{args.config}: OK ({settings.gateway_type} gateway {settings.gateway_id}, "
         f"{len(settings.transports)} transport(s), {len(settings.credentials)} credential set(s))"

@@ -23,11 +23,16 @@ import structlog
 
 from gatewayd import log as logmod
 from gatewayd.api import (
+    Acceptance,
     CredentialBackend,
     Device,
+    DeviceReport,
     TlsIdentity,
     Transport,
+    TransportFactory,
+    TransportSettings,
     TrustAnchors,
+    Uplink,
 )
 from gatewayd.config import Settings
 from gatewayd.errors import ConfigError, CredentialError, GatewaydError, PluginError
@@ -64,6 +69,19 @@ class _PluginContext:
 
     def credentials(self, name: str) -> CredentialBackend:
         return self._lookup(name)
+
+
+class _CheckOnlyContext(_PluginContext):
+    """For ``check-config``: a transport may be built, never fed."""
+
+    async def accept(self, uplink: Uplink) -> Acceptance:
+        raise RuntimeError("check-config does not run transports")
+
+    async def accept_report(self, report: DeviceReport) -> None:
+        raise RuntimeError("check-config does not run transports")
+
+    def device(self, name: str) -> Device | None:
+        return None
 
 
 class Gateway:
@@ -246,16 +264,31 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def check(self) -> None:
+        """Everything a start checks short of opening sockets: plugins, their options,
+        credentials (loaded and matched to gateway.id) and TLS contexts."""
+        try:
+            await self._load_credentials()
+            self._build_tls()
+            for ts in self.settings.transports:
+                self._transport_factory(ts)(ts, _CheckOnlyContext(ts.name, self._credential))
+        finally:
+            await self._close_credentials()
+
+    def _transport_factory(self, ts: TransportSettings) -> TransportFactory:
+        factory = self.plugins.transports.get(ts.plugin)
+        if factory is None:
+            known = ", ".join(self.plugins.transports.names()) or "none"
+            raise ConfigError(
+                f"transports.{ts.name}.plugin",
+                f"no transport plugin {ts.plugin!r} is installed (installed: {known})",
+                source=str(self.settings.source),
+            )
+        return factory
+
     async def _start_transports(self, stack: AsyncExitStack) -> None:
         for ts in self.settings.transports:
-            factory = self.plugins.transports.get(ts.plugin)
-            if factory is None:
-                known = ", ".join(self.plugins.transports.names()) or "none"
-                raise ConfigError(
-                    f"transports.{ts.name}.plugin",
-                    f"no transport plugin {ts.plugin!r} is installed (installed: {known})",
-                    source=str(self.settings.source),
-                )
+            factory = self._transport_factory(ts)
             intake = TransportIntake(
                 name=ts.name,
                 store=self.store,

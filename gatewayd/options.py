@@ -84,6 +84,10 @@ class Options:
     def path(self) -> str:
         return self._path
 
+    def nested(self, data: Mapping[str, Any], name: str) -> Options:
+        """A table found under ``name`` by other means (a list item, say), same file."""
+        return Options(data, self.key(name), source=self._source)
+
     def narrowed(self, data: Mapping[str, Any]) -> Options:
         """The same place in the same file, holding only ``data`` (a plugin's own keys)."""
         return Options(data, self._path, source=self._source)

@@ -124,6 +124,14 @@ def issue(
     return Issued(builder.sign(ca.key, hashes.SHA256()), key)
 
 
+def load_ca(cert_path: Path, key_path: Path) -> Issued:
+    """A CA written by :func:`init`, to issue more certificates (tests, rotation)."""
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise TypeError(f"{key_path}: not an EC or RSA key")
+    return Issued(x509.load_pem_x509_certificate(cert_path.read_bytes()), key)
+
+
 def create_crl(ca: Issued, revoked: tuple[x509.Certificate, ...] = ()) -> bytes:
     """A CRL (PEM) from ``ca`` listing ``revoked``; an empty one is valid too."""
     now = dt.datetime.now(dt.UTC)

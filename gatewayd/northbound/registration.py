@@ -49,7 +49,7 @@ class Registrar:
         self._changed = asyncio.Event()
         self._updated = asyncio.Condition()
         self.ready = asyncio.Event()  # set while a registration holds
-        self.refused: PeerRefusedError | RequestRejectedError | None = None
+        self.refused: PeerRefusedError | None = None
 
     def _body(self) -> GatewayRegistration:
         return GatewayRegistration(
@@ -69,7 +69,12 @@ class Registrar:
                 await self._register_or_update()
                 attempt = 0
             except (PeerRefusedError, RequestRejectedError) as exc:
-                self.refused = exc
+                # Either way a config or credential problem that no retry can fix.
+                self.refused = (
+                    exc
+                    if isinstance(exc, PeerRefusedError)
+                    else PeerRefusedError(f"the MSGin5G server refused the registration: {exc}")
+                )
                 self.ready.clear()
                 log.error("registration.refused", error=str(exc))
                 return

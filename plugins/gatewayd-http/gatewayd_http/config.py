@@ -59,7 +59,7 @@ class HttpConfig:
             raise opts.error("device_auth", 'client_cert needs "tls" (a [credentials.*] name)')
         devices = tuple(
             _read_device(
-                Options(device.options, f"{opts.path}.devices[{i}]"),
+                settings.device_options(i),
                 device.name,
                 device_auth,
                 settings.base_dir,

@@ -1,0 +1,184 @@
+"""The ``gatewayd`` command as an operator runs it: a real process, real exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gatewayd import harness
+from gatewayd.errors import ExitCode
+from gatewayd.harness import DEMO_SERVICE_ID, Pki
+from gatewayd.sim.server import SimServer
+
+GATEWAYD = [sys.executable, "-m", "gatewayd.cli"]
+
+TRANSPORT = f"""
+[transports.web]
+plugin = "http"
+listen = "127.0.0.1:0"
+[[transports.web.devices]]
+device = "sensor-1"
+service_id = "{DEMO_SERVICE_ID}"
+token = {{ env = "GATEWAYD_TEST_TOKEN" }}
+"""
+
+
+def gatewayd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*GATEWAYD, *args], capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["run"],
+        ["check-config"],
+        ["plugins"],
+        ["pki"],
+        ["pki", "init"],
+        ["demo"],
+        ["sim"],
+        ["queue"],
+    ],
+)
+def test_every_command_has_help(command: list[str]) -> None:
+    result = gatewayd(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage: gatewayd" in result.stdout
+
+
+def test_plugins_lists_first_party_plugins_with_versions() -> None:
+    result = gatewayd("plugins")
+    assert result.returncode == 0, result.stderr
+    for name in ("http", "mqtt", "x509"):
+        line = next(ln for ln in result.stdout.splitlines() if ln.startswith(f"{name} "))
+        assert f"gatewayd-{name} 0.1.0" in line
+    assert "gatewayd_register_transports" in result.stdout
+
+
+def test_autoload_switch_blocks_entry_points() -> None:
+    env = {**os.environ, "GATEWAYD_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    result = gatewayd("plugins", env=env)
+    assert result.returncode == 0
+    assert "transports:          none" in result.stdout
+
+
+def _config(tmp_path: Path, tls: Pki, *, extra: str = "", transports: str = TRANSPORT) -> Path:
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        harness.gateway_toml(
+            tls,
+            api_root="https://127.0.0.1:9",
+            state_dir=tmp_path / "state",
+            transports=transports,
+            extra=extra,
+        )
+    )
+    return path
+
+
+def test_valid_config_checks_ok(tmp_path: Path, loopback_pki: Pki) -> None:
+    result = gatewayd("check-config", str(_config(tmp_path, loopback_pki)))
+    assert result.returncode == 0, result.stderr
+    assert "OK (N3G gateway urn:gatewayd:gateway:demo-n3g" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("edit", "key", "problem"),
+    [
+        (
+            lambda t: t.replace('id = "urn:gatewayd:gateway:demo-n3g"\n', ""),
+            "gateway.id",
+            "is required",
+        ),
+        (
+            lambda t: t.replace("\ntimeout = 5.0", '\ntimeout = "soon"'),
+            "northbound.timeout",
+            "expected a number, got a string",
+        ),
+        (
+            lambda t: t.replace('token = { env = "GATEWAYD_TEST_TOKEN" }', 'token = "hunter2"'),
+            "transports.web.devices[0].token",
+            "inline secrets are not allowed",
+        ),
+        (lambda t: t.replace("[retry]", "[retry]\ninitail = 1.0"), "retry.initail", "unknown key"),
+    ],
+    ids=["missing key", "wrong type", "inline secret", "misspelt key"],
+)
+def test_config_errors_name_the_key(
+    tmp_path: Path, loopback_pki: Pki, edit: object, key: str, problem: str
+) -> None:
+    path = _config(tmp_path, loopback_pki)
+    path.write_text(edit(path.read_text()))  # type: ignore[operator]
+    for command in (["check-config", str(path)], ["run", "--config", str(path)]):
+        result = gatewayd(*command)
+        assert result.returncode == ExitCode.CONFIG, result.stderr
+        assert f"{path}: {key}: {problem}" in result.stderr
+        assert "hunter2" not in result.stderr  # a secret is never echoed back
+
+
+def test_pki_init_writes_private_keys_0600(tmp_path: Path) -> None:
+    result = gatewayd("pki", "init", str(tmp_path / "pki"))
+    assert result.returncode == 0, result.stderr
+    for key in ("ca.key", "server.key", "gateway.key", "device.key"):
+        assert (tmp_path / "pki" / key).stat().st_mode & 0o777 == 0o600
+
+
+async def test_run_under_a_notify_socket_ready_then_stopping(
+    tmp_path: Path, loopback_pki: Pki, sim: SimServer
+) -> None:
+    """systemd's view: READY=1 once serving, STOPPING=1 on SIGTERM, then exit 0."""
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        harness.gateway_toml(
+            loopback_pki,
+            api_root=sim.api_root,
+            state_dir=tmp_path / "state",
+            transports=TRANSPORT,
+            extra='[log]\nformat = "json"\n',
+        )
+    )
+    notify = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    sock.setblocking(False)
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify), "GATEWAYD_TEST_TOKEN": "t0ken-1"}
+    proc = await asyncio.create_subprocess_exec(
+        *GATEWAYD,
+        "run",
+        "--config",
+        str(path),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        ready = (await asyncio.wait_for(loop.sock_recv(sock, 4096), 30)).decode()
+        assert "READY=1" in ready
+        assert f"MAINPID={proc.pid}" in ready
+        await sim.wait_for(lambda: bool(sim.registrations), timeout=10)
+        proc.send_signal(signal.SIGTERM)
+        stopping = (await asyncio.wait_for(loop.sock_recv(sock, 4096), 30)).decode()
+        assert "STOPPING=1" in stopping
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        sock.close()
+    assert proc.returncode == 0, stderr.decode()
+    log = stderr.decode()
+    assert '"event": "gateway.started"' in log
+    assert '"event": "gateway.stopped"' in log
+    assert "t0ken-1" not in log
+    assert sim.registrations == []  # deregistered on the way out

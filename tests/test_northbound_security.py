@@ -1,0 +1,172 @@
+"""Mutual authentication on the northbound link, both directions (TR 33.862 key issue #4).
+
+An unverified peer must learn nothing: an impostor server receives no HTTP byte at
+all (no registration, no Service ID), and the gateway's API refuses a caller before it
+reads a body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from impostor import Impostor
+from structlog.testing import capture_logs
+
+from gatewayd import config, harness, pki
+from gatewayd.api import client_context
+from gatewayd.daemon import Gateway
+from gatewayd.errors import CredentialError, ExitCode, PeerRefusedError
+from gatewayd.harness import DEMO_SERVICE_ID, Pki
+from gatewayd.plugins import Plugins
+from gatewayd.sim.server import SimServer
+from gatewayd.testing import running_gateway
+from gatewayd.testing.schemas import validate_problem
+
+TRANSPORT = f"""
+[transports.web]
+plugin = "http"
+listen = "127.0.0.1:0"
+[[transports.web.devices]]
+device = "sensor-1"
+service_id = "{DEMO_SERVICE_ID}"
+token = {{ env = "GATEWAYD_TEST_TOKEN" }}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAYD_TEST_TOKEN", "device-secret-1")
+
+
+def _settings(tmp_path: Path, tls: Pki, api_root: str) -> config.Settings:
+    return harness.write_config(
+        tmp_path / "gw.toml",
+        harness.gateway_toml(
+            tls, api_root=api_root, state_dir=tmp_path / "state", transports=TRANSPORT
+        ),
+    )
+
+
+@pytest.mark.parametrize("kind", ["unknown CA", "wrong identity"])
+async def test_impostor_server_learns_nothing(tmp_path: Path, loopback_pki: Pki, kind: str) -> None:
+    if kind == "unknown CA":
+        other_ca = pki.create_ca("someone else's CA")
+        cert = pki.issue(other_ca, "m5s", dns=("localhost",), ips=("127.0.0.1",))
+    else:
+        ca = pki.load_ca(loopback_pki["ca"], loopback_pki["ca_key"])
+        cert = pki.issue(ca, "impostor", dns=("impostor.example",), uris=(pki.DEMO_SERVER_ID,))
+    impostor = Impostor(cert)
+    async with impostor.running():
+        settings = _settings(tmp_path, loopback_pki, f"https://127.0.0.1:{impostor.port}")
+        with capture_logs() as logs, pytest.raises(PeerRefusedError) as refused:
+            await Gateway(settings, Plugins()).run()
+    assert refused.value.exit_code == ExitCode.PEER_REFUSED
+    assert impostor.connections >= 1, "the gateway never even tried"
+    assert impostor.received == b"", "an unverified server received HTTP bytes"
+    rejected = [e for e in logs if e["event"] == "auth.peer_rejected"]
+    assert rejected
+    assert rejected[0]["direction"] == "outbound"
+    # Nothing in the log line names a Service ID either.
+    assert not any(DEMO_SERVICE_ID in str(e) for e in rejected)
+
+
+async def test_gateway_not_on_allow_list_is_refused_with_403(
+    tmp_path: Path, loopback_pki: Pki
+) -> None:
+    settings_sim = harness.sim_settings(loopback_pki, gateway_id="urn:gatewayd:gateway:other")
+    async with SimServer(settings_sim, schema_check=True) as sim:
+        settings = _settings(tmp_path, loopback_pki, sim.api_root)
+        with capture_logs() as logs, pytest.raises(PeerRefusedError) as refused:
+            await Gateway(settings, Plugins()).run()
+    assert "403" in str(refused.value)
+    assert refused.value.exit_code == ExitCode.PEER_REFUSED
+    assert sim.registrations == []
+    assert any(e["event"] == "auth.refused_by_peer" and e["status"] == 403 for e in logs)
+
+
+async def _call_api(port: int, ctx: object, body: object) -> tuple[int, object]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"https://localhost:{port}/msgg-n3gdelivery/v1/deliver-message",
+            json=body,
+            ssl=ctx,  # type: ignore[arg-type]
+        ) as resp,
+    ):
+        return resp.status, await resp.json(content_type=None)
+
+
+MESSAGE = {
+    "oriAddr": {"addrType": "AS", "addr": "as-1"},
+    "destAddr": {"addrType": "UE", "addr": DEMO_SERVICE_ID},
+    "msgId": "m-1",
+    "payload": "hello",
+}
+
+
+async def test_api_refuses_caller_without_client_certificate(
+    loopback_pki: Pki, sim: SimServer, gateway_config: Callable[..., config.Settings]
+) -> None:
+    async with running_gateway(gateway_config(TRANSPORT)) as gw:
+        assert gw.api_port is not None
+        no_cert = client_context(loopback_pki.trust())
+        # TLS 1.3: the server's refusal of a missing certificate shows on the first read.
+        with pytest.raises(aiohttp.ClientError):
+            await _call_api(gw.api_port, no_cert, MESSAGE)
+
+
+async def test_api_refuses_authenticated_peer_not_allowed(
+    loopback_pki: Pki, sim: SimServer, gateway_config: Callable[..., config.Settings]
+) -> None:
+    async with running_gateway(gateway_config(TRANSPORT)) as gw:
+        assert gw.api_port is not None
+        # A valid certificate from the right CA, but the device's, not the server's.
+        device = client_context(loopback_pki.trust(), loopback_pki.identity("device"))
+        with capture_logs() as logs:
+            status, body = await _call_api(gw.api_port, device, MESSAGE)
+        assert status == 403
+        validate_problem(body)
+        assert body == {"title": "Forbidden", "status": 403, "cause": "PEER_NOT_ALLOWED"}
+        event = next(e for e in logs if e["event"] == "auth.peer_rejected")
+        assert event["peer"] == pki.DEMO_DEVICE_ID
+
+
+async def test_api_validates_and_authorizes_bodies(
+    loopback_pki: Pki, sim: SimServer, gateway_config: Callable[..., config.Settings]
+) -> None:
+    async with running_gateway(gateway_config(TRANSPORT)) as gw:
+        assert gw.api_port is not None
+        server = client_context(loopback_pki.trust(), loopback_pki.identity("server"))
+        status, body = await _call_api(gw.api_port, server, {**MESSAGE, "msgId": 5})
+        assert status == 400
+        validate_problem(body)
+        assert body["invalidParams"] == [{"param": "/msgId", "reason": "must be a string"}]  # type: ignore[index]
+        other = {**MESSAGE, "destAddr": {"addrType": "UE", "addr": "ue-not-ours"}}
+        status, body = await _call_api(gw.api_port, server, other)
+        assert status == 403
+        validate_problem(body)
+        # Unknown enumeration values are tolerated (open enums), not rejected.
+        odd = {**MESSAGE, "msgId": "m-odd", "oriAddr": {"addrType": "FUTURE", "addr": "x"}}
+        status, _ = await _call_api(gw.api_port, server, odd)
+        assert status == 204
+
+
+async def test_gateway_refuses_to_start_as_someone_else(tmp_path: Path, loopback_pki: Pki) -> None:
+    settings = harness.write_config(
+        tmp_path / "gw.toml",
+        harness.gateway_toml(
+            loopback_pki,
+            api_root="https://127.0.0.1:9",
+            state_dir=tmp_path / "state",
+            transports=TRANSPORT,
+            gateway_id="urn:gatewayd:gateway:not-me",
+        ),
+    )
+    with pytest.raises(CredentialError) as refused:
+        await Gateway(settings, Plugins()).run()
+    assert refused.value.exit_code == ExitCode.CREDENTIALS
+    assert "urn:gatewayd:gateway:not-me" in str(refused.value)
+    assert pki.DEMO_GATEWAY_ID in str(refused.value)  # it says what the certificate holds
