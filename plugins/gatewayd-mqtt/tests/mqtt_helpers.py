@@ -194,7 +194,8 @@ def device_client(
         broker.tls_port if tls else broker.port,
         identifier=client_id,
         protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-        max_inflight_messages=100,
+        # paho ignores the broker's Receive Maximum (20 here): exceed it and get kicked.
+        max_inflight_messages=20,
         **extra,
         **kwargs,
     )

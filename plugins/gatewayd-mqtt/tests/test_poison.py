@@ -1,0 +1,54 @@
+"""Bad payloads: a clear log event, not forwarded, acked, and the transport carries on."""
+
+from __future__ import annotations
+
+import json
+
+import structlog
+from mosquitto import Mosquitto
+from mqtt_helpers import MemoryContext, device_client, make_transport, running
+
+
+async def test_bad_payloads_are_logged_dropped_and_acked(broker: Mosquitto) -> None:
+    context = MemoryContext(devices=("sensor-1",))  # listed; no template: others unknown
+    transport = make_transport(
+        broker, context, template=None, devices=("sensor-1",), max_payload=1024
+    )
+    with structlog.testing.capture_logs() as logs:
+        async with running(transport), device_client(broker) as dev:
+            await dev.publish("devices/sensor-1/up", b"not json {", qos=1)
+            await dev.publish("devices/sensor-1/up", b"[1, 2]", qos=1)
+            await dev.publish("devices/sensor-1/up", json.dumps({"payload": 5}), qos=1)
+            big = json.dumps({"msgId": "big", "payload": "x" * 2000})
+            await dev.publish("devices/sensor-1/up", big, qos=1)
+            await dev.publish("devices/stranger/up", json.dumps({"msgId": "s"}), qos=1)
+            await dev.publish("devices/sensor-1/ack", b"{}", qos=1)
+            await dev.publish("devices/sensor-1/up", json.dumps({"msgId": "ok", "payload": "p"}),
+                              qos=1)
+            await context.wait_for(1)
+    assert list(context.accepted) == ["ok"]
+    events = [(e["event"], e.get("reason")) for e in logs if e["log_level"] == "warning"]
+    assert ("mqtt.payload.invalid", "not_json") in events
+    assert ("mqtt.payload.invalid", "not_an_object") in events
+    assert ("mqtt.payload.invalid", "bad_field") in events
+    assert ("mqtt.payload.invalid", "oversize") in events
+    assert ("mqtt.device.unknown", None) in events
+    assert ("mqtt.report.invalid", "bad_field") in events
+    assert transport.stats.dropped == 6
+
+
+async def test_poison_is_not_redelivered_to_the_next_session(
+    broker: Mosquitto, context: MemoryContext
+) -> None:
+    """The poison was acked: a restarted transport on the same session sees none of it."""
+    async with running(make_transport(broker, context)), device_client(broker) as dev:
+        await dev.publish("devices/sensor-1/up", b"garbage", qos=1)
+        await dev.publish("devices/sensor-1/up", json.dumps({"msgId": "a"}), qos=1)
+        await context.wait_for(1)
+    later = MemoryContext()
+    with structlog.testing.capture_logs() as logs:
+        async with running(make_transport(broker, later)), device_client(broker) as dev:
+            await dev.publish("devices/sensor-1/up", json.dumps({"msgId": "b"}), qos=1)
+            await later.wait_for(1)
+    assert list(later.accepted) == ["b"]
+    assert not [e for e in logs if e["event"] == "mqtt.payload.invalid"]
