@@ -206,10 +206,19 @@ class Writer:
         if txn.puts and self._episode is not None:
             log.info("store.recovered", after=self._episode, path=str(self.settings.path))
             self._episode = None
-        for job, result in outcomes:
-            self._resolve(job.future, result)
-        if txn.woken:
-            self._call_soon(self._on_commit, set(txn.woken))
+        # One hand-over to the loop per transaction, not one per job: each
+        # call_soon_threadsafe wakes the loop, and a loop woken mid-batch competes with
+        # this thread for the GIL (that alone cost most of the throughput).
+        self._call_soon(
+            self._deliver, [(job.future, result) for job, result in outcomes], txn.woken
+        )
+
+    def _deliver(self, outcomes: list[tuple[asyncio.Future[Any], Any]], woken: set[Queue]) -> None:
+        # On the loop.
+        for future, outcome in outcomes:
+            _settle(future, outcome)
+        if woken:
+            self._on_commit(woken)
 
     def _transaction(self, batch: list[_Job]) -> tuple[list[tuple[_Job, Any]], Txn]:
         conn = self._connection()
