@@ -12,6 +12,7 @@ import asyncio
 import datetime as dt
 import os
 from abc import abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +36,7 @@ _FILE_KEYS = ("cert", "key", "pkcs12", "ca")
 class FileOptions:
     """The options both backends share, as written in the config (names not yet resolved)."""
 
-    files: dict[str, str] = field(default_factory=dict)  # role -> name as configured
+    files: Mapping[str, str] = field(default_factory=dict)  # role -> name as configured
     crl: tuple[str, ...] = ()
     key_passphrase: SecretRef | None = None
     pkcs12_passphrase: SecretRef | None = None
