@@ -41,8 +41,9 @@ class StaticCredentials(CredentialBackend):
     """A backend holding fixed material, as the x509 backend would after load()."""
 
     def __init__(self, identity: TlsIdentity | None, trust: TrustAnchors | None) -> None:
-        settings = PluginSettings(name="broker", plugin="static", options=Options({}, ""),
-                                  base_dir=Path())
+        settings = PluginSettings(
+            name="broker", plugin="static", options=Options({}, ""), base_dir=Path()
+        )
         super().__init__(settings, None)  # type: ignore[arg-type]
         self._identity = identity
         self._trust = trust
@@ -157,9 +158,7 @@ def tls_credentials(broker: Mosquitto, issued: pki.Issued | None = None) -> Stat
     )
 
 
-def make_transport(
-    broker: Mosquitto, context: MemoryContext, **kwargs: Any
-) -> MqttTransport:
+def make_transport(broker: Mosquitto, context: MemoryContext, **kwargs: Any) -> MqttTransport:
     settings = transport_settings(broker, **kwargs)
     if kwargs.get("tls") and "broker" not in context.backends:
         context.backends["broker"] = tls_credentials(broker)
@@ -179,7 +178,11 @@ async def running(transport: MqttTransport) -> AsyncIterator[MqttTransport]:
 
 
 def device_client(
-    broker: Mosquitto, client_id: str | None = None, *, v5: bool = True, tls: bool = False,
+    broker: Mosquitto,
+    client_id: str | None = None,
+    *,
+    v5: bool = True,
+    tls: bool = False,
     **kwargs: Any,
 ) -> aiomqtt.Client:
     extra: dict[str, Any] = {}

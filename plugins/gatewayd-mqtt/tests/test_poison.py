@@ -23,8 +23,9 @@ async def test_bad_payloads_are_logged_dropped_and_acked(broker: Mosquitto) -> N
             await dev.publish("devices/sensor-1/up", big, qos=1)
             await dev.publish("devices/stranger/up", json.dumps({"msgId": "s"}), qos=1)
             await dev.publish("devices/sensor-1/ack", b"{}", qos=1)
-            await dev.publish("devices/sensor-1/up", json.dumps({"msgId": "ok", "payload": "p"}),
-                              qos=1)
+            await dev.publish(
+                "devices/sensor-1/up", json.dumps({"msgId": "ok", "payload": "p"}), qos=1
+            )
             await context.wait_for(1)
     assert list(context.accepted) == ["ok"]
     events = [(e["event"], e.get("reason")) for e in logs if e["log_level"] == "warning"]
