@@ -29,9 +29,9 @@ from gatewayd.api import (
     Signer,
     TlsIdentity,
     TrustAnchors,
+    client_context,
 )
 from gatewayd_oauth2.signing import LocalKeySigner, sign_jwt
-from gatewayd_oauth2.tls import client_context
 
 AUTH_METHODS: Final = ("client_secret_basic", "private_key_jwt", "tls_client_auth")
 REQUEST_FORMATS: Final = ("rfc6749", "3gpp")
