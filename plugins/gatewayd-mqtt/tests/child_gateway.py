@@ -12,10 +12,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from gatewayd_mqtt.transport import MqttTransport  # noqa: E402
-from mqtt_helpers import TEMPLATE  # noqa: E402
+from gatewayd_mqtt.transport import MqttTransport
+from mqtt_helpers import TEMPLATE
 
-from gatewayd.api import Acceptance, Options, TransportSettings, Uplink  # noqa: E402
+from gatewayd.api import Acceptance, Options, TransportSettings, Uplink
 
 
 class BlockedContext:

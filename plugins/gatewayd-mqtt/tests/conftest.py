@@ -11,8 +11,8 @@ import pytest
 # --import-mode=importlib puts no test folder on sys.path; the helpers live next door.
 sys.path.insert(0, str(Path(__file__).parent))
 
-from mosquitto import Mosquitto  # noqa: E402
-from mqtt_helpers import MemoryContext  # noqa: E402
+from mosquitto import Mosquitto
+from mqtt_helpers import MemoryContext
 
 
 @pytest.fixture

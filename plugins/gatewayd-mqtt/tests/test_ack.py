@@ -11,7 +11,7 @@ from pathlib import Path
 
 import structlog
 from mosquitto import Mosquitto
-from mqtt_helpers import MemoryContext, device_client, make_transport, running
+from mqtt_helpers import MemoryContext, device_client, make_transport, running, until
 
 CHILD = Path(__file__).with_name("child_gateway.py")
 
@@ -90,9 +90,7 @@ async def test_backlog_full_message_stays_with_broker_across_restart(
     transport = make_transport(broker, context, drain_timeout=0.3)
     async with running(transport), device_client(broker) as dev:
         await dev.publish("devices/sensor-1/up", json.dumps({"msgId": "kept"}), qos=1)
-        async with asyncio.timeout(10):
-            while context.refused < 2:
-                await asyncio.sleep(0.02)
+        await until(lambda: context.refused >= 2)
     assert context.accepted == {}
     later = MemoryContext()
     async with running(make_transport(broker, later)):

@@ -7,7 +7,7 @@ import json
 
 import aiomqtt
 from mosquitto import Mosquitto
-from mqtt_helpers import MemoryContext, device_client, make_transport, running
+from mqtt_helpers import MemoryContext, device_client, make_transport, running, until
 
 N = 1000
 
@@ -44,9 +44,7 @@ async def test_broker_restart_mid_stream_loses_nothing(
     transport = make_transport(broker, context)
     async with running(transport):
         publisher = asyncio.create_task(_publish_stubbornly(broker, ids, progress), name="dev")
-        async with asyncio.timeout(30):
-            while progress[0] < N // 2:
-                await asyncio.sleep(0.01)
+        await until(lambda: progress[0] >= N // 2)
         await asyncio.to_thread(broker.restart)
         await asyncio.wait_for(publisher, 60)
         await context.wait_for(N, timeout=60)
@@ -63,9 +61,7 @@ async def test_transport_restart_resumes_its_session(
     first = make_transport(broker, context)
     async with running(first):
         publisher = asyncio.create_task(_publish_stubbornly(broker, ids, progress), name="dev")
-        async with asyncio.timeout(30):
-            while len(context.accepted) < N // 4:
-                await asyncio.sleep(0.005)
+        await until(lambda: len(context.accepted) >= N // 4)
     # The gateway is down while the device keeps publishing: the broker queues for us.
     await asyncio.wait_for(publisher, 60)
     assert len(context.accepted) < N
