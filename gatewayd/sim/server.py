@@ -83,7 +83,7 @@ class SimServer:
         self.settings = settings
         if schema_check is True:
             # Imported late: openapi-schema-validator is a test dependency only.
-            from gatewayd.testing.schemas import problems  # noqa: PLC0415
+            from gatewayd.testing.schemas import problems
 
             schema_check = problems
         self._check: SchemaCheck | None = schema_check or None
@@ -186,7 +186,7 @@ class SimServer:
     async def wait_for(
         self,
         predicate: Callable[[], bool],
-        timeout: float = 5.0,  # noqa: ASYNC109 - a test helper; the timeout is its point
+        timeout: float = 5.0,
     ) -> None:
         """Return once ``predicate()`` holds; it is re-checked on every state change."""
         try:
