@@ -41,9 +41,8 @@ from gatewayd_mqtt.transport import MqttTransport  # noqa: E402
 from mosquitto import Mosquitto  # noqa: E402
 
 from gatewayd import pki  # noqa: E402
-from gatewayd.api import Acceptance, Options, TransportSettings, Uplink  # noqa: E402
+from gatewayd.api import Acceptance, Options, TlsIdentity, TransportSettings, TrustAnchors, Uplink  # noqa: E402  # noqa: E402
 from gatewayd.security.tls import client_context, server_context  # noqa: E402
-from gatewayd.api import TlsIdentity, TrustAnchors  # noqa: E402
 
 
 @dataclass
@@ -197,7 +196,7 @@ async def https_server(tmp: Path) -> tuple[web.AppRunner, int, ssl.SSLContext]:
     )
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=sctx)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # noqa: SLF001
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     cctx = client_context(
         trust, TlsIdentity(cert_chain_pem=client.cert_pem, key_pem=client.key_pem)
     )
