@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from gatewayd import config
 from gatewayd.errors import ExitCode, GatewaydError
 from gatewayd.log import configure as configure_logging
 from gatewayd.store import Item, Queue, State, Store, StoreSettings
@@ -34,7 +35,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     sets ``args.db`` before calling ``func``.
     """
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--db", type=Path, help="path of the store database")
+    where = common.add_mutually_exclusive_group()
+    where.add_argument("--db", type=Path, help="path of the store database")
+    where.add_argument(
+        "--config", "-c", type=Path, help="the gateway's config file (its store.path is used)"
+    )
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
     queue = subparsers.add_parser(
@@ -230,8 +235,14 @@ def _command(handler: Handler) -> Callable[[argparse.Namespace], int]:
             )
             return ExitCode.USAGE
         db: Path | None = args.db
+        if db is None and args.config is not None:
+            try:
+                db = config.load(args.config).store.path
+            except GatewaydError as exc:
+                print(f"gatewayd queue: {exc}", file=sys.stderr)
+                return exc.exit_code
         if db is None:
-            print("gatewayd queue: give the store database with --db PATH", file=sys.stderr)
+            print("gatewayd queue: give --config FILE or --db PATH", file=sys.stderr)
             return ExitCode.USAGE
         if not db.is_file():
             # Opening would create an empty store, and hide a wrong path.

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from gatewayd.errors import StoreError
 from gatewayd.log import bound_message
 from gatewayd.retry import CircuitBreaker, RetryPolicy
 from gatewayd.store import Item, Queue, Store
@@ -127,7 +128,13 @@ class QueueWorker:
             except Exception as exc:  # a bug in a handler must not kill the worker
                 log.exception("worker.handler_failed", error=repr(exc))
                 outcome = Retry(f"internal error: {exc!r}", peer_down=False)
-            await self._settle(item, outcome)
+            try:
+                await self._settle(item, outcome)
+            except StoreError as exc:
+                # The item stays pending in the store and goes out again: at least once.
+                # Hold this lane a moment so a failing disk is not hammered.
+                log.error("worker.settle_failed", error=str(exc))
+                await asyncio.sleep(self._policy.initial)
 
     async def _settle(self, item: Item, outcome: Outcome) -> None:
         if isinstance(outcome, Done):
