@@ -56,6 +56,7 @@ __all__ = [
     "GatewaydError",
     "IntakeRefusedError",
     "InvalidMessageError",
+    "Logger",
     "Options",
     "PeerIdentity",
     "PluginContext",

@@ -37,6 +37,7 @@ from gatewayd.api import (
     TransportSettings,
     Uplink,
     UplinkReport,
+    client_context,
 )
 from gatewayd_mqtt.acks import AckQueue, Pending
 from gatewayd_mqtt.backoff import Backoff
@@ -58,7 +59,6 @@ from gatewayd_mqtt.payloads import (
     parse_envelope,
     report_json,
 )
-from gatewayd_mqtt.tlsctx import client_context
 
 T = TypeVar("T")
 
