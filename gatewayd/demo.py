@@ -75,31 +75,6 @@ class Webhook:
             await self._runner.cleanup()
 
 
-def transports_toml(pki: harness.Pki, webhook: str) -> str:
-    return f"""
-[credentials.devices]
-plugin = "x509"
-cert = "{pki["gateway"]}"
-key = "{pki["gateway_key"]}"
-ca = "{pki["ca"]}"
-
-[transports.web]
-plugin = "http"
-listen = "127.0.0.1:0"
-tls = "devices"
-device_auth = "client_cert"
-webhook_identity = "devices"
-
-
-[[transports.web.devices]]
-device = "{DEVICE}"
-service_id = "{harness.DEMO_SERVICE_ID}"
-identity = "urn:gatewayd:device:sensor-1"
-webhook = "{webhook}"
-webhook_ca = "{pki["ca"]}"
-"""
-
-
 async def run(*, keep: Path | None = None) -> int:
     logmod.configure(os.environ.get("GATEWAYD_DEMO_LOG", "error"), "console")
     workdir = keep or Path(tempfile.mkdtemp(prefix="gatewayd-demo-"))
@@ -125,7 +100,7 @@ async def _demo(workdir: Path) -> int:
                 pki,
                 api_root=sim.api_root,
                 state_dir=workdir / "state",
-                transports=transports_toml(pki, webhook.url),
+                transports=harness.http_transport_mtls(pki, webhook.url),
             ),
         )
         async with harness.running(settings) as gw:

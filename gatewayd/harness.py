@@ -111,6 +111,45 @@ ca = "{tls["ca"]}"
 """
 
 
+def http_transport_mtls(tls: Pki, webhook: str, *, device: str = "sensor-1") -> str:
+    """The demo's HTTP transport: devices authenticate with client certificates, and the
+    gateway presents its own certificate to their webhooks: mutual TLS both ways."""
+    return f"""
+[credentials.devices]
+plugin = "x509"
+cert = "{tls["gateway"]}"
+key = "{tls["gateway_key"]}"
+ca = "{tls["ca"]}"
+
+[transports.web]
+plugin = "http"
+listen = "127.0.0.1:0"
+tls = "devices"
+device_auth = "client_cert"
+webhook_identity = "devices"
+
+[[transports.web.devices]]
+device = "{device}"
+service_id = "{DEMO_SERVICE_ID}"
+identity = "{pki.DEMO_DEVICE_ID}"
+webhook = "{webhook}"
+webhook_ca = "{tls["ca"]}"
+"""
+
+
+def http_transport_bearer(*, token_env: str = "GATEWAYD_TEST_TOKEN", extra: str = "") -> str:
+    """A plain-HTTP loopback transport with one bearer-token device and no webhook."""
+    return f"""
+[transports.web]
+plugin = "http"
+listen = "127.0.0.1:0"
+[[transports.web.devices]]
+device = "sensor-1"
+service_id = "{DEMO_SERVICE_ID}"
+token = {{ env = "{token_env}" }}
+{extra}"""
+
+
 def write_config(path: Path, text: str) -> config.Settings:
     path.write_text(text, encoding="utf-8")
     return config.load(path)

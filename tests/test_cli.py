@@ -14,20 +14,12 @@ import pytest
 
 from gatewayd import harness
 from gatewayd.errors import ExitCode
-from gatewayd.harness import DEMO_SERVICE_ID, Pki
+from gatewayd.harness import Pki
 from gatewayd.sim.server import SimServer
 
 GATEWAYD = [sys.executable, "-m", "gatewayd.cli"]
 
-TRANSPORT = f"""
-[transports.web]
-plugin = "http"
-listen = "127.0.0.1:0"
-[[transports.web.devices]]
-device = "sensor-1"
-service_id = "{DEMO_SERVICE_ID}"
-token = {{ env = "GATEWAYD_TEST_TOKEN" }}
-"""
+TRANSPORT = harness.http_transport_bearer()
 
 
 def gatewayd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

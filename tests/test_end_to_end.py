@@ -11,34 +11,10 @@ from collections.abc import Callable
 from e2e_device import Device
 
 from gatewayd import config
-from gatewayd.harness import DEMO_AS, DEMO_SERVICE_ID, Pki
+from gatewayd.harness import DEMO_AS, DEMO_SERVICE_ID, Pki, http_transport_mtls
 from gatewayd.pki import DEMO_GATEWAY_ID
 from gatewayd.sim.server import SimServer
 from gatewayd.testing import running_gateway
-
-
-def http_transport(pki: Pki, webhook: str) -> str:
-    return f"""
-[credentials.devices]
-plugin = "x509"
-cert = "{pki["gateway"]}"
-key = "{pki["gateway_key"]}"
-ca = "{pki["ca"]}"
-
-[transports.web]
-plugin = "http"
-listen = "127.0.0.1:0"
-tls = "devices"
-device_auth = "client_cert"
-webhook_identity = "devices"
-
-[[transports.web.devices]]
-device = "sensor-1"
-service_id = "{DEMO_SERVICE_ID}"
-identity = "urn:gatewayd:device:sensor-1"
-webhook = "{webhook}"
-webhook_ca = "{pki["ca"]}"
-"""
 
 
 async def test_uplink_with_report_and_downlink_with_report(
@@ -46,7 +22,7 @@ async def test_uplink_with_report_and_downlink_with_report(
 ) -> None:
     device = Device(loopback_pki)
     async with device.serving():
-        settings = gateway_config(http_transport(loopback_pki, device.webhook))
+        settings = gateway_config(http_transport_mtls(loopback_pki, device.webhook))
         async with running_gateway(settings) as gw:
             await sim.wait_for(lambda: bool(sim.registrations), timeout=10)
             (reg,) = sim.registrations
@@ -95,7 +71,7 @@ async def test_resent_downlink_is_delivered_once(
 ) -> None:
     device = Device(loopback_pki)
     async with device.serving():
-        settings = gateway_config(http_transport(loopback_pki, device.webhook))
+        settings = gateway_config(http_transport_mtls(loopback_pki, device.webhook))
         async with running_gateway(settings):
             await sim.wait_for(lambda: bool(sim.registrations), timeout=10)
             first = await sim.send_downlink(DEMO_SERVICE_ID, "x", msg_id="same")

@@ -12,17 +12,7 @@ from gatewayd.harness import DEMO_SERVICE_ID, Pki
 from gatewayd.sim.server import SimServer
 from gatewayd.testing import running_gateway
 
-TRANSPORT = f"""
-[transports.web]
-plugin = "http"
-listen = "127.0.0.1:0"
-[[transports.web.devices]]
-device = "sensor-1"
-service_id = "{DEMO_SERVICE_ID}"
-token = {{ env = "GATEWAYD_TEST_TOKEN" }}
-webhook = "WEBHOOK"
-webhook_ca = "CA"
-"""
+TRANSPORT = harness.http_transport_bearer(extra='webhook = "WEBHOOK"\nwebhook_ca = "CA"\n')
 
 
 @pytest.fixture(autouse=True)
