@@ -133,6 +133,22 @@ class StoreError(GatewaydError):
     exit_code = ExitCode.UNAVAILABLE
 
 
+class TokenRejectedError(GatewaydError):
+    """An OAuth 2.0 access token failed verification (TS 33.501 13.4.1).
+
+    ``reason`` is stable (one of ``gatewayd.security.tokens.REASONS``), for metrics, log
+    events and the ``WWW-Authenticate`` error; ``detail`` is for humans. Neither ever
+    contains the token.
+    """
+
+    exit_code = ExitCode.PEER_REFUSED
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"access token rejected ({reason}): {detail}")
+
+
 class RequestRejectedError(GatewaydError):
     """The peer refused one request for good (a 4xx other than 408/429).
 

@@ -22,13 +22,33 @@ import hmac
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from gatewayd.errors import ConfigError, GatewaydError
+from gatewayd.errors import ConfigError, TokenRejectedError
+from gatewayd.options import Options
+from gatewayd.security.tls import PeerIdentity
+
+# TokenRejectedError lives in gatewayd.errors (the one exception root) and is re-exported
+# here, next to the verifier that raises it.
+__all__ = [
+    "ALLOWED_ALGORITHMS",
+    "CNF_THUMBPRINT",
+    "REASONS",
+    "Claims",
+    "TokenGate",
+    "TokenIssuer",
+    "TokenPolicy",
+    "TokenRejectedError",
+    "bearer_token",
+    "cert_thumbprint",
+    "read_gate",
+    "verify_token",
+]
 
 # Asymmetric algorithms only: with a pinned public key, an HMAC algorithm would let
 # anyone who knows that (public) key mint tokens.
@@ -45,6 +65,7 @@ _PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519Pr
 CNF_THUMBPRINT: Final = "x5t#S256"
 
 REASONS: Final = (
+    "missing",
     "expired",
     "not_yet_valid",
     "bad_audience",
@@ -53,33 +74,24 @@ REASONS: Final = (
     "bad_signature",
     "missing_scope",
     "cnf_mismatch",
+    "subject_mismatch",
     "malformed",
 )
-
-
-class TokenRejectedError(GatewaydError):
-    """An access token failed verification. ``reason`` is stable (one of :data:`REASONS`),
-    for metrics, log events and the ``WWW-Authenticate`` error; ``detail`` is for humans.
-    Neither ever contains the token."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"access token rejected ({reason}): {detail}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TokenPolicy:
     """What a producer accepts. Everything that decides trust is pinned here.
 
-    ``required_scope`` is space-separated; every listed scope must be granted.
+    ``audience`` is one name or several (a producer known by its NF type, instance id,
+    and host names). ``required_scope`` is space-separated; every listed scope must be granted.
     ``leeway`` (seconds) absorbs clock skew on ``exp``, ``nbf`` and ``iat``. With
     ``require_cnf`` only certificate-bound tokens are accepted; a bound token is checked
     against the peer certificate in any case.
     """
 
     issuer: str
-    audience: str
+    audience: str | tuple[str, ...]  # a token must name at least one of them in ``aud``
     verification_key_pem: bytes = field(repr=False)
     algorithms: tuple[str, ...] = ("ES256",)
     required_scope: str | None = None
@@ -87,6 +99,8 @@ class TokenPolicy:
     require_cnf: bool = False
 
     def __post_init__(self) -> None:
+        if not self.audience:
+            raise ConfigError("audience", "at least one audience is required")
         if not self.algorithms:
             raise ConfigError("algorithms", "at least one algorithm is required")
         key = _public_key(self.verification_key_pem)
@@ -230,6 +244,108 @@ def _check_binding(claims: Claims, policy: TokenPolicy, peer_cert_der: bytes | N
         )
 
 
+def bearer_token(authorization: str | None) -> str:
+    """The token of an ``Authorization: Bearer`` header (RFC 6750 2.1).
+
+    Raises :class:`TokenRejectedError` ``missing`` without the header, ``malformed``
+    for another scheme or an empty token.
+    """
+    if not authorization:
+        raise TokenRejectedError("missing", "no Authorization header")
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token:
+        raise TokenRejectedError("malformed", "the Authorization header is not a Bearer token")
+    return token
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenGate:
+    """A producer's token requirement: the pinned :class:`TokenPolicy`, whether a token
+    is required, and the checks that tie it to the TLS connection it arrived on."""
+
+    policy: TokenPolicy
+    required: bool = True
+
+    def check(
+        self, authorization: str | None, *, peer_cert_der: bytes | None, peer: PeerIdentity | None
+    ) -> Claims | None:
+        """Verify the request's bearer token; ``None`` when there is none and none is
+        required. A token that is present is always verified, required or not.
+
+        The token's ``sub`` must be an identity of the peer certificate: a token that
+        names one party arriving over another party's authenticated connection is
+        refused even when it is not certificate-bound (TS 33.501 13.4.1: the consumer
+        instance in the token is the one the producer talks to).
+        """
+        if authorization is None and not self.required:
+            return None
+        claims = verify_token(bearer_token(authorization), self.policy, peer_cert_der=peer_cert_der)
+        if peer is None or not peer.matches(claims.subject):
+            raise TokenRejectedError(
+                "subject_mismatch", "the token's subject is not the peer certificate's identity"
+            )
+        return claims
+
+    def challenge(self, refusal: TokenRejectedError) -> tuple[int, str]:
+        """The HTTP status and ``WWW-Authenticate`` value for a refusal (RFC 6750 3).
+
+        No token: a bare challenge (3.1: no error code when no credentials came). A
+        scope it lacks: 403 ``insufficient_scope`` naming the scope needed. Anything
+        else: 401 ``invalid_token``; the reason itself stays in our log, never on the wire.
+        """
+        if refusal.reason == "missing":
+            return 401, "Bearer"
+        if refusal.reason == "missing_scope":
+            scope = self.policy.required_scope or ""
+            return 403, f'Bearer error="insufficient_scope", scope="{scope}"'
+        return 401, 'Bearer error="invalid_token"'
+
+
+def read_gate(
+    options: Options, *, default_audience: str, default_scope: str, base: Path
+) -> TokenGate:
+    """A :class:`TokenGate` from a config table (the gateway's ``[api.token]``).
+
+    Keys: ``issuer``, ``audience`` (string or list), ``scope``, ``key`` (PEM public key
+    file of the authorization server), ``algorithms``, ``require``, ``require_binding``,
+    ``leeway``. Every error names the key.
+    """
+    issuer = options.get_str("issuer")
+    audience_raw = options.raw().get("audience", default_audience)
+    audience: str | tuple[str, ...] = (
+        options.get_str("audience")
+        if isinstance(audience_raw, str)
+        else options.get_str_list("audience")
+    )
+    scope = options.get_str("scope", default_scope)
+    key_path = options.get_path("key", base=base)
+    algorithms = options.get_str_list("algorithms", ("ES256",))
+    required = options.get_bool("require", True)
+    require_binding = options.get_bool("require_binding", False)
+    leeway = options.get_float("leeway", 30.0)
+    options.check_unknown()
+    try:
+        key_pem = key_path.read_bytes()
+    except OSError as exc:
+        raise options.error("key", f"cannot read {key_path}: {exc.strerror}") from None
+    try:
+        policy = TokenPolicy(
+            issuer=issuer,
+            audience=audience,
+            verification_key_pem=key_pem,
+            algorithms=algorithms,
+            required_scope=scope or None,
+            leeway=leeway,
+            require_cnf=require_binding,
+        )
+    except ConfigError as exc:
+        # TokenPolicy names its own field; point at the config key instead.
+        name = "key" if exc.key == "verification_key" else exc.key
+        raise options.error(name, exc.problem) from None
+    return TokenGate(policy=policy, required=required)
+
+
 class TokenIssuer:
     """Signs access tokens as an authorization server (NRF) would: the reference side.
 
@@ -267,7 +383,7 @@ class TokenIssuer:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
 
-    def policy(self, *, audience: str, **kwargs: Any) -> TokenPolicy:
+    def policy(self, *, audience: str | tuple[str, ...], **kwargs: Any) -> TokenPolicy:
         """A :class:`TokenPolicy` that accepts this issuer's tokens for ``audience``."""
         return TokenPolicy(
             issuer=self.issuer,
