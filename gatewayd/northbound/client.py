@@ -4,14 +4,24 @@ One pooled aiohttp session with keep-alive: a full mutual-TLS handshake costs ab
 2.5 ms of CPU per side, so connections are reused, never opened per message. The
 server's certificate chain and name are checked inside the TLS handshake, so a server
 that fails them never receives a single byte of HTTP: no registration, no Service ID.
+
+A server that refuses *our* certificate is harder to see. Over TLS 1.2 it aborts the
+handshake; over TLS 1.3 our handshake completes and the refusal arrives on the first
+read. An asyncio peer does not even get its alert out: we see a reset or an EOF, which
+looks like a network fault. Retrying that forever would hide a credential problem, so
+a connection cut during or right after the handshake, before any response, is tried
+once more on a fresh connection and, if cut again, reported as a refusal
+(:class:`PeerRefusedError`, exit code 3). See docs/security.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import aiohttp
@@ -32,12 +42,39 @@ from gatewayd.msgin5g.model import (
 from gatewayd.msgin5g.registration import GatewayRegistration, GatewayRegistrationAck
 from gatewayd.northbound import paths
 from gatewayd.retry import is_permanent, parse_retry_after
+from gatewayd.security.tls import handshake_reason
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
 TokenSource = Callable[[], Awaitable[str | None]]
+
+# Pause before the one confirming attempt after a cut handshake: long enough for a
+# restarting server to settle, short enough not to delay a start noticeably.
+CONFIRM_DELAY = 0.2
+
+# Alerts by which a server tells us it refuses our certificate (TLS 1.2, or any peer
+# that gets its alert out before closing).
+_CREDENTIAL_ALERTS = ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED", "DECRYPT_ERROR")
+# What we (or the server) say when the server's TLS offer is below our profile.
+_PROFILE_REFUSALS = (
+    "UNSUPPORTED_PROTOCOL",
+    "NO_PROTOCOLS_AVAILABLE",
+    "WRONG_VERSION_NUMBER",
+    "PROTOCOL_VERSION",
+    "HANDSHAKE_FAILURE",
+    "INSUFFICIENT_SECURITY",
+    "NO_SHARED_CIPHER",
+    "NO_CIPHERS_AVAILABLE",
+    "KEY_TOO_SMALL",
+    "MD_TOO_WEAK",
+)
+
+
+class _Cut(Exception):  # control flow inside this module only
+    """The connection was cut during or right after the TLS handshake, before any
+    response: a network fault, or a server refusing our client certificate."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +95,12 @@ class MsgsClient:
         timeout: float,
         max_connections: int,
         token: TokenSource | None = None,
+        mutual: bool = True,
     ) -> None:
+        """``mutual`` says that ``tls`` carries our client certificate: only then can a
+        cut handshake mean that the server refused it."""
         self._api_root = api_root
+        self._mutual = mutual
         self._server_name = server_name
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._max_connections = max_connections
@@ -71,8 +112,15 @@ class MsgsClient:
         connector = aiohttp.TCPConnector(
             ssl=tls, limit=self._max_connections, keepalive_timeout=60.0
         )
+        # Tells a request whether it opened its connection (and so ran a handshake) or
+        # reused a pooled one, which a server may close at any time for its own reasons.
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_create_end.append(_mark_fresh)
         return aiohttp.ClientSession(
-            connector=connector, timeout=self._timeout, raise_for_status=False
+            connector=connector,
+            timeout=self._timeout,
+            raise_for_status=False,
+            trace_configs=[trace],
         )
 
     def use_tls(self, tls: ssl.SSLContext) -> None:
@@ -136,27 +184,26 @@ class MsgsClient:
             if token:
                 headers["Authorization"] = f"Bearer {token}"
         try:
-            async with self._session.request(
-                method, url, json=body, headers=headers, server_hostname=self._server_name
-            ) as resp:
-                data = await resp.json(content_type=None) if resp.content_length != 0 else None
-                status, resp_headers = resp.status, resp.headers
-        except aiohttp.ClientConnectorCertificateError as exc:
-            log.warning(
-                "auth.peer_rejected",
-                peer=self._server_name,
-                direction="outbound",
-                reason=str(exc.certificate_error),
-            )
-            raise PeerRefusedError(
-                f"the MSGin5G server at {self._api_root} failed certificate verification: "
-                f"{exc.certificate_error}"
-            ) from None
-        except aiohttp.ClientSSLError as exc:
-            log.warning("auth.tls_failed", peer=self._server_name, reason=str(exc))
-            raise PeerRefusedError(f"TLS with {self._api_root} failed: {exc}") from None
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise PeerUnavailableError(f"{method} {path}: {type(exc).__name__}: {exc}") from None
+            status, data, resp_headers = await self._send(method, path, url, body, headers)
+        except _Cut as first:
+            if not self._mutual:
+                raise PeerUnavailableError(f"{method} {path}: {first}") from None
+            # One fault can be the network's; the same cut on a fresh handshake again is
+            # the server refusing our certificate (it closes before any response).
+            await asyncio.sleep(CONFIRM_DELAY)
+            try:
+                status, data, resp_headers = await self._send(method, path, url, body, headers)
+            except _Cut as second:
+                reason = f"connection cut {second}, twice"
+                log.warning(
+                    "auth.refused_by_peer", peer=self._server_name, stage="tls", reason=reason
+                )
+                raise PeerRefusedError(
+                    f"the MSGin5G server at {self._api_root} closed the connection {second}, "
+                    "twice: it most likely refuses our client certificate (unknown CA, "
+                    "revoked, expired) or our TLS offer; check the server's trust for "
+                    "our certificate"
+                ) from None
         if status == expected:
             return status, data, resp_headers
         problem = _problem(data, status)
@@ -171,6 +218,101 @@ class MsgsClient:
             f"{method} {path}: HTTP {status}: {detail}",
             retry_after=parse_retry_after(resp_headers.get("Retry-After")),
         )
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        url: str,
+        body: dict[str, Any] | None,
+        headers: dict[str, str],
+    ) -> tuple[int, Any, Any]:
+        """One request; translates transport failures into our errors (or :class:`_Cut`)."""
+        attempt = SimpleNamespace(fresh=False, answered=False)
+        try:
+            async with self._session.request(
+                method,
+                url,
+                json=body,
+                headers=headers,
+                server_hostname=self._server_name,
+                trace_request_ctx=attempt,
+            ) as resp:
+                attempt.answered = True
+                data = await resp.json(content_type=None) if resp.content_length != 0 else None
+                return resp.status, data, resp.headers
+        except aiohttp.ClientConnectorCertificateError as exc:
+            # We refuse the server: its chain, validity, revocation or name failed.
+            reason = _reason(exc.certificate_error)
+            log.warning(
+                "auth.peer_rejected",
+                peer=self._server_name,
+                direction="outbound",
+                stage="certificate",
+                reason=reason,
+            )
+            raise PeerRefusedError(
+                f"the MSGin5G server at {self._api_root} failed certificate verification: {reason}"
+            ) from None
+        except aiohttp.ClientSSLError as exc:
+            raise self._tls_refusal(exc) from None
+        except aiohttp.ClientConnectorError as exc:
+            # TCP was up (a refused or unreachable port is ConnectionRefusedError or
+            # OSError), then the peer cut the TLS handshake: TLS 1.2 credential refusal
+            # from an asyncio server, whose alert never leaves its buffer.
+            if isinstance(exc.os_error, ConnectionResetError | ConnectionAbortedError):
+                raise _Cut("during the TLS handshake") from None
+            raise PeerUnavailableError(f"{method} {path}: {type(exc).__name__}: {exc}") from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            # TLS 1.3: our handshake completed, then the server closed before answering.
+            cut = isinstance(exc, aiohttp.ServerDisconnectedError) or exc.errno in (
+                errno.ECONNRESET,
+                errno.ECONNABORTED,
+                errno.EPIPE,
+            )
+            if cut and attempt.fresh and not attempt.answered:
+                raise _Cut("right after the TLS handshake, before any response") from None
+            raise PeerUnavailableError(f"{method} {path}: {type(exc).__name__}: {exc}") from None
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise PeerUnavailableError(f"{method} {path}: {type(exc).__name__}: {exc}") from None
+
+    def _tls_refusal(self, exc: aiohttp.ClientSSLError) -> PeerRefusedError:
+        """Name a handshake failure: who refused whom, and why."""
+        reason = _reason(exc.os_error)
+        if "ALERT" in reason and any(word in reason for word in _CREDENTIAL_ALERTS):
+            log.warning("auth.refused_by_peer", peer=self._server_name, stage="tls", reason=reason)
+            return PeerRefusedError(
+                f"the MSGin5G server at {self._api_root} refused our client certificate: {reason}"
+            )
+        if any(word in reason for word in _PROFILE_REFUSALS):
+            log.warning(
+                "auth.peer_rejected",
+                peer=self._server_name,
+                direction="outbound",
+                stage="tls",
+                reason=reason,
+            )
+            return PeerRefusedError(
+                f"the MSGin5G server at {self._api_root} offers no TLS version or cipher of our "
+                f"profile (TLS 1.2 or newer, security level 2): {reason}"
+            )
+        log.warning("auth.tls_failed", peer=self._server_name, reason=reason)
+        return PeerRefusedError(f"TLS with {self._api_root} failed: {reason}")
+
+
+async def _mark_fresh(
+    _session: aiohttp.ClientSession,
+    context: SimpleNamespace,
+    _params: aiohttp.TraceConnectionCreateEndParams,
+) -> None:
+    if isinstance(context.trace_request_ctx, SimpleNamespace):
+        context.trace_request_ctx.fresh = True
+
+
+def _reason(error: BaseException | None) -> str:
+    if isinstance(error, ssl.SSLError):
+        return handshake_reason(error)
+    return str(error) if error is not None else "unknown"
 
 
 def _problem(data: Any, status: int) -> ProblemDetails:

@@ -3,6 +3,11 @@
 Profile (TS 33.501 Annex Y.5 via TS 33.210 6.2): TLS 1.2 or newer, certificates
 verified strictly (``VERIFY_X509_STRICT``), OpenSSL security level 2 so RSA keys under
 2048 bits are refused, CRLs checked for the leaf when the trust material carries any.
+
+Server contexts also name every refused handshake in the log (``auth.peer_rejected``,
+``direction="inbound"``): asyncio drops a server-side handshake error silently, and an
+aiohttp application never sees a connection whose handshake failed, so the context's
+own ``SSLObject`` class is the one place that learns why. See docs/security.md.
 """
 
 from __future__ import annotations
@@ -14,8 +19,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
+
 from gatewayd.errors import CredentialError
 from gatewayd.security.material import TlsIdentity, TrustAnchors
+
+log = structlog.get_logger(__name__)
 
 # OpenSSL's "DEFAULT" cipher list, with security level 2: >= 112-bit security, so RSA
 # and DH under 2048 bits and SHA-1 signatures are refused on both sides.
@@ -67,6 +76,7 @@ def server_context(
     """A context for serving: with ``require_client_cert`` no handshake completes without
     a client certificate from ``trust``, so an unverified peer never reaches HTTP."""
     ctx = _base(ssl.PROTOCOL_TLS_SERVER, trust)
+    ctx.sslobject_class = _AuditedSSLObject
     load_identity(ctx, identity)
     if require_client_cert:
         if trust is None:
@@ -112,9 +122,57 @@ def load_identity(ctx: ssl.SSLContext, identity: TlsIdentity) -> None:
         try:
             ctx.load_cert_chain(chain, key)
         except ssl.SSLError as exc:
+            if exc.reason in _WEAK_KEY_REASONS:
+                raise CredentialError(
+                    f"the certificate's key is too weak for the TLS profile ({exc.reason}): "
+                    "RSA keys need at least 2048 bits"
+                ) from None
             raise CredentialError(
                 f"certificate and key do not load or do not match: {exc.reason or exc}"
             ) from None
+
+
+# OpenSSL's names for "this key is below the security level" when loading our own chain.
+_WEAK_KEY_REASONS = frozenset({"EE_KEY_TOO_SMALL", "CA_KEY_TOO_SMALL", "CA_MD_TOO_WEAK"})
+
+
+class _AuditedSSLObject(ssl.SSLObject):
+    """An ``SSLObject`` that logs why a server-side handshake failed, then re-raises.
+
+    asyncio creates one per accepted connection through ``SSLContext.sslobject_class``
+    (a public hook) and discards handshake errors without a word; this is the only
+    place the reason is known. The peer's address is not known here (an SSLObject has
+    no socket), so the line carries what OpenSSL says: the verification failure or the
+    protocol problem.
+    """
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise  # not a failure: the handshake needs more bytes
+        except ssl.SSLError as exc:
+            if not self.server_side:
+                raise  # client contexts do not use this class; the caller reports
+            _log_inbound_failure(exc)
+            raise
+
+
+def _log_inbound_failure(exc: ssl.SSLError) -> None:
+    reason = handshake_reason(exc)
+    if "ALERT" in (exc.reason or ""):
+        # The caller aborted with an alert: it refused us (or our chain), not we it.
+        log.warning("auth.tls_failed", direction="inbound", reason=reason)
+    else:
+        log.warning("auth.peer_rejected", direction="inbound", stage="tls", reason=reason)
+
+
+def handshake_reason(exc: ssl.SSLError) -> str:
+    """A short, stable reason for a handshake failure: OpenSSL's verification message
+    (``certificate has expired``) or its reason code (``UNSUPPORTED_PROTOCOL``)."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return str(exc.verify_message)
+    return str(exc.reason or exc)
 
 
 @contextlib.contextmanager
