@@ -1,0 +1,235 @@
+"""MO intake: a deliver_sm (or all parts of one) becomes an Uplink; the ack follows the store.
+
+The deliver_sm_resp is the SMSC's only evidence that we took a message: it is sent
+with ESME_ROK only after ``context.accept()`` returned, i.e. after the store committed.
+A refusal maps to a status that tells the SMSC whether to retry:
+
+- store full (BacklogFullError) -> ESME_RMSGQFUL: the SMSC keeps the message, retries;
+- device not mapped (UnknownDeviceError) -> ESME_RINVSRCADR: a retry cannot help;
+- not a valid message (InvalidMessageError, undecodable coding) -> ESME_RX_P_APPN;
+- anything unexpected (store I/O) -> ESME_RX_T_APPN: temporary, retry later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass
+
+from gatewayd.api import (
+    BacklogFullError,
+    InvalidMessageError,
+    Logger,
+    TransportContext,
+    UnknownDeviceError,
+    Uplink,
+)
+from gatewayd_smpp import codec, receipts
+from gatewayd_smpp.concat import Reassembler
+from gatewayd_smpp.config import SmppConfig
+from gatewayd_smpp.pdu import (
+    ESM_TYPE_INTERMEDIATE,
+    ESM_TYPE_MASK,
+    ESM_TYPE_RECEIPT,
+    ESM_UDHI,
+    Pdu,
+    PduError,
+    ShortMessage,
+    Status,
+    Tag,
+    status_name,
+)
+from gatewayd_smpp.session import Session
+
+
+@dataclass(slots=True)
+class Held:
+    """A deliver_sm whose response we still owe (one per part of a multi-part message)."""
+
+    session: Session
+    pdu: Pdu
+    answered: bool = False
+
+    async def answer(self, status: int) -> None:
+        if not self.answered:
+            self.answered = True
+            await self.session.respond(self.pdu, status)
+
+
+class Intake:
+    """Handles every deliver_sm of the transport's sessions."""
+
+    def __init__(
+        self,
+        config: SmppConfig,
+        context: TransportContext,
+        book: receipts.ReceiptBook,
+        log: Logger,
+    ) -> None:
+        self._config = config
+        self._context = context
+        self._book = book
+        self._log = log
+        self._parts: Reassembler[Held] = Reassembler(config.part_timeout)
+
+    async def on_deliver(self, session: Session, pdu: Pdu) -> None:
+        """The session's deliver_sm handler."""
+        held = Held(session, pdu)
+        try:
+            sm = ShortMessage.decode(pdu.body)
+        except PduError as exc:
+            self._log.warning("smpp.mo.refused", reason="malformed", error=str(exc))
+            await held.answer(Status.RSYSERR)
+            return
+        kind = sm.esm_class & ESM_TYPE_MASK
+        if kind == ESM_TYPE_RECEIPT:
+            await self._receipt(sm, held)
+        elif kind == ESM_TYPE_INTERMEDIATE:
+            await held.answer(Status.ROK)  # intermediate notification: nothing to do
+        else:
+            await self._mo(sm, held)
+
+    async def _receipt(self, sm: ShortMessage, held: Held) -> None:
+        receipt = receipts.parse(sm)
+        if receipt is None:
+            self._log.warning("smpp.receipt.unreadable", source=sm.source_addr)
+        elif receipt.final and not self._book.resolve(receipt):
+            # Not waited for: a late receipt after a timeout, or one from before a restart.
+            self._log.info(
+                "smpp.receipt.unmatched", smsc_message_id=receipt.message_id, stat=receipt.stat
+            )
+        # A receipt is only information for us; acking it at once stops SMSC resends.
+        await held.answer(Status.ROK)
+
+    async def _mo(self, sm: ShortMessage, held: Held) -> None:
+        udhi = bool(sm.esm_class & ESM_UDHI)
+        raw = sm.short_message or sm.tlvs.get(Tag.MESSAGE_PAYLOAD, b"")
+        device = sm.source_addr.removeprefix("+")
+        try:
+            udh, octets = codec.split_udh(raw, udhi)
+        except ValueError:
+            self._log.warning("smpp.mo.refused", device=device, reason="bad UDH")
+            await held.answer(Status.RX_P_APPN)
+            return
+        concat = codec.concat_from_udh(udh) or _sar(sm)
+        if concat is None or concat.total <= 1:
+            await self._accept(sm, device, sm.data_coding, octets, (held,), concat_key="")
+            return
+        if not 1 <= concat.seq <= concat.total:
+            self._log.warning("smpp.mo.refused", device=device, reason="part number out of range")
+            await held.answer(Status.RX_P_APPN)
+            return
+        complete, _replaced = self._parts.add(
+            source=device,
+            dest=sm.destination_addr,
+            concat=concat,
+            data_coding=sm.data_coding,
+            octets=octets,
+            holder=held,
+        )
+        # A replaced copy was resent by the SMSC, which gave up waiting for it: leave it.
+        if complete is None:
+            if self._config.part_ack == "on_arrival":
+                await held.answer(Status.ROK)
+            return
+        status = await self._accept(
+            sm,
+            device,
+            complete.data_coding,
+            complete.octets,
+            complete.holders,
+            concat_key=f"{concat.ref}/{concat.total}/{int(concat.wide_ref)}",
+            parts=len(complete.parts),
+        )
+        if status != Status.ROK and self._config.part_ack == "on_arrival":
+            # The earlier parts were acked already and will not come again: keep them so
+            # that the SMSC's resend of this last part completes the message.
+            self._parts.restore(complete)
+
+    async def _accept(
+        self,
+        sm: ShortMessage,
+        device: str,
+        data_coding: int,
+        octets: bytes,
+        holders: tuple[Held, ...],
+        *,
+        concat_key: str,
+        parts: int = 1,
+    ) -> int:
+        msg_id = self._msg_id(device, sm.destination_addr, data_coding, concat_key, octets)
+        log = self._log.bind(msg_id=msg_id, device=device, parts=parts)
+        text = codec.decode_text(data_coding, octets)
+        status: int
+        if text is None:
+            log.warning("smpp.mo.refused", reason=f"data_coding 0x{data_coding:02x} is not text")
+            status = Status.RX_P_APPN
+        else:
+            status = await self._store(log, device, text, msg_id)
+        await asyncio.gather(*(h.answer(status) for h in holders))
+        return status
+
+    async def _store(self, log: Logger, device: str, text: str, msg_id: str | None) -> int:
+        try:
+            acceptance = await self._context.accept(
+                Uplink(device=device, payload=text, msg_id=msg_id)
+            )
+        except BacklogFullError as exc:
+            status: int = Status.RMSGQFUL
+            log.warning("smpp.mo.refused", reason=exc.reason, retry_after=exc.retry_after)
+        except UnknownDeviceError as exc:
+            status = Status.RINVSRCADR
+            log.warning("smpp.mo.refused", reason=exc.reason, detail=exc.detail)
+        except InvalidMessageError as exc:
+            status = Status.RX_P_APPN
+            log.warning("smpp.mo.refused", reason=exc.reason, detail=exc.detail)
+        except Exception as exc:
+            # The store failed in a way a later attempt may not: let the SMSC retry.
+            status = Status.RX_T_APPN
+            log.exception("smpp.mo.refused", reason="intake failed", error=repr(exc))
+        else:
+            log.info("smpp.mo.accepted", msg_id=acceptance.msg_id, duplicate=acceptance.duplicate)
+            return Status.ROK
+        log.debug("smpp.mo.status", status=status_name(status))
+        return status
+
+    def _msg_id(
+        self, device: str, dest: str, data_coding: int, concat_key: str, octets: bytes
+    ) -> str | None:
+        """A stable id, so that an SMSC resend of a message we stored is stored once.
+
+        SMPP 3.4 gives an MO message no id of its own, and a resend is a new PDU with a
+        new sequence number. The id is therefore a digest of what a resend repeats (the
+        addresses, coding, concatenation reference and the text) and of the
+        ``mo_dedup_window`` time slot it arrived in: the same text from the same device
+        within one slot is taken as a resend. ``mo_dedup_window = 0`` turns this off (every
+        deliver_sm is a new message; a resend is then stored again).
+        """
+        window = self._config.mo_dedup_window
+        if window <= 0:
+            return None
+        slot = int(time.time() // window)
+        digest = hashlib.sha256(
+            "\x1f".join((device, dest, str(data_coding), concat_key, str(slot))).encode()
+            + b"\x1f"
+            + octets
+        ).hexdigest()
+        return f"sms-{digest[:32]}"
+
+    async def expire_parts(self) -> None:
+        """Answer the parts of messages that never completed, so the SMSC retries them."""
+        for key, holders in self._parts.expired():
+            self._log.warning(
+                "smpp.mo.parts_expired", device=key[0], ref=key[2], total=key[3], held=len(holders)
+            )
+            await asyncio.gather(*(h.answer(Status.RX_T_APPN) for h in holders))
+
+
+def _sar(sm: ShortMessage) -> codec.Concat | None:
+    ref = sm.tlv_int(Tag.SAR_MSG_REF_NUM)
+    total = sm.tlv_int(Tag.SAR_TOTAL_SEGMENTS)
+    seq = sm.tlv_int(Tag.SAR_SEGMENT_SEQNUM)
+    if ref is None or total is None or seq is None:
+        return None
+    return codec.Concat(ref=ref, total=total, seq=seq, wide_ref=True)
