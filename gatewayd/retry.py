@@ -127,6 +127,7 @@ class CircuitBreaker:
         self._timeout = reset_timeout
         self._opened_at = 0.0
         self._probe_at = 0.0
+        self._hold_until = 0.0
 
     @property
     def state(self) -> BreakerState:
@@ -137,6 +138,8 @@ class CircuitBreaker:
     def allow(self) -> bool:
         """Whether a call may be made now. In half-open state, True once per probe."""
         now = self._clock()
+        if now < self._hold_until:
+            return False
         if self._state is BreakerState.CLOSED:
             return True
         if self._state is BreakerState.OPEN:
@@ -175,11 +178,21 @@ class CircuitBreaker:
     def next_probe_in(self) -> float:
         """Seconds until :meth:`allow` will let a call through (0 when it would now)."""
         now = self._clock()
+        held = self._hold_until - now
         if self._state is BreakerState.OPEN:
-            return max(0.0, self._opened_at + self._timeout - now)
+            return max(0.0, held, self._opened_at + self._timeout - now)
         if self._state is BreakerState.HALF_OPEN:
-            return max(0.0, self._probe_at + self._timeout - now)
-        return 0.0
+            return max(0.0, held, self._probe_at + self._timeout - now)
+        return max(0.0, held)
+
+    def hold(self, seconds: float) -> None:
+        """The server said when to come back (``Retry-After``): allow no call before then.
+
+        Retry-After speaks for the server, not for the one message that received it:
+        without a hold, every other device's message would still be tried at once, each
+        earning its own 503, while the breaker counts up to its threshold.
+        """
+        self._hold_until = max(self._hold_until, self._clock() + seconds)
 
     def _open(self, now: float) -> None:
         self._state = BreakerState.OPEN

@@ -81,14 +81,12 @@ class QueueWorker:
         if self._ready is not None:
             await self._ready.wait()
         while not self._stopping.is_set():
-            if self._breaker is not None and not self._breaker.allow():
-                await self._pause(self._breaker.next_probe_in())
-                continue
             room = self._concurrency - len(self._busy)
             if room <= 0:
                 await asyncio.wait(list(self._busy.values()), return_when=asyncio.FIRST_COMPLETED)
                 continue
-            # While the breaker is half-open it lets exactly one probe through.
+            # While the breaker is not closed it lets exactly one probe through; once
+            # that probe settles the loop looks again at once (a success closed it).
             if self._breaker is not None and self._breaker.state != "closed":
                 room = 1 if not self._busy else 0
                 if room == 0:
@@ -97,6 +95,13 @@ class QueueWorker:
             items = await self._store.due(self._queue, limit=room, busy_lanes=self._busy.keys())
             if not items:
                 await self._idle()
+                continue
+            # Ask the breaker only with work in hand: allow() may hand out the one probe,
+            # and a worker with nothing to send would waste it while the worker sharing
+            # the breaker waited out a whole probe timeout.
+            if self._breaker is not None and not self._breaker.allow():
+                # At most a second: another worker's probe may close the breaker meanwhile.
+                await self._pause(min(self._breaker.next_probe_in(), 1.0))
                 continue
             for item in items:
                 task = asyncio.create_task(self._handle(item), name=f"{self._queue}:{item.msg_id}")
@@ -152,6 +157,8 @@ class QueueWorker:
             )
             log.info("message.retry_scheduled", delay=round(delay, 3), error=outcome.error)
             if self._breaker is not None and outcome.peer_down:
+                if outcome.after is not None:
+                    self._breaker.hold(outcome.after)
                 self._breaker.failure()
 
     async def stop(self, timeout: float) -> None:
