@@ -2,7 +2,9 @@
 
 Refusal order matters for TR 33.862 key issue #4: the TLS handshake already demands a
 client certificate from a trusted CA; before a body is read, the peer's certificate
-identity must be on ``api.allowed_peers``. Only then is the body parsed, validated and
+identity must be on ``api.allowed_peers`` and, with ``[api.token]``, its bearer token
+must verify (TS 33.501 13.4.1: issuer, audience, expiry, signature, scope, and the
+binding to this very certificate). Only then is the body parsed, validated and
 authorized (we accept downlink only for UE Service IDs we serve), and only once it is
 durably stored does the server get its 204.
 """
@@ -17,7 +19,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from gatewayd.errors import BacklogFullError, InvalidBodyError
+from gatewayd.errors import BacklogFullError, InvalidBodyError, TokenRejectedError
 from gatewayd.log import bound_message
 from gatewayd.msgin5g.model import (
     AddressType,
@@ -28,7 +30,8 @@ from gatewayd.msgin5g.model import (
 )
 from gatewayd.northbound.paths import gateway_api_prefix
 from gatewayd.relay import KIND_MESSAGE, KIND_REPORT, Directory, downlink_body
-from gatewayd.security.tls import peer_identity
+from gatewayd.security.tls import PeerIdentity, peer_identity
+from gatewayd.security.tokens import TokenGate
 from gatewayd.store import Queue, Store
 
 log = structlog.get_logger(__name__)
@@ -70,8 +73,10 @@ class GatewayApi:
         max_body: int,
         reply_route_ttl: float,
         retry_after: float = 5.0,
+        token: TokenGate | None = None,
     ) -> None:
         self._store = store
+        self._token = token
         self._directory = directory
         self._allowed = allowed_peers
         self._route_ttl = reply_route_ttl
@@ -112,8 +117,10 @@ class GatewayApi:
             return problem(413, "Payload Too Large", cause="PAYLOAD_TOO_LARGE")
         except web.HTTPNotFound:
             return problem(404, "Not Found", cause="RESOURCE_NOT_FOUND")
-        except web.HTTPMethodNotAllowed:
-            return problem(405, "Method Not Allowed")
+        except web.HTTPMethodNotAllowed as exc:
+            # RFC 9110 15.5.6: a 405 must say which methods the resource has.
+            allow = ", ".join(sorted(exc.allowed_methods))
+            return problem(405, "Method Not Allowed", headers={"Allow": allow})
         except BacklogFullError as exc:
             log.warning("api.intake_refused", reason=exc.reason)
             retry = str(int(exc.retry_after or self._retry_after))
@@ -142,8 +149,39 @@ class GatewayApi:
                 reason="not in api.allowed_peers",
             )
             return problem(403, "Forbidden", cause="PEER_NOT_ALLOWED")
+        if self._token is not None:
+            refused = self._check_token(self._token, request, ssl_object, peer)
+            if refused is not None:
+                return refused
         request[PEER] = peer.primary
         return await handler(request)
+
+    def _check_token(
+        self, gate: TokenGate, request: web.Request, ssl_object: Any, peer: PeerIdentity
+    ) -> web.Response | None:
+        """The refusal for a bad or missing bearer token, or ``None`` when it verifies.
+
+        The answer carries no reason (that stays in our log) and, like every refusal
+        before the body is read, nothing about the Service IDs we serve.
+        """
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        try:
+            gate.check(request.headers.get("Authorization"), peer_cert_der=der, peer=peer)
+        except TokenRejectedError as exc:
+            log.warning(
+                "auth.token_rejected",
+                direction="inbound",
+                peer=peer.primary,
+                remote=request.remote,
+                reason=exc.reason,
+            )
+            status, challenge = gate.challenge(exc)
+            return problem(
+                status,
+                "Forbidden" if status == 403 else "Unauthorized",
+                headers={"WWW-Authenticate": challenge},
+            )
+        return None
 
     # --- handlers ------------------------------------------------------------------------
 
@@ -155,11 +193,23 @@ class GatewayApi:
         if request.content_length is None and request.headers.get("Transfer-Encoding") is None:
             raise _Refusal(problem(411, "Length Required"))
         try:
-            return await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            # Bytes, not request.json(): JSON is UTF-8 whatever charset= says (RFC 8259
+            # 8.1), and an unknown charset would be a LookupError, i.e. a 500.
+            body = json.loads(await request.read())
+            # Unpaired surrogates (refused by I-JSON, RFC 7493 2.1) cannot be stored or
+            # logged as UTF-8: refuse them here rather than fail in the store.
+            json.dumps(body, ensure_ascii=False).encode()
+        except (ValueError, UnicodeError, RecursionError):  # RecursionError: deep nesting
             raise _Refusal(
-                problem(400, "Bad Request", detail="body is not JSON", cause="INVALID_MSG_FORMAT")
+                problem(
+                    400,
+                    "Bad Request",
+                    detail="body is not JSON",
+                    cause="INVALID_MSG_FORMAT",
+                    invalid=(InvalidParam(param="/", reason="is not valid JSON"),),
+                )
             ) from None
+        return body
 
     async def _deliver_message(self, request: web.Request) -> web.StreamResponse:
         try:

@@ -312,12 +312,12 @@ def read_gate(
     ``leeway``. Every error names the key.
     """
     issuer = options.get_str("issuer")
-    audience_raw = options.raw().get("audience", default_audience)
-    audience: str | tuple[str, ...] = (
-        options.get_str("audience")
-        if isinstance(audience_raw, str)
-        else options.get_str_list("audience")
-    )
+    audience: str | tuple[str, ...]
+    try:
+        audience = options.get_str("audience", default_audience)
+    except ConfigError:
+        # Not a string: a list of names (raw() would mark every key as read).
+        audience = options.get_str_list("audience")
     scope = options.get_str("scope", default_scope)
     key_path = options.get_path("key", base=base)
     algorithms = options.get_str_list("algorithms", ("ES256",))

@@ -75,12 +75,20 @@ class GatewayClient:
             self._contexts[gw_id] = ctx
         return ctx
 
-    async def post(self, gw_id: str, url: str, body: Mapping[str, Any]) -> tuple[int, str | None]:
-        """POST JSON to a gateway; (HTTP status, None) or (0, why no exchange happened)."""
+    async def post(
+        self, gw_id: str, url: str, body: Mapping[str, Any], *, token: str | None = None
+    ) -> tuple[int, str | None]:
+        """POST JSON to a gateway; (HTTP status, None) or (0, why no exchange happened).
+
+        ``token``: our bearer token for the gateway (sent only over the verified link).
+        """
         if self._session is None:
             raise RuntimeError("GatewayClient used before start()")
+        headers = {"Authorization": f"Bearer {token}"} if token else None
         try:
-            async with self._session.post(url, json=body, ssl=self.context_for(gw_id)) as resp:
+            async with self._session.post(
+                url, json=body, ssl=self.context_for(gw_id), headers=headers
+            ) as resp:
                 await resp.read()
                 return resp.status, None
         except aiohttp.ClientConnectorCertificateError as exc:

@@ -4,7 +4,9 @@ over mutual TLS, downlink pushes to gateways, and a loopback operator interface.
 It is strict on purpose: every body it receives is parsed by the wire types (and, with
 ``schema_check``, validated against the OpenAPI files), every body it sends is checked
 the same way, and every registration and message is authorized against the identity in
-the client certificate.
+the client certificate. With ``[tokens]`` it is also the OAuth 2.0 authorization server
+(``POST /oauth2/token``) and checks the bearer token of every MSGS call before it reads
+a body (:mod:`gatewayd.sim.tokens`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, Self, TypeVar
 import structlog
 from aiohttp import web
 
-from gatewayd.errors import GatewaydError, InvalidBodyError
+from gatewayd.errors import GatewaydError, InvalidBodyError, TokenRejectedError
 from gatewayd.msgin5g import (
     Address,
     AddressType,
@@ -44,6 +46,13 @@ from gatewayd.sim.policy import Refused
 from gatewayd.sim.push import GatewayClient
 from gatewayd.sim.records import PushResult, Registration, ReportRecord, UplinkRecord
 from gatewayd.sim.settings import SimSettings
+from gatewayd.sim.tokens import (
+    DELIVERY_SCOPE,
+    REGISTRATION_SCOPE,
+    TOKEN_PATH,
+    AuthorizationServer,
+    TokenGrant,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -95,6 +104,15 @@ class SimServer:
         self._seen: set[tuple[str, str]] = set()
         self.faults = Faults()
         self._client = GatewayClient(settings.identity, settings.trust)
+        self.tokens: AuthorizationServer | None = (
+            AuthorizationServer(
+                settings.tokens,
+                settings.identity,
+                lambda gw_id: any(g.identity == gw_id for g in settings.allow.gateways),
+            )
+            if settings.tokens is not None
+            else None
+        )
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner: web.AppRunner | None = None
@@ -123,6 +141,9 @@ class SimServer:
             self._runner, self.settings.host, self.settings.port, ssl_context=ctx
         ).start()
         self.port = _bound_port(self._runner)
+        if self.tokens is not None:
+            # private_key_jwt assertions must name this URL as their audience.
+            self.tokens.token_url = f"{self.api_root}{TOKEN_PATH}"
         if self.settings.operator_port is not None:
             self._operator_runner = web.AppRunner(operator_app(self), access_log=None)
             await self._operator_runner.setup()
@@ -243,7 +264,10 @@ class SimServer:
             api_file, schema = _DOWNLINK_SCHEMA.get(registration.gw_type, _DOWNLINK_SCHEMA["N3G"])
             self._check_outgoing(api_file, schema, body)
             status, error = await self._client.post(
-                registration.gw_id, f"{registration.delivery_root}/deliver-message", body
+                registration.gw_id,
+                f"{registration.delivery_root}/deliver-message",
+                body,
+                token=self._push_token(registration),
             )
             result = PushResult(
                 kind="deliver-message",
@@ -272,7 +296,10 @@ class SimServer:
         # Both MSGG APIs take the report type defined in MSGS_MSGDelivery.
         self._check_outgoing(MSGDELIVERY_FILE, "DeliveryStatusReport", body)
         status, error = await self._client.post(
-            registration.gw_id, f"{registration.delivery_root}/deliver-report", body
+            registration.gw_id,
+            f"{registration.delivery_root}/deliver-report",
+            body,
+            token=self._push_token(registration),
         )
         self.pushes.append(
             PushResult(
@@ -286,6 +313,23 @@ class SimServer:
         )
         log.info("sim.report.sent", msg_id=uplink.msg_id, gw_id=registration.gw_id, status=status)
         await self._notify()
+
+    def _push_token(self, registration: Registration) -> str | None:
+        # With a signing key the sim always sends its token: a gateway that does not
+        # require one ignores it, one that does gets what it needs.
+        if self.tokens is None:
+            return None
+        return self.tokens.push_token(registration.gw_id, registration.gw_type)
+
+    @property
+    def token_grants(self) -> list[TokenGrant]:
+        """Every token issued (endpoint and pushes), oldest first; empty without tokens."""
+        return self.tokens.grants if self.tokens is not None else []
+
+    @property
+    def token_requests(self) -> int:
+        """How many requests reached the token endpoint (granted or refused)."""
+        return self.tokens.requests if self.tokens is not None else 0
 
     def _spawn(self, name: str, coro: Awaitable[None]) -> None:
         async def guarded() -> None:
@@ -303,7 +347,7 @@ class SimServer:
     # --- HTTP ------------------------------------------------------------------------
 
     def _app(self) -> web.Application:
-        app = web.Application(middlewares=[self._edge])
+        app = web.Application(middlewares=[self._authorize, self._edge])
         app.add_routes(
             [
                 web.post(f"{REGISTRATION_ROOT}/registrations", self._register),
@@ -313,12 +357,53 @@ class SimServer:
                 web.post(f"{DELIVERY_ROOT}/deliver-report", self._report),
             ]
         )
+        if self.tokens is not None:
+            app.router.add_post(TOKEN_PATH, self._token)
         return app
+
+    async def _token(self, request: web.Request) -> web.StreamResponse:
+        assert self.tokens is not None  # the route exists only with tokens
+        response = await self.tokens.handle(request, _peer(request), self._check_outgoing)
+        await self._notify()
+        return response
+
+    @web.middleware
+    async def _authorize(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+        """With ``[tokens]``: no MSGS handler runs (no body is read) without a valid token."""
+        refused = None if request.path == TOKEN_PATH else self._check_token(request)
+        return refused if refused is not None else await handler(request)
+
+    def _check_token(self, request: web.Request) -> web.Response | None:
+        """The refusal of an MSGS call whose token does not verify, else ``None``.
+
+        One log event names the peer and the stable reason; the answer says only
+        401/403 and the RFC 6750 challenge: no reason, no Service ID.
+        """
+        if self.tokens is None:
+            return None
+        scope = REGISTRATION_SCOPE if request.path.startswith(REGISTRATION_ROOT) else DELIVERY_SCOPE
+        peer = _peer(request)
+        try:
+            self.tokens.check(request, scope, peer)
+        except TokenRejectedError as exc:
+            log.warning(
+                "auth.token_rejected",
+                direction="inbound",
+                peer=peer.primary if peer else None,
+                reason=exc.reason,
+                path=request.path,
+            )
+            status, challenge = self.tokens.challenge(scope, exc)
+            response = self._problem(status, "Forbidden" if status == 403 else "Unauthorized")
+            response.headers["WWW-Authenticate"] = challenge
+            return response
+        return None
 
     @web.middleware
     async def _edge(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
         """Injected faults first, then translate refusals and bad bodies to ProblemDetails."""
-        fault = self.faults.take()
+        # Faults stand for an overloaded MSGin5G Server, not its authorization server.
+        fault = None if request.path == TOKEN_PATH else self.faults.take()
         if fault is not None:
             log.info("sim.fault.injected", status=fault.status, path=request.path)
             response = self._problem(fault.status, "Injected failure", cause="SIM_FAULT")
@@ -345,6 +430,16 @@ class SimServer:
             )
         except _Answer as answer:
             return answer.response
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            # aiohttp's own refusals (no route, wrong method, body too large) are
+            # text/plain; the spec declares ProblemDetails for every error. Allow stays
+            # (RFC 9110 requires it on a 405).
+            response = self._problem(exc.status, exc.reason)
+            if "Allow" in exc.headers:
+                response.headers["Allow"] = exc.headers["Allow"]
+            return response
 
     def _problem(
         self,
@@ -375,7 +470,7 @@ class SimServer:
             )
         try:
             raw = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # Recursion: deep nesting
             raise InvalidBodyError("", "is not valid JSON") from None
         parsed = parse(raw)
         if self._check is not None:

@@ -18,7 +18,9 @@ from gatewayd.api import TlsIdentity, TrustAnchors
 from gatewayd.errors import ConfigError, CredentialError
 from gatewayd.msgin5g import GatewayType
 from gatewayd.options import Options
+from gatewayd.security.tokens import TokenIssuer
 from gatewayd.sim.policy import AllowList, GatewayPolicy, ServiceIdPattern
+from gatewayd.sim.tokens import GATEWAY_SCOPES, SimTokens, TokenClient
 
 DEFAULT_AS_ADDRESS = "as.sim.msgin5g"
 
@@ -42,6 +44,7 @@ class SimSettings:
     operator_port: int | None = 0
     as_address: str = DEFAULT_AS_ADDRESS
     report_delay: float = 0.0
+    tokens: SimTokens | None = None  # None: no token endpoint, MSGS calls need no token
 
 
 def gateway(identity: str, gw_type: str, service_ids: tuple[str, ...]) -> GatewayPolicy:
@@ -108,6 +111,7 @@ def load(path: Path) -> SimSettings:
         except ValueError as exc:
             raise table.error("service_ids", str(exc)) from None
         table.check_unknown()
+    tokens = _tokens(root.table("tokens"), base) if "tokens" in root else None
     root.check_unknown()
     return SimSettings(
         identity=identity,
@@ -121,26 +125,73 @@ def load(path: Path) -> SimSettings:
         operator_port=operator_port,
         as_address=as_address,
         report_delay=report_delay,
+        tokens=tokens,
     )
+
+
+def _tokens(table: Options, base: Path) -> SimTokens:
+    """``[tokens]`` and its ``[[tokens.clients]]``; keys are files, secrets references."""
+    issuer = table.get_str("issuer")
+    key_pem = _private_key(table, "key", "key_passphrase", base)
+    clients = []
+    for entry in table.tables("clients"):
+        secret = entry.secret("secret", required=False)
+        public_key = _read(entry, "public_key", base, required=False) or None
+        if secret is None and public_key is None:
+            raise entry.error("secret", "give a secret (client_secret_basic) or public_key")
+        clients.append(
+            TokenClient(
+                client_id=entry.get_str("id"),
+                secret=secret,
+                public_key_pem=public_key,
+                algorithm=entry.get_choice("algorithm", ("ES256", "RS256"), "ES256"),
+                scopes=entry.get_str_list("scopes", GATEWAY_SCOPES),
+            )
+        )
+        entry.check_unknown()
+    algorithm = table.get_choice("algorithm", ("ES256", "RS256", "PS256", "EdDSA"), "ES256")
+    try:
+        TokenIssuer(issuer=issuer, key_pem=key_pem, algorithm=algorithm)  # key fits algorithm?
+    except ConfigError as exc:
+        raise table.error("algorithm", exc.problem) from None
+    tokens = SimTokens(
+        issuer=issuer,
+        key_pem=key_pem,
+        algorithm=algorithm,
+        key_id=table.get_str("key_id", None),
+        ttl=table.get_float("ttl", 300.0, minimum=10.0),
+        required=table.get_bool("required", True),
+        audiences=table.get_str_list("audience", ()),
+        leeway=table.get_float("leeway", 30.0),
+        clients=tuple(clients),
+    )
+    table.check_unknown()
+    return tokens
 
 
 def _identity(tls: Options, base: Path) -> TlsIdentity:
     cert = _read(tls, "cert", base)
-    key = _read(tls, "key", base)
-    passphrase = tls.secret("key_passphrase", required=False)
+    return TlsIdentity(
+        cert_chain_pem=cert, key_pem=_private_key(tls, "key", "key_passphrase", base)
+    )
+
+
+def _private_key(options: Options, name: str, passphrase_name: str, base: Path) -> bytes:
+    """A PEM private key file, decrypted in memory and re-serialised as plain PKCS#8."""
+    key = _read(options, name, base)
+    passphrase = options.secret(passphrase_name, required=False)
     try:
         loaded = serialization.load_pem_private_key(
             key, password=passphrase.read_bytes().rstrip(b"\r\n") if passphrase else None
         )
     except (ValueError, TypeError) as exc:
         # TypeError: encrypted without a passphrase, or a passphrase for a plain key.
-        raise CredentialError(f"{tls.key('key')}: cannot load the private key: {exc}") from None
-    plain = loaded.private_bytes(
+        raise CredentialError(f"{options.key(name)}: cannot load the private key: {exc}") from None
+    return loaded.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    return TlsIdentity(cert_chain_pem=cert, key_pem=plain)
 
 
 def _trust(tls: Options, base: Path) -> TrustAnchors:
