@@ -7,6 +7,7 @@ here for their common keys and handed to the plugins for the rest.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,15 @@ class RelaySettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsSettings:
+    """The optional Prometheus endpoint (``[metrics]``); absent means no listener."""
+
+    host: str
+    port: int
+    allow_remote: bool  # a non-loopback listen address must be asked for explicitly
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LogSettings:
     level: str
     format: str  # auto | json | console
@@ -76,6 +86,9 @@ class Settings:
     drain_timeout: float
     credentials: tuple[PluginSettings, ...]
     transports: tuple[TransportSettings, ...]
+    # Defaults keep Settings(...) calls elsewhere working without these keys.
+    metrics: MetricsSettings | None = None
+    cert_warning_days: int = 30  # warn (credentials.expiring) this close to a cert's end
 
     def credential(self, name: str) -> PluginSettings | None:
         return next((c for c in self.credentials if c.name == name), None)
@@ -105,6 +118,7 @@ def parse(data: dict[str, Any], path: Path) -> Settings:
     gateway_type = GatewayType(gw.get_choice("type", tuple(GatewayType)))
     state_dir = gw.get_path("state_dir", None, base=base) or base / "state"
     drain_timeout = gw.get_float("drain_timeout", 10.0)
+    cert_warning_days = gw.get_int("cert_warning_days", 30, minimum=0)
     gw.check_unknown()
 
     credentials = tuple(
@@ -161,6 +175,7 @@ def parse(data: dict[str, Any], path: Path) -> Settings:
     retry = _retry(root.table("retry"))
     relay = _relay(root.table("relay"))
     log = _log(root.table("log"))
+    metrics = _metrics(root.table("metrics"))
 
     transports = tuple(
         _transport_settings(opts, name, base) for name, opts in _named_tables(root, "transports")
@@ -184,7 +199,33 @@ def parse(data: dict[str, Any], path: Path) -> Settings:
         drain_timeout=drain_timeout,
         credentials=credentials,
         transports=transports,
+        metrics=metrics,
+        cert_warning_days=cert_warning_days,
     )
+
+
+def _metrics(mt: Options) -> MetricsSettings | None:
+    if "listen" not in mt.raw():
+        mt.check_unknown()
+        return None
+    host, port = _host_port(mt, "listen")
+    allow_remote = mt.get_bool("allow_remote", False)
+    mt.check_unknown()
+    # The endpoint has no authentication: exposing it beyond this host is opt-in.
+    if not allow_remote and not _is_loopback(host):
+        raise mt.error(
+            "listen", f"{host!r} is not a loopback address; set allow_remote = true to expose it"
+        )
+    return MetricsSettings(host=host, port=port, allow_remote=allow_remote)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve anywhere
 
 
 def _store(st: Options, state_dir: Path, base: Path) -> StoreSettings:

@@ -16,12 +16,14 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from gatewayd import log as logmod
+from gatewayd import metrics
 from gatewayd.api import (
     Acceptance,
     CredentialBackend,
@@ -54,6 +56,10 @@ log = structlog.get_logger(__name__)
 
 EXPIRY_SWEEP_SECONDS = 2.0
 CREDENTIAL_POLL_SECONDS = 2.0
+# A rotation writes several files (key, chain, CA, CRL): reload only once the watched
+# files have stopped changing for this long, so a half-done rotation is not read.
+CREDENTIAL_SETTLE_SECONDS = 0.5
+CERT_EXPIRY_CHECK_SECONDS = 86400.0  # the once-a-day credentials.expiring check
 
 
 class _PluginContext:
@@ -105,6 +111,11 @@ class Gateway:
         self._client: MsgsClient | None = None
         self._server_tls: ssl.SSLContext | None = None
         self._registrar: Registrar | None = None
+        self.metrics_port: int | None = None
+        # SIGHUP and the file watcher may both ask for a reload: one at a time.
+        self._reload_lock = asyncio.Lock()
+        self._watched: dict[Path, tuple[int, int, int]] = {}
+        self._not_after: dict[str, datetime] = {}
 
     @property
     def store(self) -> Store:
@@ -127,7 +138,10 @@ class Gateway:
 
             await self._load_credentials()
             stack.push_async_callback(self._close_credentials)
+            self._watched = self._snapshot_credential_files()
             client_tls, self._server_tls = self._build_tls()
+            self._check_expiry()
+            stack.callback(metrics.REGISTRY.add_collector("gateway", self._collect_metrics))
 
             self._client = MsgsClient(
                 s.northbound.api_root,
@@ -150,6 +164,7 @@ class Gateway:
             stack.push_async_callback(api.close)
             self.api_port = await api.start(s.api.host, s.api.port, self._server_tls)
             log.info("api.listening", host=s.api.host, port=self.api_port, prefix=api.prefix)
+            await self._start_metrics(stack)
 
             self._registrar = Registrar(
                 self._client,
@@ -201,6 +216,7 @@ class Gateway:
                 self._spawn(f"worker:{name}", worker.run())
             self._spawn("expiry", self._expiry_loop(dispatcher))
             self._spawn("credentials:watch", self._watch_credentials())
+            self._spawn("credentials:expiry", self._expiry_check_loop())
             if self.notifier.watchdog_interval:
                 self._spawn("watchdog", self._watchdog(self.notifier.watchdog_interval))
 
@@ -305,6 +321,17 @@ class Gateway:
             self._spawn(f"transport:{ts.name}", transport.run())
             log.info("transport.started", transport=ts.name, plugin=ts.plugin)
 
+    async def _start_metrics(self, stack: AsyncExitStack) -> None:
+        """The optional Prometheus endpoint; gauges and counters exist without it."""
+        ms = self.settings.metrics
+        if ms is None:
+            return
+        exporter = metrics.MetricsServer()
+        stack.push_async_callback(exporter.close)
+        bound = await exporter.start(ms.host, ms.port)
+        self.metrics_port = bound.port
+        log.info("metrics.listening", host=bound.host, port=bound.port, path="/metrics")
+
     async def _stop_transport(self, transport: Transport) -> None:
         try:
             await transport.stop()
@@ -401,41 +428,117 @@ class Gateway:
 
     async def reload(self) -> None:
         """SIGHUP: re-read credential material; new connections use it."""
-        self.notifier.reloading()
-        try:
-            for name, backend in self.credentials.items():
-                await _load_one(name, backend)
-            client_tls = self._client_tls()
-            api_identity, _ = self._api_material()
-        except GatewaydError as exc:
-            # Keep serving with the material we have; a broken rotation must not stop us.
-            log.error("credentials.reload_failed", error=str(exc))
-        else:
-            assert self._client is not None
-            assert self._server_tls is not None
-            self._client.use_tls(client_tls)
-            # The listening socket keeps its context: load the new chain into it.
-            tls.load_identity(self._server_tls, api_identity)
-            log.info("credentials.reloaded")
-        self.notifier.ready("reloaded")
+        async with self._reload_lock:
+            self.notifier.reloading()
+            # Taken before reading: a file that changes while we read is seen as changed
+            # again by the watcher, so the rotation's last write is never missed.
+            self._watched = self._snapshot_credential_files()
+            try:
+                for name, backend in self.credentials.items():
+                    await _load_one(name, backend)
+                client_tls = self._client_tls()
+                api_identity, api_trust = self._api_material()
+                # Build a throw-away server context first: bad material must fail here,
+                # before either live context is touched.
+                tls.server_context(api_identity, api_trust, require_client_cert=True)
+            except GatewaydError as exc:
+                # Keep serving with the material we have; a broken rotation must not stop
+                # us. The next change on disk (or SIGHUP) tries again.
+                metrics.CREDENTIAL_RELOADS.inc(outcome="failed")
+                log.error("credentials.reload_failed", error=str(exc))
+            else:
+                assert self._client is not None
+                assert self._server_tls is not None
+                self._client.use_tls(client_tls)
+                # The listening socket keeps its context: load the new chain into it, and
+                # add the new CAs and CRLs (a newer CRL wins for new handshakes; a CA taken
+                # out of the bundle stays trusted by the API until a restart).
+                tls.load_identity(self._server_tls, api_identity)
+                tls.load_trust(self._server_tls, api_trust)
+                metrics.CREDENTIAL_RELOADS.inc(outcome="ok")
+                log.info("credentials.reloaded")
+            self._check_expiry()
+            self.notifier.ready("reloaded")
+
+    def _snapshot_credential_files(self) -> dict[Path, tuple[int, int, int]]:
+        # mtime alone misses a rewrite within one coarse kernel clock tick; an atomic
+        # replace (mv) always changes the inode, a rewrite in place usually the size.
+        out = {}
+        for backend in self.credentials.values():
+            for path in backend.watched_paths():
+                with contextlib.suppress(OSError):
+                    st = os.stat(path)
+                    out[path] = (st.st_mtime_ns, st.st_size, st.st_ino)
+        return out
 
     async def _watch_credentials(self) -> None:
-        def snapshot() -> dict[Path, float]:
-            out = {}
-            for backend in self.credentials.values():
-                for path in backend.watched_paths():
-                    with contextlib.suppress(OSError):
-                        out[path] = os.stat(path).st_mtime
-            return out
-
-        seen = snapshot()
         while True:
             await asyncio.sleep(CREDENTIAL_POLL_SECONDS)
-            now = snapshot()
-            if now != seen:
-                seen = now
-                log.info("credentials.changed_on_disk")
-                await self.reload()
+            if self._snapshot_credential_files() == self._watched:
+                continue
+            # Let a multi-file rotation finish (bounded, so a file rewritten forever
+            # still gets reloaded now and then).
+            settled = self._snapshot_credential_files()
+            for _ in range(20):
+                await asyncio.sleep(CREDENTIAL_SETTLE_SECONDS)
+                now = self._snapshot_credential_files()
+                if now == settled:
+                    break
+                settled = now
+            log.info("credentials.changed_on_disk")
+            await self.reload()
+
+    def _check_expiry(self) -> None:
+        """Warn about every backend's TLS certificate within ``gateway.cert_warning_days``
+        of its end and record its expiry for the metrics. At start, on every reload and
+        once a day: a certificate nobody rotates still gets noticed."""
+        warning_days = self.settings.cert_warning_days
+        not_after: dict[str, datetime] = {}
+        for name, backend in self.credentials.items():
+            try:
+                identity = backend.tls_identity()
+                facts = leaf_facts(identity.cert_chain_pem) if identity is not None else None
+            except GatewaydError:
+                continue  # not loaded: start-up or reload already said why
+            if facts is None:
+                continue
+            not_after[name] = facts.not_after
+            days_left = facts.days_left()
+            if days_left < warning_days:
+                log.warning(
+                    "credentials.expiring",
+                    credentials=name,
+                    subject=facts.subject,
+                    not_after=facts.not_after.isoformat(),
+                    days_left=round(days_left, 1),
+                    warning_days=warning_days,
+                )
+        self._not_after = not_after
+        self._set_expiry_gauges()
+
+    def _set_expiry_gauges(self) -> None:
+        now = datetime.now(UTC)
+        for gauge in (metrics.CREDENTIAL_NOT_AFTER, metrics.CREDENTIAL_DAYS_LEFT):
+            gauge.clear()  # an instance that no longer has a certificate drops out
+        for name, when in self._not_after.items():
+            metrics.CREDENTIAL_NOT_AFTER.set(when.timestamp(), credentials=name)
+            days_left = (when - now).total_seconds() / 86400
+            metrics.CREDENTIAL_DAYS_LEFT.set(round(days_left, 3), credentials=name)
+
+    async def _collect_metrics(self) -> None:
+        """Before each scrape: days left as of now, and the store's backlog per queue."""
+        self._set_expiry_gauges()
+        if self._store is None:
+            return
+        stats = await self._store.stats()
+        for queue, counts in stats["queues"].items():
+            metrics.STORE_BACKLOG.set(counts["pending"], queue=queue)
+            metrics.STORE_DEAD.set(counts["dead"], queue=queue)
+
+    async def _expiry_check_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CERT_EXPIRY_CHECK_SECONDS)
+            self._check_expiry()
 
     async def _watchdog(self, interval: float) -> None:
         # Ping only while the loop keeps time: a stalled loop must let systemd restart us.

@@ -1,0 +1,268 @@
+"""The metrics endpoint and certificate expiry, seen as an operator sees them.
+
+A real ``gatewayd run`` process, the reference server in this process, scrapes over
+real HTTP, and the gateway's JSON log read from the file it writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from cryptography import x509
+
+from gatewayd import harness, metrics, pki
+from gatewayd.errors import ExitCode
+from gatewayd.harness import DEMO_SERVICE_ID, Pki
+from gatewayd.sim.server import SimServer
+
+GATEWAYD = [sys.executable, "-m", "gatewayd.cli"]
+TOKEN = "metrics-test-token"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def transport(port: int) -> str:
+    return f"""
+[transports.web]
+plugin = "http"
+listen = "127.0.0.1:{port}"
+[[transports.web.devices]]
+device = "sensor-1"
+service_id = "{DEMO_SERVICE_ID}"
+token = {{ env = "GATEWAYD_TEST_TOKEN" }}
+"""
+
+
+def write_config(
+    tmp_path: Path, tls: Pki, api_root: str, *, device_port: int, extra: str = ""
+) -> Path:
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        harness.gateway_toml(
+            tls,
+            api_root=api_root,
+            state_dir=tmp_path / "state",
+            transports=transport(device_port),
+            extra='[log]\nformat = "json"\n' + extra,
+        )
+    )
+    return path
+
+
+def events(log_path: Path, name: str) -> list[dict[str, Any]]:
+    out = []
+    for line in log_path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if entry.get("event") == name:
+                out.append(entry)
+    return out
+
+
+def tail(log_path: Path) -> str:
+    return log_path.read_text()[-3000:]
+
+
+async def wait_for_event(log_path: Path, name: str, count: int = 1, timeout: float = 30) -> None:
+    # The log is a file another process writes: polling it is the only way to watch.
+    async with asyncio.timeout(timeout):
+        while True:
+            if len(events(log_path, name)) >= count:
+                return
+            await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def gateway_process(
+    config: Path, log_path: Path
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``gatewayd run`` until it logged gateway.started; SIGTERM and exit 0 on the way out."""
+    env = {**os.environ, "GATEWAYD_TEST_TOKEN": TOKEN}
+    with log_path.open("wb") as stderr:
+        proc = await asyncio.create_subprocess_exec(
+            *GATEWAYD, "run", "--config", str(config), env=env, stderr=stderr
+        )
+    try:
+        await wait_for_event(log_path, "gateway.started")
+        yield proc
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0, tail(log_path)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def scrape(port: int) -> tuple[str, dict[str, dict[tuple[str, ...], float]]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as resp,
+    ):
+        assert resp.status == 200
+        text = await resp.text()
+        return resp.headers["Content-Type"], metrics.parse(text)
+
+
+def reissue_gateway(tls: Pki, **validity: Any) -> x509.Certificate:
+    """A new gateway certificate from the same CA, written over the configured files."""
+    ca = pki.load_ca(tls["ca"], tls["ca_key"])
+    issued = pki.issue(
+        ca,
+        "gatewayd",
+        dns=("localhost",),
+        uris=(pki.DEMO_GATEWAY_ID,),
+        ips=("127.0.0.1", "::1"),
+        **validity,
+    )
+    pki.write_pair(tls["gateway"].parent, "gateway", issued)
+    return issued.cert
+
+
+def test_registry_text_format_round_trips() -> None:
+    registry = metrics.Registry()
+    counter = registry.counter("t_total", "a test\ncounter", ("kind",))
+    gauge = registry.gauge("t_level", "a gauge")
+    counter.inc(kind='odd "quoted", with\\comma\nand newline')
+    counter.inc(2, kind="plain")
+    gauge.set(-1.5)
+    text = asyncio.run(registry.render())
+    assert "# TYPE t_total counter" in text
+    assert "# HELP t_total a test\\ncounter" in text
+    parsed = metrics.parse(text)
+    assert parsed["t_total"] == {('odd "quoted", with\\comma\nand newline',): 1.0, ("plain",): 2.0}
+    assert parsed["t_level"] == {(): -1.5}
+    assert registry.counter("t_total", "a test\ncounter", ("kind",)) is counter  # idempotent
+
+
+async def test_scrape_counts_messages_backlog_and_certificate_expiry(
+    tmp_path: Path, loopback_pki: Pki, sim: SimServer
+) -> None:
+    device_port, metrics_port = free_port(), free_port()
+    config = write_config(
+        tmp_path,
+        loopback_pki,
+        sim.api_root,
+        device_port=device_port,
+        extra=f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n',
+    )
+    log_path = tmp_path / "gateway.log"
+    async with gateway_process(config, log_path):
+        await sim.wait_for(lambda: bool(sim.registrations), timeout=10)
+        async with aiohttp.ClientSession() as session:
+            for i in range(3):
+                async with session.post(
+                    f"http://127.0.0.1:{device_port}/v1/devices/sensor-1/messages",
+                    json={"payload": f"n={i}", "msgId": f"m-{i}"},
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                ) as resp:
+                    assert resp.status == 202
+        await sim.wait_for(lambda: len(sim.uplinks) == 3, timeout=10)
+        await wait_for_event(log_path, "message.forwarded", 3)
+        content_type, values = await scrape(metrics_port)
+
+    assert content_type.startswith("text/plain; version=0.0.4")
+    messages = values["gatewayd_messages_total"]
+    assert messages[("uplink", "received")] == 3
+    assert messages[("uplink", "forwarded")] == 3
+    assert values["gatewayd_store_backlog"] == {("uplink",): 0, ("downlink",): 0, ("report",): 0}
+    cert = x509.load_pem_x509_certificate(loopback_pki["gateway"].read_bytes())
+    expected = cert.not_valid_after_utc.timestamp()
+    assert values["gatewayd_credential_not_after_seconds"] == {("northbound",): expected}
+    days_left = values["gatewayd_credential_days_left"][("northbound",)]
+    assert 364 < days_left < 366
+    assert events(log_path, "metrics.listening")[0]["port"] == metrics_port
+    assert events(log_path, "credentials.expiring") == []  # a year left: no warning
+
+
+async def test_expiring_certificate_warns_at_start_and_on_reload(
+    tmp_path: Path, loopback_pki: Pki, sim: SimServer
+) -> None:
+    """The core warns for any backend (x509's own warning switched off here), by the
+    threshold in gateway.cert_warning_days, and the gauge shows the days left."""
+    cert = reissue_gateway(loopback_pki, days=10)
+    metrics_port = free_port()
+    config = write_config(
+        tmp_path,
+        loopback_pki,
+        sim.api_root,
+        device_port=free_port(),
+        extra=f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n',
+    )
+    text = config.read_text()
+    text = text.replace("drain_timeout = 5.0", "drain_timeout = 5.0\ncert_warning_days = 14")
+    text = text.replace(
+        f'ca = "{loopback_pki["ca"]}"', f'ca = "{loopback_pki["ca"]}"\nexpiry_warning_days = 0'
+    )
+    config.write_text(text)
+    log_path = tmp_path / "gateway.log"
+    async with gateway_process(config, log_path) as proc:
+        (warning,) = events(log_path, "credentials.expiring")
+        assert warning["level"] == "warning"
+        assert warning["credentials"] == "northbound"
+        assert warning["warning_days"] == 14
+        assert 9 < warning["days_left"] <= 10
+        assert warning["not_after"] == cert.not_valid_after_utc.isoformat()
+        _, values = await scrape(metrics_port)
+        assert 9 < values["gatewayd_credential_days_left"][("northbound",)] <= 10
+
+        proc.send_signal(signal.SIGHUP)
+        await wait_for_event(log_path, "credentials.reloaded")
+        await wait_for_event(log_path, "credentials.expiring", 2)
+        _, values = await scrape(metrics_port)
+        assert values["gatewayd_credential_reloads_total"] == {("ok",): 1}
+
+
+def test_expired_identity_is_refused_with_exit_77(tmp_path: Path, loopback_pki: Pki) -> None:
+    now = dt.datetime.now(dt.UTC)
+    reissue_gateway(
+        loopback_pki, not_before=now - dt.timedelta(days=30), not_after=now - dt.timedelta(days=1)
+    )
+    config = write_config(tmp_path, loopback_pki, "https://127.0.0.1:9", device_port=free_port())
+    env = {**os.environ, "GATEWAYD_TEST_TOKEN": TOKEN}
+    for command in (["check-config", str(config)], ["run", "--config", str(config)]):
+        result = subprocess.run(
+            [*GATEWAYD, *command], capture_output=True, text=True, timeout=60, env=env, check=False
+        )
+        assert result.returncode == ExitCode.CREDENTIALS, result.stderr
+        assert "gateway.pem" in result.stderr
+        assert "expired" in result.stderr
+        assert '"event": "gateway.started"' not in result.stderr
+
+
+def test_metrics_listener_must_be_loopback_unless_allowed(
+    tmp_path: Path, loopback_pki: Pki
+) -> None:
+    def check(extra: str) -> subprocess.CompletedProcess[str]:
+        config = write_config(
+            tmp_path, loopback_pki, "https://127.0.0.1:9", device_port=free_port(), extra=extra
+        )
+        return subprocess.run(
+            [*GATEWAYD, "check-config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "GATEWAYD_TEST_TOKEN": TOKEN},
+            check=False,
+        )
+
+    refused = check('[metrics]\nlisten = "0.0.0.0:9464"\n')
+    assert refused.returncode == ExitCode.CONFIG
+    assert "metrics.listen: '0.0.0.0' is not a loopback address" in refused.stderr
+    assert check('[metrics]\nlisten = "0.0.0.0:9464"\nallow_remote = true\n').returncode == 0
+    assert check('[metrics]\nlisten = "[::1]:9464"\n').returncode == 0
