@@ -18,7 +18,9 @@ from gatewayd.api import Device, Options, PluginSettings, TransportSettings
 from gatewayd.errors import ConfigError
 from gatewayd.msgin5g.model import Address
 from gatewayd.msgin5g.registration import GatewayType
+from gatewayd.northbound.paths import gateway_api_prefix
 from gatewayd.retry import RetryPolicy
+from gatewayd.security.tokens import TokenGate, read_gate
 from gatewayd.store import StoreSettings
 
 
@@ -47,6 +49,7 @@ class ApiSettings:
     credentials: str  # backend with our server identity and the CAs for client certs
     allowed_peers: tuple[str, ...]  # server identities (URI or DNS SAN) that may call us
     max_body: int
+    token: TokenGate | None = None  # [api.token]: the bearer token the server must present
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -168,6 +171,15 @@ def parse(data: dict[str, Any], path: Path) -> Settings:
         credentials=credential_ref(api_opts, "credentials", northbound.credentials),
         allowed_peers=api_opts.get_str_list("allowed_peers", (northbound.server_name,)),
         max_body=api_opts.get_int("max_body", 64 * 1024, minimum=1024),
+        token=read_gate(
+            api_opts.table("token"),
+            default_audience=gateway_id,
+            # The MSGG API we serve is the scope a caller needs (msgg-n3gdelivery, ...).
+            default_scope=gateway_api_prefix(gateway_type).split("/")[1],
+            base=base,
+        )
+        if "token" in api_opts
+        else None,
     )
     api_opts.check_unknown()
 

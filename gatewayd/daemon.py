@@ -160,6 +160,7 @@ class Gateway:
                 allowed_peers=s.api.allowed_peers,
                 max_body=s.api.max_body,
                 reply_route_ttl=s.relay.reply_route_ttl,
+                token=s.api.token,
             )
             stack.push_async_callback(api.close)
             self.api_port = await api.start(s.api.host, s.api.port, self._server_tls)
