@@ -95,9 +95,10 @@ class Intake:
         if receipt is None:
             self._log.warning("smpp.receipt.unreadable", source=sm.source_addr)
         elif receipt.final and not self._book.resolve(receipt):
-            # Not waited for: a late receipt after a timeout, or one from before a restart.
-            self._log.info(
-                "smpp.receipt.unmatched", smsc_message_id=receipt.message_id, stat=receipt.stat
+            # Nobody waits for it yet: it overtook its submit's task (kept for it), or it
+            # is late (after receipt_timeout, or from before a restart) and stays unclaimed.
+            self._log.debug(
+                "smpp.receipt.held", smsc_message_id=receipt.message_id, stat=receipt.stat
             )
         # A receipt is only information for us; acking it at once stops SMSC resends.
         await held.answer(Status.ROK)

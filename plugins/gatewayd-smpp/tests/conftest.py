@@ -52,7 +52,9 @@ class MemoryContext:
             await self.gate.wait()
         if self.refuse is not None:
             raise self.refuse
-        duplicate = any(u.msg_id == uplink.msg_id for u in self.accepted)
+        duplicate = uplink.msg_id is not None and any(
+            u.msg_id == uplink.msg_id for u in self.accepted
+        )
         if not duplicate:
             self.accepted.append(uplink)
         return Acceptance(msg_id=uplink.msg_id or f"gw-{len(self.accepted)}", duplicate=duplicate)

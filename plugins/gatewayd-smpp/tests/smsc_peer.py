@@ -107,7 +107,5 @@ class Smsc:
 
     async def next(self, kind: str, *, after: int = 0, timeout: float = 10.0) -> Event:
         """The first event of ``kind`` beyond the first ``after`` of that kind."""
-        events = await self.wait_for(
-            lambda e: e["event"] == kind, count=after + 1, timeout=timeout
-        )
+        events = await self.wait_for(lambda e: e["event"] == kind, count=after + 1, timeout=timeout)
         return events[after]

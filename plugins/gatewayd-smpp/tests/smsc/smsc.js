@@ -92,7 +92,8 @@ function handle(cmd) {
       const fields = {source_addr: cmd.source, source_addr_ton: 1, source_addr_npi: 1,
         destination_addr: cmd.dest || '4000', esm_class: cmd.esm_class || 0,
         data_coding: cmd.data_coding};
-      const body = cmd.udh ? {udh: Buffer.from(cmd.udh, 'hex'), message: cmd.text} : cmd.text;
+      let body = cmd.udh ? {udh: Buffer.from(cmd.udh, 'hex'), message: cmd.text} : cmd.text;
+      if (cmd.hex !== undefined) body = Buffer.from(cmd.hex, 'hex');  // raw octets
       if (cmd.payload_tlv) fields.message_payload = body; else fields.short_message = body;
       for (const [key, value] of Object.entries(cmd.tlvs || {})) fields[key] = value;
       const sent = session && session.deliver_sm(fields, (resp) => emit({event: 'deliver_sm_resp',
@@ -130,7 +131,15 @@ function handle(cmd) {
 }
 
 readline.createInterface({input: process.stdin}).on('line', (line) => {
-  if (line.trim()) handle(JSON.parse(line));
+  if (!line.trim()) return;
+  const cmd = JSON.parse(line);
+  try {
+    handle(cmd);
+  } catch (err) {
+    // Report, never die: the test then fails on its own assertion, with this in view.
+    emit({event: 'error', error: String(err)});
+    emit({event: 'done', op: cmd.op, seq: cmd.seq});
+  }
 });
 process.stdin.on('end', () => process.exit(0));
 
