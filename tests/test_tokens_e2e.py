@@ -21,11 +21,13 @@ from e2e_device import Device
 from structlog.testing import capture_logs
 
 from gatewayd import harness, pki
+from gatewayd.errors import ConfigError
 from gatewayd.harness import DEMO_SERVICE_ID, Pki, http_transport_mtls
 from gatewayd.options import SecretRef
 from gatewayd.security.tls import client_context
 from gatewayd.security.tokens import cert_thumbprint
 from gatewayd.sim.server import SimServer
+from gatewayd.sim.settings import load as sim_load
 from gatewayd.sim.tokens import SimTokens, TokenClient
 from gatewayd.testing import running_gateway
 from gatewayd.testing.schemas import validate
@@ -275,3 +277,45 @@ async def test_token_endpoint_client_secret_basic_and_errors(
         assert not any(CLIENT_SECRET in repr(e) for e in logs)
         assert sim.token_requests == 5
         assert len(sim.token_grants) == 1
+
+
+def test_sim_tokens_settings_from_toml(
+    tmp_path: Path, loopback_pki: Pki, secret_env: SecretRef
+) -> None:
+    token_key = tmp_path / "token-signing.key"
+    pki.write_private(token_key, _pem(pki.new_key("ec")))
+    client_key = tmp_path / "client.pub.pem"
+    client_key.write_bytes(_public_pem(pki.new_key("ec")))
+    base = (
+        f'[tls]\ncert = "{loopback_pki["server"]}"\nkey = "{loopback_pki["server_key"]}"\n'
+        f'ca = "{loopback_pki["ca"]}"\n'
+    )
+    tokens = (
+        f'[tokens]\nissuer = "{ISSUER}"\nkey = "{token_key}"\nttl = 120\nrequired = true\n'
+        '[[tokens.clients]]\nid = "urn:client:a"\n'
+        'secret = { env = "SIM_TEST_CLIENT_SECRET" }\n'
+        f'public_key = "{client_key}"\n'
+    )
+    conf = tmp_path / "sim.toml"
+    conf.write_text(base + tokens, encoding="utf-8")
+    loaded = sim_load(conf).tokens
+    assert loaded is not None
+    assert (loaded.issuer, loaded.algorithm, loaded.ttl, loaded.required) == (
+        ISSUER,
+        "ES256",
+        120.0,
+        True,
+    )
+    (client,) = loaded.clients
+    assert (client.client_id, client.secret) == ("urn:client:a", secret_env)
+    assert client.public_key_pem == client_key.read_bytes()
+    # Errors name the key: an inline secret, an algorithm that does not fit the key.
+    conf.write_text(base + tokens.replace('{ env = "SIM_TEST_CLIENT_SECRET" }', '"x"'))
+    with pytest.raises(ConfigError, match=r"tokens\.clients\[0\]\.secret: inline secrets"):
+        sim_load(conf)
+    conf.write_text(base + tokens.replace("ttl = 120", 'algorithm = "RS256"'))
+    with pytest.raises(ConfigError, match=r"tokens\.algorithm"):
+        sim_load(conf)
+    # Without the table the sim has no token endpoint and asks for no token.
+    conf.write_text(base)
+    assert sim_load(conf).tokens is None
