@@ -65,6 +65,13 @@ class Registrar:
         a refusal is a config or credential problem no retry can fix (see ``refused``)."""
         attempt = 0
         while True:
+            if not self._service_ids():
+                # The registration needs at least one UE Service ID: a gateway that only
+                # learns its devices (service_id_template) registers with the first one.
+                log.info("registration.deferred", reason="no UE Service IDs yet")
+                self._changed.clear()
+                await self._changed.wait()
+                continue
             try:
                 await self._register_or_update()
                 attempt = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,3 +30,16 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
 @pytest.fixture
 def context() -> MemoryContext:
     return MemoryContext()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip ``slow`` tests unless long mode is on, also when only this folder runs.
+
+    tests/conftest.py owns ``--long`` and does the same at collection, but pytest loads
+    it only when the run includes tests/; hence the option is read with a default.
+    """
+    if "slow" not in item.keywords:
+        return
+    if item.config.getoption("--long", default=False) or os.environ.get("GATEWAYD_LONG") == "1":
+        return
+    pytest.skip("long mode: run with --long or GATEWAYD_LONG=1")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,9 @@ from gatewayd.api import (
     Uplink,
 )
 
-LONG = os.environ.get("GATEWAYD_LONG") == "1"
-BURST = 10_000 if LONG else 1_000
+# Burst sizes: the moderate one always runs; the long one only under @pytest.mark.slow.
+BURST = 1_000
+LONG_BURST = 10_000
 TEMPLATE = "{device}@iot.example"
 
 
@@ -225,3 +226,39 @@ async def until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():  # noqa: ASYNC110 - nothing to wait on but the counter
             await asyncio.sleep(0.005)
+
+
+async def publish_stubbornly(
+    broker: Mosquitto,
+    ids: list[str],
+    progress: list[int],
+    *,
+    devices: int = 1,
+    client_id: str = "stubborn-device",
+) -> None:
+    """A device that republishes whatever was not PUBACKed, across broker restarts
+    (at-least-once on its side; the msgIds let the gateway drop the repeats).
+
+    Message ``i`` goes to ``devices/sensor-{i % devices}/up``; ``progress[0]`` counts
+    the PUBACKed ones."""
+    i = 0
+    while i < len(ids):
+        try:
+            async with device_client(broker, client_id, clean_start=False) as dev:
+                while i < len(ids):
+                    batch = range(i, min(i + 20, len(ids)))
+                    await asyncio.gather(
+                        *(
+                            dev.publish(
+                                f"devices/sensor-{j % devices}/up",
+                                json.dumps({"msgId": ids[j], "payload": ids[j]}),
+                                qos=1,
+                                timeout=5,
+                            )
+                            for j in batch
+                        )
+                    )
+                    i = batch.stop
+                    progress[0] = i
+        except aiomqtt.MqttError:
+            await asyncio.sleep(0.1)
