@@ -68,12 +68,6 @@ class MemoryContext:
     def credentials(self, name: str) -> CredentialBackend:
         raise ConfigError(f"credentials.{name}", "no such credentials")
 
-    async def wait_accepted(self, count: int = 1, timeout: float = 10.0) -> list[Uplink]:
-        async with asyncio.timeout(timeout):
-            while len(self.accepted) < count:
-                await asyncio.sleep(0.01)
-        return self.accepted
-
 
 def make_settings(options: dict[str, Any], devices: list[str] | None = None) -> TransportSettings:
     """What the core passes: the plugin's own keys and the mapped devices."""

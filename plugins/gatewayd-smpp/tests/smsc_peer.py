@@ -84,7 +84,8 @@ class Smsc:
 
     async def command(self, op: str, **fields: Any) -> None:
         """Send a command and wait until the SMSC has carried it out."""
-        assert self._proc is not None and self._proc.stdin is not None
+        assert self._proc is not None
+        assert self._proc.stdin is not None
         seq = next(self._seq)
         self._proc.stdin.write(json.dumps({"op": op, "seq": seq, **fields}).encode() + b"\n")
         await self._proc.stdin.drain()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 from conftest import DEVICE, Starter
@@ -34,7 +35,8 @@ async def test_single_mo_is_accepted_with_its_text(
     (uplink,) = context.accepted
     assert uplink.device == DEVICE
     assert uplink.payload == text
-    assert uplink.msg_id is not None and uplink.msg_id.startswith("sms-")
+    assert uplink.msg_id is not None
+    assert uplink.msg_id.startswith("sms-")
 
 
 async def test_plus_prefixed_source_and_message_payload_tlv(
@@ -64,11 +66,14 @@ def udh16(ref: int, total: int, seq: int) -> str:
     ],
 )
 async def test_multipart_mo_is_reassembled_before_accept(
-    smsc: Smsc, start_transport: Starter, chunks: list[str], data_coding: int, udh: object
+    smsc: Smsc,
+    start_transport: Starter,
+    chunks: list[str],
+    data_coding: int,
+    udh: Callable[[int, int, int], str],
 ) -> None:
     _, context = await start_transport()
     total = len(chunks)
-    make = udh  # type: ignore[assignment]
     # Parts arrive out of order, none is acked before the whole message is stored.
     order = list(reversed(range(total)))
     for n, i in enumerate(order):
@@ -78,7 +83,7 @@ async def test_multipart_mo_is_reassembled_before_accept(
             source=DEVICE,
             text=chunks[i],
             data_coding=data_coding,
-            udh=make(300 % 256 if make is udh8 else 300, total, i + 1),  # type: ignore[operator]
+            udh=udh(300 % 256 if udh is udh8 else 300, total, i + 1),
         )
         if n < total - 1:
             await asyncio.sleep(0.1)

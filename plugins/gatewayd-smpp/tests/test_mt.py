@@ -100,7 +100,8 @@ async def test_failed_receipt_is_a_permanent_failure(
     outcome = await transport.deliver(downlink("doomed"))
     assert not outcome.delivered
     assert outcome.permanent
-    assert outcome.cause is not None and outcome.cause.startswith(stat[1])
+    assert outcome.cause is not None
+    assert outcome.cause.startswith(stat[1])
 
 
 async def test_receipt_in_text_form_only(smsc: Smsc, start_transport: Starter) -> None:
