@@ -1,0 +1,97 @@
+"""A full backlog and a full disk: refuse intake (HTTP 503 + Retry-After), lose nothing
+acknowledged, and take messages again once space returns.
+
+The gateway runs in this process, so the test can cap its store's file size
+(``Store.limit_size``: SQLite's page limit, which fails exactly like a full disk).
+The server answers 503 meanwhile, so nothing drains until the test says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+from loadgen import LoadGen, Stats, device_tokens, http_bearer_transport, token_environment
+
+from gatewayd import config
+from gatewayd.sim.server import SimServer
+from gatewayd.testing import running_gateway
+
+
+@pytest.fixture
+def tokens(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    found = device_tokens(5)
+    for name, value in token_environment(found).items():
+        monkeypatch.setenv(name, value)
+    return found
+
+
+def _url(gw: object) -> Callable[[], str]:
+    host, port = gw.transports["web"].address  # type: ignore[attr-defined]
+    return lambda: f"http://{host}:{port}"
+
+
+async def _until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def _refused(stats: Stats) -> int:
+    return stats.statuses[503]
+
+
+async def test_backlog_full_refuses_then_recovers(
+    sim: SimServer, tokens: dict[str, str], gateway_config: Callable[..., config.Settings]
+) -> None:
+    settings = gateway_config(http_bearer_transport(tokens), extra="[store]\nmax_messages = 20\n")
+    async with running_gateway(settings) as gw:
+        await sim.wait_for(lambda: bool(sim.registrations), timeout=20)
+        sim.fail(503, retry_after=1, seconds=600)  # the server is unwell: nothing drains
+        load = LoadGen(_url(gw), tokens, per_device=10)
+        running = asyncio.create_task(load.run(), name="loadgen")
+        await _until(lambda: _refused(load.stats) >= 10, 30, "intake refusals")
+        stats = await gw.store.stats()
+        assert stats["backlog"]["messages"] == 20  # full, and not one more
+        assert len(load.stats.acked) == 20
+        assert set(load.stats.retry_after_seen) == {5.0}  # the store's backlog hint
+
+        sim.faults.clear()  # the server is back: the backlog drains, intake resumes
+        final = await asyncio.wait_for(running, 120)
+        assert len(final.acked) == 50
+        await sim.wait_for(lambda: len(sim.uplinks) == 50, timeout=60)
+    assert {u.message.msg_id for u in sim.uplinks} == final.acked
+
+
+async def test_disk_full_refuses_then_recovers(
+    sim: SimServer, tokens: dict[str, str], gateway_config: Callable[..., config.Settings]
+) -> None:
+    settings = gateway_config(http_bearer_transport(tokens))
+    async with running_gateway(settings) as gw:
+        await sim.wait_for(lambda: bool(sim.registrations), timeout=20)
+        sim.fail(503, retry_after=1, seconds=600)
+        used = (await gw.store.stats())["db_bytes"]
+        await gw.store.limit_size(used + 64 * 1024)  # the disk has 64 KiB left
+        # 1.5 KiB bodies: the cap is reached after a few dozen messages.
+        load = LoadGen(_url(gw), tokens, per_device=30, payload_size=1500)
+        running = asyncio.create_task(load.run(), name="loadgen")
+        await _until(lambda: _refused(load.stats) >= 10, 60, "intake refusals")
+        held = len(load.stats.acked)
+        assert 0 < held < 150
+        assert 30.0 in load.stats.retry_after_seen  # a storage failure says "much later"
+
+        # A sweep of the expiry loop runs meanwhile (every 2 s): the gateway must stay up.
+        await asyncio.sleep(2.5)
+        assert not gw._stop.is_set()
+
+        await gw.store.limit_size(None)  # space returns
+        await _until(lambda: len(load.stats.acked) > held, 30, "intake to resume")
+        sim.faults.clear()
+        final = await asyncio.wait_for(running, 120)
+        assert len(final.acked) == 150
+        await sim.wait_for(lambda: len(sim.uplinks) == 150, timeout=60)
+    assert {u.message.msg_id for u in sim.uplinks} == final.acked
