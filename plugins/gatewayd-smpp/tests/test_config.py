@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import MemoryContext, base_options, make_settings
 from gatewayd_smpp.transport import SmppTransport
 
+from gatewayd import config
 from gatewayd.api import ConfigError, GatewaydError
 
 
@@ -75,3 +77,14 @@ async def test_unset_password_variable_names_the_key(monkeypatch: pytest.MonkeyP
     with pytest.raises(ConfigError) as caught:
         await build(base_options(2775)).start()
     assert caught.value.key == "transports.sms.password"
+
+
+def test_the_l3g_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parents[3] / "conf" / "gatewayd-l3g.example.toml"
+    settings = config.load(example)
+    assert settings.gateway_type == "L3G"
+    (sms,) = settings.transports
+    transport = SmppTransport(sms, MemoryContext(sms.devices))
+    assert transport.config.source.ton == 3
+    assert transport.config.password.kind == "credential"
+    assert sms.service_id_template == "msisdn-{device}@sms.example.net"
