@@ -27,8 +27,8 @@ def req_str(data: Mapping[str, Any], key: str, pointer: str) -> str:
 
 
 def opt_str(data: Mapping[str, Any], key: str, pointer: str) -> str | None:
-    value = data.get(key)
-    return None if value is None else _str(value, f"{pointer}/{key}")
+    # Absent is fine; an explicit null is not: TS 29.538 marks nothing nullable.
+    return _str(data[key], f"{pointer}/{key}") if key in data else None
 
 
 def req_bool(data: Mapping[str, Any], key: str, pointer: str) -> bool:
@@ -38,15 +38,14 @@ def req_bool(data: Mapping[str, Any], key: str, pointer: str) -> bool:
 
 
 def opt_bool(data: Mapping[str, Any], key: str, pointer: str) -> bool | None:
-    value = data.get(key)
-    return None if value is None else _bool(value, f"{pointer}/{key}")
+    return _bool(data[key], f"{pointer}/{key}") if key in data else None
 
 
 def opt_int(data: Mapping[str, Any], key: str, pointer: str) -> int | None:
-    value = data.get(key)
-    if value is None:
+    if key not in data:
         return None
-    # bool is an int in Python but not in JSON Schema.
+    value = data[key]
+    # bool is an int in Python but not in JSON Schema; null is not an integer either.
     if not isinstance(value, int) or isinstance(value, bool):
         raise InvalidBodyError(f"{pointer}/{key}", "must be an integer")
     return value

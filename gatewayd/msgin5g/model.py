@@ -122,7 +122,7 @@ class UEMessageDelivery:
             seg_ind=f.opt_bool(data, "segInd", ""),
             seg_params=_seg_params(data),
             expiry=None
-            if sto is None
+            if "stoAndFwParams" not in data  # present but null is malformed, not absent
             else f.opt_datetime(f.obj(sto, "/stoAndFwParams"), "exprTime", "/stoAndFwParams"),
         )
 
@@ -305,5 +305,7 @@ class ProblemDetails:
 
 
 def _seg_params(data: Any) -> MessageSegmentParameters | None:
-    value = data.get("segParams")
-    return None if value is None else MessageSegmentParameters.from_json(value, "/segParams")
+    # Present but null is malformed (nothing is nullable in TS 29.538), not absent.
+    if "segParams" not in data:
+        return None
+    return MessageSegmentParameters.from_json(data["segParams"], "/segParams")
