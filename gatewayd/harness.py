@@ -137,7 +137,7 @@ webhook_ca = "{tls["ca"]}"
 """
 
 
-def http_transport_bearer(*, token_env: str = "GATEWAYD_TEST_TOKEN", extra: str = "") -> str:
+def http_transport_bearer(*, env_var: str = "GATEWAYD_TEST_TOKEN", extra: str = "") -> str:
     """A plain-HTTP loopback transport with one bearer-token device and no webhook."""
     return f"""
 [transports.web]
@@ -146,7 +146,7 @@ listen = "127.0.0.1:0"
 [[transports.web.devices]]
 device = "sensor-1"
 service_id = "{DEMO_SERVICE_ID}"
-token = {{ env = "{token_env}" }}
+token = {{ env = "{env_var}" }}
 {extra}"""
 
 
