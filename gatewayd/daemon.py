@@ -37,7 +37,14 @@ from gatewayd.api import (
     Uplink,
 )
 from gatewayd.config import Settings
-from gatewayd.errors import ConfigError, CredentialError, GatewaydError, PluginError
+from gatewayd.errors import (
+    ConfigError,
+    CredentialError,
+    GatewaydError,
+    IntakeRefusedError,
+    PluginError,
+    StoreError,
+)
 from gatewayd.msgin5g.model import UEMessageDelivery
 from gatewayd.northbound.client import MsgsClient
 from gatewayd.northbound.registration import Registrar
@@ -48,7 +55,7 @@ from gatewayd.relay import Directory, Dispatcher, TransportIntake, put_device_re
 from gatewayd.retry import CircuitBreaker
 from gatewayd.security import tls
 from gatewayd.security.identity import check_own_certificate, leaf_facts
-from gatewayd.store import Queue, Store
+from gatewayd.store import Item, Queue, Store
 from gatewayd.systemd import Notifier
 from gatewayd.worker import QueueWorker
 
@@ -414,18 +421,37 @@ class Gateway:
     # --- background loops ----------------------------------------------------------------
 
     async def _expiry_loop(self, dispatcher: Dispatcher) -> None:
+        # Expired items whose failure report could not be stored yet (a full disk). They
+        # are in the DLQ already, so their reports are retried here, every sweep; the
+        # report's dedup key makes a retry that did land harmless.
+        unreported: list[Item] = []
+        deferred = False
         while True:
-            for item in await self.store.expire():
-                with logmod.bound_message(item.msg_id, queue=str(item.queue)):
-                    log.warning("message.expired", to="dead-letter queue")
-                    if item.queue == Queue.UPLINK:
-                        await put_device_report(
-                            self.store, UEMessageDelivery.from_json(item.body), "EXPIRED"
-                        )
-                    elif item.queue == Queue.DOWNLINK:
-                        await dispatcher.expired(item)
-            await self.store.prune()
+            try:
+                for item in await self.store.expire():
+                    with logmod.bound_message(item.msg_id, queue=str(item.queue)):
+                        log.warning("message.expired", to="dead-letter queue")
+                    unreported.append(item)
+                while unreported:
+                    await self._report_expired(unreported[0], dispatcher)
+                    unreported.pop(0)
+                await self.store.prune()
+                deferred = False
+            except (IntakeRefusedError, StoreError) as exc:
+                # A full or failing disk must not stop the gateway: sweep again later.
+                if not deferred:
+                    log.warning("expiry.deferred", error=str(exc), unreported=len(unreported))
+                deferred = True
             await asyncio.sleep(EXPIRY_SWEEP_SECONDS)
+
+    async def _report_expired(self, item: Item, dispatcher: Dispatcher) -> None:
+        with logmod.bound_message(item.msg_id, queue=str(item.queue)):
+            if item.queue == Queue.UPLINK:
+                await put_device_report(
+                    self.store, UEMessageDelivery.from_json(item.body), "EXPIRED"
+                )
+            elif item.queue == Queue.DOWNLINK:
+                await dispatcher.expired(item)
 
     async def reload(self) -> None:
         """SIGHUP: re-read credential material; new connections use it."""

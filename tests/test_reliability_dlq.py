@@ -153,3 +153,41 @@ async def test_device_resends_are_stored_and_sent_once(
     assert [u.message.msg_id for u in sim.uplinks] == ["dup-1"]
     assert sum(sim.duplicates.values()) == 0  # not even a resend the server caught
     assert stats["queues"]["uplink"]["pending"] == 0
+
+
+async def test_expiry_on_a_full_disk_keeps_the_gateway_up_and_reports_later(
+    loopback_pki: Pki,
+    sim: SimServer,
+    tokens: dict[str, str],
+    gateway_config: Callable[..., config.Settings],
+) -> None:
+    """A message expires while the disk is full: its failure report cannot be stored yet.
+    The gateway must keep running, and the report must reach the device once space
+    returns."""
+    device = Device(loopback_pki)
+    async with device.serving():
+        settings = gateway_config(_with_webhooks(loopback_pki, tokens, device.webhook))
+        async with running_gateway(settings) as gw:
+            await sim.wait_for(lambda: bool(sim.registrations), timeout=20)
+            sim.fail(503, retry_after=1, seconds=600)
+            soon = (datetime.now(UTC) + timedelta(seconds=3)).isoformat()
+            body = {"payload": "p", "msgId": "exp-2", "expiry": soon, "deliveryReport": True}
+            assert (await _post(gw, tokens, "dev0", body))[0] == 202
+            # Fill the disk with another device's messages until intake refuses.
+            used = (await gw.store.stats())["db_bytes"]
+            await gw.store.limit_size(used + 16 * 1024)
+            # Big bodies first, then tiny ones, so not even a small report fits.
+            seq = 0
+            for size in (1500, 200, 1):
+                for _ in range(300):
+                    seq += 1
+                    fill = {"payload": "f" * size, "msgId": f"fill-{seq}"}
+                    if (await _post(gw, tokens, "dev1", fill))[0] == 503:
+                        break
+                else:
+                    raise AssertionError("the disk never filled")
+            await asyncio.sleep(6.0)  # the exprTime passes; the expiry sweep runs
+            assert not gw._stop.is_set(), "a full disk stopped the gateway"
+            await gw.store.limit_size(None)
+            report = await device.next(timeout=30)
+            assert (report["msgId"], report["delivered"]) == ("exp-2", False)
