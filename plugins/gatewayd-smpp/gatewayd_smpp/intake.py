@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from gatewayd.api import (
     BacklogFullError,
+    IntakeRefusedError,
     InvalidMessageError,
     Logger,
     TransportContext,
@@ -41,6 +42,12 @@ from gatewayd_smpp.pdu import (
     status_name,
 )
 from gatewayd_smpp.session import Session
+
+_REFUSAL_STATUS: dict[type[IntakeRefusedError], int] = {
+    BacklogFullError: Status.RMSGQFUL,
+    UnknownDeviceError: Status.RINVSRCADR,
+    InvalidMessageError: Status.RX_P_APPN,
+}
 
 
 @dataclass(slots=True)
@@ -176,24 +183,30 @@ class Intake:
             acceptance = await self._context.accept(
                 Uplink(device=device, payload=text, msg_id=msg_id)
             )
-        except BacklogFullError as exc:
-            status: int = Status.RMSGQFUL
-            log.warning("smpp.mo.refused", reason=exc.reason, retry_after=exc.retry_after)
-        except UnknownDeviceError as exc:
-            status = Status.RINVSRCADR
-            log.warning("smpp.mo.refused", reason=exc.reason, detail=exc.detail)
-        except InvalidMessageError as exc:
-            status = Status.RX_P_APPN
-            log.warning("smpp.mo.refused", reason=exc.reason, detail=exc.detail)
+        except IntakeRefusedError as exc:
+            status = next(
+                (st for cls, st in _REFUSAL_STATUS.items() if isinstance(exc, cls)),
+                Status.RX_T_APPN,
+            )
+            log.warning(
+                "smpp.mo.refused",
+                reason=exc.reason,
+                detail=exc.detail,
+                retry_after=exc.retry_after,
+                status=status_name(status),
+            )
+            return status
         except Exception as exc:
             # The store failed in a way a later attempt may not: let the SMSC retry.
-            status = Status.RX_T_APPN
-            log.exception("smpp.mo.refused", reason="intake failed", error=repr(exc))
-        else:
-            log.info("smpp.mo.accepted", msg_id=acceptance.msg_id, duplicate=acceptance.duplicate)
-            return Status.ROK
-        log.debug("smpp.mo.status", status=status_name(status))
-        return status
+            log.exception(
+                "smpp.mo.refused",
+                reason="intake failed",
+                error=repr(exc),
+                status=status_name(Status.RX_T_APPN),
+            )
+            return Status.RX_T_APPN
+        log.info("smpp.mo.accepted", msg_id=acceptance.msg_id, duplicate=acceptance.duplicate)
+        return Status.ROK
 
     def _msg_id(
         self, device: str, dest: str, data_coding: int, concat_key: str, octets: bytes
