@@ -162,6 +162,12 @@ async def main() -> None:
     parser.add_argument("--devices", type=int, default=64, help="lanes (one per device)")
     parser.add_argument("--concurrency", type=int, default=64, help="client requests in flight")
     parser.add_argument("--payload", type=int, default=120, help="payload bytes")
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        help="the gateway's northbound.max_connections (default: the config default, 8)",
+    )
     args = parser.parse_args()
     configure(level="warning")
     tokens = device_tokens(args.devices)
@@ -173,6 +179,13 @@ async def main() -> None:
             config = write_gateway_config(
                 directory / "gw.toml", pki, api_root=sim.api_root, tokens=tokens
             )
+            if args.max_connections is not None:
+                # HTTP/1.1 has one request per connection at a time: this pool size, not
+                # northbound.concurrency, bounds the requests in flight to the server.
+                text = config.read_text().replace(
+                    "\ntimeout = 5.0", f"\ntimeout = 5.0\nmax_connections = {args.max_connections}"
+                )
+                config.write_text(text)
             # The gateway logs as deployed (JSON, info: one line per relayed message),
             # to a file: that cost is part of the relay.
             gw = GatewayProcess(config, tokens, directory)
