@@ -134,3 +134,28 @@ async def test_retry_after_holds_every_sender_not_only_the_refused_message(
     too_soon = arrivals.too_soon(in_flight=0.4, tolerance=0.1)
     assert not too_soon, f"(seconds after a 503, its Retry-After): {too_soon}"
     assert {u.message.msg_id for u in sim.uplinks} == stats.acked
+
+
+async def test_server_restart_that_forgot_the_registration_loses_nothing(
+    sim: SimServer,
+    tokens: dict[str, str],
+    gateway_config: Callable[..., config.Settings],
+) -> None:
+    """A server that comes back without its registrations (no persistence) answers 403
+    GATEWAY_NOT_REGISTERED until the gateway registers again: queued messages must wait
+    for that, not go to the dead-letter queue."""
+    settings = gateway_config(http_bearer_transport(tokens))
+    async with running_gateway(settings) as gw:
+        await sim.wait_for(lambda: bool(sim.registrations), timeout=20)
+        port = sim.port
+        await sim.stop()
+        load = LoadGen(_url(gw), tokens, per_device=4)
+        stats = await load.run()
+        assert len(stats.acked) == 20
+        fresh = SimServer(dataclasses.replace(sim.settings, port=port), schema_check=True)
+        async with fresh:
+            await fresh.wait_for(lambda: len(fresh.uplinks) == 20, timeout=60)
+            assert await _settled(gw) == 0
+            dead = await gw.store.list_items(queue=Queue.UPLINK, state="dead", limit=50)
+    assert dead == []
+    assert {u.message.msg_id for u in fresh.uplinks} == stats.acked

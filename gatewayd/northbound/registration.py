@@ -133,6 +133,12 @@ class Registrar:
         """The set of served UE Service IDs grew: send an update soon."""
         self._changed.set()
 
+    def lost(self) -> None:
+        """The server says it holds no registration of ours (it restarted without it):
+        register again, and hold senders in :meth:`ensure` until that is done."""
+        self._registered_ids = frozenset()
+        self._changed.set()
+
     async def ensure(self, service_id: str) -> None:
         """Wait until ``service_id`` is part of the registration the server holds."""
         if service_id in self._registered_ids:

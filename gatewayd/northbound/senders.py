@@ -19,6 +19,10 @@ from gatewayd.worker import Dead, Done, Outcome, Retry
 
 log = structlog.get_logger(__name__)
 
+# The reference server's cause for a request from a gateway it holds no registration of
+# (our registration extension): the message is fine, the registration must be renewed.
+NOT_REGISTERED = "GATEWAY_NOT_REGISTERED"
+
 
 class Senders:
     def __init__(self, client: MsgsClient, registrar: Registrar, store: Store) -> None:
@@ -33,6 +37,8 @@ class Senders:
         try:
             ack = await self._client.deliver_ue_message(message)
         except RequestRejectedError as exc:
+            if exc.cause == NOT_REGISTERED:
+                return self._registration_lost(exc)
             log.warning("message.rejected", status=exc.status, cause=exc.cause, detail=exc.detail)
             await put_device_report(self._store, message, exc.cause or f"HTTP {exc.status}")
             return Dead(str(exc))
@@ -55,12 +61,21 @@ class Senders:
         try:
             await self._client.deliver_report(report)
         except RequestRejectedError as exc:
+            if exc.cause == NOT_REGISTERED:
+                return self._registration_lost(exc)
             log.warning("report.rejected", status=exc.status, cause=exc.cause)
             return Dead(str(exc))
         except (PeerUnavailableError, PeerRefusedError, ProtocolError) as exc:
             return _transient(exc)
         log.info("report.sent", delivered=report.delivered, dest=str(report.dest_addr))
         return Done()
+
+    def _registration_lost(self, exc: RequestRejectedError) -> Retry:
+        # A server that restarted without our registration refuses everything until we
+        # register again; sending the backlog to the DLQ for that would be wrong.
+        log.warning("registration.lost", status=exc.status, cause=exc.cause)
+        self._registrar.lost()
+        return Retry(str(exc), peer_down=False)
 
 
 def _transient(exc: Exception) -> Retry:
