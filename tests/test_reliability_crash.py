@@ -148,8 +148,9 @@ async def test_sigterm_in_flight_exits_zero_in_bound_and_resends_after_restart(
             await sim.wait_for(lambda: sim.stalled >= 4, timeout=20)  # one per device lane
             code, took = await gw.terminate()
             assert code == 0, gw.log()
-            # The drain bound, plus process start-up-free teardown: deregistration and
-            # closing are quick against a live server. Tolerant on a loaded machine.
+            # The drain bound plus teardown (deregistration and closing are quick against
+            # a live server); the margin is for a loaded machine, not for the requests,
+            # which would hang for 60 s.
             assert took < drain + 8.0, took
             events = [e["event"] for e in gw.events()]
             assert "gateway.stopped" in events
