@@ -296,8 +296,22 @@ async def test_uplink_from_registered_gateway(
         assert ack["status"] == "DELY_STORED"
         assert ack["msgId"] == "m-1"
     assert len(sim.uplinks) == 1
-    assert sim.duplicates[(GW, "m-1")] == 1
+    assert sim.duplicates[(GW, "sensor-1@iot.example", "m-1")] == 1
     schemas.validate(DELIVERY, "UEMessageDelivery", sim.uplinks[0].raw)
+
+
+async def test_same_msg_id_from_two_devices_is_two_messages(
+    sim: SimServer, certs: Pki, http: aiohttp.ClientSession
+) -> None:
+    # A msgId names a message of its originator: devices choose theirs independently.
+    await register(http, sim, certs, "https://127.0.0.1:1")
+    ctx = client_ctx(certs, GW)
+    path = "/msgs-msgdelivery/v1/deliver-ue-message"
+    for ori in ("sensor-1@iot.example", "meter-3"):
+        status, _, _ = await post(http, sim, ctx, path, uplink(ori=ori, msg_id="1"))
+        assert status == 200
+    assert [u.message.ori_addr.addr for u in sim.uplinks] == ["sensor-1@iot.example", "meter-3"]
+    assert sum(sim.duplicates.values()) == 0
 
     status, problem, _ = await post(http, sim, ctx, path, uplink(ori="sensor-9@iot.example"))
     assert (status, problem["cause"]) == (403, "SERVICE_ID_NOT_ALLOWED")

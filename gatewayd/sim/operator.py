@@ -81,7 +81,10 @@ async def _uplinks(request: web.Request) -> web.Response:
     sim = request.app[_SIM]
     return web.json_response(
         [
-            {**u.to_json(), "duplicates": sim.duplicates[(u.gw_id, u.message.msg_id)]}
+            {
+                **u.to_json(),
+                "duplicates": sim.duplicates[(u.gw_id, u.message.ori_addr.addr, u.message.msg_id)],
+            }
             for u in sim.uplinks
         ]
     )

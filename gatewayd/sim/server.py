@@ -100,8 +100,10 @@ class SimServer:
         self.uplinks: list[UplinkRecord] = []
         self.reports: list[ReportRecord] = []
         self.pushes: list[PushResult] = []
-        self.duplicates: Counter[tuple[str, str]] = Counter()
-        self._seen: set[tuple[str, str]] = set()
+        # Keyed (gateway, originator, msgId): a msgId names a message of its originator,
+        # so two devices behind one gateway may well pick the same one.
+        self.duplicates: Counter[tuple[str, str, str]] = Counter()
+        self._seen: set[tuple[str, str, str]] = set()
         self.faults = Faults()
         self._client = GatewayClient(settings.identity, settings.trust)
         self.tokens: AuthorizationServer | None = (
@@ -603,7 +605,7 @@ class SimServer:
         )
         registration = self._serving(request, message.ori_addr)
         bound = log.bind(msg_id=message.msg_id, gw_id=registration.gw_id)
-        key = (registration.gw_id, message.msg_id)
+        key = (registration.gw_id, message.ori_addr.addr, message.msg_id)
         if key in self._seen:
             # A resend after a lost ack: acknowledge again, record (and report) once.
             self.duplicates[key] += 1
