@@ -10,14 +10,10 @@ northbound client, 6. close the store.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Coroutine
 from contextlib import AsyncExitStack
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -26,23 +22,18 @@ from gatewayd import log as logmod
 from gatewayd import metrics
 from gatewayd.api import (
     Acceptance,
-    CredentialBackend,
     Device,
     DeviceReport,
-    TlsIdentity,
     Transport,
     TransportFactory,
     TransportSettings,
-    TrustAnchors,
     Uplink,
 )
 from gatewayd.config import Settings
+from gatewayd.credentials import Credentials, PluginContext
 from gatewayd.errors import (
     ConfigError,
-    CredentialError,
-    GatewaydError,
     IntakeRefusedError,
-    PluginError,
     StoreError,
 )
 from gatewayd.msgin5g.model import UEMessageDelivery
@@ -54,7 +45,6 @@ from gatewayd.plugins import Plugins
 from gatewayd.relay import Directory, Dispatcher, TransportIntake, put_device_report
 from gatewayd.retry import CircuitBreaker
 from gatewayd.security import tls
-from gatewayd.security.identity import check_own_certificate, leaf_facts
 from gatewayd.store import Item, Queue, Store
 from gatewayd.systemd import Notifier
 from gatewayd.worker import QueueWorker
@@ -62,29 +52,9 @@ from gatewayd.worker import QueueWorker
 log = structlog.get_logger(__name__)
 
 EXPIRY_SWEEP_SECONDS = 2.0
-CREDENTIAL_POLL_SECONDS = 2.0
-# A rotation writes several files (key, chain, CA, CRL): reload only once the watched
-# files have stopped changing for this long, so a half-done rotation is not read.
-CREDENTIAL_SETTLE_SECONDS = 0.5
-CERT_EXPIRY_CHECK_SECONDS = 86400.0  # the once-a-day credentials.expiring check
 
 
-class _PluginContext:
-    """What a credential backend gets: a bound logger and its sibling backends."""
-
-    def __init__(self, name: str, lookup: Callable[[str], CredentialBackend]) -> None:
-        self._log = structlog.get_logger("gatewayd.credentials").bind(credentials=name)
-        self._lookup = lookup
-
-    @property
-    def log(self) -> structlog.stdlib.BoundLogger:
-        return self._log  # type: ignore[no-any-return]
-
-    def credentials(self, name: str) -> CredentialBackend:
-        return self._lookup(name)
-
-
-class _CheckOnlyContext(_PluginContext):
+class _CheckOnlyContext(PluginContext):
     """For ``check-config``: a transport may be built, never fed."""
 
     async def accept(self, uplink: Uplink) -> Acceptance:
@@ -107,7 +77,7 @@ class Gateway:
         self.plugins = plugins
         self.notifier = notifier or Notifier()
         self.directory = Directory(settings.transports)
-        self.credentials: dict[str, CredentialBackend] = {}
+        self.credentials = Credentials(settings, plugins)
         self.transports: dict[str, Transport] = {}
         self.api_port: int | None = None
         self.started = asyncio.Event()
@@ -121,8 +91,6 @@ class Gateway:
         self.metrics_port: int | None = None
         # SIGHUP and the file watcher may both ask for a reload: one at a time.
         self._reload_lock = asyncio.Lock()
-        self._watched: dict[Path, tuple[int, int, int]] = {}
-        self._not_after: dict[str, datetime] = {}
 
     @property
     def store(self) -> Store:
@@ -143,11 +111,11 @@ class Gateway:
             for transport, device, service_id in await self._store.learned_devices():
                 self.directory.learn(transport, Device(name=device, service_id=service_id))
 
-            await self._load_credentials()
-            stack.push_async_callback(self._close_credentials)
-            self._watched = self._snapshot_credential_files()
-            client_tls, self._server_tls = self._build_tls()
-            self._check_expiry()
+            stack.push_async_callback(self.credentials.aclose)
+            await self.credentials.load()
+            client_tls = self.credentials.client_tls()
+            self._server_tls = self.credentials.server_tls()
+            self.credentials.check_expiry()
             stack.callback(metrics.REGISTRY.add_collector("gateway", self._collect_metrics))
 
             self._client = MsgsClient(
@@ -156,7 +124,7 @@ class Gateway:
                 server_name=s.northbound.server_name,
                 timeout=s.northbound.timeout,
                 max_connections=s.northbound.max_connections,
-                token=self._token_source(),
+                token=self.credentials.token_source(),
             )
             stack.push_async_callback(self._client.aclose)
 
@@ -223,8 +191,8 @@ class Gateway:
             for name, worker in workers.items():
                 self._spawn(f"worker:{name}", worker.run())
             self._spawn("expiry", self._expiry_loop(dispatcher))
-            self._spawn("credentials:watch", self._watch_credentials())
-            self._spawn("credentials:expiry", self._expiry_check_loop())
+            self._spawn("credentials:watch", self.credentials.watch(self.reload))
+            self._spawn("credentials:expiry", self.credentials.expiry_loop())
             if self.notifier.watchdog_interval:
                 self._spawn("watchdog", self._watchdog(self.notifier.watchdog_interval))
 
@@ -245,7 +213,7 @@ class Gateway:
             await api.stop_intake()  # 1. no new downlink from the server
             deadline = s.drain_timeout
             await asyncio.gather(*(w.stop(deadline) for w in workers.values()))  # 2. drain
-            await self._cancel_tasks(exclude=())
+            await self._cancel_tasks()
             # 3-6: transports, registration, client, store close in reverse (exit stack).
         if self._crash is not None:
             raise self._crash
@@ -282,8 +250,8 @@ class Gateway:
         elif task.get_name() == "registration" and self._registrar and self._registrar.refused:
             self._stop.set()
 
-    async def _cancel_tasks(self, exclude: tuple[str, ...]) -> None:
-        tasks = [t for n, t in self._tasks.items() if n not in exclude]
+    async def _cancel_tasks(self) -> None:
+        tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -292,12 +260,13 @@ class Gateway:
         """Everything a start checks short of opening sockets: plugins, their options,
         credentials (loaded and matched to gateway.id) and TLS contexts."""
         try:
-            await self._load_credentials()
-            self._build_tls()
+            await self.credentials.load()
+            self.credentials.client_tls()
+            self.credentials.server_tls()
             for ts in self.settings.transports:
-                self._transport_factory(ts)(ts, _CheckOnlyContext(ts.name, self._credential))
+                self._transport_factory(ts)(ts, _CheckOnlyContext(ts.name, self.credentials.get))
         finally:
-            await self._close_credentials()
+            await self.credentials.aclose()
 
     def _transport_factory(self, ts: TransportSettings) -> TransportFactory:
         factory = self.plugins.transports.get(ts.plugin)
@@ -319,7 +288,7 @@ class Gateway:
                 directory=self.directory,
                 relay=self.settings.relay,
                 plugins=self.plugins,
-                credentials=self._credential,
+                credentials=self.credentials.get,
                 on_learned=self._learned,
             )
             transport = factory(ts, intake)
@@ -350,73 +319,6 @@ class Gateway:
     async def _learned(self, device: Device) -> None:
         if self._registrar is not None:
             self._registrar.changed()
-
-    def _credential(self, name: str) -> CredentialBackend:
-        backend = self.credentials.get(name)
-        if backend is None:
-            raise ConfigError(f"credentials.{name}", "no such [credentials.NAME] table")
-        return backend
-
-    async def _load_credentials(self) -> None:
-        for cs in self.settings.credentials:
-            factory = self.plugins.credential_backends.get(cs.plugin)
-            if factory is None:
-                known = ", ".join(self.plugins.credential_backends.names()) or "none"
-                raise ConfigError(
-                    f"credentials.{cs.name}.plugin",
-                    f"no credential backend {cs.plugin!r} is installed (installed: {known})",
-                    source=str(self.settings.source),
-                )
-            self.credentials[cs.name] = factory(cs, _PluginContext(cs.name, self._credential))
-        for name, backend in self.credentials.items():
-            await _load_one(name, backend)
-
-    async def _close_credentials(self) -> None:
-        for backend in self.credentials.values():
-            await backend.aclose()
-
-    def _build_tls(self) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-        identity, trust = self._api_material()
-        return self._client_tls(), tls.server_context(identity, trust, require_client_cert=True)
-
-    def _client_tls(self) -> ssl.SSLContext:
-        s = self.settings
-        nb = self._credential(s.northbound.credentials)
-        identity, trust = nb.tls_identity(), nb.trust_anchors()
-        if identity is None or trust is None:
-            raise CredentialError(
-                f"credentials.{s.northbound.credentials} must provide both a TLS identity "
-                "and trust anchors for the northbound link (mutual TLS)"
-            )
-        check_own_certificate(
-            identity.cert_chain_pem,
-            expected_id=s.gateway_id,
-            what=f"credentials.{s.northbound.credentials}",
-        )
-        return tls.client_context(trust, identity)
-
-    def _api_material(self) -> tuple[TlsIdentity, TrustAnchors]:
-        name = self.settings.api.credentials
-        backend = self._credential(name)
-        identity, trust = backend.tls_identity(), backend.trust_anchors()
-        if identity is None or trust is None:
-            raise CredentialError(
-                f"credentials.{name} must provide a TLS identity and the trust anchors "
-                "that vouch for the MSGin5G Server's client certificate"
-            )
-        return identity, trust
-
-    def _token_source(self) -> Callable[[], Awaitable[str | None]] | None:
-        name = self.settings.northbound.token
-        if name is None:
-            return None
-        backend = self._credential(name)
-        audience, scope = self.settings.northbound.server_name, self.settings.northbound.token_scope
-
-        async def token() -> str | None:
-            return await backend.access_token(audience=audience, scope=scope)
-
-        return token
 
     # --- background loops ----------------------------------------------------------------
 
@@ -454,118 +356,31 @@ class Gateway:
                 await dispatcher.expired(item)
 
     async def reload(self) -> None:
-        """SIGHUP: re-read credential material; new connections use it."""
+        """SIGHUP, or a credential file changed: new connections use the new material."""
         async with self._reload_lock:
             self.notifier.reloading()
-            # Taken before reading: a file that changes while we read is seen as changed
-            # again by the watcher, so the rotation's last write is never missed.
-            self._watched = self._snapshot_credential_files()
-            try:
-                for name, backend in self.credentials.items():
-                    await _load_one(name, backend)
-                client_tls = self._client_tls()
-                api_identity, api_trust = self._api_material()
-                # Build a throw-away server context first: bad material must fail here,
-                # before either live context is touched.
-                tls.server_context(api_identity, api_trust, require_client_cert=True)
-            except GatewaydError as exc:
-                # Keep serving with the material we have; a broken rotation must not stop
-                # us. The next change on disk (or SIGHUP) tries again.
-                metrics.CREDENTIAL_RELOADS.inc(outcome="failed")
-                log.error("credentials.reload_failed", error=str(exc))
-            else:
+            rotation = await self.credentials.rotate()
+            if rotation is not None:
                 assert self._client is not None
                 assert self._server_tls is not None
-                self._client.use_tls(client_tls)
+                self._client.use_tls(rotation.client_tls)
                 # The listening socket keeps its context: load the new chain into it, and
                 # add the new CAs and CRLs (a newer CRL wins for new handshakes; a CA taken
                 # out of the bundle stays trusted by the API until a restart).
-                tls.load_identity(self._server_tls, api_identity)
-                tls.load_trust(self._server_tls, api_trust)
-                metrics.CREDENTIAL_RELOADS.inc(outcome="ok")
+                tls.load_identity(self._server_tls, rotation.api_identity)
+                tls.load_trust(self._server_tls, rotation.api_trust)
                 log.info("credentials.reloaded")
-            self._check_expiry()
             self.notifier.ready("reloaded")
-
-    def _snapshot_credential_files(self) -> dict[Path, tuple[int, int, int]]:
-        # mtime alone misses a rewrite within one coarse kernel clock tick; an atomic
-        # replace (mv) always changes the inode, a rewrite in place usually the size.
-        out = {}
-        for backend in self.credentials.values():
-            for path in backend.watched_paths():
-                with contextlib.suppress(OSError):
-                    st = os.stat(path)
-                    out[path] = (st.st_mtime_ns, st.st_size, st.st_ino)
-        return out
-
-    async def _watch_credentials(self) -> None:
-        while True:
-            await asyncio.sleep(CREDENTIAL_POLL_SECONDS)
-            if self._snapshot_credential_files() == self._watched:
-                continue
-            # Let a multi-file rotation finish (bounded, so a file rewritten forever
-            # still gets reloaded now and then).
-            settled = self._snapshot_credential_files()
-            for _ in range(20):
-                await asyncio.sleep(CREDENTIAL_SETTLE_SECONDS)
-                now = self._snapshot_credential_files()
-                if now == settled:
-                    break
-                settled = now
-            log.info("credentials.changed_on_disk")
-            await self.reload()
-
-    def _check_expiry(self) -> None:
-        """Warn about every backend's TLS certificate within ``gateway.cert_warning_days``
-        of its end and record its expiry for the metrics. At start, on every reload and
-        once a day: a certificate nobody rotates still gets noticed."""
-        warning_days = self.settings.cert_warning_days
-        not_after: dict[str, datetime] = {}
-        for name, backend in self.credentials.items():
-            try:
-                identity = backend.tls_identity()
-                facts = leaf_facts(identity.cert_chain_pem) if identity is not None else None
-            except GatewaydError:
-                continue  # not loaded: start-up or reload already said why
-            if facts is None:
-                continue
-            not_after[name] = facts.not_after
-            days_left = facts.days_left()
-            if days_left < warning_days:
-                log.warning(
-                    "credentials.expiring",
-                    credentials=name,
-                    subject=facts.subject,
-                    not_after=facts.not_after.isoformat(),
-                    days_left=round(days_left, 1),
-                    warning_days=warning_days,
-                )
-        self._not_after = not_after
-        self._set_expiry_gauges()
-
-    def _set_expiry_gauges(self) -> None:
-        now = datetime.now(UTC)
-        for gauge in (metrics.CREDENTIAL_NOT_AFTER, metrics.CREDENTIAL_DAYS_LEFT):
-            gauge.clear()  # an instance that no longer has a certificate drops out
-        for name, when in self._not_after.items():
-            metrics.CREDENTIAL_NOT_AFTER.set(when.timestamp(), credentials=name)
-            days_left = (when - now).total_seconds() / 86400
-            metrics.CREDENTIAL_DAYS_LEFT.set(round(days_left, 3), credentials=name)
 
     async def _collect_metrics(self) -> None:
         """Before each scrape: days left as of now, and the store's backlog per queue."""
-        self._set_expiry_gauges()
+        self.credentials.set_expiry_gauges()
         if self._store is None:
             return
         stats = await self._store.stats()
         for queue, counts in stats["queues"].items():
             metrics.STORE_BACKLOG.set(counts["pending"], queue=queue)
             metrics.STORE_DEAD.set(counts["dead"], queue=queue)
-
-    async def _expiry_check_loop(self) -> None:
-        while True:
-            await asyncio.sleep(CERT_EXPIRY_CHECK_SECONDS)
-            self._check_expiry()
 
     async def _watchdog(self, interval: float) -> None:
         # Ping only while the loop keeps time: a stalled loop must let systemd restart us.
@@ -582,22 +397,3 @@ class Gateway:
 
 def _api_root(host: str, port: int) -> str:
     return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
-
-
-async def _load_one(name: str, backend: CredentialBackend) -> None:
-    try:
-        await backend.load()
-    except GatewaydError:
-        raise
-    except Exception as exc:
-        raise PluginError(f"credentials.{name}: the backend failed to load: {exc!r}") from exc
-    identity = backend.tls_identity()
-    if identity is not None:
-        facts = leaf_facts(identity.cert_chain_pem)
-        log.info(
-            "credentials.loaded",
-            credentials=name,
-            subject=facts.subject,
-            not_after=facts.not_after.isoformat(),
-            days_left=round(facts.days_left(), 1),
-        )
