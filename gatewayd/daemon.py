@@ -47,7 +47,7 @@ from gatewayd.retry import CircuitBreaker
 from gatewayd.security import tls
 from gatewayd.store import Item, Queue, Store
 from gatewayd.systemd import Notifier
-from gatewayd.worker import QueueWorker
+from gatewayd.worker import Handler, QueueWorker
 
 log = structlog.get_logger(__name__)
 
@@ -155,32 +155,31 @@ class Gateway:
 
             await self._start_transports(stack)
 
-            senders = Senders(self._client, self._registrar, self._store)
+            store, registrar = self._store, self._registrar
+            senders = Senders(self._client, registrar, store)
             dispatcher = Dispatcher(
                 store=self._store, directory=self.directory, transports=self.transports
             )
+            # Uplink messages and reports share the server, so they share one breaker and
+            # wait for the registration; downlink goes to transports and waits for nothing.
             breaker = CircuitBreaker()
+
+            def northbound(queue: Queue, handler: Handler) -> QueueWorker:
+                return QueueWorker(
+                    store,
+                    queue,
+                    handler,
+                    policy=s.retry,
+                    concurrency=s.northbound.concurrency,
+                    breaker=breaker,
+                    ready=registrar.ready,
+                )
+
             workers = {
-                "uplink": QueueWorker(
-                    self._store,
-                    Queue.UPLINK,
-                    senders.uplink,
-                    policy=s.retry,
-                    concurrency=s.northbound.concurrency,
-                    breaker=breaker,
-                    ready=self._registrar.ready,
-                ),
-                "reports": QueueWorker(
-                    self._store,
-                    Queue.REPORT,
-                    senders.report,
-                    policy=s.retry,
-                    concurrency=s.northbound.concurrency,
-                    breaker=breaker,
-                    ready=self._registrar.ready,
-                ),
+                "uplink": northbound(Queue.UPLINK, senders.uplink),
+                "reports": northbound(Queue.REPORT, senders.report),
                 "downlink": QueueWorker(
-                    self._store,
+                    store,
                     Queue.DOWNLINK,
                     dispatcher.handle,
                     policy=s.retry,
