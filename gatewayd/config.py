@@ -30,7 +30,8 @@ class NorthboundSettings:
 
     api_root: str  # the server's apiRoot, e.g. https://m5s.example:8443
     credentials: str  # backend with our TLS identity and the CAs that vouch for the server
-    server_name: str  # the identity the server's certificate must carry (DNS SAN)
+    server_name: str  # the host name the server's certificate must carry (DNS SAN)
+    server_identity: str | None  # a further SAN it must carry, e.g. its NF instance URN
     token: str | None  # backend issuing OAuth 2.0 bearer tokens, if the server wants them
     token_scope: str
     registration_ttl: float
@@ -150,6 +151,7 @@ def parse(data: dict[str, Any], path: Path) -> Settings:
         api_root=api_root,
         credentials=credential_ref(nb, "credentials"),
         server_name=nb.get_str("server_name", parts.hostname),
+        server_identity=nb.get_str("server_identity", None),
         token=token,
         token_scope=nb.get_str("token_scope", "msgs-msgdelivery msgs-gwregistration"),
         registration_ttl=nb.get_float("registration_ttl", 3600.0, minimum=10.0),

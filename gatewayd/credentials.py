@@ -136,7 +136,7 @@ class Credentials:
             expected_id=s.gateway_id,
             what=f"credentials.{s.northbound.credentials}",
         )
-        return tls.client_context(trust, identity)
+        return tls.client_context(trust, identity, expected_identity=s.northbound.server_identity)
 
     def api_material(self) -> tuple[TlsIdentity, TrustAnchors]:
         name = self._settings.api.credentials

@@ -162,3 +162,34 @@ async def test_gateway_refuses_to_start_as_someone_else(tmp_path: Path, loopback
     assert refused.value.exit_code == ExitCode.CREDENTIALS
     assert "urn:gatewayd:gateway:not-me" in str(refused.value)
     assert pki.DEMO_GATEWAY_ID in str(refused.value)  # it says what the certificate holds
+
+
+@pytest.mark.parametrize("expected", [pki.DEMO_SERVER_ID, "urn:gatewayd:msgin5g-server:other"])
+async def test_expected_server_identity_is_checked_in_the_handshake(
+    tmp_path: Path, loopback_pki: Pki, expected: str
+) -> None:
+    """northbound.server_identity: a URI SAN (an NF instance id) the server must carry."""
+    async with SimServer(harness.sim_settings(loopback_pki), schema_check=True) as sim:
+        settings = harness.write_config(
+            tmp_path / "gw.toml",
+            harness.gateway_toml(
+                loopback_pki,
+                api_root=sim.api_root,
+                state_dir=tmp_path / "state",
+                transports=TRANSPORT,
+            ).replace(
+                'credentials = "northbound"\nregistration_ttl',
+                f'credentials = "northbound"\nserver_identity = "{expected}"\nregistration_ttl',
+            ),
+        )
+        assert settings.northbound.server_identity == expected
+        if expected == pki.DEMO_SERVER_ID:
+            async with running_gateway(settings):
+                await sim.wait_for(lambda: bool(sim.registrations), timeout=10)
+            return
+        with capture_logs() as logs, pytest.raises(PeerRefusedError):
+            await Gateway(settings, Plugins()).run()
+        assert sim.registrations == []
+    rejected = [e for e in logs if e["event"] == "auth.peer_rejected"]
+    assert rejected
+    assert expected in str(rejected[0])

@@ -56,15 +56,25 @@ def client_context(
     identity: TlsIdentity | None = None,
     *,
     check_hostname: bool = True,
+    expected_identity: str | None = None,
 ) -> ssl.SSLContext:
     """A context for calling a server: the server must prove the expected identity.
 
     Without ``trust`` the system's trust store vouches for servers (public webhooks).
+    ``expected_identity`` (a URI or DNS subjectAltName, e.g. a 3GPP NF instance URN) is
+    checked inside the handshake, on top of the host name: a server that lacks it never
+    receives a byte of HTTP.
     """
     ctx = _base(ssl.PROTOCOL_TLS_CLIENT, trust)
     if trust is None:
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     ctx.check_hostname = check_hostname
+    if expected_identity is not None:
+        ctx.sslobject_class = type(
+            "IdentityCheckingSSLObject",
+            (_IdentityCheckingSSLObject,),
+            {"expected_identity": expected_identity},
+        )
     if identity is not None:
         load_identity(ctx, identity)
     return ctx
@@ -136,6 +146,22 @@ def load_identity(ctx: ssl.SSLContext, identity: TlsIdentity) -> None:
 _WEAK_KEY_REASONS = frozenset({"EE_KEY_TOO_SMALL", "CA_KEY_TOO_SMALL", "CA_MD_TOO_WEAK"})
 
 
+class _IdentityCheckingSSLObject(ssl.SSLObject):
+    """Refuses a verified peer that lacks ``expected_identity`` among its SANs."""
+
+    expected_identity = ""
+
+    def do_handshake(self) -> None:
+        super().do_handshake()
+        peer = peer_identity(self)
+        if peer is None or not peer.matches(self.expected_identity):
+            # SSLCertVerificationError makes asyncio abort the connection as a failed
+            # handshake, and aiohttp report it as a certificate error.
+            raise ssl.SSLCertVerificationError(
+                f"peer certificate does not name {self.expected_identity!r}"
+            )
+
+
 class _AuditedSSLObject(ssl.SSLObject):
     """An ``SSLObject`` that logs why a server-side handshake failed, then re-raises.
 
@@ -170,9 +196,11 @@ def _log_inbound_failure(exc: ssl.SSLError) -> None:
 def handshake_reason(exc: ssl.SSLError) -> str:
     """A short, stable reason for a handshake failure: OpenSSL's verification message
     (``certificate has expired``) or its reason code (``UNSUPPORTED_PROTOCOL``)."""
-    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
-        return str(exc.verify_message)
-    return str(exc.reason or exc)
+    # Errors raised by our own identity check carry neither attribute: only OpenSSL's do.
+    message = getattr(exc, "verify_message", None)
+    if isinstance(exc, ssl.SSLCertVerificationError) and message:
+        return str(message)
+    return str(getattr(exc, "reason", None) or exc)
 
 
 @contextlib.contextmanager

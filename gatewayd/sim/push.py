@@ -22,22 +22,6 @@ from gatewayd.security import tls
 log = structlog.get_logger(__name__)
 
 
-class _IdentityCheckingSSLObject(ssl.SSLObject):
-    """An SSLObject that refuses a verified peer lacking ``expected_identity`` as a SAN."""
-
-    expected_identity = ""
-
-    def do_handshake(self) -> None:
-        super().do_handshake()
-        peer = tls.peer_identity(self)
-        if peer is None or not peer.matches(self.expected_identity):
-            # SSLCertVerificationError makes asyncio abort the connection as a failed
-            # handshake, and aiohttp report it as a certificate error.
-            raise ssl.SSLCertVerificationError(
-                f"peer certificate does not name {self.expected_identity!r}"
-            )
-
-
 class GatewayClient:
     """One pooled aiohttp session for every call to every gateway.
 
@@ -66,11 +50,8 @@ class GatewayClient:
         ctx = self._contexts.get(gw_id)
         if ctx is None:
             # The registered identity, not the URL's host name, is what must match.
-            ctx = tls.client_context(self._trust, self._identity, check_hostname=False)
-            ctx.sslobject_class = type(
-                "IdentityCheckingSSLObject",
-                (_IdentityCheckingSSLObject,),
-                {"expected_identity": gw_id},
+            ctx = tls.client_context(
+                self._trust, self._identity, check_hostname=False, expected_identity=gw_id
             )
             self._contexts[gw_id] = ctx
         return ctx
