@@ -11,6 +11,12 @@ gateway built from a config you write. A transport author's end-to-end test::
             ...''')
         async with running_gateway(settings) as gw:
             ...  # drive a device, then: await sim.wait_for(lambda: sim.uplinks)
+
+For unit tests without a gateway, :mod:`gatewayd.testing.contexts` has in-memory
+stand-ins for what the gateway hands a plugin: :class:`MemoryTransportContext` (an
+intake that records uplinks and reports, and can hold, slow down or refuse accept()),
+:class:`MemoryPluginContext` (a logger and the ``[credentials.NAME]`` backends) and
+:class:`StaticCredentials` (a backend holding fixed TLS material).
 """
 
 from __future__ import annotations
@@ -25,8 +31,19 @@ from gatewayd import config, harness
 from gatewayd.harness import Pki
 from gatewayd.harness import running as running_gateway
 from gatewayd.sim.server import SimServer
+from gatewayd.testing.contexts import (
+    MemoryPluginContext,
+    MemoryTransportContext,
+    StaticCredentials,
+)
 
-__all__ = ["Pki", "running_gateway"]
+__all__ = [
+    "MemoryPluginContext",
+    "MemoryTransportContext",
+    "Pki",
+    "StaticCredentials",
+    "running_gateway",
+]
 
 
 @pytest.fixture

@@ -1,93 +1,27 @@
-"""Test doubles for gatewayd-http: a real in-memory TransportContext and a static
-credential backend, plus a factory that builds and starts an HttpTransport."""
+"""Fixtures for gatewayd-http: transports built on the test kit's in-memory context and
+static credential backend, plus a factory that builds and starts an HttpTransport."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from gatewayd_http.transport import HttpTransport
 
 from gatewayd import pki
 from gatewayd.api import (
-    Acceptance,
-    ConfigError,
     CredentialBackend,
     Device,
-    DeviceReport,
     Options,
-    PluginSettings,
     TlsIdentity,
     TransportSettings,
     TrustAnchors,
-    Uplink,
 )
+from gatewayd.testing import MemoryTransportContext, StaticCredentials
 
 TOKENS = {"sensor-1": "tok-sensor-1-secret", "sensor-2": "tok-sensor-2-secret"}
-
-
-class StaticCredentials(CredentialBackend):
-    """A backend holding fixed material, as the x509 backend would after load()."""
-
-    def __init__(self, identity: TlsIdentity | None, trust: TrustAnchors | None) -> None:
-        super().__init__(
-            PluginSettings(
-                name="devices", plugin="static", options=Options({}, ""), base_dir=Path()
-            ),
-            None,  # type: ignore[arg-type]
-        )
-        self._identity = identity
-        self._trust = trust
-
-    def tls_identity(self) -> TlsIdentity | None:
-        return self._identity
-
-    def trust_anchors(self) -> TrustAnchors | None:
-        return self._trust
-
-
-class MemoryContext:
-    """Records what the transport hands over; can hold accept() or refuse it."""
-
-    def __init__(self, devices: tuple[Device, ...]) -> None:
-        self.log = structlog.get_logger("test").bind(transport="web")
-        self.devices = {d.name: d for d in devices}
-        self.accepted: list[Uplink] = []
-        self.reports: list[DeviceReport] = []
-        self.refuse: Exception | None = None
-        self.gate: asyncio.Event | None = None
-        self.entered = asyncio.Event()
-        self.duplicate = False
-        self.backends: dict[str, CredentialBackend] = {}
-
-    async def accept(self, uplink: Uplink) -> Acceptance:
-        self.entered.set()
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.refuse is not None:
-            raise self.refuse
-        self.accepted.append(uplink)
-        return Acceptance(
-            msg_id=uplink.msg_id or f"gw-{len(self.accepted)}", duplicate=self.duplicate
-        )
-
-    async def accept_report(self, report: DeviceReport) -> None:
-        if self.refuse is not None:
-            raise self.refuse
-        self.reports.append(report)
-
-    def device(self, name: str) -> Device | None:
-        return self.devices.get(name)
-
-    def credentials(self, name: str) -> CredentialBackend:
-        try:
-            return self.backends[name]
-        except KeyError:
-            raise ConfigError(f"credentials.{name}", "no such credentials") from None
 
 
 def make_settings(
@@ -134,12 +68,12 @@ def bearer() -> Callable[..., list[dict[str, Any]]]:
     return bearer_devices
 
 
-Started = tuple[HttpTransport, MemoryContext]
+Started = tuple[HttpTransport, MemoryTransportContext]
 
 
 @pytest.fixture
 async def start_transport() -> AsyncIterator[Callable[..., Any]]:
-    """Build, start and (at teardown) stop an HttpTransport with a MemoryContext."""
+    """Build, start and (at teardown) stop an HttpTransport on a MemoryTransportContext."""
     started: list[HttpTransport] = []
 
     async def start(
@@ -148,8 +82,7 @@ async def start_transport() -> AsyncIterator[Callable[..., Any]]:
         backends: dict[str, CredentialBackend] | None = None,
     ) -> Started:
         settings = make_settings({"listen": "127.0.0.1:0", **options}, devices)
-        context = MemoryContext(settings.devices)
-        context.backends.update(backends or {})
+        context = MemoryTransportContext(settings.devices, transport="web", backends=backends)
         transport = HttpTransport(settings, context)
         await transport.start()
         started.append(transport)
@@ -185,7 +118,7 @@ def test_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 @pytest.fixture
 def device_backend(test_pki: Pki) -> CredentialBackend:
     """The ``[credentials.devices]`` backend: the listener's identity and the device CA."""
-    return StaticCredentials(test_pki.identity(test_pki.server), test_pki.trust)
+    return StaticCredentials(test_pki.identity(test_pki.server), test_pki.trust, name="devices")
 
 
 @pytest.fixture
@@ -196,6 +129,6 @@ def build_transport() -> Callable[..., HttpTransport]:
         options: dict[str, Any], devices: list[dict[str, Any]], base_dir: Path = Path()
     ) -> HttpTransport:
         settings = make_settings(options, devices, base_dir)
-        return HttpTransport(settings, MemoryContext(settings.devices))
+        return HttpTransport(settings, MemoryTransportContext(settings.devices, transport="web"))
 
     return build

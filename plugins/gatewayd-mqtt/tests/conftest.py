@@ -13,7 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from mosquitto import Mosquitto
-from mqtt_helpers import MemoryContext
+
+from gatewayd.testing import MemoryTransportContext
 
 
 @pytest.fixture
@@ -28,8 +29,8 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
 
 
 @pytest.fixture
-def context() -> MemoryContext:
-    return MemoryContext()
+def context() -> MemoryTransportContext:
+    return MemoryTransportContext()
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

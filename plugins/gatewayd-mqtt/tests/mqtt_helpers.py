@@ -1,5 +1,5 @@
-"""Test doubles for gatewayd-mqtt: an in-memory TransportContext, static credentials,
-and small builders for transports and device-side clients."""
+"""Helpers for gatewayd-mqtt: small builders for transports (on the test kit's
+in-memory context and static credentials) and device-side clients."""
 
 from __future__ import annotations
 
@@ -11,113 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import structlog
 from gatewayd_mqtt.transport import MqttTransport
 from mosquitto import Mosquitto
 
 from gatewayd import pki
-from gatewayd.api import (
-    Acceptance,
-    BacklogFullError,
-    ConfigError,
-    CredentialBackend,
-    Device,
-    DeviceReport,
-    Options,
-    PluginSettings,
-    TlsIdentity,
-    TransportSettings,
-    TrustAnchors,
-    Uplink,
-)
+from gatewayd.api import Device, Options, TlsIdentity, TransportSettings, TrustAnchors
+from gatewayd.testing import MemoryTransportContext, StaticCredentials
 
 # Burst sizes: the moderate one always runs; the long one only under @pytest.mark.slow.
 BURST = 1_000
 LONG_BURST = 10_000
 TEMPLATE = "{device}@iot.example"
-
-
-class StaticCredentials(CredentialBackend):
-    """A backend holding fixed material, as the x509 backend would after load()."""
-
-    def __init__(self, identity: TlsIdentity | None, trust: TrustAnchors | None) -> None:
-        settings = PluginSettings(
-            name="broker", plugin="static", options=Options({}, ""), base_dir=Path()
-        )
-        super().__init__(settings, None)  # type: ignore[arg-type]
-        self._identity = identity
-        self._trust = trust
-
-    def tls_identity(self) -> TlsIdentity | None:
-        return self._identity
-
-    def trust_anchors(self) -> TrustAnchors | None:
-        return self._trust
-
-
-class MemoryContext:
-    """A real, in-memory intake: stores uplinks by msg_id (duplicates recognised),
-    and can slow down, block or refuse accept() on demand."""
-
-    def __init__(self, devices: tuple[str, ...] = ()) -> None:
-        self.log = structlog.get_logger("test")
-        self.devices = {d: Device(name=d, service_id=f"{d}@iot.example") for d in devices}
-        self.accepted: dict[str, Uplink] = {}
-        self.order: list[str] = []
-        self.duplicates = 0
-        self.reports: list[DeviceReport] = []
-        self.backends: dict[str, CredentialBackend] = {}
-        self.gate: asyncio.Event | None = None  # set: accept() waits for it
-        self.entered = asyncio.Event()
-        self.delay = 0.0
-        self.refusals = 0  # this many calls raise BacklogFullError first
-        self.refused = 0
-        self.active = 0
-        self.max_active = 0
-        self.changed = asyncio.Event()
-
-    def device(self, name: str) -> Device | None:
-        return self.devices.get(name)
-
-    def credentials(self, name: str) -> CredentialBackend:
-        try:
-            return self.backends[name]
-        except KeyError:
-            raise ConfigError(f"credentials.{name}", "no such credentials") from None
-
-    async def accept(self, uplink: Uplink) -> Acceptance:
-        self.entered.set()
-        self.active += 1
-        self.max_active = max(self.max_active, self.active)
-        try:
-            if self.gate is not None:
-                await self.gate.wait()
-            if self.delay:
-                await asyncio.sleep(self.delay)
-            if self.refused < self.refusals:
-                self.refused += 1
-                raise BacklogFullError("backlog full (test)", retry_after=0.05)
-            msg_id = uplink.msg_id or f"gw-{len(self.order) + 1}"
-            if msg_id in self.accepted:
-                self.duplicates += 1
-                return Acceptance(msg_id=msg_id, duplicate=True)
-            self.accepted[msg_id] = uplink
-            self.order.append(msg_id)
-            self.changed.set()
-            return Acceptance(msg_id=msg_id)
-        finally:
-            self.active -= 1
-
-    async def accept_report(self, report: DeviceReport) -> None:
-        self.reports.append(report)
-        self.changed.set()
-
-    async def wait_for(self, count: int, timeout: float = 30.0) -> None:
-        """Until ``count`` distinct messages (or reports) are in; fails on timeout."""
-        async with asyncio.timeout(timeout):
-            while len(self.accepted) + len(self.reports) < count:
-                self.changed.clear()
-                await self.changed.wait()
 
 
 def transport_settings(
@@ -155,14 +59,17 @@ def tls_credentials(broker: Mosquitto, issued: pki.Issued | None = None) -> Stat
     return StaticCredentials(
         TlsIdentity(cert_chain_pem=issued.cert_pem, key_pem=issued.key_pem),
         TrustAnchors(ca_pem=broker.certs.ca.cert_pem),
+        name="broker",
     )
 
 
-def make_transport(broker: Mosquitto, context: MemoryContext, **kwargs: Any) -> MqttTransport:
+def make_transport(
+    broker: Mosquitto, context: MemoryTransportContext, **kwargs: Any
+) -> MqttTransport:
     settings = transport_settings(broker, **kwargs)
     if kwargs.get("tls") and "broker" not in context.backends:
         context.backends["broker"] = tls_credentials(broker)
-    return MqttTransport(settings, context)  # type: ignore[arg-type]
+    return MqttTransport(settings, context)
 
 
 @contextlib.asynccontextmanager

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import structlog
 from mosquitto import Mosquitto
-from mqtt_helpers import MemoryContext, device_client, make_transport, running, until
+from mqtt_helpers import device_client, make_transport, running, until
+
+from gatewayd.testing import MemoryTransportContext
 
 CHILD = Path(__file__).with_name("child_gateway.py")
 
@@ -27,7 +29,7 @@ async def _line(proc: asyncio.subprocess.Process, prefix: str) -> str:
 
 
 async def test_gateway_killed_before_accept_returns_loses_nothing(
-    broker: Mosquitto, context: MemoryContext
+    broker: Mosquitto, context: MemoryTransportContext
 ) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -49,26 +51,26 @@ async def test_gateway_killed_before_accept_returns_loses_nothing(
     # Same client id, persistent session: the broker redelivers what was never acked.
     async with running(make_transport(broker, context)):
         await context.wait_for(1, timeout=20)
-    assert list(context.accepted) == ["precious"]
+    assert list(context.by_msg_id) == ["precious"]
 
 
 async def test_blocked_accept_is_not_acked_on_stop(
-    broker: Mosquitto, context: MemoryContext
+    broker: Mosquitto, context: MemoryTransportContext
 ) -> None:
     context.gate = asyncio.Event()  # never set: the store hangs
     transport = make_transport(broker, context, drain_timeout=0.2)
     async with running(transport), device_client(broker) as dev:
         await dev.publish("devices/sensor-1/up", json.dumps({"msgId": "held"}), qos=1)
         await asyncio.wait_for(context.entered.wait(), 10)
-    assert context.accepted == {}
-    later = MemoryContext()
+    assert context.by_msg_id == {}
+    later = MemoryTransportContext()
     async with running(make_transport(broker, later)):
         await later.wait_for(1)
-    assert list(later.accepted) == ["held"]
+    assert list(later.by_msg_id) == ["held"]
 
 
 async def test_backlog_full_is_not_acked_and_delivered_later(
-    broker: Mosquitto, context: MemoryContext
+    broker: Mosquitto, context: MemoryTransportContext
 ) -> None:
     context.refusals = 5  # BacklogFullError(retry_after=0.05) five times, then accepted
     transport = make_transport(broker, context)
@@ -76,7 +78,7 @@ async def test_backlog_full_is_not_acked_and_delivered_later(
         async with running(transport), device_client(broker) as dev:
             await dev.publish("devices/sensor-1/up", json.dumps({"msgId": "later"}), qos=1)
             await context.wait_for(1)
-    assert list(context.accepted) == ["later"]
+    assert list(context.by_msg_id) == ["later"]
     refused = [e for e in logs if e["event"] == "mqtt.uplink.refused"]
     assert len(refused) == 5
     assert all(e["msg_id"] == "later" and e["reason"] == "backlog_full" for e in refused)
@@ -84,15 +86,15 @@ async def test_backlog_full_is_not_acked_and_delivered_later(
 
 
 async def test_backlog_full_message_stays_with_broker_across_restart(
-    broker: Mosquitto, context: MemoryContext
+    broker: Mosquitto, context: MemoryTransportContext
 ) -> None:
     context.refusals = 10**9  # the store stays full
     transport = make_transport(broker, context, drain_timeout=0.3)
     async with running(transport), device_client(broker) as dev:
         await dev.publish("devices/sensor-1/up", json.dumps({"msgId": "kept"}), qos=1)
         await until(lambda: context.refused >= 2)
-    assert context.accepted == {}
-    later = MemoryContext()
+    assert context.by_msg_id == {}
+    later = MemoryTransportContext()
     async with running(make_transport(broker, later)):
         await later.wait_for(1)
-    assert list(later.accepted) == ["kept"]
+    assert list(later.by_msg_id) == ["kept"]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import structlog
 from mosquitto import PASSWORD, Mosquitto
-from mqtt_helpers import MemoryContext, make_transport, running, tls_credentials
+from mqtt_helpers import make_transport, running, tls_credentials
 
 from gatewayd.api import ConfigError, CredentialError
+from gatewayd.testing import MemoryTransportContext
 
 
 async def test_refused_client_certificate_is_an_auth_failure(
-    broker: Mosquitto, context: MemoryContext
+    broker: Mosquitto, context: MemoryTransportContext
 ) -> None:
     context.backends["broker"] = tls_credentials(broker, broker.certs.stranger)
     transport = make_transport(broker, context, tls=True)
@@ -23,7 +24,7 @@ async def test_refused_client_certificate_is_an_auth_failure(
 
 
 async def test_password_by_reference(
-    broker: Mosquitto, context: MemoryContext, monkeypatch: pytest.MonkeyPatch
+    broker: Mosquitto, context: MemoryTransportContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MQTT_TEST_PW", PASSWORD)
     transport = make_transport(
@@ -35,7 +36,7 @@ async def test_password_by_reference(
 
 
 async def test_wrong_password_fails_the_start_without_retrying(
-    broker: Mosquitto, context: MemoryContext, monkeypatch: pytest.MonkeyPatch
+    broker: Mosquitto, context: MemoryTransportContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MQTT_TEST_PW", "wrong")
     transport = make_transport(
@@ -48,16 +49,16 @@ async def test_wrong_password_fails_the_start_without_retrying(
     assert "wrong" not in str(failures)
 
 
-def test_inline_password_is_refused(broker: Mosquitto, context: MemoryContext) -> None:
+def test_inline_password_is_refused(broker: Mosquitto, context: MemoryTransportContext) -> None:
     with pytest.raises(ConfigError, match="inline secrets"):
         make_transport(broker, context, username="gw", password="plain")
 
 
-def test_unknown_option_is_refused(broker: Mosquitto, context: MemoryContext) -> None:
+def test_unknown_option_is_refused(broker: Mosquitto, context: MemoryTransportContext) -> None:
     with pytest.raises(ConfigError, match="uplink_topik"):
         make_transport(broker, context, uplink_topik="x/{device}")
 
 
-def test_bad_template_is_refused(broker: Mosquitto, context: MemoryContext) -> None:
+def test_bad_template_is_refused(broker: Mosquitto, context: MemoryTransportContext) -> None:
     with pytest.raises(ConfigError, match="uplink_topic"):
         make_transport(broker, context, uplink_topic="devices/dev-{device}/up")

@@ -10,7 +10,6 @@ from mosquitto import Mosquitto
 from mqtt_helpers import (
     BURST,
     LONG_BURST,
-    MemoryContext,
     device_client,
     make_transport,
     publish_all,
@@ -18,6 +17,7 @@ from mqtt_helpers import (
 )
 
 from gatewayd.api import Address, Device, Downlink
+from gatewayd.testing import MemoryTransportContext
 
 SIZES = [BURST, pytest.param(LONG_BURST, marks=pytest.mark.slow)]
 
@@ -25,7 +25,7 @@ SIZES = [BURST, pytest.param(LONG_BURST, marks=pytest.mark.slow)]
 @pytest.mark.parametrize("count", SIZES)
 @pytest.mark.parametrize("qos", [1, 2])
 async def test_uplink_burst_arrives_complete(
-    broker: Mosquitto, context: MemoryContext, qos: int, count: int
+    broker: Mosquitto, context: MemoryTransportContext, qos: int, count: int
 ) -> None:
     transport = make_transport(broker, context, uplink_qos=qos)
     sent = [f"up-{qos}-{i}" for i in range(count)]
@@ -36,15 +36,15 @@ async def test_uplink_burst_arrives_complete(
     async with running(transport), device_client(broker) as dev:
         await publish_all(dev, items, qos=qos)
         await context.wait_for(count, timeout=60 + count / 100)
-    assert sorted(context.accepted) == sorted(sent)
+    assert sorted(context.by_msg_id) == sorted(sent)
     assert context.duplicates == 0
-    assert all(context.accepted[m].payload == m for m in sent)
+    assert all(context.by_msg_id[m].payload == m for m in sent)
 
 
 @pytest.mark.parametrize("count", SIZES)
 @pytest.mark.parametrize("qos", [1, 2])
 async def test_downlink_burst_arrives_complete(
-    broker: Mosquitto, context: MemoryContext, qos: int, count: int
+    broker: Mosquitto, context: MemoryTransportContext, qos: int, count: int
 ) -> None:
     transport = make_transport(broker, context, downlink_qos=qos)
     received: list[str] = []

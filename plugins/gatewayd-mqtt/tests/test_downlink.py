@@ -8,9 +8,10 @@ import json
 import aiomqtt
 from gatewayd_mqtt.payloads import RAW_BASE64_PREFIX, decode_raw, encode_raw
 from mosquitto import Mosquitto
-from mqtt_helpers import MemoryContext, device_client, make_transport, running
+from mqtt_helpers import device_client, make_transport, running
 
 from gatewayd.api import Address, Device, Downlink, UplinkReport
+from gatewayd.testing import MemoryTransportContext
 
 DEVICE = Device(name="sensor-1", service_id="sensor-1@iot.example")
 
@@ -21,7 +22,7 @@ async def _next(dev: aiomqtt.Client) -> aiomqtt.Message:
     raise AssertionError("no message")
 
 
-async def test_json_downlink_and_report(broker: Mosquitto, context: MemoryContext) -> None:
+async def test_json_downlink_and_report(broker: Mosquitto, context: MemoryTransportContext) -> None:
     transport = make_transport(broker, context, format="json")
     async with running(transport), device_client(broker, "dev-1") as dev:
         await dev.subscribe("devices/sensor-1/#", qos=1)
@@ -54,7 +55,7 @@ async def test_json_downlink_and_report(broker: Mosquitto, context: MemoryContex
 
 
 async def test_raw_downlink_decodes_the_base64_marker(
-    broker: Mosquitto, context: MemoryContext
+    broker: Mosquitto, context: MemoryTransportContext
 ) -> None:
     transport = make_transport(broker, context, format="raw")
     blob = b"\x00\xffbinary"
@@ -71,7 +72,7 @@ async def test_raw_downlink_decodes_the_base64_marker(
 
 
 async def test_deliver_while_broker_is_down_is_a_transient_failure(
-    broker: Mosquitto, context: MemoryContext
+    broker: Mosquitto, context: MemoryTransportContext
 ) -> None:
     transport = make_transport(broker, context)
     async with running(transport):

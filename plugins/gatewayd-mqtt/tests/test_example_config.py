@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from gatewayd_mqtt.transport import MqttTransport
-from mqtt_helpers import MemoryContext
 
 from gatewayd import config
+from gatewayd.testing import MemoryTransportContext
 
 
 def test_the_mqtt_example_config_is_valid() -> None:
@@ -19,7 +19,7 @@ def test_the_mqtt_example_config_is_valid() -> None:
     assert field.service_id_template == "ue-{device}@iot.example.net"
     assert [d.name for d in field.devices] == ["sensor-1"]
     # The transport reads every option (a misspelt key would fail here, naming itself).
-    transport = MqttTransport(field, MemoryContext())  # type: ignore[arg-type]
+    transport = MqttTransport(field, MemoryTransportContext())
     cfg = transport.config
     assert (cfg.v5, cfg.uplink_qos, cfg.format) == (True, 1, "json")
     assert cfg.uplink.match("devices/sensor-1/up") == "sensor-1"

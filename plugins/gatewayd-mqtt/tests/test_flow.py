@@ -7,13 +7,14 @@ import json
 from pathlib import Path
 
 from mosquitto import Mosquitto
-from mqtt_helpers import MemoryContext, device_client, make_transport, publish_all, running
+from mqtt_helpers import device_client, make_transport, publish_all, running
 
 from gatewayd.api import Address, Device, Downlink
+from gatewayd.testing import MemoryTransportContext
 
 
 async def test_downlink_respects_the_brokers_receive_maximum(
-    tmp_path: Path, context: MemoryContext
+    tmp_path: Path, context: MemoryTransportContext
 ) -> None:
     broker = Mosquitto(tmp_path / "tight", max_inflight=5)  # CONNACK Receive Maximum 5
     broker.start()
@@ -39,7 +40,7 @@ async def test_downlink_respects_the_brokers_receive_maximum(
 
 
 async def test_uplinks_in_progress_stay_within_receive_maximum(
-    broker: Mosquitto, context: MemoryContext
+    broker: Mosquitto, context: MemoryTransportContext
 ) -> None:
     context.delay = 0.005
     transport = make_transport(broker, context, receive_maximum=4)
@@ -47,5 +48,5 @@ async def test_uplinks_in_progress_stay_within_receive_maximum(
     async with running(transport), device_client(broker) as dev:
         await publish_all(dev, items, qos=1)
         await context.wait_for(200)
-    assert len(context.accepted) == 200
+    assert len(context.by_msg_id) == 200
     assert context.max_active <= 4

@@ -6,11 +6,15 @@ import json
 
 import structlog
 from mosquitto import Mosquitto
-from mqtt_helpers import MemoryContext, device_client, make_transport, running
+from mqtt_helpers import device_client, make_transport, running
+
+from gatewayd.api import Device
+from gatewayd.testing import MemoryTransportContext
 
 
 async def test_bad_payloads_are_logged_dropped_and_acked(broker: Mosquitto) -> None:
-    context = MemoryContext(devices=("sensor-1",))  # listed; no template: others unknown
+    # listed; no template: others unknown
+    context = MemoryTransportContext([Device(name="sensor-1", service_id="sensor-1@iot.example")])
     transport = make_transport(
         broker, context, template=None, devices=("sensor-1",), max_payload=1024
     )
@@ -27,7 +31,7 @@ async def test_bad_payloads_are_logged_dropped_and_acked(broker: Mosquitto) -> N
                 "devices/sensor-1/up", json.dumps({"msgId": "ok", "payload": "p"}), qos=1
             )
             await context.wait_for(1)
-    assert list(context.accepted) == ["ok"]
+    assert list(context.by_msg_id) == ["ok"]
     events = [(e["event"], e.get("reason")) for e in logs if e["log_level"] == "warning"]
     assert ("mqtt.payload.invalid", "not_json") in events
     assert ("mqtt.payload.invalid", "not_an_object") in events
@@ -39,17 +43,17 @@ async def test_bad_payloads_are_logged_dropped_and_acked(broker: Mosquitto) -> N
 
 
 async def test_poison_is_not_redelivered_to_the_next_session(
-    broker: Mosquitto, context: MemoryContext
+    broker: Mosquitto, context: MemoryTransportContext
 ) -> None:
     """The poison was acked: a restarted transport on the same session sees none of it."""
     async with running(make_transport(broker, context)), device_client(broker) as dev:
         await dev.publish("devices/sensor-1/up", b"garbage", qos=1)
         await dev.publish("devices/sensor-1/up", json.dumps({"msgId": "a"}), qos=1)
         await context.wait_for(1)
-    later = MemoryContext()
+    later = MemoryTransportContext()
     with structlog.testing.capture_logs() as logs:
         async with running(make_transport(broker, later)), device_client(broker) as dev:
             await dev.publish("devices/sensor-1/up", json.dumps({"msgId": "b"}), qos=1)
             await later.wait_for(1)
-    assert list(later.accepted) == ["b"]
+    assert list(later.by_msg_id) == ["b"]
     assert not [e for e in logs if e["event"] == "mqtt.payload.invalid"]

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 
 from mosquitto import Mosquitto
-from mqtt_helpers import MemoryContext, make_transport, publish_stubbornly, running, until
+from mqtt_helpers import make_transport, publish_stubbornly, running, until
+
+from gatewayd.testing import MemoryTransportContext
 
 N = 1000
 
 
 async def test_broker_restart_mid_stream_loses_nothing(
-    broker: Mosquitto, context: MemoryContext
+    broker: Mosquitto, context: MemoryTransportContext
 ) -> None:
     ids = [f"r-{i}" for i in range(N)]
     progress = [0]
@@ -24,23 +26,23 @@ async def test_broker_restart_mid_stream_loses_nothing(
         await asyncio.wait_for(publisher, 60)
         await context.wait_for(N, timeout=60)
         assert transport.connected
-    assert sorted(context.accepted) == sorted(ids)
+    assert sorted(context.by_msg_id) == sorted(ids)
     assert transport.stats.connects >= 2
 
 
 async def test_transport_restart_resumes_its_session(
-    broker: Mosquitto, context: MemoryContext
+    broker: Mosquitto, context: MemoryTransportContext
 ) -> None:
     ids = [f"t-{i}" for i in range(N)]
     progress = [0]
     first = make_transport(broker, context)
     async with running(first):
         publisher = asyncio.create_task(publish_stubbornly(broker, ids, progress), name="dev")
-        await until(lambda: len(context.accepted) >= N // 4)
+        await until(lambda: len(context.by_msg_id) >= N // 4)
     # The gateway is down while the device keeps publishing: the broker queues for us.
     await asyncio.wait_for(publisher, 60)
-    assert len(context.accepted) < N
+    assert len(context.by_msg_id) < N
     second = make_transport(broker, context)
     async with running(second):
         await context.wait_for(N, timeout=60)
-    assert sorted(context.accepted) == sorted(ids)
+    assert sorted(context.by_msg_id) == sorted(ids)

@@ -7,12 +7,15 @@ from datetime import UTC, datetime
 
 from gatewayd_mqtt.payloads import RAW_BASE64_PREFIX, derived_msg_id
 from mosquitto import Mosquitto
-from mqtt_helpers import MemoryContext, device_client, make_transport, running
+from mqtt_helpers import device_client, make_transport, running
 
 from gatewayd.api import Address
+from gatewayd.testing import MemoryTransportContext
 
 
-async def test_json_envelope_over_plain_tcp(broker: Mosquitto, context: MemoryContext) -> None:
+async def test_json_envelope_over_plain_tcp(
+    broker: Mosquitto, context: MemoryTransportContext
+) -> None:
     transport = make_transport(broker, context, format="json")
     async with running(transport), device_client(broker) as dev:
         envelope = {
@@ -26,7 +29,7 @@ async def test_json_envelope_over_plain_tcp(broker: Mosquitto, context: MemoryCo
         }
         await dev.publish("devices/sensor-1/up", json.dumps(envelope), qos=1)
         await context.wait_for(1)
-    up = context.accepted["m-1"]
+    up = context.by_msg_id["m-1"]
     assert up.device == "sensor-1"
     assert up.payload == "temp=21.5"
     assert up.app_id == "thermo"
@@ -37,7 +40,7 @@ async def test_json_envelope_over_plain_tcp(broker: Mosquitto, context: MemoryCo
 
 
 async def test_raw_over_tls_with_client_certificate(
-    broker: Mosquitto, context: MemoryContext
+    broker: Mosquitto, context: MemoryTransportContext
 ) -> None:
     transport = make_transport(broker, context, tls=True, format="raw", protocol="3.1.1")
     binary = bytes(range(256))
@@ -47,19 +50,19 @@ async def test_raw_over_tls_with_client_certificate(
         await dev.publish("devices/sensor-2/up", binary, qos=1)
         await dev.publish("devices/sensor-3/up", b"", qos=1)
         await context.wait_for(3)
-    by_device = {u.device: u for u in context.accepted.values()}
+    by_device = {u.device: u for u in context.by_msg_id.values()}
     assert by_device["sensor-1"].payload == "héllo"
     assert by_device["sensor-2"].payload is not None
     assert by_device["sensor-2"].payload.startswith(RAW_BASE64_PREFIX)
     assert by_device["sensor-3"].payload == ""
     # No msgId in a raw payload: the id is derived from topic, packet id and payload.
-    for msg_id, up in context.accepted.items():
+    for msg_id, up in context.by_msg_id.items():
         assert msg_id.startswith("mqtt-")
         assert up.msg_id == msg_id
 
 
 async def test_raw_v5_user_property_gives_the_msg_id(
-    broker: Mosquitto, context: MemoryContext
+    broker: Mosquitto, context: MemoryTransportContext
 ) -> None:
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
@@ -71,12 +74,12 @@ async def test_raw_v5_user_property_gives_the_msg_id(
         await dev.publish("devices/sensor-1/up", b"x", qos=1, properties=props)
         await dev.publish("devices/sensor-1/up", b"qos0", qos=0)
         await context.wait_for(2)
-    assert context.accepted["dev-42"].payload == "x"
-    assert context.accepted["gw-2"].payload == "qos0"  # QoS 0: the core assigns the id
+    assert context.by_msg_id["dev-42"].payload == "x"
+    assert context.by_msg_id["gw-2"].payload == "qos0"  # QoS 0: the core assigns the id
 
 
 async def test_device_report_goes_to_accept_report(
-    broker: Mosquitto, context: MemoryContext
+    broker: Mosquitto, context: MemoryTransportContext
 ) -> None:
     transport = make_transport(broker, context)
     async with running(transport), device_client(broker) as dev:

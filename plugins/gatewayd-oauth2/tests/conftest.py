@@ -1,4 +1,4 @@
-"""A real HTTPS token endpoint (aiohttp, TLS, TokenIssuer) and a tiny plugin context."""
+"""A real HTTPS token endpoint (aiohttp, TLS, TokenIssuer), on the test kit's plugin context."""
 
 from __future__ import annotations
 
@@ -13,23 +13,16 @@ from urllib.parse import unquote_plus
 
 import jwt
 import pytest
-import structlog
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from gatewayd_oauth2.backend import OAuth2Backend
 
 from gatewayd import pki
-from gatewayd.api import (
-    ConfigError,
-    CredentialBackend,
-    Options,
-    PluginSettings,
-    TlsIdentity,
-    TrustAnchors,
-)
+from gatewayd.api import Options, PluginSettings, TlsIdentity, TrustAnchors
 from gatewayd.security import tls
 from gatewayd.security.tokens import TokenIssuer
+from gatewayd.testing import MemoryPluginContext, StaticCredentials
 
 CLIENT_ID = "urn:gatewayd:gateway:demo-n3g"
 CLIENT_SECRET = "client-secret-value-42"
@@ -42,40 +35,6 @@ def _settings(name: str, options: dict[str, Any], base_dir: Path) -> PluginSetti
         options=Options(options, f"credentials.{name}", source="gw.toml"),
         base_dir=base_dir,
     )
-
-
-class Context:
-    """A minimal real PluginContext: a structlog logger and a dict of backends."""
-
-    def __init__(self) -> None:
-        self.backends: dict[str, CredentialBackend] = {}
-
-    @property
-    def log(self) -> Any:
-        return structlog.get_logger("test")  # looked up per use, for capture_logs
-
-    def credentials(self, name: str) -> CredentialBackend:
-        try:
-            return self.backends[name]
-        except KeyError:
-            raise ConfigError(f"credentials.{name}", "no such credentials table") from None
-
-
-class StaticBackend(CredentialBackend):
-    """Fixed TLS material, as the x509 backend holds it after load()."""
-
-    def __init__(
-        self, context: Context, identity: TlsIdentity | None, trust: TrustAnchors | None
-    ) -> None:
-        super().__init__(_settings("static", {}, Path()), context)
-        self.identity = identity
-        self.trust = trust
-
-    def tls_identity(self) -> TlsIdentity | None:
-        return self.identity
-
-    def trust_anchors(self) -> TrustAnchors | None:
-        return self.trust
 
 
 @dataclass
@@ -212,10 +171,10 @@ async def endpoint(certs: Pki) -> AsyncIterator[TokenEndpoint]:
 
 
 @pytest.fixture
-def context(certs: Pki) -> Context:
-    ctx = Context()
-    ctx.backends["northbound"] = StaticBackend(ctx, certs.client_identity, certs.trust)
-    ctx.backends["trust-only"] = StaticBackend(ctx, None, certs.trust)
+def context(certs: Pki) -> MemoryPluginContext:
+    ctx = MemoryPluginContext()
+    ctx.backends["northbound"] = StaticCredentials(certs.client_identity, certs.trust, context=ctx)
+    ctx.backends["trust-only"] = StaticCredentials(None, certs.trust, context=ctx)
     return ctx
 
 
@@ -224,7 +183,7 @@ Make = Callable[..., Any]
 
 @pytest.fixture
 async def make(
-    tmp_path: Path, context: Context, endpoint: TokenEndpoint
+    tmp_path: Path, context: MemoryPluginContext, endpoint: TokenEndpoint
 ) -> AsyncIterator[Callable[..., Any]]:
     """Build (not load) an oauth2 backend; every backend built is closed afterwards."""
     built: list[OAuth2Backend] = []

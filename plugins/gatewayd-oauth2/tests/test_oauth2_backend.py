@@ -16,6 +16,7 @@ from gatewayd import pki
 from gatewayd.api import ConfigError, CredentialError, TrustAnchors
 from gatewayd.plugins import Plugins
 from gatewayd.security.tokens import verify_token
+from gatewayd.testing import StaticCredentials
 
 AUDIENCE = "MSGS"
 SCOPE = "msgs-msgdelivery"
@@ -205,8 +206,8 @@ async def test_wrong_secret_is_invalid_client(
 
 async def test_untrusted_endpoint(make: Any, context: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     other_ca = pki.create_ca("someone else")
-    static = type(context.backends["trust-only"])
-    context.backends["wrong"] = static(context, None, TrustAnchors(ca_pem=other_ca.cert_pem))
+    other = TrustAnchors(ca_pem=other_ca.cert_pem)
+    context.backends["wrong"] = StaticCredentials(None, other, context=context)
     monkeypatch.setenv("OAUTH_SECRET", "x")
     backend = make(
         {

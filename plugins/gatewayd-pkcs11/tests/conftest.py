@@ -1,4 +1,4 @@
-"""A real SoftHSM2 token per test, and a tiny plugin context."""
+"""A real SoftHSM2 token per test, on the test kit's plugin context."""
 
 from __future__ import annotations
 
@@ -9,35 +9,18 @@ from typing import Any
 
 import pkcs11
 import pytest
-import structlog
 from gatewayd_oauth2.backend import OAuth2Backend
 from gatewayd_pkcs11.backend import DEFAULT_MODULE, Pkcs11Backend
 from pkcs11 import Attribute, KeyType
 from pkcs11.util.ec import encode_named_curve_parameters
 
-from gatewayd.api import ConfigError, CredentialBackend, Options, PluginSettings, TrustAnchors
+from gatewayd.api import Options, PluginSettings, TrustAnchors
 from gatewayd.pki import create_ca
+from gatewayd.testing import MemoryPluginContext, StaticCredentials
 
 TOKEN = "gatewayd-test"
 PIN = "4711-user"
 SO_PIN = "0815-so"
-
-
-class Context:
-    """A minimal real PluginContext: a structlog logger and a dict of backends."""
-
-    def __init__(self) -> None:
-        self.backends: dict[str, CredentialBackend] = {}
-
-    @property
-    def log(self) -> Any:
-        return structlog.get_logger("test")
-
-    def credentials(self, name: str) -> CredentialBackend:
-        try:
-            return self.backends[name]
-        except KeyError:
-            raise ConfigError(f"credentials.{name}", "no such credentials table") from None
 
 
 def settings(name: str, options: dict[str, Any], base_dir: Path) -> PluginSettings:
@@ -47,13 +30,6 @@ def settings(name: str, options: dict[str, Any], base_dir: Path) -> PluginSettin
         options=Options(options, f"credentials.{name}", source="gw.toml"),
         base_dir=base_dir,
     )
-
-
-class TrustOnly(CredentialBackend):
-    """Trust anchors only, as a ``[credentials.northbound]`` x509 table would give."""
-
-    def trust_anchors(self) -> TrustAnchors:
-        return TrustAnchors(ca_pem=create_ca().cert_pem)
 
 
 @pytest.fixture
@@ -97,13 +73,13 @@ def softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def context() -> Context:
-    return Context()
+def context() -> MemoryPluginContext:
+    return MemoryPluginContext()
 
 
 @pytest.fixture
 async def make(
-    softhsm: Path, context: Context, monkeypatch: pytest.MonkeyPatch
+    softhsm: Path, context: MemoryPluginContext, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Callable[..., Any]]:
     """Build a pkcs11 backend (PIN from $HSM_PIN unless given); all are closed afterwards."""
     monkeypatch.setenv("HSM_PIN", PIN)
@@ -128,10 +104,14 @@ async def make(
 
 @pytest.fixture
 async def make_oauth(
-    softhsm: Path, context: Context
+    softhsm: Path, context: MemoryPluginContext
 ) -> AsyncIterator[Callable[..., OAuth2Backend]]:
     """An oauth2 backend (with a trust backend beside it) in the same context as the HSM."""
-    context.backends["northbound"] = TrustOnly(settings("northbound", {}, softhsm), context)
+    # Trust anchors only, as a ``[credentials.northbound]`` x509 table would give.
+    trust = TrustAnchors(ca_pem=create_ca().cert_pem)
+    context.backends["northbound"] = StaticCredentials(
+        trust=trust, name="northbound", context=context
+    )
     built: list[OAuth2Backend] = []
 
     def _make(options: dict[str, Any]) -> OAuth2Backend:

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 # --import-mode=importlib puts no test folder on sys.path; the helpers live next door.
 sys.path.insert(0, str(Path(__file__).parent))
@@ -17,56 +16,23 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gatewayd_smpp.transport import SmppTransport
 from smsc_peer import Smsc
 
-from gatewayd.api import (
-    Acceptance,
-    ConfigError,
-    CredentialBackend,
-    Device,
-    DeviceReport,
-    Options,
-    TransportSettings,
-    Uplink,
-)
+from gatewayd.api import Device, DeviceReport, Options, TransportSettings
+from gatewayd.testing import MemoryTransportContext
 
 PASSWORD = "s3cret"
 DEVICE = "447700900001"
 OTHER = "447700900002"
 
 
-class MemoryContext:
-    """Records what the transport hands over; can hold accept() or refuse it."""
+class SmsContext(MemoryTransportContext):
+    """The test kit's in-memory context, bound as ``transport=sms``; SMS devices send no
+    reports, so a report reaching it fails the test."""
 
     def __init__(self, devices: tuple[Device, ...]) -> None:
-        self.log = structlog.get_logger("test").bind(transport="sms")
-        self.devices = {d.name: d for d in devices}
-        self.accepted: list[Uplink] = []
-        self.refuse: Exception | None = None
-        self.gate: asyncio.Event | None = None
-        self.entered = asyncio.Event()
-        self.calls = 0
-
-    async def accept(self, uplink: Uplink) -> Acceptance:
-        self.calls += 1
-        self.entered.set()
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.refuse is not None:
-            raise self.refuse
-        duplicate = uplink.msg_id is not None and any(
-            u.msg_id == uplink.msg_id for u in self.accepted
-        )
-        if not duplicate:
-            self.accepted.append(uplink)
-        return Acceptance(msg_id=uplink.msg_id or f"gw-{len(self.accepted)}", duplicate=duplicate)
+        super().__init__(devices, transport="sms")
 
     async def accept_report(self, report: DeviceReport) -> None:
         raise AssertionError("SMS devices send no reports")
-
-    def device(self, name: str) -> Device | None:
-        return self.devices.get(name)
-
-    def credentials(self, name: str) -> CredentialBackend:
-        raise ConfigError(f"credentials.{name}", "no such credentials")
 
 
 def make_settings(options: dict[str, Any], devices: list[str] | None = None) -> TransportSettings:
@@ -114,7 +80,7 @@ async def smsc() -> AsyncIterator[Smsc]:
         await server.stop()
 
 
-Started = tuple[SmppTransport, MemoryContext]
+Started = tuple[SmppTransport, SmsContext]
 Starter = Callable[..., Coroutine[Any, Any, Started]]
 
 
@@ -125,7 +91,7 @@ async def start_transport(smsc: Smsc) -> AsyncIterator[Starter]:
 
     async def start(bound: bool = True, **options: Any) -> Started:
         settings = make_settings(base_options(smsc.port, **options))
-        context = MemoryContext(settings.devices)
+        context = SmsContext(settings.devices)
         transport = SmppTransport(settings, context)
         await transport.start()
         started.append(transport)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MemoryContext, base_options, make_settings
+from conftest import SmsContext, base_options, make_settings
 from gatewayd_smpp.transport import SmppTransport
 
 from gatewayd import config
@@ -15,7 +15,7 @@ from gatewayd.api import ConfigError, GatewaydError
 
 def build(options: dict[str, Any], devices: list[str] | None = None) -> SmppTransport:
     settings = make_settings(options, devices)
-    return SmppTransport(settings, MemoryContext(settings.devices))
+    return SmppTransport(settings, SmsContext(settings.devices))
 
 
 def test_defaults() -> None:
@@ -84,7 +84,7 @@ def test_the_l3g_example_config_is_valid() -> None:
     settings = config.load(example)
     assert settings.gateway_type == "L3G"
     (sms,) = settings.transports
-    transport = SmppTransport(sms, MemoryContext(sms.devices))
+    transport = SmppTransport(sms, SmsContext(sms.devices))
     assert transport.config.source.ton == 3
     assert transport.config.password.kind == "credential"
     assert sms.service_id_template == "msisdn-{device}@sms.example.net"

@@ -1,4 +1,5 @@
-"""Fixtures for the x509/systemd backend tests: a real throw-away PKI and a tiny context."""
+"""Fixtures for the x509/systemd backend tests: a real throw-away PKI and the test kit's
+plugin context."""
 
 from __future__ import annotations
 
@@ -7,33 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from gatewayd import pki
 from gatewayd.api import CredentialBackend, Options, PluginSettings
-
-
-class Context:
-    """A minimal real PluginContext: a structlog logger and a dict of backends."""
-
-    def __init__(self) -> None:
-        self.backends: dict[str, CredentialBackend] = {}
-
-    @property
-    def log(self) -> Any:
-        # Looked up on each use so structlog.testing.capture_logs sees the events.
-        return structlog.get_logger("test")
-
-    def credentials(self, name: str) -> CredentialBackend:
-        return self.backends[name]
-
+from gatewayd.testing import MemoryPluginContext
 
 Make = Callable[..., CredentialBackend]
 
 
 @pytest.fixture
-def context() -> Context:
-    return Context()
+def context() -> MemoryPluginContext:
+    return MemoryPluginContext()
 
 
 @pytest.fixture
@@ -42,7 +27,7 @@ def ca() -> pki.Issued:
 
 
 @pytest.fixture
-def make(tmp_path: Path, context: Context) -> Callable[..., CredentialBackend]:
+def make(tmp_path: Path, context: MemoryPluginContext) -> Callable[..., CredentialBackend]:
     """Build a backend class from an options dict, as the core would from TOML."""
 
     def _make(cls: type[CredentialBackend], options: dict[str, Any], name: str = "north") -> Any:
