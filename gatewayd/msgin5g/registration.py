@@ -20,6 +20,10 @@ from gatewayd.msgin5g.model import _compact, format_datetime
 API_NAME = "msgs-gwregistration"
 API_VERSION = "v1"
 
+# The ProblemDetails cause with which a server answers MSGS_MSGDelivery calls from a
+# gateway that holds no live registration: register again, then retry.
+CAUSE_NOT_REGISTERED = "GATEWAY_NOT_REGISTERED"
+
 
 class GatewayType(StrEnum):
     L3G = "L3G"

@@ -11,6 +11,7 @@ from gatewayd.errors import (
     RequestRejectedError,
 )
 from gatewayd.msgin5g.model import DeliveryStatus, DeliveryStatusReport, UEMessageDelivery
+from gatewayd.msgin5g.registration import CAUSE_NOT_REGISTERED
 from gatewayd.northbound.client import MsgsClient
 from gatewayd.northbound.registration import Registrar
 from gatewayd.relay import put_device_report
@@ -21,7 +22,6 @@ log = structlog.get_logger(__name__)
 
 # The reference server's cause for a request from a gateway it holds no registration of
 # (our registration extension): the message is fine, the registration must be renewed.
-NOT_REGISTERED = "GATEWAY_NOT_REGISTERED"
 
 
 class Senders:
@@ -37,7 +37,7 @@ class Senders:
         try:
             ack = await self._client.deliver_ue_message(message)
         except RequestRejectedError as exc:
-            if exc.cause == NOT_REGISTERED:
+            if exc.cause == CAUSE_NOT_REGISTERED:
                 return self._registration_lost(exc)
             log.warning("message.rejected", status=exc.status, cause=exc.cause, detail=exc.detail)
             await put_device_report(self._store, message, exc.cause or f"HTTP {exc.status}")
@@ -61,7 +61,7 @@ class Senders:
         try:
             await self._client.deliver_report(report)
         except RequestRejectedError as exc:
-            if exc.cause == NOT_REGISTERED:
+            if exc.cause == CAUSE_NOT_REGISTERED:
                 return self._registration_lost(exc)
             log.warning("report.rejected", status=exc.status, cause=exc.cause)
             return Dead(str(exc))

@@ -38,7 +38,7 @@ from gatewayd.msgin5g import (
     UEMessageDelivery,
 )
 from gatewayd.msgin5g.model import InvalidParam
-from gatewayd.msgin5g.registration import API_NAME, API_VERSION
+from gatewayd.msgin5g.registration import API_NAME, API_VERSION, CAUSE_NOT_REGISTERED
 from gatewayd.security import tls
 from gatewayd.sim.faults import Fault, Faults
 from gatewayd.sim.operator import operator_app
@@ -593,7 +593,7 @@ class SimServer:
             r for r in self._registrations.values() if r.gw_id == entry.identity and r.live(now)
         ]
         if not mine:
-            raise Refused("GATEWAY_NOT_REGISTERED", "this gateway holds no live registration")
+            raise Refused(CAUSE_NOT_REGISTERED, "this gateway holds no live registration")
         for registration in mine:
             if ori.addr_type == AddressType.UE and ori.addr in registration.ue_svc_ids:
                 return registration
