@@ -22,6 +22,7 @@ from aiohttp import web
 from gatewayd.errors import BacklogFullError, InvalidBodyError, TokenRejectedError
 from gatewayd.log import bound_message
 from gatewayd.msgin5g.model import (
+    Address,
     AddressType,
     DeliveryStatusReport,
     GatewayMessageDelivery,
@@ -110,9 +111,15 @@ class GatewayApi:
     # --- middlewares ---------------------------------------------------------------------
 
     @web.middleware
-    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def _errors(  # noqa: PLR0911 - one answer per exception it translates
+        self, request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
         try:
             return await handler(request)
+        except _Refusal as refusal:
+            return refusal.response
+        except InvalidBodyError as exc:
+            return _invalid(exc)
         except web.HTTPRequestEntityTooLarge:
             return problem(413, "Payload Too Large", cause="PAYLOAD_TOO_LARGE")
         except web.HTTPNotFound:
@@ -211,26 +218,27 @@ class GatewayApi:
             ) from None
         return body
 
-    async def _deliver_message(self, request: web.Request) -> web.StreamResponse:
-        try:
-            message = GatewayMessageDelivery.from_json(await self._json(request))
-        except _Refusal as refusal:
-            return refusal.response
-        except InvalidBodyError as exc:
-            return _invalid(exc)
-        with bound_message(message.msg_id, peer=request[PEER]):
-            service_id = message.dest_addr.addr
-            if (
-                message.dest_addr.addr_type != AddressType.UE
-                or self._directory.endpoint(service_id) is None
-            ):
-                log.warning("auth.message_refused", reason="destination not served")
-                return problem(
+    def _served(self, destination: Address, what: str) -> str:
+        """The UE Service ID a message or report is for, if this gateway serves it."""
+        if (
+            destination.addr_type != AddressType.UE
+            or self._directory.endpoint(destination.addr) is None
+        ):
+            log.warning(f"auth.{what}_refused", reason="destination not served")
+            raise _Refusal(
+                problem(
                     403,
                     "Forbidden",
-                    detail="the destination is not served by this gateway",
+                    detail=f"the {what}'s destination is not served by this gateway",
                     cause="DESTINATION_NOT_SERVED",
                 )
+            )
+        return destination.addr
+
+    async def _deliver_message(self, request: web.Request) -> web.StreamResponse:
+        message = GatewayMessageDelivery.from_json(await self._json(request))
+        with bound_message(message.msg_id, peer=request[PEER]):
+            service_id = self._served(message.dest_addr, "message")
             result = await self._store.put(
                 Queue.DOWNLINK,
                 msg_id=message.msg_id,
@@ -245,22 +253,9 @@ class GatewayApi:
         return web.Response(status=204)
 
     async def _deliver_report(self, request: web.Request) -> web.StreamResponse:
-        try:
-            report = DeliveryStatusReport.from_json(await self._json(request))
-        except _Refusal as refusal:
-            return refusal.response
-        except InvalidBodyError as exc:
-            return _invalid(exc)
+        report = DeliveryStatusReport.from_json(await self._json(request))
         with bound_message(report.msg_id, peer=request[PEER]):
-            service_id = report.dest_addr.addr
-            if self._directory.endpoint(service_id) is None:
-                log.warning("auth.report_refused", reason="destination not served")
-                return problem(
-                    403,
-                    "Forbidden",
-                    detail="the report's destination is not served by this gateway",
-                    cause="DESTINATION_NOT_SERVED",
-                )
+            service_id = self._served(report.dest_addr, "report")
             await self._store.put(
                 Queue.DOWNLINK,
                 msg_id=report.msg_id,
