@@ -109,15 +109,17 @@ class Credentials:
                     f"credentials.{name}: the backend failed to load: {exc!r}"
                 ) from exc
             identity = backend.tls_identity()
-            if identity is not None:
-                facts = leaf_facts(identity.cert_chain_pem)
-                log.info(
-                    "credentials.loaded",
-                    credentials=name,
-                    subject=facts.subject,
-                    not_after=facts.not_after.isoformat(),
-                    days_left=round(facts.days_left(), 1),
-                )
+            if identity is None:
+                log.info("credentials.loaded", credentials=name, identity=False)
+                continue
+            facts = leaf_facts(identity.cert_chain_pem)
+            log.info(
+                "credentials.loaded",
+                credentials=name,
+                subject=facts.subject,
+                not_after=facts.not_after.isoformat(),
+                days_left=round(facts.days_left(), 1),
+            )
 
     # --- TLS material for the northbound link ---------------------------------------
 

@@ -206,9 +206,6 @@ async def test_expiring_certificate_warns_at_start_and_on_reload(
     )
     text = config.read_text()
     text = text.replace("drain_timeout = 5.0", "drain_timeout = 5.0\ncert_warning_days = 14")
-    text = text.replace(
-        f'ca = "{loopback_pki["ca"]}"', f'ca = "{loopback_pki["ca"]}"\nexpiry_warning_days = 0'
-    )
     config.write_text(text)
     log_path = tmp_path / "gateway.log"
     async with gateway_process(config, log_path) as proc:

@@ -121,8 +121,10 @@ class Pkcs11Backend(CredentialBackend):
         """Open (or re-check) the session and find the key pair by label."""
         pin = self.config.pin.read_text()  # read here, so a rotated PIN file applies
         await asyncio.to_thread(self._load_blocking, pin)
+        # The gateway logs credentials.loaded for every backend; this adds what only
+        # this backend knows: which token and key it found.
         self.context.log.info(
-            "credentials.loaded",
+            "pkcs11.key_found",
             credentials=self.settings.name,
             token=self.config.token_label,
             key=self.config.key_label,

@@ -35,7 +35,7 @@ async def test_private_key_jwt_signed_in_hsm(make: Any, make_oauth: Any) -> None
     hsm = make({"key_id": "hsm-1"})
     with capture_logs() as logs:
         await hsm.load()
-    assert logs[0]["event"] == "credentials.loaded"
+    assert logs[0]["event"] == "pkcs11.key_found"
     assert "4711-user" not in repr(logs)
     oauth = make_oauth(
         {

@@ -40,7 +40,6 @@ class FileOptions:
     crl: tuple[str, ...] = ()
     key_passphrase: SecretRef | None = None
     pkcs12_passphrase: SecretRef | None = None
-    expiry_warning_days: int = 30
 
 
 def read_options(options: Options) -> FileOptions:
@@ -49,7 +48,6 @@ def read_options(options: Options) -> FileOptions:
     crl = options.get_str_list("crl", ())
     key_passphrase = options.secret("key_passphrase", required=False)
     pkcs12_passphrase = options.secret("pkcs12_passphrase", required=False)
-    warning_days = options.get_int("expiry_warning_days", 30)
     options.check_unknown()
     if "pkcs12" in files and ("cert" in files or "key" in files):
         raise options.error("pkcs12", "give either pkcs12 or cert + key, not both")
@@ -69,7 +67,6 @@ def read_options(options: Options) -> FileOptions:
         crl=crl,
         key_passphrase=key_passphrase,
         pkcs12_passphrase=pkcs12_passphrase,
-        expiry_warning_days=warning_days,
     )
 
 
@@ -103,31 +100,14 @@ class FileCredentialBackend(CredentialBackend):
         )
 
     async def load(self) -> None:
-        """Read everything afresh; on failure the previous material stays in use."""
+        """Read everything afresh; on failure the previous material stays in use.
+
+        The gateway logs ``credentials.loaded`` and ``credentials.expiring`` for every
+        backend alike, so this one does not.
+        """
         sources = self._sources()
         # Key decryption and PKCS#12 KDFs take real CPU time: keep them off the loop.
-        material = await asyncio.to_thread(load_material, sources)
-        self._material = material
-        log = self.context.log
-        if material.leaf is not None and material.not_after is not None:
-            days_left = (material.not_after - dt.datetime.now(dt.UTC)).days
-            log.info(
-                "credentials.loaded",
-                credentials=self.settings.name,
-                subject=material.subject,
-                not_after=material.not_after.isoformat(),
-                days_left=days_left,
-            )
-            if days_left < self._options.expiry_warning_days:
-                log.warning(
-                    "credentials.expiring",
-                    credentials=self.settings.name,
-                    subject=material.subject,
-                    not_after=material.not_after.isoformat(),
-                    days_left=days_left,
-                )
-        else:
-            log.info("credentials.loaded", credentials=self.settings.name, trust_only=True)
+        self._material = await asyncio.to_thread(load_material, sources)
 
     def _loaded(self) -> Material:
         if self._material is None:

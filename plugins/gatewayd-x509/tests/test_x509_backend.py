@@ -215,26 +215,6 @@ async def test_not_yet_valid_certificate(tmp_path: Path, ca: pki.Issued, make: A
         await backend.load()
 
 
-async def test_expiring_soon_warns(tmp_path: Path, ca: pki.Issued, make: Any) -> None:
-    leaf = pki.issue(ca, "soon", days=10)
-    pki.write_pair(tmp_path, "gw", leaf)
-    backend = make(X509Backend, {"cert": "gw.pem", "key": "gw.key", "expiry_warning_days": 30})
-    with capture_logs() as logs:
-        await backend.load()
-    warnings = [e for e in logs if e["event"] == "credentials.expiring"]
-    assert len(warnings) == 1
-    assert warnings[0]["log_level"] == "warning"
-    assert warnings[0]["days_left"] in (9, 10)
-    assert warnings[0]["subject"] == "CN=soon"
-    assert warnings[0]["not_after"] == leaf.cert.not_valid_after_utc.isoformat()
-    quiet = make(
-        X509Backend, {"cert": "gw.pem", "key": "gw.key", "expiry_warning_days": 5}, name="q"
-    )
-    with capture_logs() as logs:
-        await quiet.load()
-    assert [e["event"] for e in logs] == ["credentials.loaded"]
-
-
 def test_inline_passphrase_refused(make: Any) -> None:
     with pytest.raises(ConfigError, match=r"credentials\.north\.key_passphrase: inline secrets"):
         make(X509Backend, {"cert": "a", "key": "b", "key_passphrase": "hunter2"})
