@@ -6,20 +6,25 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import AsyncIterator
+from typing import Self
 
+from gatewayd.api import TlsIdentity, server_context
 from gatewayd.pki import Issued
 
 
 class Impostor:
-    def __init__(self, cert: Issued, ca_pem: bytes | None = None) -> None:
-        from gatewayd.api import TlsIdentity, TrustAnchors, server_context
+    """Accepts TCP, runs TLS with ``ctx``, and keeps whatever a client dares to send."""
 
-        trust = TrustAnchors(ca_pem=ca_pem) if ca_pem else None
-        identity = TlsIdentity(cert_chain_pem=cert.cert_pem, key_pem=cert.key_pem)
-        self._ctx: ssl.SSLContext = server_context(identity, trust, require_client_cert=False)
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self._ctx = ctx
         self.connections = 0  # TCP connections accepted (before TLS)
         self.received = bytearray()  # application bytes after a completed handshake
         self.port = 0
+
+    @classmethod
+    def presenting(cls, cert: Issued) -> Self:
+        identity = TlsIdentity(cert_chain_pem=cert.cert_pem, key_pem=cert.key_pem)
+        return cls(server_context(identity, None, require_client_cert=False))
 
     async def _tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -33,7 +38,7 @@ class Impostor:
             writer.close()
 
     @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[Impostor]:
+    async def running(self) -> AsyncIterator[Self]:
         server = await asyncio.start_server(self._tcp, "127.0.0.1", 0)
         self.port = server.sockets[0].getsockname()[1]
         try:

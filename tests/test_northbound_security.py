@@ -50,7 +50,7 @@ async def test_impostor_server_learns_nothing(tmp_path: Path, loopback_pki: Pki,
     else:
         ca = pki.load_ca(loopback_pki["ca"], loopback_pki["ca_key"])
         cert = pki.issue(ca, "impostor", dns=("impostor.example",), uris=(pki.DEMO_SERVER_ID,))
-    impostor = Impostor(cert)
+    impostor = Impostor.presenting(cert)
     async with impostor.running():
         settings = _settings(tmp_path, loopback_pki, f"https://127.0.0.1:{impostor.port}")
         with capture_logs() as logs, pytest.raises(PeerRefusedError) as refused:

@@ -18,10 +18,11 @@ import datetime as dt
 import json
 import ssl
 import warnings
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from impostor import Impostor
 
 from gatewayd import pki
 from gatewayd.harness import DEMO_SERVICE_ID, Pki
@@ -167,17 +168,14 @@ def attacker_client_context(material: Material, case: str) -> ssl.SSLContext:
     return ctx
 
 
-class BioImpostor:
-    """An impostor TLS server that counts TCP connections, completed handshakes and
-    every application byte received, and flushes its alert before closing."""
+class BioImpostor(Impostor):
+    """An impostor that also counts completed handshakes and, unlike asyncio's own TLS,
+    flushes its alert before closing, so the client learns why it was refused."""
 
     def __init__(self, ctx: ssl.SSLContext) -> None:
-        self._ctx = ctx
-        self.connections = 0
+        super().__init__(ctx)
         self.handshakes = 0
-        self.received = bytearray()
         self.errors: list[str] = []
-        self.port = 0
 
     async def _tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -223,16 +221,6 @@ class BioImpostor:
                     writer.write(pending)
                     await writer.drain()
             writer.close()
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[BioImpostor]:
-        server = await asyncio.start_server(self._tcp, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
-        try:
-            yield self
-        finally:
-            server.close()
-            await server.wait_closed()
 
 
 @dataclass(slots=True)

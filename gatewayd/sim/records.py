@@ -54,7 +54,7 @@ class Registration:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UplinkRecord:
-    """A UE message a gateway delivered (recorded once per (gateway, msgId))."""
+    """A UE message a gateway delivered (recorded once per (gateway, originator, msgId))."""
 
     gw_id: str
     message: UEMessageDelivery

@@ -35,6 +35,7 @@ from gatewayd.testing.contexts import (
     MemoryPluginContext,
     MemoryTransportContext,
     StaticCredentials,
+    plugin_settings,
 )
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "MemoryTransportContext",
     "Pki",
     "StaticCredentials",
+    "plugin_settings",
     "running_gateway",
 ]
 

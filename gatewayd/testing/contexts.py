@@ -43,7 +43,30 @@ from gatewayd.api import (
     Uplink,
 )
 
-__all__ = ["MemoryPluginContext", "MemoryTransportContext", "StaticCredentials"]
+__all__ = [
+    "MemoryPluginContext",
+    "MemoryTransportContext",
+    "StaticCredentials",
+    "plugin_settings",
+]
+
+
+def plugin_settings(
+    name: str,
+    options: Mapping[str, object],
+    base_dir: Path = Path(),
+    *,
+    plugin: str = "test",
+    source: str = "gw.toml",
+) -> PluginSettings:
+    """What the gateway hands a ``[credentials.NAME]`` backend: its own keys, addressed
+    as ``credentials.NAME`` in ``source`` so config errors read as they do in production."""
+    return PluginSettings(
+        name=name,
+        plugin=plugin,
+        options=Options(options, f"credentials.{name}", source=source),
+        base_dir=base_dir,
+    )
 
 
 class MemoryPluginContext:

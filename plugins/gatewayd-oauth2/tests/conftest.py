@@ -19,22 +19,13 @@ from cryptography.hazmat.primitives import serialization
 from gatewayd_oauth2.backend import OAuth2Backend
 
 from gatewayd import pki
-from gatewayd.api import Options, PluginSettings, TlsIdentity, TrustAnchors
+from gatewayd.api import TlsIdentity, TrustAnchors
 from gatewayd.security import tls
 from gatewayd.security.tokens import TokenIssuer
-from gatewayd.testing import MemoryPluginContext, StaticCredentials
+from gatewayd.testing import MemoryPluginContext, StaticCredentials, plugin_settings
 
 CLIENT_ID = "urn:gatewayd:gateway:demo-n3g"
 CLIENT_SECRET = "client-secret-value-42"
-
-
-def _settings(name: str, options: dict[str, Any], base_dir: Path) -> PluginSettings:
-    return PluginSettings(
-        name=name,
-        plugin="test",
-        options=Options(options, f"credentials.{name}", source="gw.toml"),
-        base_dir=base_dir,
-    )
 
 
 @dataclass
@@ -191,7 +182,7 @@ async def make(
     def _make(options: dict[str, Any], name: str = "tokens") -> OAuth2Backend:
         full = {"token_url": endpoint.url, "client_id": CLIENT_ID, "trust": "trust-only"}
         full.update(options)
-        backend = OAuth2Backend(_settings(name, full, tmp_path), context)
+        backend = OAuth2Backend(plugin_settings(name, full, tmp_path), context)
         context.backends[name] = backend
         built.append(backend)
         return backend

@@ -14,22 +14,13 @@ from gatewayd_pkcs11.backend import DEFAULT_MODULE, Pkcs11Backend
 from pkcs11 import Attribute, KeyType
 from pkcs11.util.ec import encode_named_curve_parameters
 
-from gatewayd.api import Options, PluginSettings, TrustAnchors
+from gatewayd.api import TrustAnchors
 from gatewayd.pki import create_ca
-from gatewayd.testing import MemoryPluginContext, StaticCredentials
+from gatewayd.testing import MemoryPluginContext, StaticCredentials, plugin_settings
 
 TOKEN = "gatewayd-test"
 PIN = "4711-user"
 SO_PIN = "0815-so"
-
-
-def settings(name: str, options: dict[str, Any], base_dir: Path) -> PluginSettings:
-    return PluginSettings(
-        name=name,
-        plugin="test",
-        options=Options(options, f"credentials.{name}", source="gw.toml"),
-        base_dir=base_dir,
-    )
 
 
 @pytest.fixture
@@ -92,7 +83,7 @@ async def make(
             "pin": {"env": "HSM_PIN"},
         }
         full.update(options or {})
-        backend = Pkcs11Backend(settings(name, full, softhsm), context)
+        backend = Pkcs11Backend(plugin_settings(name, full, softhsm), context)
         context.backends[name] = backend
         built.append(backend)
         return backend
@@ -116,7 +107,7 @@ async def make_oauth(
 
     def _make(options: dict[str, Any]) -> OAuth2Backend:
         backend = OAuth2Backend(
-            settings("tokens", {"trust": "northbound", **options}, softhsm), context
+            plugin_settings("tokens", {"trust": "northbound", **options}, softhsm), context
         )
         built.append(backend)
         return backend

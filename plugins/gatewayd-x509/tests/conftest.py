@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from gatewayd import pki
-from gatewayd.api import CredentialBackend, Options, PluginSettings
-from gatewayd.testing import MemoryPluginContext
+from gatewayd.api import CredentialBackend
+from gatewayd.testing import MemoryPluginContext, plugin_settings
 
 Make = Callable[..., CredentialBackend]
 
@@ -31,12 +31,7 @@ def make(tmp_path: Path, context: MemoryPluginContext) -> Callable[..., Credenti
     """Build a backend class from an options dict, as the core would from TOML."""
 
     def _make(cls: type[CredentialBackend], options: dict[str, Any], name: str = "north") -> Any:
-        settings = PluginSettings(
-            name=name,
-            plugin="x509",
-            options=Options(options, f"credentials.{name}", source="gw.toml"),
-            base_dir=tmp_path,
-        )
+        settings = plugin_settings(name, options, tmp_path, plugin="x509")
         backend = cls(settings, context)
         context.backends[name] = backend
         return backend
