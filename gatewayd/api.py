@@ -36,7 +36,7 @@ from gatewayd.errors import (
     UnknownDeviceError,
 )
 from gatewayd.msgin5g.model import Address
-from gatewayd.options import MISSING, Options, SecretRef
+from gatewayd.options import MISSING, ListenAddress, Options, SecretRef, is_loopback
 from gatewayd.security.material import TlsIdentity, TrustAnchors
 from gatewayd.security.tls import PeerIdentity, client_context, peer_identity, server_context
 
@@ -56,6 +56,7 @@ __all__ = [
     "GatewaydError",
     "IntakeRefusedError",
     "InvalidMessageError",
+    "ListenAddress",
     "Logger",
     "Options",
     "PeerIdentity",
@@ -76,6 +77,7 @@ __all__ = [
     "UplinkReport",
     "client_context",
     "hookimpl",
+    "is_loopback",
     "peer_identity",
     "server_context",
 ]

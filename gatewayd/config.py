@@ -7,7 +7,6 @@ here for their common keys and handed to the plugins for the rest.
 
 from __future__ import annotations
 
-import ipaddress
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +161,8 @@ def parse(data: dict[str, Any], path: Path) -> Settings:
     nb.check_unknown()
 
     api_opts = root.table("api", required=True)
-    host, port = _host_port(api_opts, "listen")
+    listen = api_opts.get_listen("listen")
+    host, port = listen.host, listen.port
     advertise = api_opts.get_str("advertise", None)
     if advertise is None and host in ("0.0.0.0", "::"):  # noqa: S104 - checking, not binding
         raise api_opts.error("advertise", "is required when listening on all addresses")
@@ -219,27 +219,18 @@ def parse(data: dict[str, Any], path: Path) -> Settings:
 
 
 def _metrics(mt: Options) -> MetricsSettings | None:
-    if "listen" not in mt.raw():
-        mt.check_unknown()
-        return None
-    host, port = _host_port(mt, "listen")
+    listen = mt.get_listen("listen", None)
     allow_remote = mt.get_bool("allow_remote", False)
     mt.check_unknown()
+    if listen is None:
+        return None
     # The endpoint has no authentication: exposing it beyond this host is opt-in.
-    if not allow_remote and not _is_loopback(host):
+    if not allow_remote and not listen.is_loopback:
         raise mt.error(
-            "listen", f"{host!r} is not a loopback address; set allow_remote = true to expose it"
+            "listen",
+            f"{listen.host!r} is not a loopback address; set allow_remote = true to expose it",
         )
-    return MetricsSettings(host=host, port=port, allow_remote=allow_remote)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name other than localhost may resolve anywhere
+    return MetricsSettings(host=listen.host, port=listen.port, allow_remote=allow_remote)
 
 
 def _store(st: Options, state_dir: Path, base: Path) -> StoreSettings:
@@ -327,14 +318,6 @@ def _transport_settings(opts: Options, name: str, base: Path) -> TransportSettin
         devices=tuple(devices),
         service_id_template=template,
     )
-
-
-def _host_port(opts: Options, key: str) -> tuple[str, int]:
-    value = opts.get_str(key)
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise opts.error(key, f'expected "host:port", got {value!r}')
-    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - an empty host means all
 
 
 def _check_unique_service_ids(transports: tuple[TransportSettings, ...], source: str) -> None:

@@ -7,6 +7,7 @@ expected a string "host:port"``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -65,6 +66,34 @@ class SecretRef:
 
     def __repr__(self) -> str:
         return f"SecretRef({self.kind}={self.where!r})"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address, or ``localhost``) stays on this machine.
+
+    Another host name may resolve anywhere, so it does not count.
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """Where a listener binds: ``host`` without IPv6 brackets, ``port`` 0 for any."""
+
+    host: str
+    port: int
+
+    @property
+    def is_loopback(self) -> bool:
+        return is_loopback(self.host)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 class Options:
@@ -154,6 +183,20 @@ class Options:
             return value
         path = Path(value).expanduser()
         return path if path.is_absolute() or base is None else base / path
+
+    def get_listen(self, name: str, default: T | _Missing = MISSING) -> ListenAddress | T:
+        """A ``"host:port"`` to listen on (``"[::1]:8080"`` for IPv6, port 0 for any).
+
+        The host is never implied: all addresses are ``0.0.0.0`` or ``::``, written out.
+        """
+        value = self.get_str(name, default)
+        if not isinstance(value, str):
+            return value
+        host, sep, port = value.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise self.error(name, f'expected "host:port", got {value!r}')
+        return ListenAddress(host, int(port))
 
     def get_str_list(self, name: str, default: T | _Missing = MISSING) -> tuple[str, ...] | T:
         value = self._get(name, list, "a list of strings", default)

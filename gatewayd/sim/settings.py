@@ -7,7 +7,6 @@ certificates made with :mod:`gatewayd.pki`.
 
 from __future__ import annotations
 
-import ipaddress
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from gatewayd.api import TlsIdentity, TrustAnchors
 from gatewayd.errors import ConfigError, CredentialError
 from gatewayd.msgin5g import GatewayType
-from gatewayd.options import Options
+from gatewayd.options import Options, is_loopback
 from gatewayd.security.tokens import TokenIssuer
 from gatewayd.sim.policy import AllowList, GatewayPolicy, ServiceIdPattern
 from gatewayd.sim.tokens import GATEWAY_SCOPES, SimTokens, TokenClient
@@ -84,7 +83,7 @@ def load(path: Path) -> SimSettings:
 
     operator = root.table("operator")
     operator_host = operator.get_str("host", "127.0.0.1")
-    if not _loopback(operator_host):
+    if not is_loopback(operator_host):
         # The operator interface is plain HTTP without authentication: loopback only.
         raise operator.error(
             "host", "must be a loopback address (the interface is unauthenticated)"
@@ -210,12 +209,3 @@ def _read(options: Options, name: str, base: Path, *, required: bool = True) -> 
         return path.read_bytes()
     except OSError as exc:
         raise options.error(name, f"cannot read {path}: {exc.strerror}") from None
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -46,7 +46,8 @@ class HttpConfig:
     def from_settings(cls, settings: TransportSettings) -> HttpConfig:
         """Read and check every key; raise :class:`ConfigError` naming the first bad one."""
         opts = settings.options
-        host, port = _parse_listen(opts)
+        listen = opts.get_listen("listen")
+        host, port = listen.host, listen.port
         tls = opts.get_str("tls", None)
         webhook_identity = opts.get_str("webhook_identity", None)
         device_auth = opts.get_choice("device_auth", _AUTH_MODES, BEARER)
@@ -76,15 +77,6 @@ class HttpConfig:
             delivery_timeout=delivery_timeout,
             devices=devices,
         )
-
-
-def _parse_listen(opts: Options) -> tuple[str, int]:
-    value = opts.get_str("listen")
-    host, sep, port_text = value.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")  # "[::1]:8080"
-    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
-        raise opts.error("listen", f'expected "host:port", got {value!r}')
-    return host, int(port_text)
 
 
 def _read_device(opts: Options, name: str, device_auth: str, base: Path) -> DeviceConfig:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import ssl
 
 import aiohttp
@@ -20,6 +19,7 @@ from gatewayd.api import (
     TrustAnchors,
     UplinkReport,
     client_context,
+    is_loopback,
     server_context,
 )
 from gatewayd_http.config import BEARER, CLIENT_CERT, DeviceConfig, HttpConfig
@@ -92,7 +92,7 @@ class HttpTransport(Transport):
                 f"{self.config.host}:{self.config.port}: {exc.strerror or exc}"
             ) from None
         host, port = self.address
-        if server_ssl is None and not _is_loopback(self.config.host):
+        if server_ssl is None and not is_loopback(self.config.host):
             # TS 33.501 Annex Y.3: TLS protects MSGin5G-4 unless the network does; bearer
             # tokens in clear text are only acceptable on a protected network.
             self.context.log.warning("http.tls.disabled", host=host, port=port)
@@ -217,12 +217,3 @@ def _webhook(device: DeviceConfig, identity: TlsIdentity | None) -> Webhook:
                 f"cannot read CA file {device.webhook_ca}: {exc.strerror}",
             ) from None
     return Webhook(url=device.webhook, ssl_context=client_context(trust, identity))
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
