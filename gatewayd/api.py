@@ -382,6 +382,17 @@ class Registry(Generic[C]):
         self._classes[name] = cls
         self._owners[name] = self.current_plugin
 
+    def require(self, settings: PluginSettings) -> C:
+        """The class a ``[credentials.NAME]`` or ``[transports.NAME]`` table names in its
+        ``plugin`` key; a :class:`ConfigError` naming that key when none is installed."""
+        cls = self._classes.get(settings.plugin)
+        if cls is None:
+            known = ", ".join(self.names()) or "none"
+            raise settings.options.error(
+                "plugin", f"no {self._kind} {settings.plugin!r} is installed (installed: {known})"
+            )
+        return cls
+
     def get(self, name: str) -> C | None:
         return self._classes.get(name)
 

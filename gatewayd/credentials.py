@@ -82,14 +82,7 @@ class Credentials:
     async def load(self) -> None:
         """Build every backend, then load each (a backend may look up its siblings)."""
         for cs in self._settings.credentials:
-            factory = self._plugins.credential_backends.get(cs.plugin)
-            if factory is None:
-                known = ", ".join(self._plugins.credential_backends.names()) or "none"
-                raise ConfigError(
-                    f"credentials.{cs.name}.plugin",
-                    f"no credential backend {cs.plugin!r} is installed (installed: {known})",
-                    source=str(self._settings.source),
-                )
+            factory = self._plugins.credential_backends.require(cs)
             self.backends[cs.name] = factory(cs, PluginContext(cs.name, self.get))
         self._files = self._file_state()
         await self._load_all()

@@ -25,14 +25,11 @@ from gatewayd.api import (
     Device,
     DeviceReport,
     Transport,
-    TransportFactory,
-    TransportSettings,
     Uplink,
 )
 from gatewayd.config import Settings
 from gatewayd.credentials import Credentials, PluginContext
 from gatewayd.errors import (
-    ConfigError,
     IntakeRefusedError,
     StoreError,
 )
@@ -263,24 +260,15 @@ class Gateway:
             self.credentials.client_tls()
             self.credentials.server_tls()
             for ts in self.settings.transports:
-                self._transport_factory(ts)(ts, _CheckOnlyContext(ts.name, self.credentials.get))
+                self.plugins.transports.require(ts)(
+                    ts, _CheckOnlyContext(ts.name, self.credentials.get)
+                )
         finally:
             await self.credentials.aclose()
 
-    def _transport_factory(self, ts: TransportSettings) -> TransportFactory:
-        factory = self.plugins.transports.get(ts.plugin)
-        if factory is None:
-            known = ", ".join(self.plugins.transports.names()) or "none"
-            raise ConfigError(
-                f"transports.{ts.name}.plugin",
-                f"no transport plugin {ts.plugin!r} is installed (installed: {known})",
-                source=str(self.settings.source),
-            )
-        return factory
-
     async def _start_transports(self, stack: AsyncExitStack) -> None:
         for ts in self.settings.transports:
-            factory = self._transport_factory(ts)
+            factory = self.plugins.transports.require(ts)
             intake = TransportIntake(
                 name=ts.name,
                 store=self.store,

@@ -103,8 +103,13 @@ def test_valid_config_checks_ok(tmp_path: Path, loopback_pki: Pki) -> None:
             "inline secrets are not allowed",
         ),
         (lambda t: t.replace("[retry]", "[retry]\ninitail = 1.0"), "retry.initail", "unknown key"),
+        (
+            lambda t: t.replace('plugin = "http"', 'plugin = "coap"'),
+            "transports.web.plugin",
+            "no transport 'coap' is installed (installed: http, mqtt, smpp)",
+        ),
     ],
-    ids=["missing key", "wrong type", "inline secret", "misspelt key"],
+    ids=["missing key", "wrong type", "inline secret", "misspelt key", "plugin not installed"],
 )
 def test_config_errors_name_the_key(
     tmp_path: Path, loopback_pki: Pki, edit: object, key: str, problem: str

@@ -46,15 +46,7 @@ from gatewayd.sim.settings import SimSettings
 from gatewayd.testing import running_gateway
 from gatewayd.testing.schemas import validate_problem
 
-TRANSPORT = f"""
-[transports.web]
-plugin = "http"
-listen = "127.0.0.1:0"
-[[transports.web.devices]]
-device = "sensor-1"
-service_id = "{DEMO_SERVICE_ID}"
-token = {{ env = "GATEWAYD_TEST_TOKEN" }}
-"""
+TRANSPORT = harness.http_transport_bearer()
 
 # What OpenSSL says for each case, wherever it is the one refusing (either leg).
 REASON = {

@@ -305,15 +305,7 @@ DOWNLINK = {
     "payload": "set-interval=60",
 }
 
-TRANSPORT = f"""
-[transports.web]
-plugin = "http"
-listen = "127.0.0.1:0"
-[[transports.web.devices]]
-device = "sensor-1"
-service_id = "{DEMO_SERVICE_ID}"
-token = {{ env = "GATEWAYD_TEST_TOKEN" }}
-"""
+TRANSPORT = harness.http_transport_bearer()
 
 
 @dataclass
