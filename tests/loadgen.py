@@ -18,7 +18,6 @@ can be SIGKILLed and started again on the same state directory.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
+from jsonlog import entries
 
 from gatewayd import harness
 from gatewayd.harness import Pki
@@ -62,6 +63,20 @@ def token_env(device: str) -> str:
 
 def token_environment(tokens: Mapping[str, str]) -> dict[str, str]:
     return {token_env(name): token for name, token in tokens.items()}
+
+
+def export_tokens(monkeypatch: pytest.MonkeyPatch, count: int) -> dict[str, str]:
+    """``count`` devices' tokens, exported where an in-process gateway's config reads them."""
+    found = device_tokens(count)
+    for name, value in token_environment(found).items():
+        monkeypatch.setenv(name, value)
+    return found
+
+
+def device_url(gw: Any) -> Callable[[], str]:
+    """The base URL of an in-process gateway's HTTP transport, for :class:`LoadGen`."""
+    host, port = gw.transports["web"].address
+    return lambda: f"http://{host}:{port}"
 
 
 def msg_id(device: str, seq: int) -> str:
@@ -307,11 +322,4 @@ class GatewayProcess:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log().splitlines():
-            if line.startswith("{"):
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    continue  # a line cut short by SIGKILL
-        return out
+        return entries(self.log())

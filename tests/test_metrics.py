@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import os
 import signal
 import socket
@@ -21,6 +20,7 @@ from typing import Any
 
 import aiohttp
 from cryptography import x509
+from jsonlog import events, tail, wait_for_event
 
 from gatewayd import harness, metrics, pki
 from gatewayd.errors import ExitCode
@@ -63,29 +63,6 @@ def write_config(
         )
     )
     return path
-
-
-def events(log_path: Path, name: str) -> list[dict[str, Any]]:
-    out = []
-    for line in log_path.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            entry = json.loads(line)
-            if entry.get("event") == name:
-                out.append(entry)
-    return out
-
-
-def tail(log_path: Path) -> str:
-    return log_path.read_text()[-3000:]
-
-
-async def wait_for_event(log_path: Path, name: str, count: int = 1, timeout: float = 30) -> None:
-    # The log is a file another process writes: polling it is the only way to watch.
-    async with asyncio.timeout(timeout):
-        while True:
-            if len(events(log_path, name)) >= count:
-                return
-            await asyncio.sleep(0.1)
 
 
 @contextlib.asynccontextmanager

@@ -20,7 +20,11 @@ from typing import Any
 import aiohttp
 import pytest
 from e2e_device import Device
-from loadgen import device_tokens, http_bearer_transport, token_env, token_environment
+from loadgen import (
+    export_tokens,
+    http_bearer_transport,
+    token_env,
+)
 
 from gatewayd import config
 from gatewayd.harness import Pki
@@ -31,10 +35,7 @@ from gatewayd.testing import running_gateway
 
 @pytest.fixture
 def tokens(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    found = device_tokens(2)
-    for name, value in token_environment(found).items():
-        monkeypatch.setenv(name, value)
-    return found
+    return export_tokens(monkeypatch, 2)
 
 
 def _with_webhooks(tls: Pki, tokens: dict[str, str], webhook: str) -> str:

@@ -13,7 +13,13 @@ import time
 from collections.abc import Callable
 
 import pytest
-from loadgen import LoadGen, Stats, device_tokens, http_bearer_transport, token_environment
+from loadgen import (
+    LoadGen,
+    Stats,
+    device_url,
+    export_tokens,
+    http_bearer_transport,
+)
 
 from gatewayd import config
 from gatewayd.sim.server import SimServer
@@ -22,15 +28,7 @@ from gatewayd.testing import running_gateway
 
 @pytest.fixture
 def tokens(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    found = device_tokens(5)
-    for name, value in token_environment(found).items():
-        monkeypatch.setenv(name, value)
-    return found
-
-
-def _url(gw: object) -> Callable[[], str]:
-    host, port = gw.transports["web"].address  # type: ignore[attr-defined]
-    return lambda: f"http://{host}:{port}"
+    return export_tokens(monkeypatch, 5)
 
 
 async def _until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -52,7 +50,7 @@ async def test_backlog_full_refuses_then_recovers(
     async with running_gateway(settings) as gw:
         await sim.wait_for(lambda: bool(sim.registrations), timeout=20)
         sim.fail(503, retry_after=1, seconds=600)  # the server is unwell: nothing drains
-        load = LoadGen(_url(gw), tokens, per_device=10)
+        load = LoadGen(device_url(gw), tokens, per_device=10)
         running = asyncio.create_task(load.run(), name="loadgen")
         await _until(lambda: _refused(load.stats) >= 10, 30, "intake refusals")
         stats = await gw.store.stats()
@@ -77,7 +75,7 @@ async def test_disk_full_refuses_then_recovers(
         used = (await gw.store.stats())["db_bytes"]
         await gw.store.limit_size(used + 64 * 1024)  # the disk has 64 KiB left
         # 1.5 KiB bodies: the cap is reached after a few dozen messages.
-        load = LoadGen(_url(gw), tokens, per_device=30, payload_size=1500)
+        load = LoadGen(device_url(gw), tokens, per_device=30, payload_size=1500)
         running = asyncio.create_task(load.run(), name="loadgen")
         await _until(lambda: _refused(load.stats) >= 10, 60, "intake refusals")
         held = len(load.stats.acked)

@@ -14,7 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from loadgen import LoadGen, device_tokens, http_bearer_transport, token_environment
+from loadgen import (
+    LoadGen,
+    device_url,
+    export_tokens,
+    http_bearer_transport,
+)
 
 from gatewayd import config
 from gatewayd.sim.faults import Fault
@@ -25,15 +30,7 @@ from gatewayd.testing import running_gateway
 
 @pytest.fixture
 def tokens(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    found = device_tokens(5)
-    for name, value in token_environment(found).items():
-        monkeypatch.setenv(name, value)
-    return found
-
-
-def _url(gw: object) -> Callable[[], str]:
-    host, port = gw.transports["web"].address  # type: ignore[attr-defined]
-    return lambda: f"http://{host}:{port}"
+    return export_tokens(monkeypatch, 5)
 
 
 async def _pending(gw: object, queue: Queue = Queue.UPLINK) -> int:
@@ -63,7 +60,7 @@ async def test_server_down_then_back_delivers_everything(
         port = sim.port
         await sim.stop()  # the server is gone: connections refused
 
-        load = LoadGen(_url(gw), tokens, per_device=20)
+        load = LoadGen(device_url(gw), tokens, per_device=20)
         stats = await load.run()
         assert len(stats.acked) == 100  # intake does not depend on the server
         assert await _pending(gw) > 0
@@ -125,7 +122,7 @@ async def test_retry_after_holds_every_sender_not_only_the_refused_message(
         sim.fail(503, retry_after=2, seconds=3.0)
         # One message per device, a new device every 0.5 s: each new lane head is due
         # at once, so only a gateway-wide hold keeps it from going out during a wait.
-        load = LoadGen(_url(gw), tokens, per_device=1, start_gap=0.5)
+        load = LoadGen(device_url(gw), tokens, per_device=1, start_gap=0.5)
         stats = await load.run()
         assert len(stats.acked) == 5
         await sim.wait_for(lambda: len(sim.uplinks) == 5, timeout=60)
@@ -149,7 +146,7 @@ async def test_server_restart_that_forgot_the_registration_loses_nothing(
         await sim.wait_for(lambda: bool(sim.registrations), timeout=20)
         port = sim.port
         await sim.stop()
-        load = LoadGen(_url(gw), tokens, per_device=4)
+        load = LoadGen(device_url(gw), tokens, per_device=4)
         stats = await load.run()
         assert len(stats.acked) == 20
         fresh = SimServer(dataclasses.replace(sim.settings, port=port), schema_check=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -29,6 +28,7 @@ import aiohttp
 import pytest_asyncio
 from aiohttp import web
 from cryptography import x509
+from jsonlog import events, wait_for_event
 
 from gatewayd import harness, pki
 from gatewayd.api import TlsIdentity
@@ -148,25 +148,6 @@ token = {{ env = "TOKEN_{d.replace("-", "_").upper()}" }}
 
 def token(device: str) -> str:
     return f"token-for-{device}"
-
-
-def events(log_path: Path, name: str) -> list[dict[str, Any]]:
-    out = []
-    for line in log_path.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            entry = json.loads(line)
-            if entry.get("event") == name:
-                out.append(entry)
-    return out
-
-
-async def wait_for_event(log_path: Path, name: str, count: int = 1, timeout: float = 30) -> None:
-    # The log is a file another process writes: polling it is the only way to watch.
-    async with asyncio.timeout(timeout):
-        while True:
-            if len(events(log_path, name)) >= count:
-                return
-            await asyncio.sleep(0.1)
 
 
 @dataclass
