@@ -56,7 +56,9 @@ class ApiSettings:
 class RelaySettings:
     default_destination: Address | None
     reply_route_ttl: float
-    max_payload: int  # bytes of an MSGin5G payload string (TS 23.554: 2048 by default)
+    max_payload: int  # bytes of payload per MSGin5G segment (TS 23.554 8.5.1: 2048 default)
+    max_segments: int  # most segments per message, either way
+    reassembly_timeout: float  # seconds a downlink message's segments wait for the rest
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -265,6 +267,8 @@ def _relay(rl: Options) -> RelaySettings:
         else None,
         reply_route_ttl=rl.get_float("reply_route_ttl", 86400.0),
         max_payload=rl.get_int("max_payload", 2048, minimum=1),
+        max_segments=rl.get_int("max_segments", 32, minimum=1),
+        reassembly_timeout=rl.get_float("reassembly_timeout", 120.0, minimum=0.1),
     )
     dest.check_unknown()
     rl.check_unknown()

@@ -132,6 +132,7 @@ class Gateway:
                 allowed_peers=s.api.allowed_peers,
                 max_body=s.api.max_body,
                 reply_route_ttl=s.relay.reply_route_ttl,
+                segments=s.relay,
                 token=s.api.token,
             )
             stack.push_async_callback(api.close)
@@ -339,7 +340,7 @@ class Gateway:
                 await put_device_report(
                     self.store, UEMessageDelivery.from_json(item.body), "EXPIRED"
                 )
-            elif item.queue == Queue.DOWNLINK:
+            elif item.queue in (Queue.DOWNLINK, Queue.SEGMENT):
                 await dispatcher.expired(item)
 
     async def reload(self) -> None:

@@ -170,7 +170,7 @@ CREDENTIAL_DAYS_LEFT = REGISTRY.gauge(
 )
 STORE_BACKLOG = REGISTRY.gauge(
     "gatewayd_store_backlog",
-    "Pending items per store queue (uplink, downlink, report), sampled on scrape.",
+    "Pending items per store queue (uplink, downlink, report, segment), sampled on scrape.",
     ("queue",),
 )
 STORE_DEAD = REGISTRY.gauge(

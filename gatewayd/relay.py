@@ -4,8 +4,8 @@
 - reply routing: a device's reply without a destination goes to whoever last wrote to it;
 - delivery reports: built from transport evidence when ``delivStReqInd`` asked for one.
 
-Segmentation is not done here yet: a payload over ``relay.max_payload`` is refused at
-intake with a precise reason rather than cut.
+A payload over ``relay.max_payload`` bytes leaves as MSGin5G segments, and downlink
+segments are delivered once whole: both in :mod:`gatewayd.segments`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from gatewayd import segments
 from gatewayd.api import (
     Acceptance,
     CredentialBackend,
@@ -144,14 +145,6 @@ class TransportIntake:
         device = await self._resolve(uplink.device)
         msg_id = uplink.msg_id or str(uuid.uuid4())
         with bound_message(msg_id, transport=self._name, device=device.name):
-            if (
-                uplink.payload is not None
-                and len(uplink.payload.encode()) > self._relay.max_payload
-            ):
-                raise InvalidMessageError(
-                    f"payload is {len(uplink.payload.encode())} bytes; "
-                    f"the limit (relay.max_payload) is {self._relay.max_payload}"
-                )
             dest = uplink.dest or await self._destination(uplink, device)
             message = UEMessageDelivery(
                 ori_addr=Address.ue(device.service_id),
@@ -163,16 +156,23 @@ class TransportIntake:
                 payload=uplink.payload,
                 expiry=uplink.expiry,
             )
-            result = await self._store.put(
-                Queue.UPLINK,
-                msg_id=msg_id,
+            # One put, or one per segment when the payload is over relay.max_payload:
+            # put_many stores all segments or none.
+            requests = segments.uplink_requests(
+                message,
                 dedup_key=f"up:{device.service_id}:{msg_id}",
                 lane=device.service_id,
-                body=message.to_json(),
                 expires_at=uplink.expiry.timestamp() if uplink.expiry else None,
+                size=self._relay.max_payload,
+                max_segments=self._relay.max_segments,
             )
+            (result, *_) = await self._store.put_many(Queue.UPLINK, requests)
             log.info(
-                "message.received", direction="uplink", dest=str(dest), duplicate=result.duplicate
+                "message.received",
+                direction="uplink",
+                dest=str(dest),
+                duplicate=result.duplicate,
+                segments=len(requests) if len(requests) > 1 else None,
             )
             return Acceptance(msg_id=msg_id, duplicate=result.duplicate)
 
@@ -311,7 +311,11 @@ class Dispatcher:
         return Done()
 
     async def expired(self, item: Item) -> None:
-        """An expired downlink message: a failure report to its originator, if asked for."""
+        """An expired downlink message: a failure report to its originator, if asked for.
+
+        An expired segment (its message never became whole) reports about the whole
+        message; its set expires together and the report's dedup key keeps it to one.
+        """
         if item.body.get("kind") != KIND_MESSAGE:
             return
         message = GatewayMessageDelivery.from_json(item.body["wire"])
@@ -321,9 +325,9 @@ class Dispatcher:
                 self._store,
                 device=endpoint.device,
                 origin=message.ori_addr,
-                msg_id=message.msg_id,
+                msg_id=segments.whole_msg_id(message),
                 delivered=False,
-                cause="EXPIRED",
+                cause="SEGMENTS_MISSING" if item.queue == Queue.SEGMENT else "EXPIRED",
             )
 
 
@@ -335,17 +339,19 @@ async def put_device_report(store: Store, message: UEMessageDelivery, cause: str
     """
     if not message.deliv_st_req_ind:
         return
+    # A failed segment fails its whole message: the device hears of the msgId it sent.
+    msg_id = segments.whole_msg_id(message)
     report = DeliveryStatusReport(
         ori_addr=message.dest_addr,
         dest_addr=message.ori_addr,
-        msg_id=message.msg_id,
+        msg_id=msg_id,
         deliv_st=ReportDeliveryStatus.REPT_DELY_FAILED,
         failure_cause=cause,
     )
     await store.put(
         Queue.DOWNLINK,
-        msg_id=message.msg_id,
-        dedup_key=f"report-local:{message.ori_addr}:{message.msg_id}",
+        msg_id=msg_id,
+        dedup_key=f"report-local:{message.ori_addr}:{msg_id}",
         lane=message.ori_addr.addr,
         body=downlink_body(KIND_REPORT, report.to_json()),
     )

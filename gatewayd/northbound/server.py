@@ -19,6 +19,8 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from gatewayd import segments
+from gatewayd.config import RelaySettings
 from gatewayd.errors import BacklogFullError, InvalidBodyError, TokenRejectedError
 from gatewayd.log import bound_message
 from gatewayd.msgin5g.model import (
@@ -73,6 +75,7 @@ class GatewayApi:
         allowed_peers: tuple[str, ...],
         max_body: int,
         reply_route_ttl: float,
+        segments: RelaySettings,
         retry_after: float = 5.0,
         token: TokenGate | None = None,
     ) -> None:
@@ -81,6 +84,7 @@ class GatewayApi:
         self._directory = directory
         self._allowed = allowed_peers
         self._route_ttl = reply_route_ttl
+        self._segments = segments
         self._retry_after = retry_after
         self.prefix = gateway_api_prefix(gateway_type)
         self.app = web.Application(
@@ -239,6 +243,9 @@ class GatewayApi:
         message = GatewayMessageDelivery.from_json(await self._json(request))
         with bound_message(message.msg_id, peer=request[PEER]):
             service_id = self._served(message.dest_addr, "message")
+            if segments.is_segment(message):
+                await self._segment(message, service_id)
+                return web.Response(status=204)
             result = await self._store.put(
                 Queue.DOWNLINK,
                 msg_id=message.msg_id,
@@ -251,6 +258,32 @@ class GatewayApi:
             )
             log.info("message.received", direction="downlink", duplicate=result.duplicate)
         return web.Response(status=204)
+
+    async def _segment(self, message: GatewayMessageDelivery, service_id: str) -> None:
+        """Store a segment (204 only once stored); its message goes out once whole."""
+        result = await segments.put_downlink_segment(
+            self._store,
+            message,
+            service_id=service_id,
+            timeout=self._segments.reassembly_timeout,
+            max_segments=self._segments.max_segments,
+        )
+        await self._store.remember_route(service_id, message.ori_addr.to_json(), self._route_ttl)
+        params = message.seg_params
+        log.info(
+            "segment.received",
+            seg_id=segments.whole_msg_id(message),
+            seg_numb=params.seg_numb if params else None,
+            duplicate=result.duplicate,
+            complete=result.whole is not None,
+        )
+        if result.whole is not None:
+            log.info(
+                "message.received",
+                direction="downlink",
+                duplicate=result.whole.duplicate,
+                msg_id=segments.whole_msg_id(message),
+            )
 
     async def _deliver_report(self, request: web.Request) -> web.StreamResponse:
         report = DeliveryStatusReport.from_json(await self._json(request))

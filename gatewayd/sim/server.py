@@ -23,6 +23,7 @@ from typing import Any, Self, TypeVar
 import structlog
 from aiohttp import web
 
+from gatewayd import segments
 from gatewayd.errors import GatewaydError, InvalidBodyError, TokenRejectedError
 from gatewayd.msgin5g import (
     Address,
@@ -66,6 +67,9 @@ _DOWNLINK_SCHEMA = {
     "L3G": ("TS29538_MSGG_L3GDelivery.yaml", "L3gMessageDelivery"),
 }
 
+# The sim segments whatever a test asks for; limits are the gateway's business.
+_SIM_MAX_SEGMENTS = 10_000
+
 # (api file, schema, body) -> violations; gatewayd.testing.schemas.problems fits.
 SchemaCheck = Callable[[str, str, object], tuple[str, ...]]
 T = TypeVar("T")
@@ -104,6 +108,10 @@ class SimServer:
         # so two devices behind one gateway may well pick the same one.
         self.duplicates: Counter[tuple[str, str, str]] = Counter()
         self._seen: set[tuple[str, str, str]] = set()
+        # Uplink segments: every one received, and those waiting for the rest of their
+        # message, by (gateway, originator, segId) and segment number.
+        self.segments: list[UplinkRecord] = []
+        self._partial: dict[tuple[str, str, str], dict[int, UEMessageDelivery]] = {}
         self.faults = Faults()
         self._client = GatewayClient(settings.identity, settings.trust)
         self.tokens: AuthorizationServer | None = (
@@ -240,15 +248,50 @@ class SimServer:
         msg_id: str | None = None,
     ) -> PushResult:
         """Push a message for UE ``to`` to the gateway that registered it (expects 204)."""
-        msg_id = msg_id or uuid.uuid4().hex
-        message = GatewayMessageDelivery(
+        return await self.push_message(
+            self.downlink_message(
+                to,
+                payload,
+                from_=from_,
+                app_id=app_id,
+                deliv_st_req_ind=deliv_st_req_ind,
+                msg_id=msg_id,
+            )
+        )
+
+    def downlink_message(
+        self,
+        to: str,
+        payload: str | None,
+        *,
+        from_: str | None = None,
+        app_id: str | None = None,
+        deliv_st_req_ind: bool | None = None,
+        msg_id: str | None = None,
+    ) -> GatewayMessageDelivery:
+        """A downlink message for UE ``to`` from our AS (or ``from_``), not yet sent."""
+        return GatewayMessageDelivery(
             ori_addr=Address(AddressType.AS.value, from_ or self.settings.as_address),
             dest_addr=Address.ue(to),
-            msg_id=msg_id,
+            msg_id=msg_id or uuid.uuid4().hex,
             app_id=app_id,
             deliv_st_req_ind=deliv_st_req_ind,
             payload=payload,
         )
+
+    def downlink_segments(
+        self, message: GatewayMessageDelivery, *, size: int
+    ) -> list[GatewayMessageDelivery]:
+        """``message`` as segments of at most ``size`` payload bytes (TS 23.554 8.5.2).
+
+        Returned in order, not sent: a test pushes them with :meth:`push_message` in any
+        order, twice, or not at all.
+        """
+        return segments.split(message, size=size, max_segments=_SIM_MAX_SEGMENTS)
+
+    async def push_message(self, message: GatewayMessageDelivery) -> PushResult:
+        """Push one message (or segment) to the gateway serving its destination."""
+        to, msg_id = message.dest_addr.addr, message.msg_id
         body = message.to_json()
         bound = log.bind(msg_id=msg_id)
         registration = self.route(to)
@@ -612,17 +655,45 @@ class SimServer:
             bound.info("sim.uplink.duplicate", count=self.duplicates[key])
         else:
             self._seen.add(key)
-            self.uplinks.append(UplinkRecord(gw_id=registration.gw_id, message=message, raw=raw))
-            bound.info("sim.uplink.received", dest=str(message.dest_addr))
-            if message.deliv_st_req_ind:
-                self._spawn(
-                    f"sim.report:{message.msg_id}", self._send_report(registration, message)
-                )
+            record = UplinkRecord(gw_id=registration.gw_id, message=message, raw=raw)
+            whole = self._reassemble(record) if segments.is_segment(message) else message
+            if whole is not None:
+                if whole is not message:
+                    record = UplinkRecord(gw_id=registration.gw_id, message=whole, raw=raw)
+                self.uplinks.append(record)
+                bound.info("sim.uplink.received", dest=str(message.dest_addr))
+                if whole.deliv_st_req_ind:
+                    self._spawn(
+                        f"sim.report:{whole.msg_id}", self._send_report(registration, whole)
+                    )
         await self._notify()
         ack = MessageDeliveryAck(
             ori_addr=message.ori_addr, msg_id=message.msg_id, status=DeliveryStatus.DELY_STORED
         )
         return self._json(200, MSGDELIVERY_FILE, "MessageDeliveryAck", ack.to_json())
+
+    def _reassemble(self, record: UplinkRecord) -> UEMessageDelivery | None:
+        """Keep a segment; the whole message once its last missing segment arrived.
+
+        The record of a reassembled message keeps the raw body of that last segment;
+        every segment's own record is in ``segments``.
+        """
+        message = record.message
+        params = message.seg_params
+        if not message.seg_ind or params is None or not params.seg_id or not params.seg_numb:
+            raise InvalidBodyError("/segParams", "a segment needs segInd, segId and segNumb")
+        key = (record.gw_id, message.ori_addr.addr, params.seg_id)
+        parts = self._partial.get(key, {})
+        if params.seg_numb in parts:
+            return None  # the same segment again under another msgId: nothing new
+        # Assembled before anything is kept: a contradicting segment is refused (400).
+        whole = segments.assemble([*parts.values(), message])
+        self.segments.append(record)
+        if whole is None:
+            self._partial[key] = {**parts, params.seg_numb: message}
+        else:
+            self._partial.pop(key, None)
+        return whole
 
     async def _report(self, request: web.Request) -> web.StreamResponse:
         report, raw = await self._read(

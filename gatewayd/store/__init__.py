@@ -6,7 +6,24 @@ committed, and many concurrent puts share one commit. See ``docs/durability.md``
 
 from __future__ import annotations
 
-from gatewayd.store.model import Item, PutRequest, PutResult, Queue, State, StoreSettings
+from gatewayd.store.model import (
+    Item,
+    PartResult,
+    PutRequest,
+    PutResult,
+    Queue,
+    State,
+    StoreSettings,
+)
 from gatewayd.store.store import Store
 
-__all__ = ["Item", "PutRequest", "PutResult", "Queue", "State", "Store", "StoreSettings"]
+__all__ = [
+    "Item",
+    "PartResult",
+    "PutRequest",
+    "PutResult",
+    "Queue",
+    "State",
+    "Store",
+    "StoreSettings",
+]

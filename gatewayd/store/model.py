@@ -28,11 +28,16 @@ class StoreSettings:
 
 
 class Queue(StrEnum):
-    """The three queues the store holds."""
+    """The queues the store holds.
+
+    ``SEGMENT`` is not worked by any sender: its items wait there until the rest of
+    their set arrives (:meth:`Store.put_part`) or they expire.
+    """
 
     UPLINK = "uplink"  # UEMessageDelivery bodies bound for the server
     REPORT = "report"  # DeliveryStatusReport bodies bound for the server
     DOWNLINK = "downlink"  # GatewayMessageDelivery bodies bound for a device
+    SEGMENT = "segment"  # downlink segments waiting for the rest of their message
 
 
 class State(StrEnum):
@@ -79,3 +84,16 @@ class PutRequest:
     lane: str
     body: dict[str, Any] = field(repr=False)
     expires_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PartResult:
+    """The outcome of :meth:`Store.put_part`.
+
+    ``whole`` is the put of the assembled message when this part completed its set
+    (``whole.duplicate`` if that message had been stored before), else ``None``.
+    """
+
+    id: int
+    duplicate: bool  # this part was stored already: nothing new
+    whole: PutResult | None = None

@@ -11,13 +11,21 @@ import dataclasses
 import json
 import sqlite3
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import structlog
 
 from gatewayd.errors import BacklogFullError
-from gatewayd.store.model import Item, PutRequest, PutResult, Queue, State, StoreSettings
+from gatewayd.store.model import (
+    Item,
+    PartResult,
+    PutRequest,
+    PutResult,
+    Queue,
+    State,
+    StoreSettings,
+)
 from gatewayd.store.schema import ITEM_COLUMNS, encode_body, row_to_item
 from gatewayd.store.writer import RETRY_AFTER_BACKLOG, Txn, Writer
 
@@ -112,6 +120,35 @@ class Store:
             if result.duplicate:
                 log.debug("store.duplicate", msg_id=request.msg_id, queue=str(queue), id=result.id)
         return results
+
+    async def put_part(
+        self,
+        request: PutRequest,
+        *,
+        into: Queue,
+        assemble: Callable[[list[dict[str, Any]]], PutRequest | None],
+    ) -> PartResult:
+        """Store one part of a larger message; once the set is whole, queue the whole.
+
+        Parts wait in :attr:`Queue.SEGMENT`; ``request.lane`` names their set. In the
+        part's own transaction, ``assemble`` gets the bodies of the set's pending parts
+        plus this one (arrival order) and returns the whole message's put, or ``None``
+        while parts are missing; it may raise a ``GatewaydError`` (an inconsistent set),
+        and then nothing is written. The whole goes into ``into`` and its parts become
+        done in that same transaction, so a crash leaves either the parts or the whole,
+        never both, never neither. A set expires together: every part takes the
+        ``expires_at`` of the set's first part. A part whose ``dedup_key`` was stored
+        before (pending, done or dead) is a duplicate and changes nothing.
+        """
+        body = encode_body(request.body)
+        now = time.time()
+        result: PartResult = await self._writer.call(
+            lambda txn: _put_part(txn, request, body=body, into=into, assemble=assemble, now=now),
+            intake=True,
+        )
+        if result.duplicate:
+            log.debug("store.duplicate", msg_id=request.msg_id, queue=Queue.SEGMENT.value)
+        return result
 
     # --- the sender's side -------------------------------------------------------------
 
@@ -524,6 +561,69 @@ def _put_all(
     txn.puts += len(fresh)
     txn.woken.add(queue)
     return results
+
+
+def _put_part(
+    txn: Txn,
+    request: PutRequest,
+    *,
+    body: str,
+    into: Queue,
+    assemble: Callable[[list[dict[str, Any]]], PutRequest | None],
+    now: float,
+) -> PartResult:
+    conn = txn.conn
+    row = conn.execute(
+        "SELECT id FROM items WHERE queue = ? AND dedup_key = ?",
+        (Queue.SEGMENT.value, request.dedup_key),
+    ).fetchone()
+    if row is not None:
+        return PartResult(row[0], duplicate=True)
+    siblings = conn.execute(
+        "SELECT id, body, expires_at FROM items WHERE queue = ? AND lane = ?"
+        " AND state = 'pending' ORDER BY id",
+        (Queue.SEGMENT.value, request.lane),
+    ).fetchall()
+    # Everything that can refuse runs before the first write: a job's exception is
+    # handed to its caller, but the transaction still commits what the job wrote.
+    whole = assemble([json.loads(b) for _, b, _ in siblings] + [request.body])
+    size = len(body.encode())
+    settings = txn.writer.settings
+    if (
+        txn.backlog.messages + 1 > settings.max_messages
+        or txn.backlog.bytes + size > settings.max_bytes
+    ):
+        detail = (
+            f"backlog full: {txn.backlog.messages} messages / {txn.backlog.bytes} bytes stored,"
+            f" limits {settings.max_messages} / {settings.max_bytes}"
+        )
+        txn.writer.refused("backlog", detail)
+        raise BacklogFullError(detail, retry_after=RETRY_AFTER_BACKLOG)
+    if siblings:
+        request = dataclasses.replace(request, expires_at=siblings[0][2])
+    part_id = _insert(conn, Queue.SEGMENT, request, body=body, size=size, now=now)
+    txn.backlog.messages += 1
+    txn.backlog.bytes += size
+    txn.puts += 1
+    if whole is None:
+        return PartResult(part_id, duplicate=False)
+    # The whole is not held to the backlog limits: its parts, done below, held the
+    # same bytes and more rows, so completing a set never grows the backlog.
+    for sibling_id in [*(s[0] for s in siblings), part_id]:
+        _finish(txn, sibling_id, State.DONE, None, now)
+    row = conn.execute(
+        "SELECT id FROM items WHERE queue = ? AND dedup_key = ?", (into.value, whole.dedup_key)
+    ).fetchone()
+    if row is not None:
+        return PartResult(part_id, duplicate=False, whole=PutResult(row[0], duplicate=True))
+    whole_body = encode_body(whole.body)
+    whole_size = len(whole_body.encode())
+    whole_id = _insert(conn, into, whole, body=whole_body, size=whole_size, now=now)
+    txn.backlog.messages += 1
+    txn.backlog.bytes += whole_size
+    txn.puts += 1
+    txn.woken.add(into)
+    return PartResult(part_id, duplicate=False, whole=PutResult(whole_id, duplicate=False))
 
 
 def _insert(
