@@ -19,12 +19,13 @@ from gatewayd.harness import Pki
 from gatewayd.sim.server import SimServer
 from gatewayd.testing import running_gateway
 
-# The SMSC driver lives with the smpp plugin's tests (they import it the same way).
+# The SMSC driver and the transport table live with the smpp plugin's tests (which
+# import them the same way); reused, not copied.
 sys.path.insert(0, str(Path(__file__).parents[1] / "plugins" / "gatewayd-smpp" / "tests"))
 from smsc_peer import Smsc
+from test_e2e import SERVICE_ID, transport_toml
 
-DEVICE = "447700900001"
-SERVICE_ID = "ue-sms-1@iot.example"
+DEVICE = "447700900001"  # the device transport_toml maps
 
 
 @pytest.fixture(autouse=True)
@@ -42,25 +43,6 @@ async def smsc() -> AsyncIterator[Smsc]:
         await server.stop()
 
 
-def _transport(port: int) -> str:
-    return f"""
-[transports.sms]
-plugin = "smpp"
-host = "127.0.0.1"
-port = {port}
-system_id = "gatewayd"
-password = {{ env = "SMPP_TEST_PASSWORD" }}
-source_addr = "4000"
-reconnect_initial = 0.05
-reconnect_max = 0.5
-receipt_timeout = 10.0
-
-[[transports.sms.devices]]
-device = "{DEVICE}"
-service_id = "{SERVICE_ID}"
-"""
-
-
 async def test_segments_both_ways_through_an_smsc(
     tmp_path: Path, loopback_pki: Pki, smsc: Smsc
 ) -> None:
@@ -72,7 +54,7 @@ async def test_segments_both_ways_through_an_smsc(
                 loopback_pki,
                 api_root=sim.api_root,
                 state_dir=tmp_path / "state",
-                transports=_transport(smsc.port),
+                transports=transport_toml(smsc.port),
                 gateway_type="L3G",
                 extra="[relay]\nmax_payload = 40\n",
             ),
