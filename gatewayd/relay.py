@@ -167,12 +167,13 @@ class TransportIntake:
                 max_segments=self._relay.max_segments,
             )
             (result, *_) = await self._store.put_many(Queue.UPLINK, requests)
+            extra = {"segments": len(requests)} if len(requests) > 1 else {}
             log.info(
                 "message.received",
                 direction="uplink",
                 dest=str(dest),
                 duplicate=result.duplicate,
-                segments=len(requests) if len(requests) > 1 else None,
+                **extra,
             )
             return Acceptance(msg_id=msg_id, duplicate=result.duplicate)
 

@@ -6,13 +6,15 @@ The end-to-end cases (through a gateway and the reference server, both roles) ar
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import time
 from pathlib import Path
 
 import pytest
 
 from gatewayd import segments
-from gatewayd.errors import InvalidBodyError, InvalidMessageError
+from gatewayd.errors import BacklogFullError, InvalidBodyError, InvalidMessageError
 from gatewayd.msgin5g.model import (
     Address,
     GatewayMessageDelivery,
@@ -220,3 +222,39 @@ async def test_an_inconsistent_segment_writes_nothing(tmp_path: Path) -> None:
         assert [i.msg_id for i in pending] == ["d-1.1"]
         # The honest segment 2 still completes the message.
         assert (await _put(store, second)).whole is not None
+
+
+async def test_a_segment_number_seen_before_is_a_duplicate_whatever_its_msg_id(
+    tmp_path: Path,
+) -> None:
+    first, second = segments.split(_downlink("abcdef"), size=3, max_segments=8)
+    resent = dataclasses.replace(first, msg_id="another-id-for-segment-1")
+    async with await Store.open(StoreSettings(path=tmp_path / "s.db")) as store:
+        assert not (await _put(store, first)).duplicate
+        assert (await _put(store, resent)).duplicate
+        done = await _put(store, second)
+        assert done.whole is not None
+        (item,) = await store.due(Queue.DOWNLINK, limit=10)
+        assert item.body["wire"]["payload"] == "abcdef"
+
+
+async def test_segments_arriving_together_complete_the_message_once(tmp_path: Path) -> None:
+    parts = segments.split(_downlink("x" * 40), size=6, max_segments=8)
+    async with await Store.open(StoreSettings(path=tmp_path / "s.db")) as store:
+        # All at once, twice over: they share group-commit transactions on the writer.
+        results = await asyncio.gather(*(_put(store, p) for p in [*parts, *parts]))
+        assert sum(r.whole is not None for r in results) == 1
+        assert sum(r.duplicate for r in results) == len(parts)
+        (item,) = await store.due(Queue.DOWNLINK, limit=10)
+        assert item.body["wire"]["payload"] == "x" * 40
+
+
+async def test_a_full_backlog_refuses_a_segment_and_stores_nothing(tmp_path: Path) -> None:
+    first, second, _ = segments.split(_downlink("abcdefghi"), size=3, max_segments=8)
+    settings = StoreSettings(path=tmp_path / "s.db", max_messages=1)
+    async with await Store.open(settings) as store:
+        await _put(store, first)
+        with pytest.raises(BacklogFullError):
+            await _put(store, second)
+        pending = await store.list_items(queue=Queue.SEGMENT, state="pending", limit=10)
+        assert [i.msg_id for i in pending] == ["d-1.1"]
