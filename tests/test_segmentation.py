@@ -60,6 +60,10 @@ def test_split_payload_never_cuts_a_character_and_keeps_every_byte() -> None:
         assert all(0 < len(p.encode()) <= size for p in pieces)
 
 
+def test_a_character_wider_than_the_segment_size_goes_whole_and_alone() -> None:
+    assert segments.split_payload("a😀b", 2) == ["a", "😀", "b"]
+
+
 def test_a_payload_at_the_limit_is_one_message_one_byte_over_is_two_segments() -> None:
     at_limit = _uplink("x" * 2048)
     assert segments.split(at_limit, size=2048, max_segments=4) == [at_limit]
