@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from gatewayd import segments
-from gatewayd.errors import BacklogFullError, InvalidBodyError, InvalidMessageError
+from gatewayd import config, harness, segments
+from gatewayd.errors import BacklogFullError, ConfigError, InvalidBodyError, InvalidMessageError
+from gatewayd.harness import Pki
 from gatewayd.msgin5g.model import (
     Address,
     GatewayMessageDelivery,
@@ -262,3 +263,36 @@ async def test_a_full_backlog_refuses_a_segment_and_stores_nothing(tmp_path: Pat
             await _put(store, second)
         pending = await store.list_items(queue=Queue.SEGMENT, state="pending", limit=10)
         assert [i.msg_id for i in pending] == ["d-1.1"]
+
+
+# --- configuration -----------------------------------------------------------------------
+
+
+def _load(tmp_path: Path, pki: Pki, relay: str) -> config.Settings:
+    text = harness.gateway_toml(
+        pki,
+        api_root="https://127.0.0.1:9",
+        state_dir=tmp_path / "s",
+        transports=harness.http_transport_bearer(),
+        extra=f"[relay]\n{relay}\n",
+    )
+    return harness.write_config(tmp_path / "gw.toml", text)
+
+
+def test_segmentation_keys_have_safe_defaults(tmp_path: Path, loopback_pki: Pki) -> None:
+    relay = _load(tmp_path, loopback_pki, "").relay
+    assert (relay.max_payload, relay.max_segments, relay.reassembly_timeout) == (2048, 32, 120.0)
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ("max_segments = 0", "relay.max_segments"),
+        ("reassembly_timeout = 0", "relay.reassembly_timeout"),
+    ],
+)
+def test_a_bad_segmentation_key_is_named(
+    tmp_path: Path, loopback_pki: Pki, line: str, key: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"{key}:"):
+        _load(tmp_path, loopback_pki, line)

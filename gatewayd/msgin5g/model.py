@@ -66,6 +66,14 @@ class Address:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MessageSegmentParameters:
+    """``segParams``: which set a segment belongs to and where it sits in it.
+
+    TS 29.538 gives no descriptions; TS 23.554 8.5.4 names the information elements:
+    segmentation set identifier (``segId``), total number of segments (first segment
+    only), segment number, last segment flag (last segment only). How gatewayd uses
+    them: :mod:`gatewayd.segments` and docs/segmentation.md.
+    """
+
     seg_id: str | None = None
     total_seg_count: int | None = None
     seg_numb: int | None = None
