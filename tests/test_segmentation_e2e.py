@@ -121,8 +121,11 @@ async def test_uplink_over_the_limit_leaves_as_segments_and_arrives_whole(
         assert (report["type"], report["msgId"], report["delivered"]) == ("report", "big", True)
 
         # More than relay.max_segments: refused at intake, nothing stored or sent.
-        status, _ = await device.send(port, "sensor-1", {"payload": "y" * 600, "msgId": "huge"})
-        assert 400 <= status < 500
+        status, problem = await device.send(
+            port, "sensor-1", {"payload": "y" * 600, "msgId": "huge"}
+        )
+        assert (status, problem["cause"]) == (400, "INVALID_MESSAGE")
+        assert "relay.max_segments (8)" in problem["detail"]
         await asyncio.sleep(0.3)
         assert len(sim.uplinks) == 2
 
