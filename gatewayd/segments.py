@@ -140,8 +140,8 @@ def uplink_requests(
 # --- reassembly ----------------------------------------------------------------------
 
 
-def check(message: GatewayMessageDelivery, *, max_segments: int) -> MessageSegmentParameters:
-    """The segment's parameters, if it can be one; else :class:`InvalidBodyError`."""
+def check(message: M, *, max_segments: int) -> tuple[str, int]:
+    """The segment's ``(segId, segNumb)``, if it can be one; else :class:`InvalidBodyError`."""
     params = message.seg_params
     if not message.seg_ind:
         raise InvalidBodyError("/segInd", "must be true when segParams is present")
@@ -166,7 +166,7 @@ def check(message: GatewayMessageDelivery, *, max_segments: int) -> MessageSegme
             raise InvalidBodyError("/segParams/segNumb", "exceeds totalSegCount")
     if message.payload is None:
         raise InvalidBodyError("/payload", "is required in a segment")
-    return params
+    return params.seg_id, params.seg_numb
 
 
 def assemble(parts: Sequence[M]) -> M | None:
@@ -196,7 +196,9 @@ def assemble(parts: Sequence[M]) -> M | None:
             total = count
     if total is not None and max(known) > total:
         raise InvalidBodyError("/segParams/segNumb", f"beyond the last segment ({total})")
-    if total is None or len(known) < total:
+    # Every number from 1 to the count, not merely as many parts: a caller that skipped
+    # check() may hold numbers outside that range.
+    if total is None or any(n not in known for n in range(1, total + 1)):
         return None
     ordered = [known[n] for n in range(1, total + 1)]
     first = ordered[0]
@@ -225,9 +227,9 @@ async def put_downlink_segment(
     the set, so a resent segment is a duplicate whatever its ``msgId``. The set expires
     ``timeout`` seconds after its first segment arrived.
     """
-    params = check(message, max_segments=max_segments)
+    seg_id, seg_numb = check(message, max_segments=max_segments)
     origin = str(message.ori_addr)
-    set_key = f"{service_id}|{origin}|{params.seg_id}"
+    set_key = f"{service_id}|{origin}|{seg_id}"
 
     def whole(bodies: list[dict[str, Any]]) -> PutRequest | None:
         parts = [GatewayMessageDelivery.from_json(b["wire"]) for b in bodies]
@@ -244,7 +246,7 @@ async def put_downlink_segment(
     return await store.put_part(
         PutRequest(
             msg_id=message.msg_id,
-            dedup_key=f"seg:{set_key}|{params.seg_numb}",
+            dedup_key=f"seg:{set_key}|{seg_numb}",
             lane=set_key,
             body={"kind": _KIND_MESSAGE, "wire": message.to_json()},
             expires_at=time.time() + timeout,

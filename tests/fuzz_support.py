@@ -131,11 +131,26 @@ def malformed_body_is_400(ctx: CheckContext, response: Response, case: Case) -> 
     return True
 
 
+# A message segment (TS 23.554 8.5.4, docs/segmentation.md) needs segInd, a segId, a
+# segNumb from 1 to its count, a payload, and a count its set agrees on: the schema makes
+# every one of them optional.
+_SEGMENT_RULES = {
+    "/segInd",
+    "/segParams",
+    "/segParams/segId",
+    "/segParams/segNumb",
+    "/segParams/totalSegCount",
+    "/segParams/lastSegFlag",
+    "/payload",
+}
+
 # 400s for a conforming body that are right anyway: rules the schema cannot express.
 SEMANTIC_400: dict[str, set[str]] = {
     # A registration that has already expired (TS 29.571 DateTime cannot say "future").
     "POST /registrations": {"/expiry"},
     "PUT /registrations/{registrationId}": {"/expiry"},
+    "POST /deliver-message": _SEGMENT_RULES,
+    "POST /deliver-ue-message": _SEGMENT_RULES,
 }
 
 FUZZ_CHECKS = [errors_are_problem_details, no_content_means_no_body, malformed_body_is_400]

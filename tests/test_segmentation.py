@@ -131,6 +131,15 @@ def test_the_count_may_come_from_the_last_segment_flag_alone() -> None:
     assert whole.payload == "abcdef"
 
 
+def test_assemble_wants_every_number_not_merely_as_many_parts() -> None:
+    first, second = segments.split(_downlink("abcdef"), size=3, max_segments=8)
+    stray = GatewayMessageDelivery.from_json(
+        {**second.to_json(), "segParams": {"segId": "d-1", "segNumb": -1}}
+    )
+    assert segments.assemble([first, stray]) is None  # was a KeyError: a 500 in the sim
+    assert segments.assemble([first, stray, second]) is not None
+
+
 def test_a_segment_that_contradicts_the_count_is_refused() -> None:
     first, second = segments.split(_downlink("abcdef"), size=3, max_segments=8)
     liar = GatewayMessageDelivery.from_json(

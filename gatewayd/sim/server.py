@@ -679,18 +679,16 @@ class SimServer:
         every segment's own record is in ``segments``.
         """
         message = record.message
-        params = message.seg_params
-        if not message.seg_ind or params is None or not params.seg_id or not params.seg_numb:
-            raise InvalidBodyError("/segParams", "a segment needs segInd, segId and segNumb")
-        key = (record.gw_id, message.ori_addr.addr, params.seg_id)
+        seg_id, seg_numb = segments.check(message, max_segments=_SIM_MAX_SEGMENTS)
+        key = (record.gw_id, message.ori_addr.addr, seg_id)
         parts = self._partial.get(key, {})
-        if params.seg_numb in parts:
+        if seg_numb in parts:
             return None  # the same segment again under another msgId: nothing new
         # Assembled before anything is kept: a contradicting segment is refused (400).
         whole = segments.assemble([*parts.values(), message])
         self.segments.append(record)
         if whole is None:
-            self._partial[key] = {**parts, params.seg_numb: message}
+            self._partial[key] = {**parts, seg_numb: message}
         else:
             self._partial.pop(key, None)
         return whole
