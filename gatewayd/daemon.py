@@ -132,7 +132,7 @@ class Gateway:
                 allowed_peers=s.api.allowed_peers,
                 max_body=s.api.max_body,
                 reply_route_ttl=s.relay.reply_route_ttl,
-                segments=s.relay,
+                relay=s.relay,
                 token=s.api.token,
             )
             stack.push_async_callback(api.close)

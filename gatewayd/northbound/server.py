@@ -75,7 +75,7 @@ class GatewayApi:
         allowed_peers: tuple[str, ...],
         max_body: int,
         reply_route_ttl: float,
-        segments: RelaySettings,
+        relay: RelaySettings,
         retry_after: float = 5.0,
         token: TokenGate | None = None,
     ) -> None:
@@ -84,7 +84,7 @@ class GatewayApi:
         self._directory = directory
         self._allowed = allowed_peers
         self._route_ttl = reply_route_ttl
-        self._segments = segments
+        self._relay = relay  # segment limits and the reassembly timeout
         self._retry_after = retry_after
         self.prefix = gateway_api_prefix(gateway_type)
         self.app = web.Application(
@@ -265,8 +265,8 @@ class GatewayApi:
             self._store,
             message,
             service_id=service_id,
-            timeout=self._segments.reassembly_timeout,
-            max_segments=self._segments.max_segments,
+            timeout=self._relay.reassembly_timeout,
+            max_segments=self._relay.max_segments,
         )
         await self._store.remember_route(service_id, message.ori_addr.to_json(), self._route_ttl)
         params = message.seg_params
