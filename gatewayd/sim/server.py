@@ -654,12 +654,14 @@ class SimServer:
             self.duplicates[key] += 1
             bound.info("sim.uplink.duplicate", count=self.duplicates[key])
         else:
-            self._seen.add(key)
             record = UplinkRecord(gw_id=registration.gw_id, message=message, raw=raw)
             whole = self._reassemble(record) if segments.is_segment(message) else message
+            self._seen.add(key)  # only now: a refused segment (400) may be sent again
             if whole is not None:
                 if whole is not message:
-                    record = UplinkRecord(gw_id=registration.gw_id, message=whole, raw=raw)
+                    record = UplinkRecord(
+                        gw_id=registration.gw_id, message=whole, raw=whole.to_json()
+                    )
                 self.uplinks.append(record)
                 bound.info("sim.uplink.received", dest=str(message.dest_addr))
                 if whole.deliv_st_req_ind:
@@ -675,8 +677,9 @@ class SimServer:
     def _reassemble(self, record: UplinkRecord) -> UEMessageDelivery | None:
         """Keep a segment; the whole message once its last missing segment arrived.
 
-        The record of a reassembled message keeps the raw body of that last segment;
-        every segment's own record is in ``segments``.
+        The record of a reassembled message holds its JSON as rebuilt (no such body
+        crossed the wire); every segment's own record, raw body included, is in
+        ``segments``.
         """
         message = record.message
         seg_id, seg_numb = segments.check(message, max_segments=_SIM_MAX_SEGMENTS)
