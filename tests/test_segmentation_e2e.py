@@ -22,6 +22,7 @@ from gatewayd.harness import DEMO_SERVICE_ID, Pki, http_transport_mtls
 from gatewayd.msgin5g.model import GatewayMessageDelivery
 from gatewayd.security import tls
 from gatewayd.sim.server import SimServer
+from gatewayd.store import Queue
 from gatewayd.testing import running_gateway, schemas
 
 RELAY = """
@@ -236,3 +237,25 @@ async def test_a_malformed_segment_is_refused_with_the_offending_field(
         assert problem["cause"] == "INVALID_MSG_FORMAT"
         assert problem["invalidParams"][0]["param"] == pointer
         schemas.validate_problem(problem)
+
+
+async def test_uplink_segments_stored_before_a_restart_leave_after_it(
+    role_sim: SimServer, settings: config.Settings, device: Device
+) -> None:
+    sim = role_sim
+    sim.fail(503, retry_after=1, seconds=60)  # no registration, so nothing leaves yet
+    big = "z" * 200  # 4 segments of 64 bytes at most
+    async with running_gateway(settings) as gw:
+        _, port = gw.transports["web"].address  # type: ignore[attr-defined]
+        body = {"payload": big, "msgId": "kept", "deliveryReport": True}
+        status, _ = await device.send(port, "sensor-1", body)
+        assert status == 202
+        pending = await gw.store.list_items(queue=Queue.UPLINK, state="pending", limit=10)
+        assert [i.msg_id for i in pending] == ["kept.1", "kept.2", "kept.3", "kept.4"]
+    assert sim.uplinks == []
+    sim.faults.clear()
+    async with running_gateway(settings):
+        await sim.wait_for(lambda: len(sim.uplinks) == 1, timeout=20)
+        assert (sim.uplinks[0].message.msg_id, sim.uplinks[0].message.payload) == ("kept", big)
+        report = await device.next(timeout=15)
+        assert (report["msgId"], report["delivered"]) == ("kept", True)
