@@ -157,7 +157,12 @@ async def test_scrape_counts_messages_backlog_and_certificate_expiry(
     messages = values["gatewayd_messages_total"]
     assert messages[("uplink", "received")] == 3
     assert messages[("uplink", "forwarded")] == 3
-    assert values["gatewayd_store_backlog"] == {("uplink",): 0, ("downlink",): 0, ("report",): 0}
+    assert values["gatewayd_store_backlog"] == {
+        ("uplink",): 0,
+        ("downlink",): 0,
+        ("report",): 0,
+        ("intake",): 0,
+    }
     cert = x509.load_pem_x509_certificate(loopback_pki["gateway"].read_bytes())
     expected = cert.not_valid_after_utc.timestamp()
     assert values["gatewayd_credential_not_after_seconds"] == {("northbound",): expected}

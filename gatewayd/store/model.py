@@ -28,11 +28,14 @@ class StoreSettings:
 
 
 class Queue(StrEnum):
-    """The three queues the store holds."""
+    """The queues the store holds."""
 
     UPLINK = "uplink"  # UEMessageDelivery bodies bound for the server
     REPORT = "report"  # DeliveryStatusReport bodies bound for the server
     DOWNLINK = "downlink"  # GatewayMessageDelivery bodies bound for a device
+    # Device input refused for good at intake (invalid, unknown or refused device): dead
+    # on arrival, kept for the operator with its reason; nothing drains or replays it.
+    INTAKE = "intake"
 
 
 class State(StrEnum):

@@ -41,6 +41,7 @@ _CAUSES = {
 # retries rather than dropping its message.
 _REFUSALS: Mapping[str, tuple[int, str]] = {
     "unknown_device": (404, "UNKNOWN_DEVICE"),
+    "device_refused": (403, "DEVICE_REFUSED"),
     "invalid_message": (400, "INVALID_MESSAGE"),
     "backlog_full": (503, "BACKLOG_FULL"),
 }
