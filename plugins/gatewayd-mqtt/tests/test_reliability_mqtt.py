@@ -192,3 +192,48 @@ async def test_stock_broker_drops_are_reported(
         assert warnings[0]["log_level"] == "warning"
     finally:
         broker.stop()
+
+
+async def test_unlisted_device_refused_by_the_server_refuses_only_itself(
+    broker: Mosquitto, sim: SimServer, gateway_config: Callable[..., config.Settings]
+) -> None:
+    """Defect 2: the template admitted ``rogue-1``, the device was saved before the server
+    accepted it, the server's 403 on the registration update made the gateway exit 3,
+    and every restart exited 3 again. Now that device alone is refused."""
+    settings = gateway_config(plain_mqtt(broker))
+    with structlog.testing.capture_logs() as logs:
+        async with running_gateway(settings) as gw, device_client(broker, "dev") as dev:
+            await sim.wait_for(lambda: bool(sim.registrations), timeout=10)
+            await until(lambda: gw.transports["field"].connected, timeout=10)  # type: ignore[attr-defined]
+            for topic, msg_id in (
+                ("devices/rogue-1/up", "r-1"),
+                ("devices/sensor-3/up", "s3-1"),
+                ("devices/sensor-1/up", "s1-1"),
+            ):
+                await dev.publish(topic, json.dumps({"msgId": msg_id, "payload": "v"}), qos=1)
+            await sim.wait_for(lambda: {"s3-1", "s1-1"} <= set(uplink_ids(sim)), timeout=20)
+            await until(lambda: any(e["event"] == "device.refused" for e in logs), timeout=10)
+            # Its later messages are refused at intake; everyone else carries on.
+            for topic, msg_id in (("devices/rogue-1/up", "r-2"), ("devices/sensor-3/up", "s3-2")):
+                await dev.publish(topic, json.dumps({"msgId": msg_id, "payload": "v"}), qos=1)
+            await sim.wait_for(lambda: "s3-2" in uplink_ids(sim), timeout=20)
+            dead_up = await gw.store.list_items(queue=Queue.UPLINK, state="dead", limit=10)
+            await until(lambda: any(e["event"] == "intake.rejected" for e in logs), timeout=10)
+            rejected = await gw.store.list_items(queue=Queue.INTAKE, state="dead", limit=10)
+            (reg,) = sim.registrations
+            served = set(reg.ue_svc_ids)
+    assert "r-1" not in uplink_ids(sim)
+    assert "r-2" not in uplink_ids(sim)
+    assert [i.msg_id for i in dead_up] == ["r-1"]  # acked before the refusal: in the DLQ
+    assert [(i.msg_id, i.body["device"]) for i in rejected] == [("r-2", "rogue-1")]
+    assert served == {"ue-sensor-1@iot.example", "ue-sensor-3@iot.example"}
+    (refused,) = [e for e in logs if e["event"] == "device.refused"]
+    assert (refused["device"], refused["cause"]) == ("rogue-1", "SERVICE_ID_NOT_ALLOWED")
+    assert not [e for e in logs if e["event"] == "registration.refused"]
+
+    # A restart serves everyone again: the refused device was not kept.
+    async with running_gateway(settings) as gw:
+        await sim.wait_for(lambda: bool(sim.registrations), timeout=10)
+        assert await gw.store.learned_devices() == [
+            ("field", "sensor-3", "ue-sensor-3@iot.example")
+        ]
