@@ -191,21 +191,19 @@ class TransportIntake:
             raise
 
     async def _accept(self, uplink: Uplink) -> Acceptance:
+        # The message itself first: a bad one must not make the gateway learn a device.
         _check_text(uplink)
+        if uplink.payload is not None and len(uplink.payload.encode()) > self._relay.max_payload:
+            raise InvalidMessageError(
+                f"payload is {len(uplink.payload.encode())} bytes; "
+                f"the limit (relay.max_payload) is {self._relay.max_payload}"
+            )
+        if uplink.expiry is not None and uplink.expiry <= datetime.now(UTC):
+            # Stored, it would only expire at the next sweep: refuse it now.
+            raise InvalidMessageError(f"expiry {uplink.expiry.isoformat()} is in the past")
         device = await self._resolve(uplink.device)
         msg_id = uplink.msg_id or str(uuid.uuid4())
         with bound_message(msg_id, transport=self._name, device=device.name):
-            if (
-                uplink.payload is not None
-                and len(uplink.payload.encode()) > self._relay.max_payload
-            ):
-                raise InvalidMessageError(
-                    f"payload is {len(uplink.payload.encode())} bytes; "
-                    f"the limit (relay.max_payload) is {self._relay.max_payload}"
-                )
-            if uplink.expiry is not None and uplink.expiry <= datetime.now(UTC):
-                # Stored, it would only expire at the next sweep: refuse it now.
-                raise InvalidMessageError(f"expiry {uplink.expiry.isoformat()} is in the past")
             dest = uplink.dest or await self._destination(uplink, device)
             message = UEMessageDelivery(
                 ori_addr=Address.ue(device.service_id),
@@ -258,8 +256,15 @@ class TransportIntake:
             body=body,
         )
         metrics.INTAKE_REJECTED.inc(transport=self._name, reason=reason)
-        with bound_message(record_id, transport=self._name, device=safe_device):
-            log.warning("intake.rejected", reason=reason, detail=body["detail"], recorded=new)
+        with bound_message(record_id):
+            log.warning(
+                "intake.rejected",
+                transport=self._name,
+                device=safe_device,
+                reason=reason,
+                detail=body["detail"],
+                recorded=new,
+            )
 
     def peer_dropped(self, count: int, detail: str) -> None:
         metrics.PEER_DROPPED.inc(count, transport=self._name)

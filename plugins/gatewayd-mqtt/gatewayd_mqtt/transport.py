@@ -68,6 +68,7 @@ T = TypeVar("T")
 # redelivered on the next connection), an int is the PUBACK reason code to send (MQTT 5;
 # a 3.1.1 PUBACK carries none).
 Verdict = int | None
+MAX_RETRY_WAIT = 2.0  # seconds between attempts to store a message refused for now
 ACK = 0x00
 UNSPECIFIED_ERROR = 0x80
 # A permanent refusal in MQTT 5 terms (MQTT 5 3.4.2.1): the device learns that resending
@@ -605,7 +606,10 @@ class MqttTransport(Transport):
                     log.warning("mqtt.uplink.rejected", reason=exc.reason, detail=exc.detail)
                     return _REASON_CODES.get(exc.reason, UNSPECIFIED_ERROR)
                 self.stats.refusals += 1
-                delay = exc.retry_after or self._retry.delay(attempt)
+                # retry_after is advice for devices (a full disk says 30 s). Trying the
+                # local store again is cheap, and only each device's head message does:
+                # so the intake resumes within a couple of seconds of space returning.
+                delay = min(exc.retry_after or self._retry.delay(attempt), MAX_RETRY_WAIT)
                 log.warning(
                     "mqtt.uplink.refused",
                     reason=exc.reason,
