@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -237,3 +240,33 @@ async def test_unlisted_device_refused_by_the_server_refuses_only_itself(
         assert await gw.store.learned_devices() == [
             ("field", "sensor-3", "ue-sensor-3@iot.example")
         ]
+
+
+def test_check_config_warns_about_uplink_qos_2(tmp_path: Path, loopback_pki: Pki) -> None:
+    """Defect 6, as an operator sees it: ``gatewayd check-config`` says it (and passes)."""
+    transport = """
+[transports.field]
+plugin = "mqtt"
+client_id = "gw"
+uplink_qos = 2
+"""
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        harness.gateway_toml(
+            loopback_pki,
+            api_root="https://127.0.0.1:9",
+            state_dir=tmp_path / "state",
+            transports=transport,
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "gatewayd.cli", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert "mqtt.config.unsafe" in output
+    assert "transports.field.uplink_qos" in output
