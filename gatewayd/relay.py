@@ -248,7 +248,7 @@ class TransportIntake:
             "content": text[:REJECTED_CONTENT_MAX],
             "truncated": len(text) > REJECTED_CONTENT_MAX,
         }
-        new = await self._store.put_rejected(
+        recorded = await self._store.put_rejected(
             msg_id=record_id,
             dedup_key=f"rejected:{self._name}:{safe_device}:{key_id}",
             lane=f"{self._name}:{safe_device}",
@@ -263,7 +263,7 @@ class TransportIntake:
                 device=safe_device,
                 reason=reason,
                 detail=body["detail"],
-                recorded=new,
+                recorded=recorded,
             )
 
     def peer_dropped(self, count: int, detail: str) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from gatewayd.errors import BacklogFullError, StoreError
 from gatewayd.store import Item, PutRequest, Queue, Store, StoreSettings
+from gatewayd.store import store as store_module
 
 
 @pytest.fixture
@@ -102,7 +103,7 @@ async def test_expiry_report_is_stored_with_the_expiry_on_a_full_disk(store: Sto
 async def test_rejected_intake_is_kept_once_and_never_replayed(store: Store) -> None:
     """Input refused for good stays visible in the DLQ (queue ``intake``), is recorded
     once when a broker redelivers it, and cannot be replayed into a sender."""
-    for _ in range(2):
+    outcomes = [
         await store.put_rejected(
             msg_id="bad-1",
             dedup_key="rejected:mqtt:dev:bad-1",
@@ -110,7 +111,24 @@ async def test_rejected_intake_is_kept_once_and_never_replayed(store: Store) -> 
             reason="invalid_message: payload is not valid Unicode text",
             body={"content": "\\ud800"},
         )
+        for _ in range(2)
+    ]
+    assert outcomes == ["stored", "duplicate"]
     (record,) = await store.list_items(queue=Queue.INTAKE, state="dead", limit=5)
     assert str(record.last_error).startswith("invalid_message")
     assert not await store.replay(record.id)
     assert (await store.stats())["backlog"]["messages"] == 0  # no work to do
+
+
+async def test_rejected_intake_records_are_capped(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device sending garbage cannot fill the disk through the DLQ."""
+    monkeypatch.setattr(store_module, "MAX_REJECTED", 3)
+    outcomes = [
+        await store.put_rejected(
+            msg_id=f"bad-{i}", dedup_key=f"k{i}", lane="l", reason="not_json", body={}
+        )
+        for i in range(5)
+    ]
+    assert outcomes == ["stored"] * 3 + ["dlq_full"] * 2

@@ -24,6 +24,9 @@ from gatewayd.store.writer import RETRY_AFTER_BACKLOG, Txn, Writer
 log = structlog.get_logger(__name__)
 
 _SELECT = f"SELECT {ITEM_COLUMNS} FROM items"  # noqa: S608 - a constant column list
+# Rejected intake records kept at most (``gatewayd queue purge --queue intake`` clears
+# them); past it a rejection is still logged and counted, not stored.
+MAX_REJECTED = 10_000
 
 
 class Store:
@@ -119,16 +122,24 @@ class Store:
 
     async def put_rejected(
         self, *, msg_id: str, dedup_key: str, lane: str, reason: str, body: dict[str, Any]
-    ) -> bool:
+    ) -> str:
         """Record device input refused for good at intake, dead on arrival (queue
         ``intake``), so the operator sees it with its reason. Not held to the backlog
-        limits (it is not work to do); a full disk raises :class:`BacklogFullError` like
-        any intake. A record with the same ``dedup_key`` is stored once (a redelivered
-        poison message); returns whether this one was new."""
+        limits (it is not work to do) but to :data:`MAX_REJECTED` records, so a device
+        sending garbage cannot fill the disk through the DLQ; a full disk raises
+        :class:`BacklogFullError` like any intake. A record with the same ``dedup_key``
+        is stored once (a redelivered poison message). Returns ``"stored"``,
+        ``"duplicate"`` or ``"dlq_full"``."""
         encoded = encode_body(body)
         now = time.time()
 
-        def job(txn: Txn) -> bool:
+        def job(txn: Txn) -> str:
+            (kept,) = txn.conn.execute(
+                "SELECT count(*) FROM items INDEXED BY items_state"
+                " WHERE state = 'dead' AND queue = 'intake'"
+            ).fetchone()
+            if kept >= MAX_REJECTED:
+                return "dlq_full"
             cursor = txn.conn.execute(
                 "INSERT INTO items (queue, msg_id, dedup_key, lane, body, size, created,"
                 " queued, state, last_error, finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?,"
@@ -146,7 +157,7 @@ class Store:
                     now,
                 ),
             )
-            return cursor.rowcount > 0
+            return "stored" if cursor.rowcount > 0 else "duplicate"
 
         return await self._writer.call(job, intake=True)
 

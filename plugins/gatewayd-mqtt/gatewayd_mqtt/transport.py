@@ -69,6 +69,7 @@ T = TypeVar("T")
 # a 3.1.1 PUBACK carries none).
 Verdict = int | None
 MAX_RETRY_WAIT = 2.0  # seconds between attempts to store a message refused for now
+MAX_FAILED_ATTEMPTS = 3  # unexpected errors on one message before it counts as poison
 ACK = 0x00
 UNSPECIFIED_ERROR = 0x80
 # A permanent refusal in MQTT 5 terms (MQTT 5 3.4.2.1): the device learns that resending
@@ -500,7 +501,12 @@ class MqttTransport(Transport):
         if msg_id is not None and not msg_id.isascii():
             msg_id = ascii(msg_id)
         log = log.bind(device=device, msg_id=msg_id)
-        return await self._submit(link, log, lambda: self.context.accept(uplink))
+
+        async def poison(detail: str) -> Verdict:
+            error = PayloadError("internal_error", detail)
+            return await self._reject(link, log, device=device, error=error, payload=payload)
+
+        return await self._submit(link, log, lambda: self.context.accept(uplink), poison)
 
     async def _device_report(
         self, link: _Link, log: Logger, device: str, payload: bytes
@@ -518,7 +524,11 @@ class MqttTransport(Transport):
             device=device, msg_id=fields.msg_id, delivered=fields.delivered, cause=fields.cause
         )
         log = log.bind(device=device, msg_id=ascii(report.msg_id))
-        return await self._submit(link, log, lambda: self.context.accept_report(report))
+
+        async def poison(detail: str) -> Verdict:
+            return self._drop(log, "mqtt.report.invalid", reason="internal_error", detail=detail)
+
+        return await self._submit(link, log, lambda: self.context.accept_report(report), poison)
 
     async def _reject(
         self, link: _Link, log: Logger, *, device: str, error: PayloadError, payload: bytes
@@ -584,7 +594,11 @@ class MqttTransport(Transport):
         )
 
     async def _submit(
-        self, link: _Link, log: Logger, call: Callable[[], Awaitable[Acceptance | None]]
+        self,
+        link: _Link,
+        log: Logger,
+        call: Callable[[], Awaitable[Acceptance | None]],
+        poison: Callable[[str], Awaitable[Verdict]] | None = None,
     ) -> Verdict:
         """Hand a message to the core until it is stored or refused for good.
 
@@ -594,7 +608,9 @@ class MqttTransport(Transport):
         retried after its ``retry_after`` (or a backoff) while the message stays
         unacked, so the broker's in-flight window fills and holds the device traffic
         back. Should the connection drop or the transport stop meanwhile, it is given up
-        unacked: the broker redelivers it.
+        unacked: the broker redelivers it. An unexpected error (a bug, not a refusal)
+        that repeats :data:`MAX_FAILED_ATTEMPTS` times makes the message ``poison``:
+        retried forever, it would hold its device and every ack behind it.
         """
         attempt = 0
         while True:
@@ -620,6 +636,10 @@ class MqttTransport(Transport):
             except Exception as exc:  # never crash the transport over one message
                 delay = self._retry.delay(attempt)
                 log.error("mqtt.uplink.accept_failed", error=repr(exc), attempt=attempt)
+                # A StoreError (I/O) may pass; anything else is this message's fault.
+                bug = not isinstance(exc, GatewaydError)
+                if bug and poison is not None and attempt + 1 >= MAX_FAILED_ATTEMPTS:
+                    return await poison(repr(exc))
             else:
                 self.stats.accepted += 1
                 duplicate = result is not None and result.duplicate

@@ -20,6 +20,7 @@ from mosquitto import Mosquitto
 from mqtt_helpers import device_client, make_transport, publish_all, running, until
 
 from gatewayd import config, harness, metrics
+from gatewayd.api import Acceptance, Uplink
 from gatewayd.harness import Pki
 from gatewayd.sim.server import SimServer
 from gatewayd.store import Queue
@@ -270,3 +271,31 @@ uplink_qos = 2
     output = result.stdout + result.stderr
     assert "mqtt.config.unsafe" in output
     assert "transports.field.uplink_qos" in output
+
+
+class BuggyContext(MemoryTransportContext):
+    """accept() fails with a bug (not a refusal) on one message, every time."""
+
+    async def accept(self, uplink: Uplink) -> Acceptance:
+        if uplink.msg_id == "bug":
+            raise ValueError("a bug the core did not foresee")
+        return await super().accept(uplink)
+
+
+async def test_a_message_that_keeps_failing_unexpectedly_is_poison(broker: Mosquitto) -> None:
+    """An unforeseen poison (accept() raises something that is no refusal) used to be
+    retried forever, holding its device and, the acks being ordered, every device."""
+    context = BuggyContext()
+    transport = make_transport(broker, context, receive_maximum=10)
+    items = [("devices/sensor-1/up", json.dumps({"msgId": "bug", "payload": "p"}).encode())]
+    items += [
+        (f"devices/sensor-{i % 3}/up", json.dumps({"msgId": f"ok-{i}", "payload": "p"}).encode())
+        for i in range(40)
+    ]
+    async with running(transport), device_client(broker) as dev:
+        await publish_all(dev, items, qos=1)
+        await context.wait_for(40, timeout=30)
+        await until(lambda: bool(context.rejected), timeout=10)
+    assert context.rejected == [("sensor-1", "internal_error", None)]
+    assert "bug" not in context.by_msg_id
+    assert transport.stats.rejected == 1
