@@ -42,7 +42,7 @@ from gatewayd.plugins import Plugins
 from gatewayd.relay import Directory, Dispatcher, TransportIntake, expiry_report
 from gatewayd.retry import CircuitBreaker
 from gatewayd.security import tls
-from gatewayd.store import Queue, Store
+from gatewayd.store import Item, Queue, Store
 from gatewayd.systemd import Notifier
 from gatewayd.worker import Handler, QueueWorker
 
@@ -361,6 +361,8 @@ class Gateway:
                 ):
                     with logmod.bound_message(item.msg_id, queue=str(item.queue)):
                         log.warning("message.expired", to="dead-letter queue")
+                        if _queued_report(dispatcher, item):
+                            log.info("report.queued", delivered=False, cause="EXPIRED")
                 await self.store.prune()
                 deferred = False
             except (IntakeRefusedError, StoreError) as exc:
@@ -408,6 +410,16 @@ class Gateway:
                 self.notifier.watchdog()
             else:
                 log.warning("watchdog.loop_lagging", lag=round(lag, 3))
+
+
+def _queued_report(dispatcher: Dispatcher, item: Item) -> bool:
+    """Whether the expiry of ``item`` stored a report for the server (``expiry_report``
+    is pure, so asking again tells what the store did)."""
+    try:
+        report = expiry_report(dispatcher, item)
+    except Exception:  # an unreadable body: the store logged it, and stored no report
+        return False
+    return report is not None and report[0] == Queue.REPORT
 
 
 def _api_root(host: str, port: int) -> str:
