@@ -29,6 +29,7 @@ from gatewayd.errors import (
     BacklogFullError,
     ConfigError,
     CredentialError,
+    DeviceRefusedError,
     GatewaydError,
     IntakeRefusedError,
     InvalidMessageError,
@@ -51,6 +52,7 @@ __all__ = [
     "CredentialFactory",
     "DeliveryOutcome",
     "Device",
+    "DeviceRefusedError",
     "DeviceReport",
     "Downlink",
     "GatewaydError",
@@ -64,6 +66,7 @@ __all__ = [
     "PluginError",
     "PluginSettings",
     "Registry",
+    "Rejection",
     "SecretRef",
     "Signer",
     "TlsIdentity",
@@ -121,6 +124,21 @@ class Uplink:
     app_id: str | None = None
     report_requested: bool = False
     expiry: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rejection:
+    """Input a transport refuses for good, for :meth:`TransportContext.reject`.
+
+    ``reason`` is a stable word for logs and metrics (``not_json``, ``oversize``, ...),
+    ``detail`` says what to fix; ``content`` is the raw input, as received.
+    """
+
+    device: str
+    reason: str
+    detail: str
+    content: bytes | str | None = field(default=None, repr=False)
+    msg_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -243,7 +261,30 @@ class TransportContext(PluginContext, Protocol):
         Acknowledge the message to the device (PUBACK, HTTP 2xx, submit_sm_resp) only
         after this returns. Raises a subclass of :class:`IntakeRefusedError` when the
         message is refused: translate its ``reason`` into the device protocol's terms.
+
+        - ``exc.permanent`` (invalid message, unknown or refused device): the gateway has
+          already kept the message in the dead-letter queue, logged and counted it.
+          Answer with a final refusal the device will not retry (MQTT 5 PUBACK reason
+          code, HTTP 4xx, SMPP error status); where the protocol has no such answer
+          (MQTT 3.1.1) acknowledge it, so it is not redelivered forever.
+        - otherwise (:class:`BacklogFullError`: backlog or disk full): withhold the
+          acknowledgement, or answer "try later" (HTTP 503 with ``retry_after``).
         """
+        ...
+
+    async def reject(self, rejection: Rejection) -> None:
+        """Record input the transport itself refused for good (it does not parse).
+
+        Kept in the dead-letter queue (queue ``intake``) with its ``reason`` and a bounded
+        copy of its ``content``, logged as ``intake.rejected`` and counted; then answer the
+        device as for a permanent refusal. Raises :class:`BacklogFullError` when even the
+        record cannot be stored (disk full): withhold the acknowledgement then.
+        """
+        ...
+
+    def peer_dropped(self, count: int, detail: str) -> None:
+        """The transport's peer (a broker) reports it dropped ``count`` more messages
+        meant for us: logged as the warning ``transport.peer_dropped`` and counted."""
         ...
 
     async def accept_report(self, report: DeviceReport) -> None:

@@ -24,6 +24,7 @@ from gatewayd.api import (
     Acceptance,
     Device,
     DeviceReport,
+    Rejection,
     Transport,
     Uplink,
 )
@@ -33,13 +34,12 @@ from gatewayd.errors import (
     IntakeRefusedError,
     StoreError,
 )
-from gatewayd.msgin5g.model import UEMessageDelivery
 from gatewayd.northbound.client import MsgsClient
 from gatewayd.northbound.registration import Registrar
 from gatewayd.northbound.senders import Senders
 from gatewayd.northbound.server import GatewayApi
 from gatewayd.plugins import Plugins
-from gatewayd.relay import Directory, Dispatcher, TransportIntake, put_device_report
+from gatewayd.relay import Directory, Dispatcher, TransportIntake, expiry_report
 from gatewayd.retry import CircuitBreaker
 from gatewayd.security import tls
 from gatewayd.store import Item, Queue, Store
@@ -49,6 +49,8 @@ from gatewayd.worker import Handler, QueueWorker
 log = structlog.get_logger(__name__)
 
 EXPIRY_SWEEP_SECONDS = 2.0
+# Even with the drain budget spent, a live server gets this long to drop our registration.
+DEREGISTER_MIN_SECONDS = 0.5
 
 
 class _CheckOnlyContext(PluginContext):
@@ -58,6 +60,12 @@ class _CheckOnlyContext(PluginContext):
         raise RuntimeError("check-config does not run transports")
 
     async def accept_report(self, report: DeviceReport) -> None:
+        raise RuntimeError("check-config does not run transports")
+
+    async def reject(self, rejection: Rejection) -> None:
+        raise RuntimeError("check-config does not run transports")
+
+    def peer_dropped(self, count: int, detail: str) -> None:
         raise RuntimeError("check-config does not run transports")
 
     def device(self, name: str) -> Device | None:
@@ -85,6 +93,7 @@ class Gateway:
         self._client: MsgsClient | None = None
         self._server_tls: ssl.SSLContext | None = None
         self._registrar: Registrar | None = None
+        self._stop_deadline: float | None = None
         self.metrics_port: int | None = None
         # SIGHUP and the file watcher may both ask for a reload: one at a time.
         self._reload_lock = asyncio.Lock()
@@ -140,6 +149,9 @@ class Gateway:
             log.info("api.listening", host=s.api.host, port=self.api_port, prefix=api.prefix)
             await self._start_metrics(stack)
 
+            # Uplink messages and reports share the server, so they share one breaker and
+            # wait for the registration; downlink goes to transports and waits for nothing.
+            breaker = CircuitBreaker()
             self._registrar = Registrar(
                 self._client,
                 gateway_id=s.gateway_id,
@@ -148,8 +160,12 @@ class Gateway:
                 service_ids=self.directory.service_ids,
                 ttl=s.northbound.registration_ttl,
                 policy=s.retry,
+                learned=self.directory.learned,
+                on_device_refused=self._device_refused,
+                # A registration that holds means the server answers: the breaker closes.
+                on_registered=breaker.success,
             )
-            stack.push_async_callback(self._registrar.deregister, s.northbound.timeout)
+            stack.push_async_callback(self._deregister)
 
             await self._start_transports(stack)
 
@@ -158,9 +174,6 @@ class Gateway:
             dispatcher = Dispatcher(
                 store=self._store, directory=self.directory, transports=self.transports
             )
-            # Uplink messages and reports share the server, so they share one breaker and
-            # wait for the registration; downlink goes to transports and waits for nothing.
-            breaker = CircuitBreaker()
 
             def northbound(queue: Queue, handler: Handler) -> QueueWorker:
                 return QueueWorker(
@@ -207,6 +220,7 @@ class Gateway:
             # --- orderly stop ------------------------------------------------------------
             self.notifier.stopping("draining")
             log.info("gateway.stopping", drain_timeout=s.drain_timeout)
+            self._stop_deadline = time.monotonic() + s.drain_timeout
             await api.stop_intake()  # 1. no new downlink from the server
             deadline = s.drain_timeout
             await asyncio.gather(*(w.stop(deadline) for w in workers.values()))  # 2. drain
@@ -304,44 +318,60 @@ class Gateway:
         except Exception as exc:
             log.exception("transport.stop_failed", transport=transport.name, error=repr(exc))
 
+    async def _deregister(self) -> None:
+        """Deregister within what is left of ``drain_timeout``: a server that does not
+        answer must not hold SIGTERM up for another ``northbound.timeout``."""
+        assert self._registrar is not None
+        timeout = self.settings.northbound.timeout
+        if self._stop_deadline is not None:
+            left = self._stop_deadline - time.monotonic()
+            timeout = min(timeout, max(left, DEREGISTER_MIN_SECONDS))
+        await self._registrar.deregister(timeout)
+
     async def _learned(self, device: Device) -> None:
         if self._registrar is not None:
             self._registrar.changed()
 
+    async def _device_refused(self, service_id: str, cause: str) -> None:
+        """The server refused a learned device: that device only, never the gateway."""
+        endpoint = self.directory.refuse(service_id, cause)
+        if endpoint is None:
+            return
+        log.error(
+            "device.refused",
+            transport=endpoint.transport,
+            device=endpoint.device.name,
+            service_id=service_id,
+            cause=cause,
+        )
+        try:
+            await self.store.forget_device(endpoint.transport, endpoint.device.name)
+        except StoreError as exc:  # it is refused again after a restart: no harm
+            log.warning("device.forget_failed", error=str(exc))
+
     # --- background loops ----------------------------------------------------------------
 
     async def _expiry_loop(self, dispatcher: Dispatcher) -> None:
-        # Expired items whose failure report could not be stored yet (a full disk). They
-        # are in the DLQ already, so their reports are retried here, every sweep; the
-        # report's dedup key makes a retry that did land harmless.
-        unreported: list[Item] = []
+        # The failure report of an expired item is stored in the same transaction as the
+        # expiry: a full disk delays both (the items stay pending), a crash loses neither.
         deferred = False
         while True:
             try:
-                for item in await self.store.expire():
+                for item in await self.store.expire(
+                    report=lambda item: expiry_report(dispatcher, item)
+                ):
                     with logmod.bound_message(item.msg_id, queue=str(item.queue)):
                         log.warning("message.expired", to="dead-letter queue")
-                    unreported.append(item)
-                while unreported:
-                    await self._report_expired(unreported[0], dispatcher)
-                    unreported.pop(0)
+                        if _queued_report(dispatcher, item):
+                            log.info("report.queued", delivered=False, cause="EXPIRED")
                 await self.store.prune()
                 deferred = False
             except (IntakeRefusedError, StoreError) as exc:
                 # A full or failing disk must not stop the gateway: sweep again later.
                 if not deferred:
-                    log.warning("expiry.deferred", error=str(exc), unreported=len(unreported))
+                    log.warning("expiry.deferred", error=str(exc))
                 deferred = True
             await asyncio.sleep(EXPIRY_SWEEP_SECONDS)
-
-    async def _report_expired(self, item: Item, dispatcher: Dispatcher) -> None:
-        with logmod.bound_message(item.msg_id, queue=str(item.queue)):
-            if item.queue == Queue.UPLINK:
-                await put_device_report(
-                    self.store, UEMessageDelivery.from_json(item.body), "EXPIRED"
-                )
-            elif item.queue in (Queue.DOWNLINK, Queue.SEGMENT):
-                await dispatcher.expired(item)
 
     async def reload(self) -> None:
         """SIGHUP, or a credential file changed: new connections use the new material."""
@@ -381,6 +411,16 @@ class Gateway:
                 self.notifier.watchdog()
             else:
                 log.warning("watchdog.loop_lagging", lag=round(lag, 3))
+
+
+def _queued_report(dispatcher: Dispatcher, item: Item) -> bool:
+    """Whether the expiry of ``item`` stored a report for the server (``expiry_report``
+    is pure, so asking again tells what the store did)."""
+    try:
+        report = expiry_report(dispatcher, item)
+    except Exception:  # an unreadable body: the store logged it, and stored no report
+        return False
+    return report is not None and report[0] == Queue.REPORT
 
 
 def _api_root(host: str, port: int) -> str:

@@ -98,10 +98,16 @@ class IntakeRefusedError(GatewaydError):
     """The gateway will not take a message from a transport; nothing was stored.
 
     Transports translate ``reason`` into their own protocol's terms (an HTTP status, an
-    MQTT reason code, an SMPP command status).
+    MQTT reason code, an SMPP command status). ``permanent`` says whether sending the
+    same message again can ever succeed: a permanent refusal (invalid input, a device
+    the gateway or the server will not serve) is final, already recorded in the
+    dead-letter queue by the gateway, and the transport acknowledges it in its
+    protocol's terms so the device does not resend it forever. Only a storage refusal
+    (:class:`BacklogFullError`) withholds the acknowledgement.
     """
 
     reason: str = "refused"
+    permanent: bool = False
 
     def __init__(self, detail: str, *, retry_after: float | None = None) -> None:
         super().__init__(detail)
@@ -113,12 +119,21 @@ class UnknownDeviceError(IntakeRefusedError):
     """The device is not in the mapping and the mapping admits no dynamic devices."""
 
     reason = "unknown_device"
+    permanent = True
+
+
+class DeviceRefusedError(IntakeRefusedError):
+    """The MSGin5G server refused to serve a device the gateway learned from a template."""
+
+    reason = "device_refused"
+    permanent = True
 
 
 class InvalidMessageError(IntakeRefusedError):
     """The device's message cannot become an MSGin5G message (size, encoding, fields)."""
 
     reason = "invalid_message"
+    permanent = True
 
 
 class BacklogFullError(IntakeRefusedError):

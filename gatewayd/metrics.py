@@ -173,6 +173,16 @@ STORE_BACKLOG = REGISTRY.gauge(
     "Pending items per store queue (uplink, downlink, report, segment), sampled on scrape.",
     ("queue",),
 )
+INTAKE_REJECTED = REGISTRY.counter(
+    "gatewayd_intake_rejected_total",
+    "Device input refused for good at intake, by transport and reason (kept in the DLQ).",
+    ("transport", "reason"),
+)
+PEER_DROPPED = REGISTRY.counter(
+    "gatewayd_transport_peer_dropped_total",
+    "Messages a transport's peer (an MQTT broker) reports it dropped, as far as it tells.",
+    ("transport",),
+)
 STORE_DEAD = REGISTRY.gauge(
     "gatewayd_store_dead",
     "Items in the dead-letter queue per store queue, sampled on scrape.",

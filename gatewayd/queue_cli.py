@@ -157,7 +157,12 @@ async def _retry(store: Store, args: argparse.Namespace, out: TextIO) -> ExitCod
     if not args.all:
         if not await store.replay(args.id):
             item = await store.get(args.id)
-            why = "no message with that id" if item is None else f"it is {item.state}, not dead"
+            if item is None:
+                why = "no message with that id"
+            elif item.queue == Queue.INTAKE:
+                why = "it is a rejected intake record, not a message"
+            else:
+                why = f"it is {item.state}, not dead"
             print(f"gatewayd queue: cannot retry {args.id}: {why}", file=sys.stderr)
             return ExitCode.FAILURE
         replayed = [args.id]

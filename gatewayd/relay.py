@@ -13,19 +13,23 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 
-from gatewayd import segments
+from gatewayd import metrics, segments
 from gatewayd.api import (
     Acceptance,
     CredentialBackend,
     DeliveryOutcome,
     Device,
+    DeviceRefusedError,
     DeviceReport,
     Downlink,
+    IntakeRefusedError,
     InvalidMessageError,
+    Rejection,
     Transport,
     TransportSettings,
     UnknownDeviceError,
@@ -42,7 +46,7 @@ from gatewayd.msgin5g.model import (
     UEMessageDelivery,
 )
 from gatewayd.plugins import Plugins
-from gatewayd.store import Item, Queue, Store
+from gatewayd.store import Item, PutRequest, Queue, Store
 from gatewayd.worker import Dead, Done, Outcome, Retry
 
 log = structlog.get_logger(__name__)
@@ -50,6 +54,10 @@ log = structlog.get_logger(__name__)
 # Downlink queue bodies carry one of two things for a device, in one ordered lane.
 KIND_MESSAGE = "message"
 KIND_REPORT = "report"
+
+# How much of a rejected input the dead-letter record keeps: enough to diagnose it,
+# not enough for a misbehaving device to fill the disk through the DLQ.
+REJECTED_CONTENT_MAX = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +73,9 @@ class Directory:
         self._by_device: dict[tuple[str, str], Device] = {}
         self._by_service: dict[str, Endpoint] = {}
         self._templates = {t.name: t.service_id_template for t in transports}
+        self._learned: set[str] = set()
+        # Learned devices the server refused: refused at intake until a restart.
+        self._refused: dict[tuple[str, str], str] = {}
         for t in transports:
             for d in t.devices:
                 self._add(t.name, d)
@@ -88,6 +99,25 @@ class Directory:
 
     def learn(self, transport: str, device: Device) -> None:
         self._add(transport, device)
+        self._learned.add(device.service_id)
+
+    def learned(self) -> frozenset[str]:
+        """The UE Service IDs of learned (not configured) devices."""
+        return frozenset(self._learned)
+
+    def refuse(self, service_id: str, cause: str) -> Endpoint | None:
+        """The server refused a learned device: forget it, and refuse its input."""
+        endpoint = self._by_service.get(service_id)
+        if endpoint is None or service_id not in self._learned:
+            return None
+        del self._by_service[service_id]
+        self._by_device.pop((endpoint.transport, endpoint.device.name), None)
+        self._learned.discard(service_id)
+        self._refused[(endpoint.transport, endpoint.device.name)] = cause
+        return endpoint
+
+    def refused(self, transport: str, name: str) -> str | None:
+        return self._refused.get((transport, name))
 
     def service_ids(self) -> tuple[str, ...]:
         return tuple(sorted(self._by_service))
@@ -130,6 +160,9 @@ class TransportIntake:
         device = self._directory.device(self._name, name)
         if device is not None:
             return device
+        cause = self._directory.refused(self._name, name)
+        if cause is not None:
+            raise DeviceRefusedError(f"the MSGin5G server refused device {name!r}: {cause}")
         device = self._directory.learnable(self._name, name)
         if device is None:
             raise UnknownDeviceError(f"device {name!r} is not mapped on transport {self._name}")
@@ -142,6 +175,27 @@ class TransportIntake:
         return device
 
     async def accept(self, uplink: Uplink) -> Acceptance:
+        try:
+            return await self._accept(uplink)
+        except IntakeRefusedError as exc:
+            if exc.permanent:
+                await self.reject(
+                    Rejection(
+                        device=uplink.device,
+                        reason=exc.reason,
+                        detail=exc.detail,
+                        content=uplink.payload,
+                        msg_id=uplink.msg_id,
+                    )
+                )
+            raise
+
+    async def _accept(self, uplink: Uplink) -> Acceptance:
+        # The message itself first: a bad one must not make the gateway learn a device.
+        _check_text(uplink)
+        if uplink.expiry is not None and uplink.expiry <= datetime.now(UTC):
+            # Stored, it would only expire at the next sweep: refuse it now.
+            raise InvalidMessageError(f"expiry {uplink.expiry.isoformat()} is in the past")
         device = await self._resolve(uplink.device)
         msg_id = uplink.msg_id or str(uuid.uuid4())
         with bound_message(msg_id, transport=self._name, device=device.name):
@@ -177,6 +231,48 @@ class TransportIntake:
             )
             return Acceptance(msg_id=msg_id, duplicate=result.duplicate)
 
+    async def reject(self, rejection: Rejection) -> None:
+        """Keep refused input in the DLQ (queue ``intake``), log it and count it.
+
+        Everything stored or logged is made valid UTF-8 first: the input may be exactly
+        the lone surrogate that got it refused. A redelivery of the same input (same
+        transport, device, id and content) is recorded once.
+        """
+        reason, msg_id = rejection.reason, rejection.msg_id
+        safe_device, safe_id = _printable(rejection.device), _printable(msg_id) if msg_id else None
+        text = _printable(rejection.content)
+        key_id = safe_id or uuid.uuid5(uuid.NAMESPACE_OID, f"{safe_device}\0{text}").hex
+        record_id = safe_id or f"rejected-{key_id[:16]}"
+        body = {
+            "transport": self._name,
+            "device": safe_device,
+            "reason": reason,
+            "detail": _printable(rejection.detail),
+            "content": text[:REJECTED_CONTENT_MAX],
+            "truncated": len(text) > REJECTED_CONTENT_MAX,
+        }
+        recorded = await self._store.put_rejected(
+            msg_id=record_id,
+            dedup_key=f"rejected:{self._name}:{safe_device}:{key_id}",
+            lane=f"{self._name}:{safe_device}",
+            reason=f"{reason}: {body['detail']}",
+            body=body,
+        )
+        metrics.INTAKE_REJECTED.inc(transport=self._name, reason=reason)
+        with bound_message(record_id):
+            log.warning(
+                "intake.rejected",
+                transport=self._name,
+                device=safe_device,
+                reason=reason,
+                detail=body["detail"],
+                recorded=recorded,
+            )
+
+    def peer_dropped(self, count: int, detail: str) -> None:
+        metrics.PEER_DROPPED.inc(count, transport=self._name)
+        log.warning("transport.peer_dropped", transport=self._name, count=count, detail=detail)
+
     async def _destination(self, uplink: Uplink, device: Device) -> Address:
         route = await self._store.route(device.service_id)
         if route is not None:
@@ -192,7 +288,24 @@ class TransportIntake:
         )
 
     async def accept_report(self, report: DeviceReport) -> None:
-        device = await self._resolve(report.device)
+        try:
+            for name, value in (("msgId", report.msg_id), ("cause", report.cause or "")):
+                if not value.isascii() and _printable(value) != value:
+                    raise InvalidMessageError(f"{name} is not valid Unicode text")
+            device = await self._resolve(report.device)
+        except IntakeRefusedError as exc:
+            # A report is no message: logged and counted, not kept in the DLQ.
+            if exc.permanent:
+                metrics.INTAKE_REJECTED.inc(transport=self._name, reason=exc.reason)
+                log.warning(
+                    "intake.rejected",
+                    transport=self._name,
+                    device=_printable(report.device),
+                    reason=exc.reason,
+                    detail=exc.detail,
+                    kind="report",
+                )
+            raise
         with bound_message(report.msg_id, transport=self._name, device=device.name):
             route = await self._store.route(device.service_id)
             if route is None:
@@ -208,8 +321,66 @@ class TransportIntake:
             )
 
 
+def _check_text(uplink: Uplink) -> None:
+    """Refuse strings that are not Unicode text (a lone surrogate from a JSON ``\\ud800``
+    escape): they cannot be stored, logged or sent as UTF-8 (I-JSON, RFC 7493 2.1)."""
+    fields = {
+        "device": uplink.device,
+        "msgId": uplink.msg_id,
+        "appId": uplink.app_id,
+        "payload": uplink.payload,
+        "dest.addrType": uplink.dest.addr_type if uplink.dest else None,
+        "dest.addr": uplink.dest.addr if uplink.dest else None,
+    }
+    for name, value in fields.items():
+        if value is None or value.isascii():
+            continue
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise InvalidMessageError(
+                f"{name} is not valid Unicode text (a lone surrogate)"
+            ) from None
+
+
+def _printable(value: bytes | str | None) -> str:
+    """``value`` as valid UTF-8 text: undecodable bytes and lone surrogates escaped."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return value.encode("utf-8", "backslashreplace").decode()
+
+
 def downlink_body(kind: str, wire: dict[str, Any]) -> dict[str, Any]:
     return {"kind": kind, "wire": wire}
+
+
+def report_request(
+    *,
+    device: Device,
+    origin: Address,
+    msg_id: str,
+    delivered: bool,
+    cause: str | None,
+) -> PutRequest:
+    """A DeliveryStatusReport from a device about a message ``origin`` sent it, for the
+    report queue."""
+    report = DeliveryStatusReport(
+        ori_addr=Address.ue(device.service_id),
+        dest_addr=origin,
+        msg_id=msg_id,
+        deliv_st=ReportDeliveryStatus.REPT_DELY_SUCCESS
+        if delivered
+        else ReportDeliveryStatus.REPT_DELY_FAILED,
+        failure_cause=None if delivered else (cause or "delivery failed"),
+    )
+    return PutRequest(
+        msg_id=msg_id,
+        dedup_key=f"report:{device.service_id}:{origin}:{msg_id}",
+        lane=device.service_id,
+        body=report.to_json(),
+    )
 
 
 async def put_report(
@@ -222,22 +393,10 @@ async def put_report(
     cause: str | None,
 ) -> None:
     """Queue a DeliveryStatusReport from a device about a message ``origin`` sent it."""
-    report = DeliveryStatusReport(
-        ori_addr=Address.ue(device.service_id),
-        dest_addr=origin,
-        msg_id=msg_id,
-        deliv_st=ReportDeliveryStatus.REPT_DELY_SUCCESS
-        if delivered
-        else ReportDeliveryStatus.REPT_DELY_FAILED,
-        failure_cause=None if delivered else (cause or "delivery failed"),
+    request = report_request(
+        device=device, origin=origin, msg_id=msg_id, delivered=delivered, cause=cause
     )
-    await store.put(
-        Queue.REPORT,
-        msg_id=msg_id,
-        dedup_key=f"report:{device.service_id}:{origin}:{msg_id}",
-        lane=device.service_id,
-        body=report.to_json(),
-    )
+    await store.put_many(Queue.REPORT, [request])
     log.info("report.queued", delivered=delivered, dest=str(origin))
 
 
@@ -311,35 +470,46 @@ class Dispatcher:
         log.info("report.delivered" if passed else "report.not_carried", delivered=report.delivered)
         return Done()
 
-    async def expired(self, item: Item) -> None:
-        """An expired downlink message: a failure report to its originator, if asked for.
+    def expired_report(self, item: Item) -> tuple[Queue, PutRequest] | None:
+        """The failure report an expired downlink message calls for, if its originator
+        asked for one. Pure (no I/O): the store runs it inside the expiry transaction.
 
         An expired segment (its message never became whole) reports about the whole
         message; its set expires together and the report's dedup key keeps it to one.
         """
         if item.body.get("kind") != KIND_MESSAGE:
-            return
+            return None
         message = GatewayMessageDelivery.from_json(item.body["wire"])
         endpoint = self._directory.endpoint(message.dest_addr.addr)
-        if message.deliv_st_req_ind and endpoint is not None:
-            await put_report(
-                self._store,
-                device=endpoint.device,
-                origin=message.ori_addr,
-                msg_id=segments.whole_msg_id(message),
-                delivered=False,
-                cause="SEGMENTS_MISSING" if item.queue == Queue.SEGMENT else "EXPIRED",
-            )
+        if not message.deliv_st_req_ind or endpoint is None:
+            return None
+        return Queue.REPORT, report_request(
+            device=endpoint.device,
+            origin=message.ori_addr,
+            msg_id=segments.whole_msg_id(message),
+            delivered=False,
+            cause="SEGMENTS_MISSING" if item.queue == Queue.SEGMENT else "EXPIRED",
+        )
 
 
-async def put_device_report(store: Store, message: UEMessageDelivery, cause: str) -> None:
-    """Tell a device that its uplink message failed for good, if it asked to know.
+def expiry_report(dispatcher: Dispatcher, item: Item) -> tuple[Queue, PutRequest] | None:
+    """The failure report for any expired item (see :meth:`Store.expire`), or ``None``."""
+    if item.queue == Queue.UPLINK:
+        request = device_report_request(UEMessageDelivery.from_json(item.body), "EXPIRED")
+        return None if request is None else (Queue.DOWNLINK, request)
+    if item.queue in (Queue.DOWNLINK, Queue.SEGMENT):
+        return dispatcher.expired_report(item)
+    return None
+
+
+def device_report_request(message: UEMessageDelivery, cause: str) -> PutRequest | None:
+    """The failure report for a device's uplink message, if it asked to know.
 
     The report travels the device's downlink lane, so it is as durable as a message and
     arrives in order with them.
     """
     if not message.deliv_st_req_ind:
-        return
+        return None
     # A failed segment fails its whole message: the device hears of the msgId it sent.
     msg_id = segments.whole_msg_id(message)
     report = DeliveryStatusReport(
@@ -349,10 +519,16 @@ async def put_device_report(store: Store, message: UEMessageDelivery, cause: str
         deliv_st=ReportDeliveryStatus.REPT_DELY_FAILED,
         failure_cause=cause,
     )
-    await store.put(
-        Queue.DOWNLINK,
+    return PutRequest(
         msg_id=msg_id,
         dedup_key=f"report-local:{message.ori_addr}:{msg_id}",
         lane=message.ori_addr.addr,
         body=downlink_body(KIND_REPORT, report.to_json()),
     )
+
+
+async def put_device_report(store: Store, message: UEMessageDelivery, cause: str) -> None:
+    """Tell a device that its uplink message failed for good, if it asked to know."""
+    request = device_report_request(message, cause)
+    if request is not None:
+        await store.put_many(Queue.DOWNLINK, [request])

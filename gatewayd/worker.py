@@ -36,6 +36,9 @@ class Retry:
     error: str
     after: float | None = None
     peer_down: bool = True  # counts against the circuit breaker
+    # The peer answered (e.g. "register first"): it is up, so the breaker closes even
+    # though this message must wait.
+    answered: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,17 +132,21 @@ class QueueWorker:
     async def _handle(self, item: Item) -> None:
         with bound_message(item.msg_id, queue=str(self._queue)):
             try:
-                outcome = await self._handler(item)
-            except Exception as exc:  # a bug in a handler must not kill the worker
-                log.exception("worker.handler_failed", error=repr(exc))
-                outcome = Retry(f"internal error: {exc!r}", peer_down=False)
-            try:
-                await self._settle(item, outcome)
-            except StoreError as exc:
-                # The item stays pending in the store and goes out again: at least once.
-                # Hold this lane a moment so a failing disk is not hammered.
-                log.error("worker.settle_failed", error=str(exc))
-                await asyncio.sleep(self._policy.initial)
+                try:
+                    outcome = await self._handler(item)
+                except Exception as exc:  # a bug in a handler must not kill the worker
+                    log.exception("worker.handler_failed", error=repr(exc))
+                    outcome = Retry(f"internal error: {exc!r}", peer_down=False)
+                try:
+                    await self._settle(item, outcome)
+                except StoreError as exc:
+                    # The item stays pending in the store and goes out again: at least
+                    # once. Hold this lane a moment so a failing disk is not hammered.
+                    log.error("worker.settle_failed", error=str(exc))
+                    await asyncio.sleep(self._policy.initial)
+            finally:
+                # Settled or not (cancelled at stop), expiry may look at it again.
+                self._store.release(item.id)
 
     async def _settle(self, item: Item, outcome: Outcome) -> None:
         if isinstance(outcome, Done):
@@ -156,7 +163,9 @@ class QueueWorker:
                 item.id, not_before=time.time() + delay, error=outcome.error
             )
             log.info("message.retry_scheduled", delay=round(delay, 3), error=outcome.error)
-            if self._breaker is not None and outcome.peer_down:
+            if self._breaker is not None and outcome.answered:
+                self._breaker.success()
+            elif self._breaker is not None and outcome.peer_down:
                 if outcome.after is not None:
                     self._breaker.hold(outcome.after)
                 self._breaker.failure()

@@ -162,6 +162,7 @@ async def test_scrape_counts_messages_backlog_and_certificate_expiry(
         ("downlink",): 0,
         ("report",): 0,
         ("segment",): 0,
+        ("intake",): 0,
     }
     cert = x509.load_pem_x509_certificate(loopback_pki["gateway"].read_bytes())
     expected = cert.not_valid_after_utc.timestamp()

@@ -11,12 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import structlog
 
-from gatewayd.errors import PeerRefusedError, PeerUnavailableError, RequestRejectedError
+from gatewayd.errors import (
+    DeviceRefusedError,
+    PeerRefusedError,
+    PeerUnavailableError,
+    RequestRejectedError,
+)
 from gatewayd.msgin5g.registration import GatewayRegistration
 from gatewayd.northbound.client import MsgsClient
 from gatewayd.retry import RetryPolicy
@@ -35,6 +40,9 @@ class Registrar:
         service_ids: Callable[[], tuple[str, ...]],
         ttl: float,
         policy: RetryPolicy,
+        learned: Callable[[], frozenset[str]] = frozenset,
+        on_device_refused: Callable[[str, str], Awaitable[None]] | None = None,
+        on_registered: Callable[[], None] | None = None,
     ) -> None:
         self._client = client
         self._gateway_id = gateway_id
@@ -43,6 +51,9 @@ class Registrar:
         self._service_ids = service_ids
         self._ttl = ttl
         self._policy = policy
+        self._learned = learned
+        self._on_device_refused = on_device_refused
+        self._on_registered = on_registered
         self._location: str | None = None
         self._registered_ids: frozenset[str] = frozenset()
         self._expires = 0.0
@@ -50,13 +61,16 @@ class Registrar:
         self._updated = asyncio.Condition()
         self.ready = asyncio.Event()  # set while a registration holds
         self.refused: PeerRefusedError | None = None
+        # Learned UE Service IDs the server refused (a 403 on the update that added
+        # them): those devices are refused, never the gateway (see _sift).
+        self.refused_ids: dict[str, str] = {}
 
-    def _body(self) -> GatewayRegistration:
+    def _body(self, ids: tuple[str, ...] | None = None) -> GatewayRegistration:
         return GatewayRegistration(
             gw_id=self._gateway_id,
             gw_type=self._gateway_type,
             target_uri=self._target_uri,
-            ue_svc_ids=self._service_ids(),
+            ue_svc_ids=self._service_ids() if ids is None else ids,
             expiry=datetime.now(UTC) + timedelta(seconds=self._ttl),
         )
 
@@ -73,7 +87,12 @@ class Registrar:
                 await self._changed.wait()
                 continue
             try:
-                await self._register_or_update()
+                try:
+                    await self._register_or_update()
+                except RequestRejectedError as exc:
+                    if exc.status != 403 or not self._untried():
+                        raise
+                    await self._sift(exc)
                 attempt = 0
             except (PeerRefusedError, RequestRejectedError) as exc:
                 # Either way a config or credential problem that no retry can fix.
@@ -94,8 +113,41 @@ class Registrar:
             # Refresh at two thirds of the granted lifetime, or sooner on a change.
             await self._sleep_until_change(max((self._expires - time.time()) * 2 / 3, 1.0))
 
-    async def _register_or_update(self) -> None:
-        body = self._body()
+    def _untried(self) -> frozenset[str]:
+        """Learned ids the server has not accepted yet: the suspects of a 403."""
+        return self._learned() - self._registered_ids
+
+    async def _sift(self, first: RequestRejectedError) -> None:
+        """A 403 on a registration that carries learned ids the server never accepted:
+        find out whether the server refuses the gateway or only some devices.
+
+        The ids the server accepted before (and the configured ones) go first, alone: a
+        refusal of those is the gateway's own (exit 3). Then each new learned id is added
+        on its own; one refused refuses that device only.
+        """
+        suspects = self._untried()
+        base = tuple(i for i in self._service_ids() if i not in suspects)
+        if base:
+            await self._register_or_update(base)
+        log.warning("registration.sifting", suspects=len(suspects), cause=first.cause)
+        for service_id in sorted(suspects):
+            ids = tuple(sorted(self._registered_ids | {service_id}))
+            try:
+                await self._register_or_update(ids)
+            except RequestRejectedError as exc:
+                if exc.status != 403:
+                    raise
+                await self._refuse_device(service_id, exc.cause or f"HTTP {exc.status}")
+        async with self._updated:
+            self._updated.notify_all()
+
+    async def _refuse_device(self, service_id: str, cause: str) -> None:
+        self.refused_ids[service_id] = cause
+        if self._on_device_refused is not None:
+            await self._on_device_refused(service_id, cause)
+
+    async def _register_or_update(self, ids: tuple[str, ...] | None = None) -> None:
+        body = self._body(ids)
         self._changed.clear()
         if self._location is None:
             result = await self._client.register(body)
@@ -122,6 +174,8 @@ class Registrar:
             expires=result.ack.expiry.isoformat(),
         )
         self.ready.set()
+        if self._on_registered is not None:
+            self._on_registered()  # the server answered: a breaker may close now
         async with self._updated:
             self._updated.notify_all()
 
@@ -140,12 +194,22 @@ class Registrar:
         self._changed.set()
 
     async def ensure(self, service_id: str) -> None:
-        """Wait until ``service_id`` is part of the registration the server holds."""
+        """Wait until ``service_id`` is part of the registration the server holds.
+
+        Raises :class:`DeviceRefusedError` when the server refused it."""
         if service_id in self._registered_ids:
             return
-        self.changed()
-        async with self._updated:
-            await self._updated.wait_for(lambda: service_id in self._registered_ids)
+        if service_id not in self.refused_ids:
+            self.changed()
+            async with self._updated:
+                await self._updated.wait_for(
+                    lambda: service_id in self._registered_ids or service_id in self.refused_ids
+                )
+        if service_id in self.refused_ids:
+            raise DeviceRefusedError(
+                f"the MSGin5G server refused UE Service ID {service_id}: "
+                f"{self.refused_ids[service_id]}"
+            )
 
     async def deregister(self, timeout: float) -> None:
         if self._location is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import structlog
 
 from gatewayd.errors import (
+    DeviceRefusedError,
     PeerRefusedError,
     PeerUnavailableError,
     ProtocolError,
@@ -33,7 +34,13 @@ class Senders:
     async def uplink(self, item: Item) -> Outcome:
         message = UEMessageDelivery.from_json(item.body)
         # A learned device must be registered before its first message leaves.
-        await self._registrar.ensure(message.ori_addr.addr)
+        try:
+            await self._registrar.ensure(message.ori_addr.addr)
+        except DeviceRefusedError as exc:
+            # The server will not serve this device: its message cannot go anywhere.
+            log.warning("message.rejected", cause="DEVICE_REFUSED", detail=exc.detail)
+            await put_device_report(self._store, message, "DEVICE_REFUSED")
+            return Dead(exc.detail)
         try:
             ack = await self._client.deliver_ue_message(message)
         except RequestRejectedError as exc:
@@ -75,7 +82,9 @@ class Senders:
         # register again; sending the backlog to the DLQ for that would be wrong.
         log.warning("registration.lost", status=exc.status, cause=exc.cause)
         self._registrar.lost()
-        return Retry(str(exc), peer_down=False)
+        # The server answered: it is up. Closing the breaker now lets the backlog flow
+        # as soon as the re-registration holds, instead of one more reset timeout later.
+        return Retry(str(exc), peer_down=False, answered=True)
 
 
 def _transient(exc: Exception) -> Retry:

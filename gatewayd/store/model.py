@@ -38,6 +38,9 @@ class Queue(StrEnum):
     REPORT = "report"  # DeliveryStatusReport bodies bound for the server
     DOWNLINK = "downlink"  # GatewayMessageDelivery bodies bound for a device
     SEGMENT = "segment"  # downlink segments waiting for the rest of their message
+    # Device input refused for good at intake (invalid, unknown or refused device): dead
+    # on arrival, kept for the operator with its reason; nothing drains or replays it.
+    INTAKE = "intake"
 
 
 class State(StrEnum):

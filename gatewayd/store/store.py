@@ -32,6 +32,9 @@ from gatewayd.store.writer import RETRY_AFTER_BACKLOG, Txn, Writer
 log = structlog.get_logger(__name__)
 
 _SELECT = f"SELECT {ITEM_COLUMNS} FROM items"  # noqa: S608 - a constant column list
+# Rejected intake records kept at most (``gatewayd queue purge --queue intake`` clears
+# them); past it a rejection is still logged and counted, not stored.
+MAX_REJECTED = 10_000
 
 
 class Store:
@@ -51,6 +54,10 @@ class Store:
         # between the two, so that wake-up is never lost.
         self._generation: dict[Queue, int] = dict.fromkeys(Queue, 0)
         self._seen: dict[Queue, int] = dict.fromkeys(Queue, 0)
+        # Items handed out by due() and not yet settled, claimed on the writer thread
+        # in the same job that hands them out: expire() leaves them alone, so a message
+        # being sent right now is never also expired (delivered *and* dead).
+        self._claimed: set[int] = set()
 
     @classmethod
     async def open(cls, settings: StoreSettings) -> Store:
@@ -150,6 +157,47 @@ class Store:
             log.debug("store.duplicate", msg_id=request.msg_id, queue=Queue.SEGMENT.value)
         return result
 
+    async def put_rejected(
+        self, *, msg_id: str, dedup_key: str, lane: str, reason: str, body: dict[str, Any]
+    ) -> str:
+        """Record device input refused for good at intake, dead on arrival (queue
+        ``intake``), so the operator sees it with its reason. Not held to the backlog
+        limits (it is not work to do) but to :data:`MAX_REJECTED` records, so a device
+        sending garbage cannot fill the disk through the DLQ; a full disk raises
+        :class:`BacklogFullError` like any intake. A record with the same ``dedup_key``
+        is stored once (a redelivered poison message). Returns ``"stored"``,
+        ``"duplicate"`` or ``"dlq_full"``."""
+        encoded = encode_body(body)
+        now = time.time()
+
+        def job(txn: Txn) -> str:
+            (kept,) = txn.conn.execute(
+                "SELECT count(*) FROM items INDEXED BY items_state"
+                " WHERE state = 'dead' AND queue = 'intake'"
+            ).fetchone()
+            if kept >= MAX_REJECTED:
+                return "dlq_full"
+            cursor = txn.conn.execute(
+                "INSERT INTO items (queue, msg_id, dedup_key, lane, body, size, created,"
+                " queued, state, last_error, finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?,"
+                " 'dead', ?, ?) ON CONFLICT (queue, dedup_key) DO NOTHING",
+                (
+                    Queue.INTAKE.value,
+                    msg_id,
+                    dedup_key,
+                    lane,
+                    encoded,
+                    len(encoded.encode()),
+                    now,
+                    now,
+                    reason,
+                    now,
+                ),
+            )
+            return "stored" if cursor.rowcount > 0 else "duplicate"
+
+        return await self._writer.call(job, intake=True)
+
     # --- the sender's side -------------------------------------------------------------
 
     async def due(
@@ -189,6 +237,7 @@ class Store:
                 items.append(row_to_item(row))
                 if len(items) >= limit:
                     break
+            self._claimed.update(item.id for item in items)
             return generation, items
 
         generation, items = await self._writer.call(job)
@@ -218,12 +267,29 @@ class Store:
     async def done(self, item_id: int) -> None:
         """Delivered: drop the body, keep the row as a dedup tombstone."""
         now = time.time()
-        await self._writer.call(lambda txn: _finish(txn, item_id, State.DONE, None, now))
+        await self._writer.call(lambda txn: self._settled(txn, item_id, State.DONE, None, now))
+
+    def _settled(
+        self, txn: Txn, item_id: int, state: State, reason: str | None, now: float
+    ) -> str | None:
+        self._claimed.discard(item_id)
+        return _finish(txn, item_id, state, reason, now)
+
+    def release(self, item_id: int) -> None:
+        """An item from :meth:`due` that was not settled (its send was cancelled): it
+        stays pending and may expire again. Settling releases it by itself.
+
+        Called on the loop while the writer thread may read the set: a single
+        ``discard`` is atomic under the GIL, and the worst a race can do is leave the
+        item for the next expiry sweep.
+        """
+        self._claimed.discard(item_id)
 
     async def retry_later(self, item_id: int, *, not_before: float, error: str) -> None:
         """A transient failure: count the attempt and hold the item until ``not_before``."""
 
         def job(txn: Txn) -> None:
+            self._claimed.discard(item_id)
             txn.conn.execute(
                 "UPDATE items SET attempts = attempts + 1, not_before = ?, last_error = ?"
                 " WHERE id = ? AND state = 'pending'",
@@ -235,19 +301,32 @@ class Store:
     async def dead(self, item_id: int, *, reason: str) -> None:
         """A permanent failure: move the item to the dead-letter queue."""
         now = time.time()
-        msg_id = await self._writer.call(lambda txn: _finish(txn, item_id, State.DEAD, reason, now))
+        msg_id = await self._writer.call(
+            lambda txn: self._settled(txn, item_id, State.DEAD, reason, now)
+        )
         if msg_id is not None:
             log.warning("store.dead", msg_id=msg_id, id=item_id, reason=reason)
 
-    async def expire(self, now: float | None = None) -> list[Item]:
+    async def expire(
+        self,
+        now: float | None = None,
+        *,
+        report: Callable[[Item], tuple[Queue, PutRequest] | None] | None = None,
+    ) -> list[Item]:
         """Move pending items past their ``expires_at`` or ``max_age`` to the DLQ.
 
-        Returns them (now dead), so the caller can turn them into failure reports.
+        Items being sent right now (handed out by :meth:`due`, not yet settled) are left
+        for a later sweep: their send decides. ``report`` builds the failure report an
+        expired item calls for; it is stored in the same transaction as the expiry, so
+        a full disk delays both and a crash loses neither. Returns the expired items.
         """
         at = time.time() if now is None else now
         oldest = at - self.settings.max_age
 
+        unreportable: list[tuple[Item, str]] = []
+
         def job(txn: Txn) -> list[Item]:
+            unreportable.clear()  # the writer may run a job twice (batch, then alone)
             rows = txn.conn.execute(
                 f"{_SELECT} WHERE state = 'pending'"
                 " AND (expires_at <= ? OR queued <= ?) ORDER BY id",
@@ -256,6 +335,8 @@ class Store:
             expired: list[Item] = []
             for row in rows:
                 item = row_to_item(row)
+                if item.id in self._claimed:
+                    continue
                 reason = (
                     "expired: exprTime passed"
                     if item.expires_at is not None and item.expires_at <= at
@@ -268,9 +349,18 @@ class Store:
                 txn.backlog.messages -= 1
                 txn.backlog.bytes -= item.size
                 expired.append(_replace_state(item, State.DEAD, reason, at))
+                try:
+                    built = report(item) if report is not None else None
+                except Exception as exc:  # a body it cannot read must not stall expiry
+                    unreportable.append((item, repr(exc)))
+                    built = None
+                if built is not None:
+                    _put_report(txn, *built, now=at)
             return expired
 
         expired = await self._writer.call(job)
+        for item, error in unreportable:
+            log.error("store.expiry_report_failed", msg_id=item.msg_id, id=item.id, error=error)
         for item in expired:
             log.warning(
                 "store.expired",
@@ -364,8 +454,10 @@ class Store:
         now = time.time()
 
         def job(txn: Txn) -> str | None:
+            # A rejected intake record is not a message: there is nothing to send.
             row = txn.conn.execute(
-                "SELECT msg_id, queue, size FROM items WHERE id = ? AND state = 'dead'",
+                "SELECT msg_id, queue, size FROM items WHERE id = ? AND state = 'dead'"
+                " AND queue != 'intake'",
                 (item_id,),
             ).fetchone()
             if row is None:
@@ -501,7 +593,18 @@ class Store:
             )
             return cursor.rowcount > 0
 
-        return await self._writer.call(job)
+        # An intake call: a full disk refuses the device's message like any other.
+        return await self._writer.call(job, intake=True)
+
+    async def forget_device(self, transport: str, device: str) -> None:
+        """Forget a learned device (the server refused it): a restart does not reload it."""
+
+        def job(txn: Txn) -> None:
+            txn.conn.execute(
+                "DELETE FROM devices WHERE transport = ? AND device = ?", (transport, device)
+            )
+
+        await self._writer.call(job)
 
     async def learned_devices(self) -> list[tuple[str, str, str]]:
         """Every learned device as ``(transport, device, service_id)``."""
@@ -646,6 +749,22 @@ def _insert(
     )
     assert cursor.lastrowid is not None  # an INSERT always sets it
     return cursor.lastrowid
+
+
+def _put_report(txn: Txn, queue: Queue, request: PutRequest, *, now: float) -> None:
+    """A failure report stored with the expiry that caused it: it takes the slot the
+    expired item freed, so it is not held to the backlog limits."""
+    if txn.conn.execute(
+        "SELECT 1 FROM items WHERE queue = ? AND dedup_key = ?", (queue.value, request.dedup_key)
+    ).fetchone():
+        return
+    body = encode_body(request.body)
+    size = len(body.encode())
+    _insert(txn.conn, queue, request, body=body, size=size, now=now)
+    txn.backlog.messages += 1
+    txn.backlog.bytes += size
+    txn.puts += 1
+    txn.woken.add(queue)
 
 
 def _finish(txn: Txn, item_id: int, state: State, reason: str | None, now: float) -> str | None:

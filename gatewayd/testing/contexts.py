@@ -37,6 +37,7 @@ from gatewayd.api import (
     Options,
     PluginContext,
     PluginSettings,
+    Rejection,
     TlsIdentity,
     TransportContext,
     TrustAnchors,
@@ -100,7 +101,9 @@ class MemoryTransportContext(MemoryPluginContext):
     :meth:`accept` records each distinct message once, in ``accepted`` (in order) and
     ``by_msg_id`` (by its own msgId, or the ``gw-N`` the intake assigns when it has
     none); a repeated msgId is answered ``duplicate=True`` and counted in
-    ``duplicates``. :meth:`accept_report` records device reports in ``reports``.
+    ``duplicates``. :meth:`accept_report` records device reports in ``reports``,
+    :meth:`reject` input the transport refused in ``rejected``, :meth:`peer_dropped`
+    adds to ``peer_drops``.
     ``device()`` looks names up among ``devices`` (``transport`` binds
     ``transport=NAME`` to the log, as the gateway does).
 
@@ -133,6 +136,8 @@ class MemoryTransportContext(MemoryPluginContext):
         self.by_msg_id: dict[str, Uplink] = {}
         self.duplicates = 0
         self.reports: list[DeviceReport] = []
+        self.rejected: list[tuple[str, str, str | None]] = []
+        self.peer_drops = 0
         self.gate: asyncio.Event | None = None
         self.entered = asyncio.Event()
         self.delay = 0.0
@@ -182,6 +187,18 @@ class MemoryTransportContext(MemoryPluginContext):
             raise self.refuse
         self.reports.append(report)
         self.changed.set()
+
+    async def reject(self, rejection: Rejection) -> None:
+        """Records ``(device, reason, msg_id)`` in ``rejected``; raises ``refuse`` if it is
+        a storage refusal (the record could not be stored either)."""
+        if self.refuse is not None and getattr(self.refuse, "permanent", True) is False:
+            raise self.refuse
+        self.rejected.append((rejection.device, rejection.reason, rejection.msg_id))
+        self.changed.set()
+
+    def peer_dropped(self, count: int, detail: str) -> None:
+        """Adds ``count`` to ``peer_drops``."""
+        self.peer_drops += count
 
     async def wait_for(self, count: int, timeout: float = 30.0) -> None:
         """Until ``count`` messages and reports in all are recorded; fails on timeout."""

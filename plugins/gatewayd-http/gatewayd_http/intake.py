@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from gatewayd.api import IntakeRefusedError, TransportContext, peer_identity
+from gatewayd.api import IntakeRefusedError, Rejection, TransportContext, peer_identity
 from gatewayd_http.config import BEARER, HttpConfig
 from gatewayd_http.messages import parse_report, parse_uplink
 from gatewayd_http.problems import Problem, refusal
@@ -51,7 +51,12 @@ class Intake:
 
     async def _messages(self, request: web.Request) -> web.Response:
         device = self._authorize(request)
-        uplink = parse_uplink(device, await self._json(request))
+        raw = await self._body(request)
+        try:
+            uplink = parse_uplink(device, _decode(raw))
+        except Problem as problem:
+            await self._reject(device, problem, raw)
+            raise
         log = self._context.log.bind(device=device, msg_id=uplink.msg_id)
         try:
             acceptance = await self._context.accept(uplink)
@@ -65,7 +70,8 @@ class Intake:
 
     async def _reports(self, request: web.Request) -> web.Response:
         device = self._authorize(request)
-        report = parse_report(device, await self._json(request))
+        # A report is no message: a bad one is answered 400 and logged, not kept.
+        report = parse_report(device, _decode(await self._body(request)))
         log = self._context.log.bind(device=device, msg_id=report.msg_id)
         try:
             await self._context.accept_report(report)
@@ -151,21 +157,46 @@ class Intake:
 
     # --- body -------------------------------------------------------------------------
 
-    async def _json(self, request: web.Request) -> object:
+    async def _reject(self, device: str, problem: Problem, raw: bytes) -> None:
+        """An authenticated device's body that is no message: kept in the gateway's
+        dead-letter queue (queue ``intake``), logged and counted, then answered 400."""
+        try:
+            await self._context.reject(
+                Rejection(device=device, reason="invalid_body", detail=problem.detail, content=raw)
+            )
+        except IntakeRefusedError as exc:  # not even the record fits (disk full): 503
+            raise refusal(exc) from None
+
+    async def _body(self, request: web.Request) -> bytes:
         if request.content_type != "application/json":
             raise Problem(415, "the body must be application/json")
         length = request.content_length
         if length is not None and length > self._config.max_body:
             raise _too_large(self._config.max_body)
         try:
-            raw = await request.read()
+            return await request.read()
         except web.HTTPRequestEntityTooLarge:
             # A chunked body, or one longer than its Content-Length said.
             raise _too_large(self._config.max_body) from None
-        try:
-            return json.loads(raw)
-        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError alike
-            raise Problem(400, f"the body is not valid JSON: {exc}") from None
+
+
+def _decode(raw: bytes) -> object:
+    """The JSON value of a body, or a 400 problem: never a 500 and a traceback."""
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError alike
+        raise Problem(400, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:  # deep nesting: [[[[...]]]]
+        raise Problem(400, "the body is not valid JSON: nested too deeply") from None
+    try:
+        # A lone surrogate ("\ud800") is valid JSON but no Unicode text (I-JSON, RFC
+        # 7493 2.1): it could not be stored, logged or forwarded as UTF-8.
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise Problem(400, "the body holds a lone surrogate: not valid Unicode text") from None
+    except RecursionError:
+        raise Problem(400, "the body is not valid JSON: nested too deeply") from None
+    return value
 
 
 def _too_large(limit: int) -> Problem:

@@ -37,10 +37,11 @@ _CAUSES = {
     503: "NF_CONGESTION",
 }
 
-# How each intake refusal reads in HTTP terms; an unknown reason is a 503 so a device
-# retries rather than dropping its message.
+# How each intake refusal reads in HTTP terms; an unknown transient reason is a 503 so a
+# device retries rather than dropping its message.
 _REFUSALS: Mapping[str, tuple[int, str]] = {
     "unknown_device": (404, "UNKNOWN_DEVICE"),
+    "device_refused": (403, "DEVICE_REFUSED"),
     "invalid_message": (400, "INVALID_MESSAGE"),
     "backlog_full": (503, "BACKLOG_FULL"),
 }
@@ -85,7 +86,9 @@ class Problem(Exception):
 
 def refusal(exc: IntakeRefusedError) -> Problem:
     """The problem answer for a message the gateway refused to take (already logged)."""
-    status, cause = _REFUSALS.get(exc.reason, (503, exc.reason.upper()))
+    # An unknown reason: final if the core says so (4xx), else "try later" (503).
+    default = (400, exc.reason.upper()) if exc.permanent else (503, exc.reason.upper())
+    status, cause = _REFUSALS.get(exc.reason, default)
     headers = {}
     if status == 503:
         # Retry-After takes whole seconds; round up so a device never comes back early.

@@ -21,6 +21,7 @@ class Pending:
     qos: int
     settled: bool = False
     ack: bool = False
+    reason: int = 0  # an MQTT 5 PUBACK reason code: >= 0x80 refuses the message for good
 
 
 class AckQueue:
@@ -37,13 +38,13 @@ class AckQueue:
         self._queue.append(entry)
         return entry
 
-    def settle(self, entry: Pending, *, ack: bool) -> None:
+    def settle(self, entry: Pending, *, ack: bool, reason: int = 0) -> None:
         """``ack=False`` leaves the message unacknowledged: the broker redelivers it on
         the next connection of this session. Later messages are not held up by it."""
-        entry.settled, entry.ack = True, ack
+        entry.settled, entry.ack, entry.reason = True, ack, reason
         while self._queue and self._queue[0].settled:
             head = self._queue.popleft()
-            if head.ack and self._acks.ack(head.mid, head.qos):
+            if head.ack and self._acks.ack(head.mid, head.qos, head.reason):
                 self.sent += 1
 
     def __len__(self) -> int:

@@ -11,6 +11,7 @@ missing there (aiomqtt 2.5, paho-mqtt 2.2):
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import aiomqtt
@@ -36,7 +37,7 @@ class GatewayClient(aiomqtt.Client):
         self.session_present = False
         # Set before connecting: a resumed session sends its unacknowledged messages
         # right after CONNACK, and those must not be acked on arrival either.
-        self.acks = ManualAck(self)
+        self.acks = ManualAck(self, v5=kwargs.get("protocol") == aiomqtt.ProtocolVersion.V5)
 
     def _on_connect(
         self,
@@ -77,14 +78,26 @@ class ManualAck:
     into aiomqtt's private ``_client`` (the paho client). Keep it the only such access.
     """
 
-    def __init__(self, client: aiomqtt.Client) -> None:
+    def __init__(self, client: aiomqtt.Client, *, v5: bool = False) -> None:
         self._paho: paho.Client = client._client  # private: see the class docstring
         self._paho.manual_ack_set(True)
+        self._v5 = v5
 
-    def ack(self, mid: int, qos: int) -> bool:
-        """Send the PUBACK/PUBCOMP for ``mid``; ``False`` when the connection is gone."""
+    def ack(self, mid: int, qos: int, reason: int = 0) -> bool:
+        """Send the PUBACK/PUBCOMP for ``mid``; ``False`` when the connection is gone.
+
+        ``reason`` is an MQTT 5 PUBACK reason code (>= 0x80: the message is refused for
+        good, e.g. 0x99 payload format invalid). paho's ``ack`` cannot carry one, so
+        that PUBACK is built here (MQTT 5 3.4: fixed header, packet id, reason code) and
+        queued like paho's own. MQTT 3.1.1 has no reason codes: a plain PUBACK; QoS 2 is
+        complete on arrival in paho anyway (see docs/transports/mqtt.md).
+        """
         if qos == 0:
             return True
+        if reason and qos == 1 and self._v5:
+            packet = struct.pack("!BBHB", paho.PUBACK, 3, mid, reason)
+            rc = self._paho._packet_queue(paho.PUBACK, packet, mid, 1)  # private, as above
+            return bool(rc == paho.MQTT_ERR_SUCCESS)
         return self._paho.ack(mid, qos) == paho.MQTT_ERR_SUCCESS
 
 

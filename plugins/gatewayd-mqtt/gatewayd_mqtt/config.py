@@ -8,6 +8,8 @@ from gatewayd.api import Options, SecretRef
 from gatewayd_mqtt.topics import TopicTemplate
 
 PROTOCOLS = ("3.1.1", "5")
+# mosquitto's count of messages it dropped because a session's queue was full.
+MOSQUITTO_DROPPED = "$SYS/broker/publish/messages/dropped"
 FORMATS = ("raw", "json")
 
 
@@ -41,6 +43,7 @@ class MqttConfig:
     reconnect_max: float
     auth_retry: float
     drain_timeout: float
+    broker_drop_topic: str | None
 
     @property
     def v5(self) -> bool:
@@ -77,10 +80,13 @@ class MqttConfig:
             reconnect_max=o.get_float("reconnect_max", 30.0, minimum=0.01),
             auth_retry=o.get_float("auth_retry", 60.0, minimum=0.01),
             drain_timeout=o.get_float("drain_timeout", 5.0, minimum=0.0),
+            broker_drop_topic=o.get_str("broker_drop_topic", MOSQUITTO_DROPPED) or None,
         )
         o.check_unknown()
         if cfg.password is not None and cfg.username is None:
             raise o.error("password", "needs a username")
+        if cfg.broker_drop_topic is not None and not cfg.broker_drop_topic.startswith("$SYS/"):
+            raise o.error("broker_drop_topic", "must be a $SYS/ topic (or empty: off)")
         if cfg.receive_maximum > 65535:
             raise o.error("receive_maximum", "must be at most 65535")
         if cfg.shared_group is not None and (

@@ -31,7 +31,9 @@ from gatewayd.api import (
     Downlink,
     GatewaydError,
     IntakeRefusedError,
+    InvalidMessageError,
     Logger,
+    Rejection,
     Transport,
     TransportContext,
     TransportSettings,
@@ -62,9 +64,21 @@ from gatewayd_mqtt.payloads import (
 
 T = TypeVar("T")
 
-# Refusals that retrying the same message cannot fix: ack it, so the broker does not
-# redeliver poison forever. Every other refusal (backlog full, ...) is transient.
-_FINAL_REFUSALS = frozenset({"unknown_device", "invalid_message"})
+# How to acknowledge a received message: ``None`` leaves it with the broker (it is
+# redelivered on the next connection), an int is the PUBACK reason code to send (MQTT 5;
+# a 3.1.1 PUBACK carries none).
+Verdict = int | None
+MAX_RETRY_WAIT = 2.0  # seconds between attempts to store a message refused for now
+MAX_FAILED_ATTEMPTS = 3  # unexpected errors on one message before it counts as poison
+ACK = 0x00
+UNSPECIFIED_ERROR = 0x80
+# A permanent refusal in MQTT 5 terms (MQTT 5 3.4.2.1): the device learns that resending
+# is pointless, and the broker counts the message as delivered.
+_REASON_CODES = {
+    "invalid_message": 0x99,  # Payload format invalid
+    "unknown_device": 0x87,  # Not authorized
+    "device_refused": 0x87,
+}
 
 
 class TransportStats:
@@ -72,6 +86,7 @@ class TransportStats:
 
     __slots__ = (
         "accepted",
+        "broker_dropped",
         "connects",
         "dropped",
         "duplicates",
@@ -79,13 +94,16 @@ class TransportStats:
         "max_inflight_seen",
         "published",
         "refusals",
+        "rejected",
     )
 
     def __init__(self) -> None:
         self.accepted = 0  # uplinks and device reports stored (duplicates included)
         self.duplicates = 0
-        self.dropped = 0  # acked without forwarding: poison, unknown device, retained
+        self.dropped = 0  # acked, not forwarded: retained copies, stray topics, bad reports
+        self.rejected = 0  # refused for good (invalid, unknown device): in the DLQ, acked
         self.refusals = 0  # intake refused for now (backlog full): left unacked
+        self.broker_dropped = 0  # what the broker's $SYS counter says it dropped
         self.connects = 0
         self.published = 0  # downlinks and reports completed (PUBACK/PUBCOMP)
         self.inflight = 0  # our QoS > 0 publishes awaiting the broker's ack
@@ -130,6 +148,8 @@ class MqttTransport(Transport):
         self._first: asyncio.Future[None] | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        self._lanes: dict[str, asyncio.Future[bool]] = {}  # topic -> its last message's turn
+        self._broker_drops: dict[str, int] = {}  # $SYS counter topic -> last value
         # Bounds the uplinks being stored at once. MQTT 5 brokers hold to our Receive
         # Maximum anyway; for 3.1.1 (and QoS 0) this is the only bound.
         self._uplink_slots = asyncio.Semaphore(self.config.receive_maximum)
@@ -141,6 +161,15 @@ class MqttTransport(Transport):
         self._trap = _ErrorTrap()
         self._paho_log.addHandler(self._trap)
         self._bound_log: Logger | None = None
+        if self.config.uplink_qos == 2:
+            # paho completes a QoS 2 receive before we store it: a crash in between loses
+            # a message the device saw acknowledged (docs/transports/mqtt.md).
+            self._log.warning(
+                "mqtt.config.unsafe",
+                key=f"transports.{settings.name}.uplink_qos",
+                detail="uplink_qos = 2 cannot keep 'acknowledged only after stored' across "
+                "a crash; use 1 (duplicates are removed by msgId)",
+            )
 
     @property
     def _log(self) -> Logger:
@@ -369,6 +398,15 @@ class MqttTransport(Transport):
             if any(code >= 0x80 for code in codes):
                 raise GatewaydError(f"broker refused the subscription {topic_filter!r}: {codes}")
             self._log.debug("mqtt.subscribed", filter=topic_filter, qos=codes)
+        if cfg.broker_drop_topic is not None:
+            # Optional: a broker without the counter, or an ACL that hides $SYS, only
+            # costs us the warning (logged once per connection).
+            granted = await client.subscribe(cfg.broker_drop_topic, qos=0)
+            codes = [c.value if isinstance(c, ReasonCode) else c for c in granted]
+            if any(code >= 0x80 for code in codes):
+                self._log.info(
+                    "mqtt.broker_stats.unavailable", filter=cfg.broker_drop_topic, codes=codes
+                )
 
     async def _drain(self) -> None:
         """Give stored-but-unacked uplinks ``drain_timeout`` to finish and be acked."""
@@ -379,12 +417,20 @@ class MqttTransport(Transport):
     # --- uplink -----------------------------------------------------------------------
 
     async def _read(self, link: _Link) -> None:
+        loop = asyncio.get_running_loop()
         async for message in link.client.messages:
             await self._uplink_slots.acquire()
             # Tracked here, in arrival order, so acks go out in that order.
             entry = link.acks.track(message.mid, message.qos) if message.qos > 0 else None
+            # One lane per topic (per device): a message waits for the one before it, so
+            # a refused and retried message is never overtaken by its device's later ones.
+            topic = message.topic.value
+            before = self._lanes.get(topic)
+            turn: asyncio.Future[bool] = loop.create_future()
+            self._lanes[topic] = turn
             task = asyncio.create_task(
-                self._handle(link, message, entry), name=f"mqtt:{self.name}:in:{message.mid}"
+                self._handle(link, message, entry, before, turn),
+                name=f"mqtt:{self.name}:in:{message.mid}",
             )
             self._handlers.add(task)
             task.add_done_callback(self._handler_done)
@@ -395,28 +441,44 @@ class MqttTransport(Transport):
         if not task.cancelled() and (exc := task.exception()) is not None:
             self._log.error("mqtt.uplink.crashed", error=repr(exc))
 
-    async def _handle(self, link: _Link, message: aiomqtt.Message, entry: Pending | None) -> None:
-        ack = False
+    async def _handle(
+        self,
+        link: _Link,
+        message: aiomqtt.Message,
+        entry: Pending | None,
+        before: asyncio.Future[bool] | None,
+        turn: asyncio.Future[bool],
+    ) -> None:
+        verdict: Verdict = None
         try:
-            ack = await self._intake(link, message)
+            # A predecessor left with the broker comes back on the next connection,
+            # before this one: leave this one too, or it would overtake it.
+            if before is None or await asyncio.shield(before):
+                verdict = await self._intake(link, message)
         finally:
+            if not turn.done():
+                turn.set_result(verdict is not None)
+            topic = message.topic.value
+            if self._lanes.get(topic) is turn:
+                del self._lanes[topic]
             # Cancelled or refused: no ack, the broker keeps the message for the session.
             if entry is not None:
-                link.acks.settle(entry, ack=ack)
+                link.acks.settle(entry, ack=verdict is not None, reason=verdict or 0)
 
-    async def _intake(self, link: _Link, message: aiomqtt.Message) -> bool:
-        """Route one received message; return whether to acknowledge it."""
+    async def _intake(self, link: _Link, message: aiomqtt.Message) -> Verdict:
+        """Route one received message; return how to acknowledge it (``None``: don't)."""
         cfg = self.config
         topic = message.topic.value
         raw = message.payload
         # aiomqtt types the payload loosely; paho always hands over bytes.
         payload = bytes(raw) if isinstance(raw, bytes | bytearray) else str(raw or "").encode()
         log = self._log.bind(topic=topic, mid=message.mid)
+        if topic.startswith("$SYS/"):
+            self._broker_stat(topic, payload)
+            return ACK
         if message.retain:
             # Only a new subscription delivers with RETAIN set: a stale copy, not news.
             return self._drop(log, "mqtt.uplink.retained_ignored")
-        if len(payload) > cfg.max_payload:
-            return self._drop(log, "mqtt.payload.invalid", reason="oversize", size=len(payload))
         if (device := cfg.uplink.match(topic)) is not None:
             return await self._uplink(link, log, device, message, payload)
         if cfg.device_report is not None and (device := cfg.device_report.match(topic)):
@@ -425,45 +487,88 @@ class MqttTransport(Transport):
 
     async def _uplink(
         self, link: _Link, log: Logger, device: str, message: aiomqtt.Message, payload: bytes
-    ) -> bool:
-        # ``device`` joins the bound fields with ``msg_id``: one bind per message, not two.
-        if not self._known(device):
-            return self._drop(log, "mqtt.device.unknown", device=device)
+    ) -> Verdict:
         try:
+            if len(payload) > self.config.max_payload:
+                limit = self.config.max_payload
+                raise PayloadError("oversize", f"{len(payload)} bytes; max_payload is {limit}")
             uplink = self._to_uplink(device, message.topic.value, message, payload)
         except PayloadError as exc:
-            return self._drop(
-                log, "mqtt.payload.invalid", device=device, reason=exc.reason, detail=exc.detail
-            )
-        log = log.bind(device=device, msg_id=uplink.msg_id)
-        return await self._submit(link, log, lambda: self.context.accept(uplink))
+            return await self._reject(link, log, device=device, error=exc, payload=payload)
+        # ``device`` joins the bound fields with ``msg_id``: one bind per message, not two.
+        # A msgId that is no valid text (a lone surrogate) is logged as its repr().
+        msg_id = uplink.msg_id
+        if msg_id is not None and not msg_id.isascii():
+            msg_id = ascii(msg_id)
+        log = log.bind(device=device, msg_id=msg_id)
 
-    async def _device_report(self, link: _Link, log: Logger, device: str, payload: bytes) -> bool:
-        if not self._known(device):
-            return self._drop(log, "mqtt.device.unknown", device=device)
+        async def poison(detail: str) -> Verdict:
+            error = PayloadError("internal_error", detail)
+            return await self._reject(link, log, device=device, error=error, payload=payload)
+
+        return await self._submit(link, log, lambda: self.context.accept(uplink), poison)
+
+    async def _device_report(
+        self, link: _Link, log: Logger, device: str, payload: bytes
+    ) -> Verdict:
         try:
+            if len(payload) > self.config.max_payload:
+                raise PayloadError("oversize", f"{len(payload)} bytes")
             fields = parse_device_report(payload)
         except PayloadError as exc:
+            # A report is no message: logged, counted (stats.dropped) and acked.
             return self._drop(
                 log, "mqtt.report.invalid", device=device, reason=exc.reason, detail=exc.detail
             )
         report = DeviceReport(
             device=device, msg_id=fields.msg_id, delivered=fields.delivered, cause=fields.cause
         )
-        log = log.bind(device=device, msg_id=report.msg_id)
-        return await self._submit(link, log, lambda: self.context.accept_report(report))
+        log = log.bind(device=device, msg_id=ascii(report.msg_id))
 
-    def _drop(self, log: Logger, event: str, **kw: Any) -> bool:
-        """Poison: logged, not forwarded, and acked so the broker stops redelivering it."""
+        async def poison(detail: str) -> Verdict:
+            return self._drop(log, "mqtt.report.invalid", reason="internal_error", detail=detail)
+
+        return await self._submit(link, log, lambda: self.context.accept_report(report), poison)
+
+    async def _reject(
+        self, link: _Link, log: Logger, *, device: str, error: PayloadError, payload: bytes
+    ) -> Verdict:
+        """Input that cannot become a message: recorded by the gateway (dead-letter
+        queue, log, metric), then refused to the device for good."""
+        reason, detail = error.reason, error.detail
+        log.warning("mqtt.payload.invalid", device=device, reason=reason, detail=detail)
+
+        async def record() -> None:
+            rejection = Rejection(device=device, reason=reason, detail=detail, content=payload)
+            await self.context.reject(rejection)
+            raise InvalidMessageError(f"{reason}: {detail}")  # recorded: refuse for good
+
+        return await self._submit(link, log, record)
+
+    def _drop(self, log: Logger, event: str, **kw: Any) -> Verdict:
+        """Not a device message (stale retained copy, stray topic, bad report): logged,
+        not forwarded, and acked so the broker stops redelivering it."""
         self.stats.dropped += 1
         log.warning(event, **kw)
-        return True
+        return ACK
 
-    def _known(self, device: str) -> bool:
-        # With a service_id_template the core learns unlisted devices inside accept().
-        return (
-            self.settings.service_id_template is not None or self.context.device(device) is not None
-        )
+    def _broker_stat(self, topic: str, payload: bytes) -> None:
+        """A broker's dropped-message counter: warn when it grows (see docs)."""
+        try:
+            value = int(payload.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            return
+        last = self._broker_drops.get(topic)
+        self._broker_drops[topic] = value
+        # The first reading counts everything since the broker started: report it once.
+        grown = value - (last or 0)
+        if grown > 0:
+            self.stats.broker_dropped += grown
+            self.context.peer_dropped(
+                grown,
+                f"the broker reports {value} dropped messages ({topic}): messages devices "
+                "saw acknowledged are lost; see docs/transports/mqtt.md, 'Broker settings'",
+            )
 
     def _to_uplink(
         self, device: str, topic: str, message: aiomqtt.Message, payload: bytes
@@ -489,26 +594,38 @@ class MqttTransport(Transport):
         )
 
     async def _submit(
-        self, link: _Link, log: Logger, call: Callable[[], Awaitable[Acceptance | None]]
-    ) -> bool:
-        """Hand a message to the core until it is stored; ``True`` means ack it.
+        self,
+        link: _Link,
+        log: Logger,
+        call: Callable[[], Awaitable[Acceptance | None]],
+        poison: Callable[[str], Awaitable[Verdict]] | None = None,
+    ) -> Verdict:
+        """Hand a message to the core until it is stored or refused for good.
 
-        A transient refusal (backlog full) is retried after its ``retry_after`` (or a
-        backoff) while the message stays unacked, so the broker's in-flight window
-        fills and holds the device traffic back. Should the connection drop or the
-        transport stop meanwhile, it is given up unacked: the broker redelivers it.
+        A permanent refusal (invalid, unknown or refused device) was recorded by the core
+        (dead-letter queue, log, metric): it is acknowledged, with an MQTT 5 reason code,
+        so the broker never redelivers it. A storage refusal (backlog or disk full) is
+        retried after its ``retry_after`` (or a backoff) while the message stays
+        unacked, so the broker's in-flight window fills and holds the device traffic
+        back. Should the connection drop or the transport stop meanwhile, it is given up
+        unacked: the broker redelivers it. An unexpected error (a bug, not a refusal)
+        that repeats :data:`MAX_FAILED_ATTEMPTS` times makes the message ``poison``:
+        retried forever, it would hold its device and every ack behind it.
         """
         attempt = 0
         while True:
             try:
                 result = await call()
             except IntakeRefusedError as exc:
-                if exc.reason in _FINAL_REFUSALS:
-                    return self._drop(
-                        log, "mqtt.uplink.rejected", reason=exc.reason, detail=exc.detail
-                    )
+                if exc.permanent:
+                    self.stats.rejected += 1
+                    log.warning("mqtt.uplink.rejected", reason=exc.reason, detail=exc.detail)
+                    return _REASON_CODES.get(exc.reason, UNSPECIFIED_ERROR)
                 self.stats.refusals += 1
-                delay = exc.retry_after or self._retry.delay(attempt)
+                # retry_after is advice for devices (a full disk says 30 s). Trying the
+                # local store again is cheap, and only each device's head message does:
+                # so the intake resumes within a couple of seconds of space returning.
+                delay = min(exc.retry_after or self._retry.delay(attempt), MAX_RETRY_WAIT)
                 log.warning(
                     "mqtt.uplink.refused",
                     reason=exc.reason,
@@ -519,17 +636,21 @@ class MqttTransport(Transport):
             except Exception as exc:  # never crash the transport over one message
                 delay = self._retry.delay(attempt)
                 log.error("mqtt.uplink.accept_failed", error=repr(exc), attempt=attempt)
+                # A StoreError (I/O) may pass; anything else is this message's fault.
+                bug = not isinstance(exc, GatewaydError)
+                if bug and poison is not None and attempt + 1 >= MAX_FAILED_ATTEMPTS:
+                    return await poison(repr(exc))
             else:
                 self.stats.accepted += 1
                 duplicate = result is not None and result.duplicate
                 self.stats.duplicates += duplicate
                 if self._debug(log):
                     log.debug("mqtt.uplink.accepted", duplicate=duplicate)
-                return True
+                return ACK
             attempt += 1
             if not await self._pause(link, delay):
                 log.info("mqtt.uplink.left_with_broker")
-                return False
+                return None
 
     async def _pause(self, link: _Link, delay: float) -> bool:
         """Sleep ``delay``; ``False`` if the link dropped or the transport stops first."""

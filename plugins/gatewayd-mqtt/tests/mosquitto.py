@@ -43,7 +43,9 @@ class Certs:
 class Mosquitto:
     """One broker process; ``start``/``stop``/``restart`` on fixed ports."""
 
-    def __init__(self, directory: Path, *, max_inflight: int = 20) -> None:
+    def __init__(
+        self, directory: Path, *, max_inflight: int = 20, stock: bool = False, debug: bool = False
+    ) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -51,6 +53,10 @@ class Mosquitto:
         self.auth_port = free_port()
         self.certs = self._make_certs()
         self.max_inflight = max_inflight
+        # stock: mosquitto's default queue limit (max_queued_messages 1000), which drops
+        # for a slow or absent subscriber session; $SYS every second. debug: packet log.
+        self.stock = stock
+        self.debug = debug
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.dir / "mosquitto.log"
 
@@ -83,11 +89,12 @@ persistence true
 persistence_location {self.dir / "data"}/
 autosave_interval 0
 max_inflight_messages {self.max_inflight}
-max_queued_messages 0
+{"sys_interval 1" if self.stock else "max_queued_messages 0"}
 log_dest file {self.log_path}
 log_type error
 log_type warning
 log_type notice
+{"log_type debug" if self.debug else ""}
 
 listener {self.port} 127.0.0.1
 allow_anonymous true

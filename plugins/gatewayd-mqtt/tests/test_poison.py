@@ -6,14 +6,16 @@ import json
 
 import structlog
 from mosquitto import Mosquitto
-from mqtt_helpers import device_client, make_transport, running
+from mqtt_helpers import device_client, make_transport, running, until
 
 from gatewayd.api import Device
 from gatewayd.testing import MemoryTransportContext
 
 
-async def test_bad_payloads_are_logged_dropped_and_acked(broker: Mosquitto) -> None:
-    # listed; no template: others unknown
+async def test_bad_payloads_are_rejected_recorded_and_acked(broker: Mosquitto) -> None:
+    """Input that does not parse is handed to ``context.reject`` (the gateway keeps it in
+    the DLQ), refused to the device for good, and the transport carries on. Whether a
+    device is known is the core's decision (``accept`` raises UnknownDeviceError)."""
     context = MemoryTransportContext([Device(name="sensor-1", service_id="sensor-1@iot.example")])
     transport = make_transport(
         broker, context, template=None, devices=("sensor-1",), max_payload=1024
@@ -25,21 +27,20 @@ async def test_bad_payloads_are_logged_dropped_and_acked(broker: Mosquitto) -> N
             await dev.publish("devices/sensor-1/up", json.dumps({"payload": 5}), qos=1)
             big = json.dumps({"msgId": "big", "payload": "x" * 2000})
             await dev.publish("devices/sensor-1/up", big, qos=1)
-            await dev.publish("devices/stranger/up", json.dumps({"msgId": "s"}), qos=1)
             await dev.publish("devices/sensor-1/ack", b"{}", qos=1)
             await dev.publish(
                 "devices/sensor-1/up", json.dumps({"msgId": "ok", "payload": "p"}), qos=1
             )
             await context.wait_for(1)
+            await until(lambda: len(context.rejected) == 4, timeout=5)
     assert list(context.by_msg_id) == ["ok"]
+    reasons = [reason for _, reason, _ in context.rejected]
+    assert reasons == ["not_json", "not_an_object", "bad_field", "oversize"]
     events = [(e["event"], e.get("reason")) for e in logs if e["log_level"] == "warning"]
     assert ("mqtt.payload.invalid", "not_json") in events
-    assert ("mqtt.payload.invalid", "not_an_object") in events
-    assert ("mqtt.payload.invalid", "bad_field") in events
-    assert ("mqtt.payload.invalid", "oversize") in events
-    assert ("mqtt.device.unknown", None) in events
     assert ("mqtt.report.invalid", "bad_field") in events
-    assert transport.stats.dropped == 6
+    assert transport.stats.rejected == 4
+    assert transport.stats.dropped == 1  # the bad report: no message, nothing to keep
 
 
 async def test_poison_is_not_redelivered_to_the_next_session(
