@@ -10,6 +10,7 @@ northbound client, 6. close the store.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 import time
 from collections.abc import Awaitable, Coroutine
@@ -43,6 +44,7 @@ from gatewayd.relay import Directory, Dispatcher, TransportIntake, put_device_re
 from gatewayd.retry import CircuitBreaker
 from gatewayd.security import tls
 from gatewayd.store import Item, Queue, Store
+from gatewayd.store.kv import MemoryKV, StoreKV
 from gatewayd.systemd import Notifier
 from gatewayd.worker import Handler, QueueWorker
 
@@ -54,6 +56,10 @@ EXPIRY_SWEEP_SECONDS = 2.0
 class _CheckOnlyContext(PluginContext):
     """For ``check-config``: a transport may be built, never fed."""
 
+    @functools.cached_property
+    def kv(self) -> MemoryKV:
+        return MemoryKV()
+
     async def accept(self, uplink: Uplink) -> Acceptance:
         raise RuntimeError("check-config does not run transports")
 
@@ -62,6 +68,14 @@ class _CheckOnlyContext(PluginContext):
 
     def device(self, name: str) -> Device | None:
         return None
+
+
+class _TransportContext(TransportIntake):
+    """The relay's intake for one transport, plus its durable key/value table."""
+
+    @functools.cached_property
+    def kv(self) -> StoreKV:
+        return StoreKV(self._store, self._name)
 
 
 class Gateway:
@@ -269,7 +283,7 @@ class Gateway:
     async def _start_transports(self, stack: AsyncExitStack) -> None:
         for ts in self.settings.transports:
             factory = self.plugins.transports.require(ts)
-            intake = TransportIntake(
+            intake = _TransportContext(
                 name=ts.name,
                 store=self.store,
                 directory=self.directory,

@@ -42,8 +42,10 @@ from gatewayd.api import (
     TrustAnchors,
     Uplink,
 )
+from gatewayd.store.kv import MemoryKV
 
 __all__ = [
+    "MemoryKV",
     "MemoryPluginContext",
     "MemoryTransportContext",
     "StaticCredentials",
@@ -102,7 +104,9 @@ class MemoryTransportContext(MemoryPluginContext):
     none); a repeated msgId is answered ``duplicate=True`` and counted in
     ``duplicates``. :meth:`accept_report` records device reports in ``reports``.
     ``device()`` looks names up among ``devices`` (``transport`` binds
-    ``transport=NAME`` to the log, as the gateway does).
+    ``transport=NAME`` to the log, as the gateway does). ``kv`` is a
+    :class:`~gatewayd.store.kv.MemoryKV` (pass ``kv=`` to share one between two
+    transport instances and play a restart).
 
     Knobs a test sets to shape :meth:`accept` (checked in this order):
 
@@ -124,8 +128,10 @@ class MemoryTransportContext(MemoryPluginContext):
         *,
         transport: str | None = None,
         backends: Mapping[str, CredentialBackend] | None = None,
+        kv: MemoryKV | None = None,
     ) -> None:
         super().__init__(backends)
+        self.kv = kv if kv is not None else MemoryKV()
         if transport is not None:
             self._bound["transport"] = transport
         self.devices: dict[str, Device] = {d.name: d for d in devices}
