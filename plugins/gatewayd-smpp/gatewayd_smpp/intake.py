@@ -214,7 +214,9 @@ class Intake:
         parts: int = 1,
     ) -> int:
         octets = b"".join(o for _, o in texts)
-        codings = ",".join(str(dc) for dc, _ in texts) if len(texts) > 1 else str(data_coding)
+        # One coding keeps the id it had before parts could differ (resends still match).
+        distinct = list(dict.fromkeys(str(dc) for dc, _ in texts))
+        codings = ",".join(distinct) if len(distinct) > 1 else str(data_coding)
         msg_id = self._msg_id(device, sm.destination_addr, codings, concat_key, octets)
         log = self._log.bind(msg_id=msg_id, device=device, parts=parts)
         status: int

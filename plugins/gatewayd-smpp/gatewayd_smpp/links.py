@@ -101,7 +101,14 @@ class Link:
                 )
             except (OSError, TimeoutError, SessionClosedError, PduError) as exc:
                 wait = self._backoff(delay)
-                self.log.warning("smpp.connect.failed", error=repr(exc), retry_in=round(wait, 2))
+                extra = {}
+                if cfg.tls and isinstance(exc, SessionClosedError | ssl.SSLError):
+                    # Over TLS 1.3 a refused client certificate shows up as an EOF right
+                    # after the handshake: say what it most likely was.
+                    extra["hint"] = "the SMSC may have refused our client certificate"
+                self.log.warning(
+                    "smpp.connect.failed", error=repr(exc), retry_in=round(wait, 2), **extra
+                )
             else:
                 started = time.monotonic()
                 await self._serve(session)

@@ -205,7 +205,8 @@ class Session:
 
     async def unbind(self, timeout: float) -> None:
         """Ask the SMSC to end the session and wait briefly for its unbind_resp."""
-        with contextlib.suppress(SessionClosedError, TimeoutError):
+        # A generic_nack or a wrong response (PduError) ends it just the same.
+        with contextlib.suppress(SessionClosedError, TimeoutError, PduError):
             await self.request(Command.UNBIND, b"", timeout=timeout)
 
     async def aclose(self, reason: str) -> None:

@@ -197,7 +197,9 @@ async def test_smpp_over_tls_without_a_client_certificate_is_refused(
             await asyncio.sleep(0.5)
         assert not transport.bound.is_set()
         assert smsc.of("bind") == []
-        assert any(e["event"] == "smpp.connect.failed" for e in logs)
+        failed = [e for e in logs if e["event"] == "smpp.connect.failed"]
+        assert failed
+        assert failed[0]["hint"] == "the SMSC may have refused our client certificate"
     finally:
         await transport.stop()
         await smsc.stop()
