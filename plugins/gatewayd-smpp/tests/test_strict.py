@@ -299,3 +299,49 @@ async def test_mo_through_data_sm(strict: StrictSmsc, start_strict: Starter) -> 
     assert resp.status.name == "ESME_ROK"
     assert context.accepted[0].payload == "data_sm ✓"
     assert context.accepted[0].device == OTHER
+
+
+async def test_mt_of_two_parts_with_receipts_in_the_other_base(
+    strict: StrictSmsc, start_strict: Starter
+) -> None:
+    strict.auto_receipt = "DELIVRD"
+    strict.receipt_tlvs = True  # receipted_message_id in hex too
+    transport, _ = await start_strict(receipt_timeout=5.0)
+    text = "Ж" + "x" * 100  # UCS-2 (Ж is not GSM): 101 characters, two parts
+    assert (await transport.deliver(downlink(text))).delivered
+    parts = strict.of("submit_sm")
+    assert len(parts) == 2
+    bodies = [bytes.fromhex(p["short_message"]) for p in parts]
+    assert [b[:5] for b in bodies] == [bytes([5, 0, 3, b[3], 2]) for b in bodies]
+    assert [b[5] for b in bodies] == [1, 2]
+    assert b"".join(b[6:] for b in bodies).decode("utf-16-be") == text
+    assert all(p["esm_class"] == 0x40 and p["data_coding"] == 8 for p in parts)
+
+
+async def test_throttling_pauses_and_retries(strict: StrictSmsc, start_strict: Starter) -> None:
+    transport, _ = await start_strict(receipts=False, throttle_backoff=0.2)
+    strict.submit_statuses = ["ESME_RTHROTTLED", "ESME_RMSGQFUL"]
+    assert (await transport.deliver(downlink("slowly"))).delivered
+    stamps = [e["at"] for e in strict.of("submit_sm")]
+    assert len(stamps) == 3
+    assert stamps[1] - stamps[0] >= 0.18  # throttle_backoff
+    assert stamps[2] - stamps[1] >= 0.38  # doubled
+
+
+async def test_malformed_pdus_from_the_smsc(strict: StrictSmsc, start_strict: Starter) -> None:
+    transport, context = await start_strict()
+    # A deliver_sm whose body ends inside the addresses: refused, the session stays.
+    await strict.send_raw(struct.pack(">IIII", 20, 5, 0, 41) + b"\x00\x01\x014")
+    resp = await strict.next("deliver_sm_resp")
+    assert (resp["status"], resp["seq"], resp["length"]) == ("ESME_RINVMSGLEN", 41, 17)
+    # An unknown command: generic_nack ESME_RINVCMDID, the session stays.
+    await strict.send_raw(struct.pack(">IIII", 16, 0x00000777, 0, 42))
+    nack = await strict.next("generic_nack")
+    assert (nack["status"], nack["seq"]) == ("ESME_RINVCMDID", 42)
+    assert (await strict.deliver(short_message=b"still here")).status.name == "ESME_ROK"
+    assert len(strict.of("bind")) == 1
+    # An impossible command_length: the stream cannot be trusted; the transport rebinds.
+    await strict.send_raw(struct.pack(">IIII", 8, 5, 0, 43))
+    await strict.next("bind", after=1)
+    await asyncio.wait_for(transport.bound.wait(), 10)
+    assert [u.payload for u in context.accepted] == ["still here"]
