@@ -418,8 +418,12 @@ class SmppTransport(Transport):
         ids = [record.ids[i] for i in range(record.parts)]
         left = self.config.receipt_timeout - (time.time() - record.at)
         try:
-            async with asyncio.timeout(max(left, 0.0)):
-                got = await asyncio.gather(*futures)
+            if all(f.done() for f in futures):
+                # Receipts stored while the gateway was down count, however late it is.
+                got = [f.result() for f in futures]
+            else:
+                async with asyncio.timeout(max(left, 0.0)):
+                    got = await asyncio.gather(*futures)
         except TimeoutError:
             # Receipts get lost: a retry of this message submits it again.
             cause = f"no delivery receipt within {self.config.receipt_timeout:g}s"

@@ -203,3 +203,16 @@ async def test_smpp_over_tls_without_a_client_certificate_is_refused(
     finally:
         await transport.stop()
         await smsc.stop()
+
+
+async def test_a_receipt_stored_while_down_counts_after_receipt_timeout(
+    strict: StrictSmsc, start_strict: Starter
+) -> None:
+    kv = WatchedKV()
+    submit = await stopped_while_waiting(strict, start_strict, kv, "mt-4")
+    second, _ = await start_strict(kv=kv, receipt_timeout=0.2)
+    await strict.receipt(int(submit["message_id"]), "DELIVRD")
+    await strict.next("deliver_sm_resp")
+    await asyncio.sleep(0.3)  # the core's retry comes after receipt_timeout has passed
+    assert (await second.deliver(downlink("once", msg_id="mt-4"))).delivered
+    assert len(strict.of("submit_sm")) == 1
