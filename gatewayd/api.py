@@ -16,7 +16,7 @@ path itself is plain typed async code on :class:`Transport` and
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -58,6 +58,7 @@ __all__ = [
     "GatewaydError",
     "IntakeRefusedError",
     "InvalidMessageError",
+    "KeyValueStore",
     "ListenAddress",
     "Logger",
     "Options",
@@ -252,8 +253,45 @@ class PluginContext(Protocol):
         ...
 
 
+class KeyValueStore(Protocol):
+    """A transport's own durable table of short strings, each with a time to live.
+
+    For protocol facts that must survive a restart (an SMSC's message ids, to match
+    delivery receipts that arrive after it). Rows are private to the transport
+    instance (``[transports.NAME]``), live in the gateway's store and are gone after
+    ``ttl`` seconds. Writes return once committed. Keep values small (JSON is fine):
+    this is an index, not a message store.
+    """
+
+    async def get(self, key: str) -> str | None:
+        """The value of ``key``, or ``None`` when it was never set, deleted or expired."""
+        ...
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, str]:
+        """The values of those ``keys`` that exist (one round trip)."""
+        ...
+
+    async def put(self, key: str, value: str, *, ttl: float) -> None:
+        """Set ``key`` (replacing an earlier value) for ``ttl`` seconds."""
+        ...
+
+    async def put_many(self, items: Mapping[str, str], *, ttl: float) -> None:
+        """Set several keys in one commit."""
+        ...
+
+    async def delete(self, keys: Iterable[str]) -> None:
+        """Remove ``keys``; absent ones are ignored."""
+        ...
+
+
 class TransportContext(PluginContext, Protocol):
-    """What the gateway offers a transport: intake, and its device mapping."""
+    """What the gateway offers a transport: intake, its device mapping and its own
+    durable key/value table."""
+
+    @property
+    def kv(self) -> KeyValueStore:
+        """This transport instance's :class:`KeyValueStore`."""
+        ...
 
     async def accept(self, uplink: Uplink) -> Acceptance:
         """Store a device's message durably; return only once it is committed.

@@ -10,6 +10,7 @@ northbound client, 6. close the store.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 import time
 from collections.abc import Awaitable, Coroutine
@@ -43,6 +44,7 @@ from gatewayd.relay import Directory, Dispatcher, TransportIntake, expiry_report
 from gatewayd.retry import CircuitBreaker
 from gatewayd.security import tls
 from gatewayd.store import Item, Queue, Store
+from gatewayd.store.kv import MemoryKV
 from gatewayd.systemd import Notifier
 from gatewayd.worker import Handler, QueueWorker
 
@@ -55,6 +57,10 @@ DEREGISTER_MIN_SECONDS = 0.5
 
 class _CheckOnlyContext(PluginContext):
     """For ``check-config``: a transport may be built, never fed."""
+
+    @functools.cached_property
+    def kv(self) -> MemoryKV:
+        return MemoryKV()
 
     async def accept(self, uplink: Uplink) -> Acceptance:
         raise RuntimeError("check-config does not run transports")

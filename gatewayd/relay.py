@@ -47,6 +47,7 @@ from gatewayd.msgin5g.model import (
 )
 from gatewayd.plugins import Plugins
 from gatewayd.store import Item, PutRequest, Queue, Store
+from gatewayd.store.kv import StoreKV
 from gatewayd.worker import Dead, Done, Outcome, Retry
 
 log = structlog.get_logger(__name__)
@@ -145,6 +146,7 @@ class TransportIntake:
         self._credentials = credentials
         self._on_learned = on_learned
         self._log = structlog.get_logger("gatewayd.transport").bind(transport=name)
+        self.kv = StoreKV(store, name)  # the transport's own durable key/value table
 
     @property
     def log(self) -> structlog.stdlib.BoundLogger:

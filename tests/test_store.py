@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,7 @@ import structlog
 
 from gatewayd.errors import BacklogFullError
 from gatewayd.store import PutRequest, Queue, Store, StoreSettings
+from gatewayd.store.kv import StoreKV
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -457,5 +459,56 @@ async def test_kill_9_loses_nothing_acked(db: Path, synchronous: str) -> None:
         missing = {i: k for i, k in acked.items() if stored.get(i) != k}
         assert not missing, f"{len(missing)} acked messages lost"
         assert (await store.stats())["backlog"]["messages"] == len(stored)
+    finally:
+        await store.close()
+
+
+async def test_transport_kv_persists_per_transport_and_expires(db: Path) -> None:
+    store = await Store.open(StoreSettings(path=db))
+    sms, other = StoreKV(store, "sms"), StoreKV(store, "sms2")
+    await sms.put_many({"mt:m1": '{"ids":["7"]}', "id:n:7": "m1"}, ttl=60)
+    await sms.put("short", "x", ttl=0.05)
+    await other.put("mt:m1", "not sms's", ttl=60)
+    await store.close()
+
+    store = await Store.open(StoreSettings(path=db))
+    try:
+        sms, other = StoreKV(store, "sms"), StoreKV(store, "sms2")
+        assert await sms.get_many(["mt:m1", "id:n:7", "absent"]) == {
+            "mt:m1": '{"ids":["7"]}',
+            "id:n:7": "m1",
+        }
+        assert await other.get("mt:m1") == "not sms's"
+        await asyncio.sleep(0.1)
+        assert await sms.get("short") is None  # expired, even before a prune
+        await sms.put("mt:m1", "replaced", ttl=60)
+        assert await sms.get("mt:m1") == "replaced"
+        await sms.delete(["mt:m1", "never-set"])
+        assert await sms.get("mt:m1") is None
+        await store.prune(now=time.time() + 61)
+
+        def rows() -> int:
+            conn = sqlite3.connect(db)
+            try:
+                return int(conn.execute("SELECT count(*) FROM kv").fetchone()[0])
+            finally:
+                conn.close()
+
+        assert await asyncio.to_thread(rows) == 0
+    finally:
+        await store.close()
+
+
+async def test_a_version_1_store_gains_the_kv_table(db: Path) -> None:
+    conn = sqlite3.connect(db)
+    conn.executescript(
+        "CREATE TABLE routes (service_id TEXT PRIMARY KEY, origin TEXT NOT NULL,"
+        " expires REAL NOT NULL); PRAGMA user_version = 1;"
+    )
+    conn.close()
+    store = await Store.open(StoreSettings(path=db))
+    try:
+        await StoreKV(store, "sms").put("k", "v", ttl=60)
+        assert await StoreKV(store, "sms").get("k") == "v"
     finally:
         await store.close()

@@ -8,7 +8,9 @@ from typing import Any
 
 from gatewayd.store.model import Item, Queue, StoreSettings
 
-SCHEMA_VERSION = 1
+# 2 added the kv table; every statement is IF NOT EXISTS, so running _DDL again on a
+# version-1 file upgrades it in place.
+SCHEMA_VERSION = 2
 
 # AUTOINCREMENT: ids are never reused after a purge or prune, so an id the CLI printed
 # keeps naming the same message, and a new message always sorts after every old one.
@@ -45,6 +47,13 @@ CREATE TABLE IF NOT EXISTS devices (
     learned     REAL NOT NULL,
     PRIMARY KEY (transport, device)
 );
+CREATE TABLE IF NOT EXISTS kv (
+    transport   TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    value       TEXT NOT NULL,
+    expires     REAL NOT NULL,
+    PRIMARY KEY (transport, key)
+) WITHOUT ROWID;
 """
 
 ITEM_COLUMNS = (

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -513,7 +513,8 @@ class Store:
         return count
 
     async def prune(self, now: float | None = None) -> int:
-        """Forget dedup tombstones older than ``dedup_window`` and expired reply routes.
+        """Forget dedup tombstones older than ``dedup_window``, expired reply routes and
+        expired transport key/value rows.
 
         Returns the number of tombstones dropped.
         """
@@ -521,6 +522,7 @@ class Store:
 
         def job(txn: Txn) -> int:
             txn.conn.execute("DELETE FROM routes WHERE expires <= ?", (at,))
+            txn.conn.execute("DELETE FROM kv WHERE expires <= ?", (at,))
             return txn.conn.execute(
                 "DELETE FROM items WHERE state = 'done' AND finished <= ?",
                 (at - self.settings.dedup_window,),
@@ -575,6 +577,51 @@ class Store:
             return None
         value: dict[str, Any] = json.loads(origin)
         return value
+
+    # --- transports' own key/value rows (gatewayd.store.kv) --------------------------
+
+    async def kv_get(self, transport: str, keys: Iterable[str]) -> dict[str, str]:
+        """The unexpired values of ``keys`` in ``transport``'s table (missing ones left out)."""
+        wanted = list(dict.fromkeys(keys))
+        at = time.time()
+
+        def job(txn: Txn) -> dict[str, str]:
+            found: dict[str, str] = {}
+            for key in wanted:
+                row = txn.conn.execute(
+                    "SELECT value FROM kv WHERE transport = ? AND key = ? AND expires > ?",
+                    (transport, key, at),
+                ).fetchone()
+                if row is not None:
+                    found[key] = str(row[0])
+            return found
+
+        return await self._writer.call(job) if wanted else {}
+
+    async def kv_put(self, transport: str, items: Mapping[str, str], ttl: float) -> None:
+        """Set ``items`` in ``transport``'s table, each kept for ``ttl`` seconds; one commit."""
+        rows = [(transport, k, v, time.time() + ttl) for k, v in items.items()]
+
+        def job(txn: Txn) -> None:
+            txn.conn.executemany(
+                "INSERT INTO kv (transport, key, value, expires) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (transport, key) DO UPDATE SET value = excluded.value,"
+                " expires = excluded.expires",
+                rows,
+            )
+
+        if rows:
+            await self._writer.call(job)
+
+    async def kv_delete(self, transport: str, keys: Iterable[str]) -> None:
+        """Remove ``keys`` from ``transport``'s table (absent ones are fine)."""
+        rows = [(transport, k) for k in dict.fromkeys(keys)]
+
+        def job(txn: Txn) -> None:
+            txn.conn.executemany("DELETE FROM kv WHERE transport = ? AND key = ?", rows)
+
+        if rows:
+            await self._writer.call(job)
 
     async def learn_device(self, transport: str, device: str, service_id: str) -> bool:
         """Remember a device learned from its first message.

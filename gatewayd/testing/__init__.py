@@ -15,7 +15,8 @@ gateway built from a config you write. A transport author's end-to-end test::
 For unit tests without a gateway, :mod:`gatewayd.testing.contexts` has in-memory
 stand-ins for what the gateway hands a plugin: :class:`MemoryTransportContext` (an
 intake that records uplinks and reports, and can hold, slow down or refuse accept()),
-:class:`MemoryPluginContext` (a logger and the ``[credentials.NAME]`` backends) and
+:class:`MemoryKV` (its durable key/value table), :class:`MemoryPluginContext` (a
+logger and the ``[credentials.NAME]`` backends) and
 :class:`StaticCredentials` (a backend holding fixed TLS material).
 """
 
@@ -32,6 +33,7 @@ from gatewayd.harness import Pki
 from gatewayd.harness import running as running_gateway
 from gatewayd.sim.server import SimServer
 from gatewayd.testing.contexts import (
+    MemoryKV,
     MemoryPluginContext,
     MemoryTransportContext,
     StaticCredentials,
@@ -39,6 +41,7 @@ from gatewayd.testing.contexts import (
 )
 
 __all__ = [
+    "MemoryKV",
     "MemoryPluginContext",
     "MemoryTransportContext",
     "Pki",

@@ -43,8 +43,10 @@ from gatewayd.api import (
     TrustAnchors,
     Uplink,
 )
+from gatewayd.store.kv import MemoryKV
 
 __all__ = [
+    "MemoryKV",
     "MemoryPluginContext",
     "MemoryTransportContext",
     "StaticCredentials",
@@ -105,7 +107,9 @@ class MemoryTransportContext(MemoryPluginContext):
     :meth:`reject` input the transport refused in ``rejected``, :meth:`peer_dropped`
     adds to ``peer_drops``.
     ``device()`` looks names up among ``devices`` (``transport`` binds
-    ``transport=NAME`` to the log, as the gateway does).
+    ``transport=NAME`` to the log, as the gateway does). ``kv`` is a
+    :class:`~gatewayd.store.kv.MemoryKV` (pass ``kv=`` to share one between two
+    transport instances and play a restart).
 
     Knobs a test sets to shape :meth:`accept` (checked in this order):
 
@@ -127,8 +131,10 @@ class MemoryTransportContext(MemoryPluginContext):
         *,
         transport: str | None = None,
         backends: Mapping[str, CredentialBackend] | None = None,
+        kv: MemoryKV | None = None,
     ) -> None:
         super().__init__(backends)
+        self.kv = kv if kv is not None else MemoryKV()
         if transport is not None:
             self._bound["transport"] = transport
         self.devices: dict[str, Device] = {d.name: d for d in devices}

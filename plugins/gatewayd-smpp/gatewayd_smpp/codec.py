@@ -90,6 +90,13 @@ def segment(text: str, *, policy: str, ref: int) -> list[Part]:
     ]
 
 
+def encode_whole(text: str, coding: int) -> bytes:
+    """All of ``text`` in one octet string (for message_payload: the SMSC segments)."""
+    if coding == DC_GSM:
+        return gsm0338.encode(text) or b""
+    return text.encode("utf-16-be")
+
+
 def _utf16_units(text: str) -> list[bytes]:
     # One entry per character: a character outside the BMP is a 4-octet surrogate pair
     # and must stay in one part.
@@ -134,28 +141,77 @@ def concat_from_udh(udh: bytes) -> Concat | None:
     return None
 
 
-def decode_text(data_coding: int, octets: bytes) -> str | None:
-    """The text of a short message, or ``None`` for a coding that is not text (8-bit data)."""
-    coding = _alphabet(data_coding)
-    if coding == DC_GSM:
+class CodingError(ValueError):
+    """A data_coding we cannot turn into text; the message says why (for the log)."""
+
+
+# SMPP 3.4 section 5.2.19 gives the values 0x00..0x0F its own meanings; text ones map to
+# a Python codec. 0x02/0x04 are binary, 0x09 pictograms, 0x05/0x0D JIS variants: no text.
+_SMPP_TEXT = {
+    DC_GSM: "gsm",
+    DC_ASCII: "ascii",
+    DC_LATIN1: "latin-1",
+    0x06: "iso8859-5",  # Cyrillic
+    0x07: "iso8859-8",  # Latin/Hebrew
+    DC_UCS2: "ucs2",
+    0x0A: "iso2022-jp",  # music codes (ISO-2022-JP)
+    0x0E: "euc-kr",  # KS C 5601
+}
+
+
+def alphabet(data_coding: int) -> str:
+    """The text alphabet of ``data_coding`` (a Python codec name, ``gsm`` or ``ucs2``).
+
+    Raises :class:`CodingError` naming the reason for data that is not text, compressed
+    text (TS 23.038 compression is not implemented by any SMSC we know of) and
+    reserved values.
+    """
+    if data_coding < 0x10:
+        if data_coding in _SMPP_TEXT:
+            return _SMPP_TEXT[data_coding]
+        raise CodingError(f"data_coding 0x{data_coding:02x} is not text")
+    group = data_coding >> 4
+    if group <= 0x07:
+        # TS 23.038 groups 00xx (general) and 01xx (marked for automatic deletion):
+        # bit 5 = compressed, bits 3..2 = alphabet.
+        if data_coding & 0x20:
+            raise CodingError(f"data_coding 0x{data_coding:02x}: compressed text is not supported")
+        chosen = (data_coding >> 2) & 0x03
+        if chosen == 0:
+            return "gsm"
+        if chosen == 2:
+            return "ucs2"
+        kind = "8-bit data, not text" if chosen == 1 else "a reserved alphabet"
+        raise CodingError(f"data_coding 0x{data_coding:02x}: {kind}")
+    if group in (0x0C, 0x0D):
+        return "gsm"  # message waiting indication, discard / store: GSM default alphabet
+    if group == 0x0E:
+        return "ucs2"  # message waiting indication, store: UCS-2
+    if group == 0x0F:
+        if data_coding & 0x04:
+            raise CodingError(f"data_coding 0x{data_coding:02x}: 8-bit data, not text")
+        return "gsm"
+    raise CodingError(f"data_coding 0x{data_coding:02x} is reserved (TS 23.038)")
+
+
+def decode_text(data_coding: int, octets: bytes) -> str:
+    """The text of a short message; :class:`CodingError` for a coding that is not text."""
+    name = alphabet(data_coding)
+    if name == "gsm":
         return gsm0338.decode(octets)
-    if coding == DC_UCS2:
+    if name == "ucs2":
         # A lone surrogate split by a careless sender becomes U+FFFD, not an error.
         return octets.decode("utf-16-be", errors="replace")
-    if coding == DC_ASCII:
-        return octets.decode("ascii", errors="replace")
-    if coding == DC_LATIN1:
-        return octets.decode("latin-1")
-    return None
+    return octets.decode(name, errors="replace")
 
 
-def _alphabet(data_coding: int) -> int | None:
-    # TS 23.038 group 1111xxxx: bit 2 chooses GSM 7-bit (0) or 8-bit data (1).
-    if data_coding & 0xF0 == 0xF0:
-        return None if data_coding & 0x04 else DC_GSM
-    # Groups 00xx with message class: bits 3..2 give the alphabet.
-    if data_coding & 0xC0 == 0x00 and data_coding & 0x10:
-        return {0x00: DC_GSM, 0x08: DC_UCS2}.get(data_coding & 0x0C)
-    if data_coding in (DC_GSM, DC_ASCII, DC_LATIN1, DC_UCS2):
-        return data_coding
-    return None
+def decode_parts(parts: list[tuple[int, bytes]]) -> str:
+    """The text of parts given as (data_coding, octets), each decoded with its own coding.
+
+    Parts that share one alphabet are decoded together, so a UCS-2 surrogate pair that
+    a sender split across two parts still comes out whole.
+    """
+    names = {alphabet(dc) for dc, _ in parts}
+    if len(names) == 1:
+        return decode_text(parts[0][0], b"".join(octets for _, octets in parts))
+    return "".join(decode_text(dc, octets) for dc, octets in parts)

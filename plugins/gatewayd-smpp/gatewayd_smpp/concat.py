@@ -2,7 +2,8 @@
 
 Parts are keyed by (source, destination, reference, total, reference width) so two
 devices, or one device using both reference widths, never mix. A part that arrives
-twice (an SMSC resend) replaces the earlier copy; its older holder is released.
+twice (an SMSC resend) replaces the earlier copy; its older holder is returned to the
+caller, which still owes it a response. Each part keeps its own data_coding.
 """
 
 from __future__ import annotations
@@ -22,25 +23,32 @@ Key = tuple[str, str, int, int, bool]
 @dataclass(slots=True)
 class _Pending(Generic[H]):
     started: float
-    data_coding: int
-    parts: dict[int, tuple[bytes, H]] = field(default_factory=dict)
+    parts: dict[int, tuple[int, bytes, H]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Complete(Generic[H]):
-    """Every part is here: ``parts`` is (seq, text octets, holder) in order."""
+    """Every part is here: ``parts`` is (seq, data_coding, text octets, holder) in order."""
 
     key: Key
-    data_coding: int
-    parts: tuple[tuple[int, bytes, H], ...]
+    parts: tuple[tuple[int, int, bytes, H], ...]
+
+    @property
+    def data_coding(self) -> int:
+        return self.parts[0][1]
 
     @property
     def octets(self) -> bytes:
-        return b"".join(octets for _, octets, _ in self.parts)
+        return b"".join(octets for _, _, octets, _ in self.parts)
+
+    @property
+    def texts(self) -> list[tuple[int, bytes]]:
+        """(data_coding, octets) per part, for decoding each with its own coding."""
+        return [(dc, octets) for _, dc, octets, _ in self.parts]
 
     @property
     def holders(self) -> tuple[H, ...]:
-        return tuple(holder for _, _, holder in self.parts)
+        return tuple(holder for _, _, _, holder in self.parts)
 
 
 class Reassembler(Generic[H]):
@@ -68,17 +76,15 @@ class Reassembler(Generic[H]):
         key: Key = (source, dest, concat.ref, concat.total, concat.wide_ref)
         pending = self._pending.get(key)
         if pending is None:
-            pending = self._pending[key] = _Pending(self._clock(), data_coding)
+            pending = self._pending[key] = _Pending(self._clock())
         replaced = pending.parts.get(concat.seq)
-        pending.parts[concat.seq] = (octets, holder)
+        pending.parts[concat.seq] = (data_coding, octets, holder)
+        old = replaced[2] if replaced else None
         if len(pending.parts) < concat.total:
-            return None, replaced[1] if replaced else None
+            return None, old
         del self._pending[key]
         parts = tuple((seq, *pending.parts[seq]) for seq in sorted(pending.parts))
-        return (
-            Complete(key=key, data_coding=pending.data_coding, parts=parts),
-            replaced[1] if replaced else None,
-        )
+        return Complete(key=key, parts=parts), old
 
     def restore(self, complete: Complete[H]) -> None:
         """Put a refused message's parts back, with their age reset.
@@ -86,19 +92,19 @@ class Reassembler(Generic[H]):
         Used when earlier parts were already acknowledged on arrival: the SMSC resends
         only the refused part, which then replaces its copy and completes the message.
         """
-        pending = _Pending[H](self._clock(), complete.data_coding)
-        for seq, octets, holder in complete.parts:
-            pending.parts[seq] = (octets, holder)
+        pending = _Pending[H](self._clock())
+        for seq, data_coding, octets, holder in complete.parts:
+            pending.parts[seq] = (data_coding, octets, holder)
         self._pending[complete.key] = pending
 
     def expired(self) -> list[tuple[Key, list[H]]]:
         """Drop and return the messages whose first part is older than the timeout."""
         limit = self._clock() - self._timeout
         gone = [k for k, p in self._pending.items() if p.started <= limit]
-        return [(k, [h for _, h in self._pending.pop(k).parts.values()]) for k in gone]
+        return [(k, [h for _, _, h in self._pending.pop(k).parts.values()]) for k in gone]
 
     def clear(self) -> list[H]:
         """Drop everything (the session ended); return the holders to release."""
-        holders = [h for p in self._pending.values() for _, h in p.parts.values()]
+        holders = [h for p in self._pending.values() for _, _, h in p.parts.values()]
         self._pending.clear()
         return holders

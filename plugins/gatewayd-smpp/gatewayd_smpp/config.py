@@ -12,6 +12,9 @@ from gatewayd.api import Options, SecretRef, TransportSettings
 
 POLICIES = ("auto", "ucs2")
 PART_ACKS = ("after_store", "on_arrival")
+BIND_MODES = ("transceiver", "split")
+MT_FIELDS = ("short_message", "message_payload")
+ID_FORMATS = ("auto", "string", "decimal", "hex")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,6 +52,15 @@ class SmppConfig:
     part_timeout: float
     part_ack: str
     mo_dedup_window: float
+    binds: int
+    bind_mode: str
+    mt_field: str
+    max_rate: float
+    submit_id_format: str
+    receipt_id_format: str
+    tls: bool
+    tls_credentials: str | None
+    tls_server_name: str | None
 
     @classmethod
     def from_settings(cls, settings: TransportSettings) -> SmppConfig:
@@ -90,10 +102,23 @@ class SmppConfig:
             part_timeout=opts.get_float("part_timeout", 30.0, minimum=0.01),
             part_ack=opts.get_choice("part_ack", PART_ACKS, "after_store"),
             mo_dedup_window=opts.get_float("mo_dedup_window", 300.0, minimum=0.0),
+            binds=opts.get_int("binds", 1, minimum=1),
+            bind_mode=opts.get_choice("bind_mode", BIND_MODES, "transceiver"),
+            mt_field=opts.get_choice("mt_field", MT_FIELDS, "short_message"),
+            max_rate=opts.get_float("max_rate", 0.0, minimum=0.0),
+            submit_id_format=opts.get_choice("submit_id_format", ID_FORMATS, "auto"),
+            receipt_id_format=opts.get_choice("receipt_id_format", ID_FORMATS, "auto"),
+            tls=opts.get_bool("tls", False),
+            tls_credentials=opts.get_str("tls_credentials", None),
+            tls_server_name=opts.get_str("tls_server_name", None),
         )
         opts.check_unknown()
         if config.reconnect_max < config.reconnect_initial:
             raise opts.error("reconnect_max", "must be at least reconnect_initial")
+        if config.binds > 32:
+            raise opts.error("binds", f"must be at most 32, got {config.binds}")
+        if config.tls_credentials is not None and not config.tls:
+            raise opts.error("tls_credentials", "needs tls = true")
         for i, device in enumerate(settings.devices):
             dev = settings.device_options(i)
             if not _is_msisdn(device.name):
@@ -120,5 +145,5 @@ def _octet(opts: Options, name: str, default: int) -> int:
 
 
 def _is_msisdn(name: str) -> bool:
-    # Digits only: source_addr arrives with or without "+", and is normalised to digits.
-    return name.isascii() and name.isdigit() and len(name) <= 20
+    # Digits only, E.164 length: source_addr arrives with or without "+", normalised.
+    return name.isascii() and name.isdigit() and len(name) <= 15

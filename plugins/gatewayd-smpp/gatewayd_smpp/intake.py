@@ -8,6 +8,10 @@ A refusal maps to a status that tells the SMSC whether to retry:
 - device not mapped (UnknownDeviceError) -> ESME_RINVSRCADR: a retry cannot help;
 - not a valid message (InvalidMessageError, undecodable coding) -> ESME_RX_P_APPN;
 - anything unexpected (store I/O) -> ESME_RX_T_APPN: temporary, retry later.
+
+A source_addr that is not an MSISDN (digits, at most 15, an optional leading "+") is
+refused with ESME_RINVSRCADR before anything is learned: the gateway could never send
+an SMS back to it. MO arrives in deliver_sm or data_sm; both are answered.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 from gatewayd.api import (
     BacklogFullError,
@@ -34,6 +39,7 @@ from gatewayd_smpp.pdu import (
     ESM_TYPE_MASK,
     ESM_TYPE_RECEIPT,
     ESM_UDHI,
+    Command,
     Pdu,
     PduError,
     ShortMessage,
@@ -50,15 +56,32 @@ _REFUSAL_STATUS: dict[type[IntakeRefusedError], int] = {
 }
 
 
+MAX_MSISDN = 15  # digits of an E.164 number
+
+
+def valid_msisdn(addr: str) -> bool:
+    """An MSISDN as SMPP carries it: digits only (after an optional "+"), 1..15 of them."""
+    digits = addr.removeprefix("+")
+    return digits.isascii() and digits.isdigit() and len(digits) <= MAX_MSISDN
+
+
 @dataclass(slots=True)
 class Held:
-    """A deliver_sm whose response we still owe (one per part of a multi-part message)."""
+    """A deliver_sm whose response we still owe (one per part of a multi-part message).
+
+    ``copies`` are earlier copies of the same part that the SMSC resent before we
+    answered: they get the same answer, since every request gets a response.
+    """
 
     session: Session
     pdu: Pdu
     answered: bool = False
+    copies: list[Held] = field(default_factory=list)
 
     async def answer(self, status: int) -> None:
+        for copy in self.copies:
+            await copy.answer(status)
+        self.copies.clear()
         if not self.answered:
             self.answered = True
             await self.session.respond(self.pdu, status)
@@ -73,21 +96,26 @@ class Intake:
         context: TransportContext,
         book: receipts.ReceiptBook,
         log: Logger,
+        on_unclaimed: Callable[[receipts.Receipt], Awaitable[None]],
     ) -> None:
         self._config = config
         self._context = context
         self._book = book
         self._log = log
+        self._on_unclaimed = on_unclaimed
         self._parts: Reassembler[Held] = Reassembler(config.part_timeout)
 
     async def on_deliver(self, session: Session, pdu: Pdu) -> None:
         """The session's deliver_sm handler."""
         held = Held(session, pdu)
         try:
-            sm = ShortMessage.decode(pdu.body)
+            if pdu.command_id == Command.DATA_SM:
+                sm = ShortMessage.decode_data_sm(pdu.body)
+            else:
+                sm = ShortMessage.decode(pdu.body)
         except PduError as exc:
             self._log.warning("smpp.mo.refused", reason="malformed", error=str(exc))
-            await held.answer(Status.RSYSERR)
+            await held.answer(Status.RINVMSGLEN)
             return
         kind = sm.esm_class & ESM_TYPE_MASK
         if kind == ESM_TYPE_RECEIPT:
@@ -102,17 +130,32 @@ class Intake:
         if receipt is None:
             self._log.warning("smpp.receipt.unreadable", source=sm.source_addr)
         elif receipt.final and not self._book.resolve(receipt):
-            # Nobody waits for it yet: it overtook its submit's task (kept for it), or it
-            # is late (after receipt_timeout, or from before a restart) and stays unclaimed.
-            self._log.debug(
-                "smpp.receipt.held", smsc_message_id=receipt.message_id, stat=receipt.stat
-            )
+            # Nobody here waits for it: it overtook its submit's task, or it belongs to a
+            # message submitted before a restart. Either way it is written down (kept
+            # until receipt_timeout) before the SMSC hears we have it.
+            try:
+                await self._on_unclaimed(receipt)
+            except Exception as exc:
+                self._log.warning(
+                    "smpp.receipt.unmatched", smsc_message_id=receipt.message_id, error=repr(exc)
+                )
+                await held.answer(Status.RX_T_APPN)
+                return
         # A receipt is only information for us; acking it at once stops SMSC resends.
         await held.answer(Status.ROK)
 
     async def _mo(self, sm: ShortMessage, held: Held) -> None:
         udhi = bool(sm.esm_class & ESM_UDHI)
         raw = sm.short_message or sm.tlvs.get(Tag.MESSAGE_PAYLOAD, b"")
+        if not valid_msisdn(sm.source_addr):
+            self._log.warning(
+                "smpp.mo.refused",
+                reason="source_addr is not an MSISDN",
+                source=sm.source_addr.encode("latin-1").hex(),
+                status=status_name(Status.RINVSRCADR),
+            )
+            await held.answer(Status.RINVSRCADR)
+            return
         device = sm.source_addr.removeprefix("+")
         try:
             udh, octets = codec.split_udh(raw, udhi)
@@ -122,13 +165,14 @@ class Intake:
             return
         concat = codec.concat_from_udh(udh) or _sar(sm)
         if concat is None or concat.total <= 1:
-            await self._accept(sm, device, sm.data_coding, octets, (held,), concat_key="")
+            texts = [(sm.data_coding, octets)]
+            await self._accept(sm, device, sm.data_coding, texts, (held,), concat_key="")
             return
         if not 1 <= concat.seq <= concat.total:
             self._log.warning("smpp.mo.refused", device=device, reason="part number out of range")
             await held.answer(Status.RX_P_APPN)
             return
-        complete, _replaced = self._parts.add(
+        complete, replaced = self._parts.add(
             source=device,
             dest=sm.destination_addr,
             concat=concat,
@@ -136,7 +180,10 @@ class Intake:
             octets=octets,
             holder=held,
         )
-        # A replaced copy was resent by the SMSC, which gave up waiting for it: leave it.
+        if replaced is not None:
+            # The SMSC resent a part before we answered the first copy: that copy is
+            # answered with its successor (or already was, on arrival).
+            held.copies.append(replaced)
         if complete is None:
             if self._config.part_ack == "on_arrival":
                 await held.answer(Status.ROK)
@@ -145,7 +192,7 @@ class Intake:
             sm,
             device,
             complete.data_coding,
-            complete.octets,
+            complete.texts,
             complete.holders,
             concat_key=f"{concat.ref}/{concat.total}/{int(concat.wide_ref)}",
             parts=len(complete.parts),
@@ -160,18 +207,23 @@ class Intake:
         sm: ShortMessage,
         device: str,
         data_coding: int,
-        octets: bytes,
+        texts: list[tuple[int, bytes]],
         holders: tuple[Held, ...],
         *,
         concat_key: str,
         parts: int = 1,
     ) -> int:
-        msg_id = self._msg_id(device, sm.destination_addr, data_coding, concat_key, octets)
+        octets = b"".join(o for _, o in texts)
+        # One coding keeps the id it had before parts could differ (resends still match).
+        distinct = list(dict.fromkeys(str(dc) for dc, _ in texts))
+        codings = ",".join(distinct) if len(distinct) > 1 else str(data_coding)
+        msg_id = self._msg_id(device, sm.destination_addr, codings, concat_key, octets)
         log = self._log.bind(msg_id=msg_id, device=device, parts=parts)
-        text = codec.decode_text(data_coding, octets)
         status: int
-        if text is None:
-            log.warning("smpp.mo.refused", reason=f"data_coding 0x{data_coding:02x} is not text")
+        try:
+            text = codec.decode_parts(texts)
+        except codec.CodingError as exc:
+            log.warning("smpp.mo.refused", reason=str(exc), status=status_name(Status.RX_P_APPN))
             status = Status.RX_P_APPN
         else:
             status = await self._store(log, device, text, msg_id)
@@ -209,7 +261,7 @@ class Intake:
         return Status.ROK
 
     def _msg_id(
-        self, device: str, dest: str, data_coding: int, concat_key: str, octets: bytes
+        self, device: str, dest: str, data_coding: str, concat_key: str, octets: bytes
     ) -> str | None:
         """A stable id, so that an SMSC resend of a message we stored is stored once.
 
@@ -225,7 +277,7 @@ class Intake:
             return None
         slot = int(time.time() // window)
         digest = hashlib.sha256(
-            "\x1f".join((device, dest, str(data_coding), concat_key, str(slot))).encode()
+            "\x1f".join((device, dest, data_coding, concat_key, str(slot))).encode()
             + b"\x1f"
             + octets
         ).hexdigest()

@@ -1,9 +1,10 @@
 """SMPP 3.4 PDUs: the header, the bodies we send and read, and their TLVs.
 
-Only what an ESME bound as a transceiver needs: bind_transceiver(_resp),
-submit_sm(_resp), deliver_sm(_resp), enquire_link(_resp), unbind(_resp) and
-generic_nack. Octet strings stay ``bytes``; C-Octet Strings are ASCII (addresses,
-ids), which SMPP 3.4 section 3.1 requires.
+Only what an ESME needs: the three binds and their responses, submit_sm(_resp),
+deliver_sm(_resp), data_sm(_resp), enquire_link(_resp), unbind(_resp) and
+generic_nack. Octet strings stay ``bytes``; C-Octet Strings we write are ASCII
+(addresses, ids), which SMPP 3.4 section 3.1 requires; those we read are kept octet for
+octet (Latin-1), so a non-ASCII address can be refused rather than misread.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 HEADER = struct.Struct(">IIII")
 MAX_PDU = 65536  # far above any PDU we expect; a bigger length means a broken stream
@@ -21,8 +23,14 @@ class Command(IntEnum):
     """command_id values (SMPP 3.4 section 5.1.2.1)."""
 
     GENERIC_NACK = 0x80000000
+    BIND_RECEIVER = 0x00000001
+    BIND_RECEIVER_RESP = 0x80000001
+    BIND_TRANSMITTER = 0x00000002
+    BIND_TRANSMITTER_RESP = 0x80000002
     BIND_TRANSCEIVER = 0x00000009
     BIND_TRANSCEIVER_RESP = 0x80000009
+    DATA_SM = 0x00000103
+    DATA_SM_RESP = 0x80000103
     SUBMIT_SM = 0x00000004
     SUBMIT_SM_RESP = 0x80000004
     DELIVER_SM = 0x00000005
@@ -34,23 +42,85 @@ class Command(IntEnum):
 
 
 class Status(IntEnum):
-    """command_status values we produce or act on (SMPP 3.4 section 5.1.3)."""
+    """Every command_status of SMPP 3.4 section 5.1.3."""
 
     ROK = 0x00000000
     RINVMSGLEN = 0x00000001
     RINVCMDLEN = 0x00000002
     RINVCMDID = 0x00000003
+    RINVBNDSTS = 0x00000004
+    RALYBND = 0x00000005
+    RINVPRTFLG = 0x00000006
+    RINVREGDLVFLG = 0x00000007
     RSYSERR = 0x00000008
     RINVSRCADR = 0x0000000A
     RINVDSTADR = 0x0000000B
+    RINVMSGID = 0x0000000C
     RBINDFAIL = 0x0000000D
     RINVPASWD = 0x0000000E
     RINVSYSID = 0x0000000F
+    RCANCELFAIL = 0x00000011
+    RREPLACEFAIL = 0x00000013
     RMSGQFUL = 0x00000014
+    RINVSERTYP = 0x00000015
+    RINVNUMDESTS = 0x00000033
+    RINVDLNAME = 0x00000034
+    RINVDESTFLAG = 0x00000040
+    RINVSUBREP = 0x00000042
+    RINVESMCLASS = 0x00000043
+    RCNTSUBDL = 0x00000044
+    RSUBMITFAIL = 0x00000045
+    RINVSRCTON = 0x00000048
+    RINVSRCNPI = 0x00000049
+    RINVDSTTON = 0x00000050
+    RINVDSTNPI = 0x00000051
+    RINVSYSTYP = 0x00000053
+    RINVREPFLAG = 0x00000054
+    RINVNUMMSGS = 0x00000055
     RTHROTTLED = 0x00000058
+    RINVSCHED = 0x00000061
+    RINVEXPIRY = 0x00000062
+    RINVDFTMSGID = 0x00000063
     RX_T_APPN = 0x00000064
     RX_P_APPN = 0x00000065
     RX_R_APPN = 0x00000066
+    RQUERYFAIL = 0x00000067
+    RINVOPTPARSTREAM = 0x000000C0
+    ROPTPARNOTALLWD = 0x000000C1
+    RINVPARLEN = 0x000000C2
+    RMISSINGOPTPARAM = 0x000000C3
+    RINVOPTPARAMVAL = 0x000000C4
+    RDELIVERYFAILURE = 0x000000FE
+    RUNKNOWNERR = 0x000000FF
+
+
+class Retry(IntEnum):
+    """What an error status in a submit_sm_resp means for the message."""
+
+    PERMANENT = 0  # the SMSC will never take this message: dead-letter it
+    LATER = 1  # a transient failure: the core retries with its backoff
+    SLOW_DOWN = 2  # pause every submit, then retry here (throttle_backoff)
+    REBIND = 3  # the session is in a bad state: drop it, rebind, retry later
+
+
+# The one table of SMPP 3.4 statuses that are not permanent (docs/transports/smpp.md
+# repeats it). Everything else, including statuses SMPP 3.4 does not define, is
+# permanent: a retry of the same PDU meets the same refusal. As in Kannel, a system
+# error or a temporary application error is worth a retry; RINVBNDSTS says the SMSC
+# thinks we are not bound, so the session is replaced.
+RETRY: dict[int, Retry] = {
+    0x00000004: Retry.REBIND,  # ESME_RINVBNDSTS
+    0x00000008: Retry.LATER,  # ESME_RSYSERR
+    0x00000014: Retry.SLOW_DOWN,  # ESME_RMSGQFUL
+    0x00000058: Retry.SLOW_DOWN,  # ESME_RTHROTTLED
+    0x00000064: Retry.LATER,  # ESME_RX_T_APPN
+    0x000000FE: Retry.LATER,  # ESME_RDELIVERYFAILURE (SMPP 5.0, seen from 3.4 SMSCs)
+}
+
+
+def retry_of(status: int) -> Retry:
+    """How to treat a failed submit with this status (see :data:`RETRY`)."""
+    return RETRY.get(status, Retry.PERMANENT)
 
 
 class Tag(IntEnum):
@@ -62,6 +132,7 @@ class Tag(IntEnum):
     SAR_SEGMENT_SEQNUM = 0x020F
     MESSAGE_PAYLOAD = 0x0424
     MESSAGE_STATE = 0x0427
+    SC_INTERFACE_VERSION = 0x0210
 
 
 # esm_class bits (section 5.2.12): the message type lives in bits 5..2.
@@ -77,6 +148,32 @@ BIND_AUTH_FAILURES = frozenset({Status.RBINDFAIL, Status.RINVPASWD, Status.RINVS
 
 class PduError(Exception):
     """A PDU that cannot be parsed: the stream is broken or the peer is not SMPP."""
+
+
+class ResponseError(PduError):
+    """The answer to a request was a generic_nack, or a response to another command."""
+
+    def __init__(self, request: int, response: Pdu) -> None:
+        super().__init__(
+            f"{Pdu(request, 0, 0).command_name} answered by {response.command_name}"
+            f" ({status_name(response.status)})"
+        )
+        self.response = response
+        # A generic_nack with status 0 is still a refusal: never mistake it for success.
+        self.status = response.status or Status.RSYSERR
+
+
+def response_id(command_id: int) -> int:
+    return command_id | 0x80000000
+
+
+# The mandatory body of each response we send (SMPP 3.4 chapter 4): deliver_sm_resp and
+# data_sm_resp carry a message_id, "unused" and so a single NUL octet; a 16-octet PDU
+# without it makes strict SMSCs drop the session. The others have no body.
+RESPONSE_BODY: dict[int, bytes] = {
+    0x80000005: b"\x00",  # deliver_sm_resp
+    0x80000103: b"\x00",  # data_sm_resp
+}
 
 
 def status_name(status: int) -> str:
@@ -148,7 +245,9 @@ class Reader:
         end = self._body.find(b"\x00", self._at)
         if end < 0:
             raise PduError("C-Octet String without NUL")
-        value = self._body[self._at : end].decode("ascii", errors="replace")
+        # Latin-1 keeps every octet: a non-ASCII address is then refused by what reads
+        # it, instead of becoming U+FFFD and passing as something else.
+        value = self._body[self._at : end].decode("latin-1")
         self._at = end + 1
         return value
 
@@ -172,6 +271,8 @@ class Reader:
             tag, length = struct.unpack_from(">HH", self._body, self._at)
             self._at += 4
             found[tag] = self.octets(length)
+        if self._at != len(self._body):
+            raise PduError("trailing octets after the last TLV")
         return found
 
 
@@ -255,24 +356,15 @@ class ShortMessage:
 
     @classmethod
     def decode(cls, body: bytes) -> ShortMessage:
+        """A submit_sm or deliver_sm body."""
         r = Reader(body)
-        service_type = r.cstring()
-        source_ton, source_npi = r.u8(), r.u8()
-        source = r.cstring()
-        dest_ton, dest_npi = r.u8(), r.u8()
-        dest = r.cstring()
+        head = _addressing(r)
         esm_class, protocol_id, priority = r.u8(), r.u8(), r.u8()
         schedule, validity = r.cstring(), r.cstring()
         registered, replace, data_coding, default_id = r.u8(), r.u8(), r.u8(), r.u8()
         short_message = r.octets(r.u8())
         return cls(
-            service_type=service_type,
-            source_addr_ton=source_ton,
-            source_addr_npi=source_npi,
-            source_addr=source,
-            dest_addr_ton=dest_ton,
-            dest_addr_npi=dest_npi,
-            destination_addr=dest,
+            **head,
             esm_class=esm_class,
             protocol_id=protocol_id,
             priority_flag=priority,
@@ -286,6 +378,21 @@ class ShortMessage:
             tlvs=r.tlvs(),
         )
 
+    @classmethod
+    def decode_data_sm(cls, body: bytes) -> ShortMessage:
+        """A data_sm (SMPP 3.4 section 4.7.1): no short_message, the text is in
+        ``message_payload``; the fields it lacks keep their defaults."""
+        r = Reader(body)
+        head = _addressing(r)
+        esm_class, registered, data_coding = r.u8(), r.u8(), r.u8()
+        return cls(
+            **head,
+            esm_class=esm_class,
+            registered_delivery=registered,
+            data_coding=data_coding,
+            tlvs=r.tlvs(),
+        )
+
     def tlv_int(self, tag: int) -> int | None:
         value = self.tlvs.get(tag)
         return int.from_bytes(value, "big") if value else None
@@ -295,6 +402,22 @@ class ShortMessage:
         if value is None:
             return None
         return value.split(b"\x00", 1)[0].decode("ascii", errors="replace")
+
+
+def _addressing(r: Reader) -> dict[str, Any]:
+    """service_type and both addresses: the first fields of submit_sm, deliver_sm, data_sm."""
+    service_type = r.cstring()
+    source_ton, source_npi, source = r.u8(), r.u8(), r.cstring()
+    dest_ton, dest_npi, dest = r.u8(), r.u8(), r.cstring()
+    return {
+        "service_type": service_type,
+        "source_addr_ton": source_ton,
+        "source_addr_npi": source_npi,
+        "source_addr": source,
+        "dest_addr_ton": dest_ton,
+        "dest_addr_npi": dest_npi,
+        "destination_addr": dest,
+    }
 
 
 def message_id(body: bytes) -> str:

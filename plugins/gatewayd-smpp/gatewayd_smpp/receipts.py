@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+import string
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from gatewayd_smpp.pdu import ShortMessage, Tag
@@ -30,6 +32,33 @@ STATES = {
 _BY_WORD = {word: state for state, word in STATES.items()}
 # ENROUTE and ACCEPTD are not final: the message may still be delivered.
 NOT_FINAL = frozenset({1, 6})
+
+ID_FORMATS = ("auto", "string", "decimal", "hex")
+_HEX = frozenset(string.hexdigits)
+
+
+def id_keys(message_id: str, id_format: str) -> tuple[str, ...]:
+    """The keys an SMSC message id is matched under, most specific first.
+
+    SMSCs disagree with themselves: one answers submit_sm_resp with ``"1234"`` and
+    writes ``id:4d2`` (the same number in hex) or ``id:0000001234`` in the receipt.
+    So ids are compared as numbers when they read as numbers: ``"decimal"`` and
+    ``"hex"`` say how (Kannel's ``msg-id-type``), ``"string"`` compares them exactly
+    (case and leading zeros aside), and ``"auto"`` tries the string, then decimal,
+    then hex, so that a receipt in either base finds its submit.
+    """
+    text = message_id.strip()
+    keys = ["s:" + (text.lower().lstrip("0") or "0")]
+    if id_format == "string":
+        return (keys[0],)
+    if id_format in ("auto", "decimal") and text.isdigit() and text.isascii():
+        keys.append(f"n:{int(text, 10)}")
+    if id_format in ("auto", "hex") and text and set(text) <= _HEX:
+        keys.append(f"n:{int(text, 16)}")
+    if id_format != "auto":
+        return tuple(keys[1:]) or (keys[0],)
+    return tuple(dict.fromkeys(keys))
+
 
 _ID = re.compile(r"\bid:(\S+)", re.IGNORECASE)
 _STAT = re.compile(r"\bstat:(\w+)", re.IGNORECASE)
@@ -75,35 +104,66 @@ def parse(sm: ShortMessage) -> Receipt | None:
 
 
 class ReceiptBook:
-    """Futures for the receipts submits are waiting for, keyed by SMSC message id."""
+    """Futures for the receipts submits are waiting for, keyed by SMSC message id.
 
-    def __init__(self, keep: int = 10000) -> None:
+    ``submit_format`` and ``receipt_format`` say how the ids of each side are read
+    (:func:`id_keys`). A receipt nobody waits for is kept (the last ``keep`` of them)
+    for a submit whose task it overtook.
+    """
+
+    def __init__(
+        self, keep: int = 10000, *, submit_format: str = "auto", receipt_format: str = "auto"
+    ) -> None:
         self._waiting: dict[str, asyncio.Future[Receipt]] = {}
+        self._keys_of: dict[asyncio.Future[Receipt], tuple[str, ...]] = {}
         self._early: OrderedDict[str, Receipt] = OrderedDict()
         self._keep = keep
+        self.submit_format = submit_format
+        self.receipt_format = receipt_format
+
+    def submit_keys(self, message_id: str) -> tuple[str, ...]:
+        return id_keys(message_id, self.submit_format)
+
+    def receipt_keys(self, message_id: str) -> tuple[str, ...]:
+        return id_keys(message_id, self.receipt_format)
 
     def expect(self, message_id: str) -> asyncio.Future[Receipt]:
         future: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
-        early = self._early.pop(message_id, None)
-        if early is not None:
-            future.set_result(early)
-        else:
-            self._waiting[message_id] = future
+        keys = self.submit_keys(message_id)
+        for key in keys:
+            early = self._early.pop(key, None)
+            if early is not None:
+                future.set_result(early)
+                return future
+        for key in keys:
+            self._waiting.setdefault(key, future)
+        self._keys_of[future] = keys
         return future
 
     def resolve(self, receipt: Receipt) -> bool:
         """Hand a final receipt to its waiter; ``False`` when nobody waits (kept a while)."""
-        future = self._waiting.pop(receipt.message_id, None)
-        if future is not None and not future.done():
-            future.set_result(receipt)
-            return True
-        self._early[receipt.message_id] = receipt
+        keys = self.receipt_keys(receipt.message_id)
+        for key in keys:
+            future = self._waiting.get(key)
+            if future is not None and not future.done():
+                future.set_result(receipt)
+                self._drop(future)
+                return True
+        for key in keys:
+            self._early[key] = receipt
         while len(self._early) > self._keep:
             self._early.popitem(last=False)
         return False
 
-    def forget(self, message_ids: list[str]) -> None:
+    def _drop(self, future: asyncio.Future[Receipt]) -> None:
+        for key in self._keys_of.pop(future, ()):
+            if self._waiting.get(key) is future:
+                del self._waiting[key]
+
+    def forget(self, message_ids: Iterable[str]) -> None:
         for message_id in message_ids:
-            future = self._waiting.pop(message_id, None)
-            if future is not None:
-                future.cancel()
+            for key in self.submit_keys(message_id):
+                future = self._waiting.pop(key, None)
+                if future is not None:
+                    future.cancel()
+                    self._drop(future)

@@ -10,11 +10,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from gatewayd.api import Logger
-from gatewayd_smpp.pdu import HEADER, Command, Pdu, PduError, Status, parse_header
+from gatewayd_smpp.pdu import (
+    HEADER,
+    RESPONSE_BODY,
+    Command,
+    Pdu,
+    PduError,
+    ResponseError,
+    Status,
+    parse_header,
+    response_id,
+)
 
 DeliverHandler = Callable[["Session", Pdu], Coroutine[Any, Any, None]]
 
@@ -49,6 +60,8 @@ class Session:
         self.closed = asyncio.Event()
         self.close_reason = ""
         self.unbound_by_peer = False
+        # When the SMSC last sent anything: enquire_link is only for a quiet link.
+        self.last_heard = time.monotonic()
 
     def start(self) -> None:
         self._reader_task = asyncio.create_task(self._read_loop(), name=f"{self._name}:reader")
@@ -67,21 +80,41 @@ class Session:
                 raise SessionClosedError(self.close_reason) from None
 
     async def request(self, command: Command, body: bytes, *, timeout: float) -> Pdu:
-        """Send a request and return its response (any status); raise on timeout/close."""
+        """Send a request and return its response (any status); raise on timeout/close.
+
+        The response must be this command's own: a generic_nack, or a response to some
+        other command that happens to carry our sequence number, raises
+        :class:`ResponseError` (matching by sequence number alone once took a nack
+        with status 0 for a successful bind).
+        """
         sequence = next(self._sequence)
         future: asyncio.Future[Pdu] = asyncio.get_running_loop().create_future()
         self._waiting[sequence] = future
         try:
             await self._write(Pdu(command, Status.ROK, sequence, body))
             async with asyncio.timeout(timeout):
-                return await future
+                response = await future
         finally:
             self._waiting.pop(sequence, None)
+        if response.command_id != response_id(command):
+            raise ResponseError(command, response)
+        return response
 
-    async def respond(self, request: Pdu, status: int, body: bytes = b"") -> bool:
-        """Answer a peer's request; ``False`` when the session is already gone."""
+    async def respond(self, request: Pdu, status: int, body: bytes | None = None) -> bool:
+        """Answer a peer's request; ``False`` when the session is already gone.
+
+        Without ``body``, the response carries the mandatory fields of its kind
+        (:data:`RESPONSE_BODY`).
+        """
+        command = response_id(request.command_id)
+        if body is None:
+            body = RESPONSE_BODY.get(command, b"")
+        return await self._send(Pdu(command, status, request.sequence, body))
+
+    async def _send(self, pdu: Pdu) -> bool:
+        # A response racing the session's end has nobody left to read it: not an error.
         try:
-            await self._write(Pdu(request.command_id | 0x80000000, status, request.sequence, body))
+            await self._write(pdu)
         except SessionClosedError:
             return False
         return True
@@ -94,6 +127,7 @@ class Session:
                 head = await self._reader.readexactly(HEADER.size)
                 length, command_id, status, sequence = parse_header(head)
                 body = await self._reader.readexactly(length - HEADER.size)
+                self.last_heard = time.monotonic()
                 self._dispatch(Pdu(command_id, status, sequence, body))
                 if self.closed.is_set():
                     return
@@ -113,7 +147,7 @@ class Session:
             elif pdu.command_id == Command.GENERIC_NACK:
                 self._log.warning("smpp.generic_nack", sequence=pdu.sequence, status=pdu.status)
             return
-        if pdu.command_id == Command.DELIVER_SM:
+        if pdu.command_id in (Command.DELIVER_SM, Command.DATA_SM):
             task = asyncio.create_task(
                 self._on_deliver(self, pdu), name=f"{self._name}:deliver_sm:{pdu.sequence}"
             )
@@ -128,9 +162,12 @@ class Session:
         else:
             self._log.warning("smpp.pdu.unexpected", command=pdu.command_name)
             nack = Pdu(Command.GENERIC_NACK, Status.RINVCMDID, pdu.sequence)
-            task = asyncio.create_task(self._write(nack), name=f"{self._name}:nack")
+            task = asyncio.create_task(self._send_nack(nack), name=f"{self._name}:nack")
             self._handlers.add(task)
             task.add_done_callback(self._handler_done)
+
+    async def _send_nack(self, nack: Pdu) -> None:
+        await self._send(nack)
 
     def _spawn_respond(self, pdu: Pdu, status: int, *, then_close: str = "") -> None:
         async def answer() -> None:
@@ -168,7 +205,8 @@ class Session:
 
     async def unbind(self, timeout: float) -> None:
         """Ask the SMSC to end the session and wait briefly for its unbind_resp."""
-        with contextlib.suppress(SessionClosedError, TimeoutError):
+        # A generic_nack or a wrong response (PduError) ends it just the same.
+        with contextlib.suppress(SessionClosedError, TimeoutError, PduError):
             await self.request(Command.UNBIND, b"", timeout=timeout)
 
     async def aclose(self, reason: str) -> None:

@@ -1,18 +1,25 @@
-"""The ``smpp`` transport: an ESME bound as transceiver to one SMSC (the L3G role).
+"""The ``smpp`` transport: an ESME bound to one SMSC (the L3G role).
 
-Tasks, all owned here and named ``smpp:NAME:...``: the connection loop (connect, bind,
-keepalive, reconnect with jittered exponential backoff) and the sweeper that answers
-the parts of MO messages that never completed. Each session owns its reader and its
-deliver_sm handlers (:mod:`gatewayd_smpp.session`).
+Tasks, all owned here and named ``smpp:NAME:...``: one connect loop per bind
+(:mod:`gatewayd_smpp.links`) and the sweeper that answers the parts of MO messages
+that never completed. Each session owns its reader and its deliver_sm handlers
+(:mod:`gatewayd_smpp.session`).
+
+MT submits are written down in the transport's durable key/value table
+(``context.kv``): which SMSC message ids each downlink got, per part. A retry of the
+same downlink after a restart submits only the parts that never got an id, and waits
+for the receipts of the others; a receipt that arrives while nobody waits is stored
+under its id until its message asks for it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import random
+import json
+import ssl
 import time
+from dataclasses import dataclass
 
 from gatewayd.api import (
     DeliveryOutcome,
@@ -23,193 +30,166 @@ from gatewayd.api import (
     TransportContext,
     TransportSettings,
     UplinkReport,
+    client_context,
 )
 from gatewayd_smpp import codec, receipts
 from gatewayd_smpp.config import SmppConfig
 from gatewayd_smpp.intake import Intake
+from gatewayd_smpp.links import BindRefusedError, Link
 from gatewayd_smpp.pdu import (
-    BIND_AUTH_FAILURES,
     ESM_UDHI,
-    Bind,
     Command,
-    PduError,
+    ResponseError,
+    Retry,
     ShortMessage,
     Status,
+    Tag,
     message_id,
+    retry_of,
     status_name,
-    system_id,
 )
-from gatewayd_smpp.session import Session, SessionClosedError
+from gatewayd_smpp.session import SessionClosedError
 
-_RETRY_LATER = frozenset({Status.RTHROTTLED, Status.RMSGQFUL})
+__all__ = ["BindRefusedError", "SmppTransport"]
+
 _DRAIN = 5.0  # seconds stop() lets MO handlers finish before unbinding
-
-
-class BindRefusedError(GatewaydError):
-    """The SMSC answered bind_transceiver with an error status."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(f"bind refused: {status_name(status)}")
-        self.status = status
+_KEEP_AFTER = 86400.0  # how long submit records outlive receipt_timeout (for restarts)
 
 
 class _Failed(Exception):
     """A control-flow signal inside deliver(): stop and return ``outcome``."""
 
-    def __init__(self, outcome: DeliveryOutcome) -> None:
+    def __init__(self, outcome: DeliveryOutcome, *, forget: bool = False) -> None:
         self.outcome = outcome
+        self.forget = forget or outcome.permanent  # drop the submit record: resend next time
+
+
+@dataclass(slots=True)
+class _Record:
+    """What the durable table says of one downlink: its parts' SMSC ids so far."""
+
+    ref: int
+    parts: int
+    ids: dict[int, str]
+    at: float  # time.time() of the first submit
+
+    def dump(self) -> str:
+        return json.dumps(
+            {"ref": self.ref, "parts": self.parts, "ids": self.ids, "at": self.at},
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def load(cls, raw: str) -> _Record:
+        data = json.loads(raw)
+        return cls(
+            ref=int(data["ref"]),
+            parts=int(data["parts"]),
+            ids={int(k): str(v) for k, v in data["ids"].items()},
+            at=float(data["at"]),
+        )
 
 
 class SmppTransport(Transport):
-    """SMS devices behind an SMSC: MO via deliver_sm, MT via submit_sm, receipts."""
+    """SMS devices behind an SMSC: MO via deliver_sm/data_sm, MT via submit_sm, receipts."""
 
     def __init__(self, settings: TransportSettings, context: TransportContext) -> None:
         super().__init__(settings, context)
-        self.config = SmppConfig.from_settings(settings)
-        self._log: Logger = context.log.bind(smsc=f"{self.config.host}:{self.config.port}")
-        self._book = receipts.ReceiptBook()
-        self._intake = Intake(self.config, context, self._book, self._log)
-        self._session: Session | None = None
-        self._bound = asyncio.Event()
-        self._stopping = False
-        self._stopped = asyncio.Event()
+        self.config = cfg = SmppConfig.from_settings(settings)
+        self._log: Logger = context.log.bind(smsc=f"{cfg.host}:{cfg.port}")
+        self._book = receipts.ReceiptBook(
+            submit_format=cfg.submit_id_format, receipt_format=cfg.receipt_id_format
+        )
+        self._intake = Intake(cfg, context, self._book, self._log, self._unclaimed)
         self._password = ""
-        self._window = asyncio.Semaphore(self.config.window)
+        self._tls: ssl.SSLContext | None = None
         self._resume_at = 0.0  # monotonic time before which no submit_sm goes out
+        self._next_slot = 0.0  # max_rate pacing: monotonic time of the next free slot
         self._refs = itertools.cycle(range(256))
         self._tasks: list[asyncio.Task[None]] = []
-        # Jitter only spreads reconnects over time; it protects nothing.
-        self._jitter = random.Random()  # noqa: S311
-        self.binds = 0  # successful binds, for operators' metrics and tests
+        self._stopped = asyncio.Event()
+        self.links = self._make_links()
+
+    def _make_links(self) -> list[Link]:
+        cfg = self.config
+        if cfg.bind_mode == "split":
+            commands = [Command.BIND_TRANSMITTER] * cfg.binds + [Command.BIND_RECEIVER]
+        else:
+            commands = [Command.BIND_TRANSCEIVER] * cfg.binds
+        return [
+            Link(
+                config=cfg,
+                command=command,
+                name=f"smpp:{self.name}" + (f":{i}" if len(commands) > 1 else ""),
+                log=self._log,
+                on_deliver=self._intake.on_deliver,
+                password=lambda: self._password,
+                tls=self._current_tls,
+            )
+            for i, command in enumerate(commands)
+        ]
 
     @property
     def bound(self) -> asyncio.Event:
-        """Set while a session is bound."""
-        return self._bound
+        """Set while the first bind is bound."""
+        return self.links[0].bound
+
+    @property
+    def binds(self) -> int:
+        """Successful binds so far, over all links (for operators' metrics and tests)."""
+        return sum(link.binds for link in self.links)
 
     # --- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Read the password (a bad reference stops the start), then connect in the
-        background: an SMSC that is down is retried, not fatal."""
-        self._password = self.config.password.read_text()
+        """Read the password and the TLS material (a bad reference stops the start), then
+        connect in the background: an SMSC that is down is retried, not fatal."""
+        cfg = self.config
+        self._password = cfg.password.read_text()
         if len(self._password) > 8:
             raise GatewaydError(
                 f"transports.{self.name}.password: SMPP 3.4 allows at most 8 characters"
             )
+        if cfg.tls:
+            self._tls = self._tls_context()
         self._tasks = [
-            asyncio.create_task(self._connect_loop(), name=f"smpp:{self.name}:connect"),
-            asyncio.create_task(self._sweep_parts(), name=f"smpp:{self.name}:parts"),
+            asyncio.create_task(link.run(), name=f"{link.name}:connect") for link in self.links
         ]
+        self._tasks.append(asyncio.create_task(self._sweep_parts(), name=f"smpp:{self.name}:parts"))
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """The core's TLS profile; with ``tls_credentials``, that backend's client
+        certificate and trust anchors, else the system's trust store and no certificate."""
+        name = self.config.tls_credentials
+        if name is None:
+            return client_context(None)
+        backend = self.context.credentials(name)
+        return client_context(backend.trust_anchors(), backend.tls_identity())
+
+    def _current_tls(self) -> ssl.SSLContext | None:
+        """The context for a new connection, rebuilt each time so that rotated
+        credentials apply to the next bind; the last good one if the backend fails."""
+        if not self.config.tls:
+            return None
+        try:
+            self._tls = self._tls_context()
+        except Exception as exc:
+            self._log.warning("smpp.tls.unchanged", error=repr(exc))
+        return self._tls
 
     async def run(self) -> None:
         """Intake runs in the session tasks; this just lasts as long as the transport."""
         await self._stopped.wait()
 
     async def stop(self) -> None:
-        """Let MO handlers finish, unbind cleanly, close, and end the owned tasks."""
-        self._stopping = True
-        session = self._session
-        if session is not None:
-            await session.drain(_DRAIN)
-            await session.unbind(self.config.response_timeout)
-            await session.aclose("transport stopped")
+        """Let MO handlers finish, unbind every link cleanly, close, end the owned tasks."""
+        for link in self.links:
+            link.stopping = True
+        await asyncio.gather(*(link.stop(_DRAIN) for link in self.links))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._stopped.set()
-
-    # --- connection -----------------------------------------------------------------
-
-    async def _connect_loop(self) -> None:
-        delay = self.config.reconnect_initial
-        while not self._stopping:
-            try:
-                session = await self._connect()
-            except BindRefusedError as exc:
-                auth = exc.status in BIND_AUTH_FAILURES
-                # Wrong credentials will not fix themselves: wait the longest backoff.
-                wait = self.config.reconnect_max if auth else self._backoff(delay)
-                self._log.error(
-                    "smpp.bind.refused",
-                    status=status_name(exc.status),
-                    credentials=auth,
-                    retry_in=round(wait, 2),
-                )
-            except (OSError, TimeoutError, SessionClosedError, PduError) as exc:
-                wait = self._backoff(delay)
-                self._log.warning("smpp.connect.failed", error=repr(exc), retry_in=round(wait, 2))
-            else:
-                delay = self.config.reconnect_initial
-                await self._serve(session)
-                wait = self._backoff(delay)
-            if self._stopping:
-                return
-            await asyncio.sleep(wait)
-            delay = min(delay * 2, self.config.reconnect_max)
-
-    def _backoff(self, delay: float) -> float:
-        return delay * self._jitter.uniform(0.5, 1.0)
-
-    async def _connect(self) -> Session:
-        cfg = self.config
-        async with asyncio.timeout(cfg.connect_timeout):
-            reader, writer = await asyncio.open_connection(cfg.host, cfg.port)
-        session = Session(
-            reader,
-            writer,
-            on_deliver=self._intake.on_deliver,
-            log=self._log,
-            name=f"smpp:{self.name}",
-        )
-        session.start()
-        bind = Bind(
-            system_id=cfg.system_id,
-            password=self._password,
-            system_type=cfg.system_type,
-            addr_ton=cfg.source.ton,
-            addr_npi=cfg.source.npi,
-        )
-        try:
-            resp = await session.request(
-                Command.BIND_TRANSCEIVER, bind.encode(), timeout=cfg.response_timeout
-            )
-        except BaseException:
-            await session.aclose("bind failed")
-            raise
-        if resp.status != Status.ROK:
-            await session.aclose("bind refused")
-            raise BindRefusedError(resp.status)
-        self._log.info("smpp.bound", system_id=cfg.system_id, smsc_system_id=system_id(resp.body))
-        return session
-
-    async def _serve(self, session: Session) -> None:
-        """Keep a bound session alive with enquire_link until it ends."""
-        self._session = session
-        self.binds += 1
-        self._bound.set()
-        try:
-            while not session.closed.is_set():
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.config.enquire_link):
-                        await session.closed.wait()
-                    break
-                try:
-                    await session.request(
-                        Command.ENQUIRE_LINK, b"", timeout=self.config.response_timeout
-                    )
-                except (TimeoutError, SessionClosedError):
-                    await session.aclose("enquire_link unanswered")
-        finally:
-            self._bound.clear()
-            self._session = None
-            if not self._stopping:
-                await session.aclose(session.close_reason or "session ended")
-            self._log.info(
-                "smpp.unbound",
-                reason=session.close_reason,
-                by_smsc=session.unbound_by_peer,
-            )
 
     async def _sweep_parts(self) -> None:
         interval = min(1.0, self.config.part_timeout / 2)
@@ -220,19 +200,35 @@ class SmppTransport(Transport):
     # --- MT -------------------------------------------------------------------------
 
     async def deliver(self, message: Downlink) -> DeliveryOutcome:
-        """submit_sm every part; with receipts, wait until each part's receipt is final."""
+        """submit_sm every part not submitted yet; with receipts, wait for each part's."""
         log = self._log.bind(msg_id=message.msg_id, device=message.device.name)
+        key = f"mt:{message.msg_id}"
+        stored = await self.context.kv.get(key)
+        record = _Record.load(stored) if stored else None
+        ref = record.ref if record else next(self._refs)
         try:
-            parts = codec.segment(
-                message.payload or "", policy=self.config.data_coding, ref=next(self._refs)
-            )
+            parts = self._parts(message.payload or "", ref)
         except codec.EncodingError as exc:
             log.warning("smpp.submit.failed", cause=str(exc), permanent=True)
             return DeliveryOutcome.failure(str(exc), permanent=True)
-        ids: list[str] = []
+        if record is None or record.parts != len(parts):
+            record = _Record(ref=ref, parts=len(parts), ids={}, at=time.time())
+        elif record.ids:
+            log.info("smpp.submit.resumed", smsc_message_ids=list(record.ids.values()))
+        futures: dict[int, asyncio.Future[receipts.Receipt]] = {}
         try:
-            for part in parts:
-                ids.append(await self._submit(log, message.device.name, part))
+            for seq, part in enumerate(parts):
+                if seq not in record.ids:
+                    smsc_id = await self._submit(log, message.device.name, part)
+                    record.ids[seq] = smsc_id
+                    if self.config.receipts:
+                        # Registered before any await: a receipt read right after the
+                        # submit_sm_resp finds its waiter.
+                        futures[seq] = self._book.expect(smsc_id)
+                    await self._remember(key, message.msg_id, record)
+                elif self.config.receipts:
+                    futures[seq] = await self._expect_stored(record.ids[seq])
+            ids = [record.ids[i] for i in range(len(parts))]
             log.info(
                 "smpp.submitted",
                 parts=len(parts),
@@ -240,20 +236,101 @@ class SmppTransport(Transport):
                 smsc_message_ids=ids,
             )
             if not self.config.receipts:
+                await self._forget(key, record)
                 return DeliveryOutcome.success()
-            return await self._await_receipts(log, ids)
+            outcome = await self._await_receipts(log, record, list(futures.values()))
+            await self._forget(key, record)
+            return outcome
         except _Failed as failed:
+            self._book.forget(record.ids[i] for i in futures)
             outcome = failed.outcome
             log.warning(
                 "smpp.submit.failed",
                 cause=outcome.cause,
                 permanent=outcome.permanent,
-                parts_sent=len(ids),
+                parts_sent=len(record.ids),
             )
+            if failed.forget:
+                await self._forget(key, record)
             return outcome
 
-    async def _submit(self, log: Logger, device: str, part: codec.Part) -> str:
+    def _parts(self, text: str, ref: int) -> list[codec.Part]:
+        if self.config.mt_field == "message_payload":
+            # The SMSC segments: the whole text goes in one submit_sm's message_payload.
+            coding = codec.choose_coding(text, self.config.data_coding)
+            raw = codec.encode_whole(text, coding)
+            return [codec.Part(data_coding=coding, short_message=raw, udhi=False)]
+        return codec.segment(text, policy=self.config.data_coding, ref=ref)
+
+    async def _remember(self, key: str, msg_id: str, record: _Record) -> None:
+        ttl = self.config.receipt_timeout + _KEEP_AFTER
+        items = {key: record.dump()}
+        for smsc_id in record.ids.values():
+            for k in self._book.submit_keys(smsc_id):
+                items[f"id:{k}"] = msg_id
+        await self.context.kv.put_many(items, ttl=ttl)
+
+    async def _forget(self, key: str, record: _Record) -> None:
+        keys = [key]
+        for smsc_id in record.ids.values():
+            for k in self._book.submit_keys(smsc_id):
+                keys += [f"id:{k}", f"receipt:{k}"]
+        await self.context.kv.delete(keys)
+
+    async def _expect_stored(self, smsc_id: str) -> asyncio.Future[receipts.Receipt]:
+        """A waiter for a part submitted before; resolved at once from a stored receipt."""
+        future = self._book.expect(smsc_id)
+        if not future.done():
+            keys = [f"receipt:{k}" for k in self._book.submit_keys(smsc_id)]
+            found = await self.context.kv.get_many(keys)
+            for k in keys:
+                if k in found and not future.done():
+                    data = json.loads(found[k])
+                    self._book.forget([smsc_id])
+                    future = asyncio.get_running_loop().create_future()
+                    future.set_result(
+                        receipts.Receipt(
+                            message_id=smsc_id, state=int(data["state"]), error=data.get("err")
+                        )
+                    )
+        return future
+
+    async def _unclaimed(self, receipt: receipts.Receipt) -> None:
+        """A final receipt nobody waits for: keep it durably for the message it names.
+
+        Called before the receipt is acknowledged to the SMSC. A receipt that names no
+        message we submitted (its id unknown under every reading) is a warning.
+        """
+        keys = self._book.receipt_keys(receipt.message_id)
+        known = await self.context.kv.get_many(f"id:{k}" for k in keys)
+        if not known:
+            self._log.warning(
+                "smpp.receipt.unmatched", smsc_message_id=receipt.message_id, stat=receipt.stat
+            )
+            return
+        value = json.dumps({"state": receipt.state, "err": receipt.error})
+        ttl = self.config.receipt_timeout + _KEEP_AFTER
+        await self.context.kv.put_many({f"receipt:{k}": value for k in keys}, ttl=ttl)
+        msg_id = next(iter(known.values()))
+        self._log.info(
+            "smpp.receipt.held",
+            msg_id=msg_id,
+            smsc_message_id=receipt.message_id,
+            stat=receipt.stat,
+        )
+
+    def _pick(self) -> Link | None:
+        """The bound sending link with the fewest submits in flight."""
+        ready = [link for link in self.links if link.sends and link.session is not None]
+        return min(ready, key=lambda link: link.inflight, default=None)
+
+    def _submit_body(self, device: str, part: codec.Part) -> bytes:
         cfg = self.config
+        tlvs: dict[int, bytes] = {}
+        short = part.short_message
+        if cfg.mt_field == "message_payload":
+            tlvs[Tag.MESSAGE_PAYLOAD] = short
+            short = b""
         sm = ShortMessage(
             source_addr_ton=cfg.source.ton,
             source_addr_npi=cfg.source.npi,
@@ -264,28 +341,61 @@ class SmppTransport(Transport):
             esm_class=ESM_UDHI if part.udhi else 0,
             registered_delivery=1 if cfg.receipts else 0,
             data_coding=part.data_coding,
-            short_message=part.short_message,
+            short_message=short,
+            tlvs=tlvs,
         )
-        body = sm.encode()
-        for attempt in range(cfg.throttle_retries + 1):
-            async with self._window:
+        try:
+            return sm.encode()
+        except ValueError as exc:
+            # An address SMPP cannot carry: no retry will change it.
+            outcome = DeliveryOutcome.failure(f"cannot encode: {exc}", permanent=True)
+            raise _Failed(outcome) from None
+
+    async def _submit_once(self, link: Link, body: bytes) -> tuple[int, str]:
+        """One submit_sm through ``link``: (status, SMSC message id or the cause)."""
+        link.inflight += 1
+        try:
+            async with link.window:
                 await self._pace()
-                session = self._session
+                session = link.session
                 if session is None:
                     raise _Failed(DeliveryOutcome.failure("SMSC not bound"))
-                try:
-                    resp = await session.request(
-                        Command.SUBMIT_SM, body, timeout=cfg.response_timeout
-                    )
-                except TimeoutError:
-                    raise _Failed(DeliveryOutcome.failure("no submit_sm_resp in time")) from None
-                except SessionClosedError as exc:
-                    raise _Failed(DeliveryOutcome.failure(f"SMSC session lost: {exc}")) from None
-            if resp.status == Status.ROK:
-                return message_id(resp.body)
-            cause = status_name(resp.status)
-            if resp.status not in _RETRY_LATER:
+                resp = await session.request(
+                    Command.SUBMIT_SM, body, timeout=self.config.response_timeout
+                )
+        except TimeoutError:
+            raise _Failed(DeliveryOutcome.failure("no submit_sm_resp in time")) from None
+        except SessionClosedError as exc:
+            raise _Failed(DeliveryOutcome.failure(f"SMSC session lost: {exc}")) from None
+        except ResponseError as exc:
+            return exc.status, str(exc)
+        finally:
+            link.inflight -= 1
+        if resp.status == Status.ROK:
+            return Status.ROK, message_id(resp.body)
+        return resp.status, status_name(resp.status)
+
+    async def _submit(self, log: Logger, device: str, part: codec.Part) -> str:
+        """Submit one part; its SMSC message id, or :class:`_Failed` per :data:`pdu.RETRY`."""
+        cfg = self.config
+        body = self._submit_body(device, part)
+        cause = "no attempt"
+        for attempt in range(cfg.throttle_retries + 1):
+            link = self._pick()
+            if link is None:
+                raise _Failed(DeliveryOutcome.failure("SMSC not bound"))
+            status, cause = await self._submit_once(link, body)
+            if status == Status.ROK:
+                return cause
+            kind = retry_of(status)
+            if kind == Retry.PERMANENT:
                 raise _Failed(DeliveryOutcome.failure(cause, permanent=True))
+            if kind == Retry.LATER:
+                raise _Failed(DeliveryOutcome.failure(cause))
+            if kind == Retry.REBIND:
+                log.warning("smpp.rebind", status=cause)
+                await link.rebind(f"SMSC answered {cause}")
+                raise _Failed(DeliveryOutcome.failure(cause))
             # The SMSC asks us to slow down: pause every submit, not just this one.
             pause = cfg.throttle_backoff * (2**attempt)
             self._resume_at = max(self._resume_at, time.monotonic() + pause)
@@ -293,19 +403,31 @@ class SmppTransport(Transport):
         raise _Failed(DeliveryOutcome.failure(cause))
 
     async def _pace(self) -> None:
-        wait = self._resume_at - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
+        """Wait out a throttle pause, then take a slot of ``max_rate`` (if set)."""
+        now = time.monotonic()
+        start = max(now, self._resume_at)
+        if self.config.max_rate > 0:
+            start = max(start, self._next_slot)
+            self._next_slot = start + 1.0 / self.config.max_rate
+        if start > now:
+            await asyncio.sleep(start - now)
 
-    async def _await_receipts(self, log: Logger, ids: list[str]) -> DeliveryOutcome:
-        futures = [self._book.expect(i) for i in ids]
+    async def _await_receipts(
+        self, log: Logger, record: _Record, futures: list[asyncio.Future[receipts.Receipt]]
+    ) -> DeliveryOutcome:
+        ids = [record.ids[i] for i in range(record.parts)]
+        left = self.config.receipt_timeout - (time.time() - record.at)
         try:
-            async with asyncio.timeout(self.config.receipt_timeout):
-                got = await asyncio.gather(*futures)
+            if all(f.done() for f in futures):
+                # Receipts stored while the gateway was down count, however late it is.
+                got = [f.result() for f in futures]
+            else:
+                async with asyncio.timeout(max(left, 0.0)):
+                    got = await asyncio.gather(*futures)
         except TimeoutError:
-            self._book.forget(ids)
+            # Receipts get lost: a retry of this message submits it again.
             cause = f"no delivery receipt within {self.config.receipt_timeout:g}s"
-            raise _Failed(DeliveryOutcome.failure(cause)) from None
+            raise _Failed(DeliveryOutcome.failure(cause), forget=True) from None
         failed = [r for r in got if not r.delivered]
         log.info(
             "smpp.receipt",

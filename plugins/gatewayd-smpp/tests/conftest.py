@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
@@ -15,9 +16,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from gatewayd_smpp.transport import SmppTransport
 from smsc_peer import Smsc
+from strict_smsc import StrictSmsc
 
 from gatewayd.api import Device, DeviceReport, Options, TransportSettings
-from gatewayd.testing import MemoryTransportContext
+from gatewayd.testing import MemoryKV, MemoryTransportContext
 
 PASSWORD = "s3cret"
 DEVICE = "447700900001"
@@ -28,8 +30,8 @@ class SmsContext(MemoryTransportContext):
     """The test kit's in-memory context, bound as ``transport=sms``; SMS devices send no
     reports, so a report reaching it fails the test."""
 
-    def __init__(self, devices: tuple[Device, ...]) -> None:
-        super().__init__(devices, transport="sms")
+    def __init__(self, devices: tuple[Device, ...], kv: MemoryKV | None = None) -> None:
+        super().__init__(devices, transport="sms", kv=kv)
 
     async def accept_report(self, report: DeviceReport) -> None:
         raise AssertionError("SMS devices send no reports")
@@ -64,6 +66,16 @@ def base_options(port: int, **extra: Any) -> dict[str, Any]:
     }
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip ``slow`` tests (the 10^6-input fuzz run) unless long mode is on, also when
+    only this folder runs (tests/conftest.py, which owns ``--long``, is not loaded then)."""
+    if "slow" not in item.keywords:
+        return
+    if item.config.getoption("--long", default=False) or os.environ.get("GATEWAYD_LONG") == "1":
+        return
+    pytest.skip("long mode: run with --long or GATEWAYD_LONG=1")
+
+
 @pytest.fixture(autouse=True)
 def _password(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SMPP_TEST_PASSWORD", PASSWORD)
@@ -85,13 +97,27 @@ Starter = Callable[..., Coroutine[Any, Any, Started]]
 
 
 @pytest.fixture
-async def start_transport(smsc: Smsc) -> AsyncIterator[Starter]:
-    """Build and start an SmppTransport toward ``smsc``; wait for the bind; stop at teardown."""
+async def strict() -> AsyncIterator[StrictSmsc]:
+    """A running strict SMSC (smpp.pdu3, Jasmin's codec) on a free loopback port."""
+    server = StrictSmsc()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def _starting(port: Callable[[], int]) -> AsyncIterator[Starter]:
     started: list[SmppTransport] = []
 
-    async def start(bound: bool = True, **options: Any) -> Started:
-        settings = make_settings(base_options(smsc.port, **options))
-        context = SmsContext(settings.devices)
+    async def start(
+        bound: bool = True,
+        kv: MemoryKV | None = None,
+        devices: list[str] | None = None,
+        **options: Any,
+    ) -> Started:
+        settings = make_settings(base_options(port(), **options), devices)
+        context = SmsContext(settings.devices, kv)
         transport = SmppTransport(settings, context)
         await transport.start()
         started.append(transport)
@@ -102,3 +128,17 @@ async def start_transport(smsc: Smsc) -> AsyncIterator[Starter]:
     yield start
     for transport in started:
         await transport.stop()
+
+
+@pytest.fixture
+async def start_transport(smsc: Smsc) -> AsyncIterator[Starter]:
+    """Build and start an SmppTransport toward ``smsc``; wait for the bind; stop at teardown."""
+    async for start in _starting(lambda: smsc.port):
+        yield start
+
+
+@pytest.fixture
+async def start_strict(strict: StrictSmsc) -> AsyncIterator[Starter]:
+    """The same, toward the strict SMSC."""
+    async for start in _starting(lambda: strict.port):
+        yield start

@@ -12,24 +12,22 @@ import json
 import os
 import shutil
 import signal
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from peer_events import EventLog
+
 HERE = Path(__file__).parent / "smsc"
 
-Event = dict[str, Any]
 
-
-class Smsc:
+class Smsc(EventLog):
     """One SMSC process; :meth:`restart` brings it back on the same port."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.port = 0
-        self.events: list[Event] = []
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._changed = asyncio.Condition()
         self._seq = itertools.count(1)
 
     async def start(self, port: int = 0) -> None:
@@ -57,10 +55,7 @@ class Smsc:
     async def _read(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
         async for line in proc.stdout:
-            event = json.loads(line)
-            async with self._changed:
-                self.events.append(event)
-                self._changed.notify_all()
+            await self.add(json.loads(line))
 
     async def stop(self) -> None:
         """Stop the process by its pid (SIGTERM, then SIGKILL)."""
@@ -90,23 +85,3 @@ class Smsc:
         self._proc.stdin.write(json.dumps({"op": op, "seq": seq, **fields}).encode() + b"\n")
         await self._proc.stdin.drain()
         await self.wait_for(lambda e: e["event"] == "done" and e.get("seq") == seq)
-
-    def of(self, kind: str) -> list[Event]:
-        return [e for e in self.events if e["event"] == kind]
-
-    async def wait_for(
-        self, match: Callable[[Event], bool], *, count: int = 1, timeout: float = 10.0
-    ) -> list[Event]:
-        """The first ``count`` events matching; waits for them to arrive."""
-
-        def found() -> list[Event]:
-            return [e for e in self.events if match(e)]
-
-        async with asyncio.timeout(timeout), self._changed:
-            await self._changed.wait_for(lambda: len(found()) >= count)
-        return found()[:count]
-
-    async def next(self, kind: str, *, after: int = 0, timeout: float = 10.0) -> Event:
-        """The first event of ``kind`` beyond the first ``after`` of that kind."""
-        events = await self.wait_for(lambda e: e["event"] == kind, count=after + 1, timeout=timeout)
-        return events[after]

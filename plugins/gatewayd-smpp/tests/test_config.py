@@ -88,3 +88,27 @@ def test_the_l3g_example_config_is_valid() -> None:
     assert transport.config.source.ton == 3
     assert transport.config.password.kind == "credential"
     assert sms.service_id_template == "msisdn-{device}@sms.example.net"
+
+
+def test_tls_credentials_need_tls() -> None:
+    with pytest.raises(ConfigError) as caught:
+        build(base_options(2775, tls_credentials="smsc"))
+    assert caught.value.key == "transports.sms.tls_credentials"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("binds", 0),
+        ("binds", 33),
+        ("bind_mode", "tx"),
+        ("mt_field", "udh"),
+        ("max_rate", -1.0),
+        ("submit_id_format", "octal"),
+        ("receipt_id_format", 16),
+    ],
+)
+def test_new_keys_are_checked(key: str, value: object) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build(base_options(2775, **{key: value}))
+    assert caught.value.key == f"transports.sms.{key}"

@@ -6,8 +6,10 @@ from pathlib import Path
 
 from conftest import DEVICE, PASSWORD
 from smsc_peer import Smsc
+from strict_smsc import StrictSmsc
 
 from gatewayd import harness
+from gatewayd.config import Settings
 from gatewayd.harness import Pki
 from gatewayd.sim.server import SimServer
 from gatewayd.testing import running_gateway
@@ -34,21 +36,30 @@ service_id = "{SERVICE_ID}"
 """
 
 
+def l3g_sim(pki: Pki) -> SimServer:
+    """The reference server, expecting an L3G gateway."""
+    return SimServer(harness.sim_settings(pki, gateway_type="L3G"), schema_check=True)
+
+
+def l3g_settings(tmp_path: Path, pki: Pki, sim: SimServer, port: int) -> Settings:
+    """A gateway in the L3G role with the smpp transport toward ``port``."""
+    return harness.write_config(
+        tmp_path / "gw.toml",
+        harness.gateway_toml(
+            pki,
+            api_root=sim.api_root,
+            state_dir=tmp_path / "state",
+            transports=transport_toml(port),
+            gateway_type="L3G",
+        ),
+    )
+
+
 async def test_sms_round_trip_through_the_gateway(
     tmp_path: Path, loopback_pki: Pki, smsc: Smsc
 ) -> None:
-    sim_settings = harness.sim_settings(loopback_pki, gateway_type="L3G")
-    async with SimServer(sim_settings, schema_check=True) as sim:
-        settings = harness.write_config(
-            tmp_path / "gw.toml",
-            harness.gateway_toml(
-                loopback_pki,
-                api_root=sim.api_root,
-                state_dir=tmp_path / "state",
-                transports=transport_toml(smsc.port),
-                gateway_type="L3G",
-            ),
-        )
+    async with l3g_sim(loopback_pki) as sim:
+        settings = l3g_settings(tmp_path, loopback_pki, sim, smsc.port)
         async with running_gateway(settings):
             await sim.wait_for(lambda: bool(sim.registrations), timeout=10)
             assert sim.registrations[0].gw_type == "L3G"
@@ -94,3 +105,31 @@ async def test_sms_round_trip_through_the_gateway(
             assert failed.msg_id == "mt-2"
             assert failed.deliv_st == "REPT_DELY_FAILED"
             assert "UNDELIV" in (failed.failure_cause or "")
+
+
+async def test_a_receipt_after_a_gateway_restart_is_matched_and_nothing_resent(
+    tmp_path: Path, loopback_pki: Pki, strict: StrictSmsc
+) -> None:
+    """The SMSC message id is in the store: the gateway stops while waiting for the
+    receipt; after the restart the receipt arrives, is matched, and the handset got
+    exactly one SMS."""
+    async with l3g_sim(loopback_pki) as sim:
+        settings = l3g_settings(tmp_path, loopback_pki, sim, strict.port)
+        async with running_gateway(settings):
+            await sim.wait_for(lambda: bool(sim.registrations), timeout=10)
+            push = await sim.send_downlink(
+                SERVICE_ID, "one SMS only", msg_id="mt-r", deliv_st_req_ind=True
+            )
+            assert push.status == 204
+            submit = await strict.next("submit_sm")
+            assert submit["destination_addr"] == DEVICE
+        # Stopped with the receipt outstanding. The SMSC delivers it after the restart.
+        async with running_gateway(settings):
+            await strict.next("bind", after=1)
+            await strict.receipt(int(submit["message_id"]), "DELIVRD")
+            await sim.wait_for(lambda: bool(sim.reports), timeout=15)
+            report = sim.reports[0].report
+            assert report.msg_id == "mt-r"
+            assert report.deliv_st == "REPT_DELY_SUCCESS"
+        assert len(strict.of("submit_sm")) == 1
+        assert strict.of("corrupt") == []
