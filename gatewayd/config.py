@@ -18,6 +18,7 @@ from gatewayd.errors import ConfigError
 from gatewayd.msgin5g.model import Address
 from gatewayd.msgin5g.registration import GatewayType
 from gatewayd.northbound.paths import gateway_api_prefix
+from gatewayd.options import ListenAddress, SecretRef
 from gatewayd.retry import RetryPolicy
 from gatewayd.security.tokens import TokenGate, read_gate
 from gatewayd.store import StoreSettings
@@ -92,6 +93,7 @@ class Settings:
     # Defaults keep Settings(...) calls elsewhere working without these keys.
     metrics: MetricsSettings | None = None
     cert_warning_days: int = 30  # warn (credentials.expiring) this close to a cert's end
+    stats_interval: float = 300.0  # seconds between gateway.stats log lines; 0: none
 
     def credential(self, name: str) -> PluginSettings | None:
         return next((c for c in self.credentials if c.name == name), None)
@@ -122,6 +124,7 @@ def parse(data: dict[str, Any], path: Path) -> Settings:
     state_dir = gw.get_path("state_dir", None, base=base) or base / "state"
     drain_timeout = gw.get_float("drain_timeout", 10.0)
     cert_warning_days = gw.get_int("cert_warning_days", 30, minimum=0)
+    stats_interval = gw.get_float("stats_interval", 300.0, minimum=0.0)
     gw.check_unknown()
 
     credentials = tuple(
@@ -215,6 +218,7 @@ def parse(data: dict[str, Any], path: Path) -> Settings:
         transports=transports,
         metrics=metrics,
         cert_warning_days=cert_warning_days,
+        stats_interval=stats_interval,
     )
 
 
@@ -331,3 +335,47 @@ def _check_unique_service_ids(transports: tuple[TransportSettings, ...], source:
                     source=source,
                 )
             owner[d.service_id] = f"transports.{t.name}"
+
+
+# --- what check-config verifies beyond parsing ----------------------------------------
+
+
+def secret_refs(settings: Settings) -> list[SecretRef]:
+    """Every ``{ env | file | credential = ... }`` reference in the file, wherever it is
+    (plugin tables included), each named by its key path."""
+    with settings.source.open("rb") as fh:
+        data = tomllib.load(fh)
+    found: list[SecretRef] = []
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            if len(value) == 1:
+                ((kind, where),) = value.items()
+                if kind in ("env", "file", "credential") and isinstance(where, str):
+                    if kind == "file" and not Path(where).is_absolute():
+                        where = str(settings.source.parent.resolve() / where)
+                    found.append(SecretRef(kind, where, key))
+                    return
+            for name, inner in value.items():
+                walk(inner, f"{key}.{name}" if key else name)
+        elif isinstance(value, list):
+            for i, inner in enumerate(value):
+                walk(inner, f"{key}[{i}]")
+
+    walk(data, "")
+    return found
+
+
+def listen_addresses(settings: Settings) -> list[tuple[str, ListenAddress]]:
+    """Every address the gateway will listen on, by config key: the API, the metrics
+    listener, and each transport's ``listen`` option (the convention for listeners)."""
+    out = [("api.listen", ListenAddress(settings.api.host, settings.api.port))]
+    if settings.metrics is not None:
+        out.append(("metrics.listen", ListenAddress(settings.metrics.host, settings.metrics.port)))
+    with settings.source.open("rb") as fh:
+        data = tomllib.load(fh)
+    for name, table in data.get("transports", {}).items():
+        if isinstance(table, dict) and isinstance(table.get("listen"), str):
+            opts = Options(table, f"transports.{name}", source=str(settings.source))
+            out.append((f"transports.{name}.listen", opts.get_listen("listen")))
+    return out

@@ -1,7 +1,10 @@
 """The one lifecycle owner: start in order, run, drain, stop in reverse.
 
-Start: store -> credentials -> API server -> transports -> workers and registration ->
-READY=1. Stop (SIGTERM, or the injected trigger in tests): 1. stop taking downlink from
+Start: store -> credentials -> API server -> admin listener -> transports -> workers and
+registration; READY=1 only once the registration holds and a store write commits (STATUS=
+says what the start waits for meanwhile). A listen address in use or a transport whose
+``start()`` raises ends the start with an error naming the config key or the transport.
+Stop (SIGTERM, or the injected trigger in tests): 1. stop taking downlink from
 the server, 2. finish the work in flight within ``gateway.drain_timeout`` (what is left
 stays in the store for the next start), 3. stop transports, 4. deregister, 5. close the
 northbound client, 6. close the store.
@@ -10,6 +13,7 @@ northbound client, 6. close the store.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Coroutine
@@ -18,8 +22,9 @@ from typing import Any
 
 import structlog
 
+from gatewayd import config, metrics, status
 from gatewayd import log as logmod
-from gatewayd import metrics
+from gatewayd.admin import AdminServer
 from gatewayd.api import (
     Acceptance,
     Device,
@@ -30,8 +35,11 @@ from gatewayd.api import (
 from gatewayd.config import Settings
 from gatewayd.credentials import Credentials, PluginContext
 from gatewayd.errors import (
+    ConfigError,
     IntakeRefusedError,
+    ListenError,
     StoreError,
+    TransportStartError,
 )
 from gatewayd.msgin5g.model import UEMessageDelivery
 from gatewayd.northbound.client import MsgsClient
@@ -86,6 +94,7 @@ class Gateway:
         self._server_tls: ssl.SSLContext | None = None
         self._registrar: Registrar | None = None
         self.metrics_port: int | None = None
+        self.live = status.LiveState(self)
         # SIGHUP and the file watcher may both ask for a reload: one at a time.
         self._reload_lock = asyncio.Lock()
 
@@ -102,18 +111,15 @@ class Gateway:
     async def run(self, shutdown: Awaitable[Any] | None = None) -> None:
         s = self.settings
         async with AsyncExitStack() as stack:
-            s.state_dir.mkdir(parents=True, exist_ok=True)
-            self._store = await Store.open(s.store)
-            stack.push_async_callback(self._store.close)
-            for transport, device, service_id in await self._store.learned_devices():
-                self.directory.learn(transport, Device(name=device, service_id=service_id))
+            self._store = await self._open_store(stack)
 
+            self.notifier.status("loading credentials")
             stack.push_async_callback(self.credentials.aclose)
             await self.credentials.load()
             client_tls = self.credentials.client_tls()
             self._server_tls = self.credentials.server_tls()
             self.credentials.check_expiry()
-            stack.callback(metrics.REGISTRY.add_collector("gateway", self._collect_metrics))
+            self._declare_metrics(stack)
 
             self._client = MsgsClient(
                 s.northbound.api_root,
@@ -135,7 +141,9 @@ class Gateway:
                 token=s.api.token,
             )
             stack.push_async_callback(api.close)
-            self.api_port = await api.start(s.api.host, s.api.port, self._server_tls)
+            self.notifier.status("starting the API listener")
+            with ListenError.naming("api.listen", s.api.host, s.api.port):
+                self.api_port = await api.start(s.api.host, s.api.port, self._server_tls)
             log.info("api.listening", host=s.api.host, port=self.api_port, prefix=api.prefix)
             await self._start_metrics(stack)
 
@@ -159,7 +167,7 @@ class Gateway:
             )
             # Uplink messages and reports share the server, so they share one breaker and
             # wait for the registration; downlink goes to transports and waits for nothing.
-            breaker = CircuitBreaker()
+            breaker = self.live.breaker = CircuitBreaker()
 
             def northbound(queue: Queue, handler: Handler) -> QueueWorker:
                 return QueueWorker(
@@ -183,6 +191,7 @@ class Gateway:
                     concurrency=s.northbound.concurrency,
                 ),
             }
+            self.live.workers = workers
             self._spawn("registration", self._registrar.run())
             for name, worker in workers.items():
                 self._spawn(f"worker:{name}", worker.run())
@@ -192,7 +201,8 @@ class Gateway:
             if self.notifier.watchdog_interval:
                 self._spawn("watchdog", self._watchdog(self.notifier.watchdog_interval))
 
-            self.notifier.ready(f"serving {len(self.directory.service_ids())} UE Service IDs")
+            self._spawn("readiness", self._announce_ready())
+            self._spawn("stats", self.live.stats_loop(s.stats_interval))
             log.info(
                 "gateway.started",
                 gateway_id=s.gateway_id,
@@ -253,8 +263,10 @@ class Gateway:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def check(self) -> None:
-        """Everything a start checks short of opening sockets: plugins, their options,
-        credentials (loaded and matched to gateway.id) and TLS contexts."""
+        """Everything a start checks short of serving: credentials (loaded and matched to
+        gateway.id), TLS contexts, plugins and their options, then that every secret
+        reference resolves (even one read only later, per device) and every listen
+        address can be bound."""
         try:
             await self.credentials.load()
             self.credentials.client_tls()
@@ -265,10 +277,33 @@ class Gateway:
                 )
         finally:
             await self.credentials.aclose()
+        for ref in config.secret_refs(self.settings):
+            try:
+                ref.read_bytes()
+            except ConfigError as exc:
+                raise ConfigError(exc.key, exc.problem, source=str(self.settings.source)) from None
+        for key, address in config.listen_addresses(self.settings):
+            _check_bindable(key, address.host, address.port)
+
+    def _declare_metrics(self, stack: AsyncExitStack) -> None:
+        stack.callback(metrics.SAMPLER.add("gateway", self._collect_metrics))
+        metrics.set_breaker("northbound", "closed")  # the breaker's name and first state
+        metrics.declare_transports(ts.name for ts in self.settings.transports)
+        metrics.use_transport_lookup(self._transport_of)
+
+    async def _open_store(self, stack: AsyncExitStack) -> Store:
+        self.notifier.status("opening the store")
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        store = await Store.open(self.settings.store)
+        stack.push_async_callback(store.close)
+        for transport, device, service_id in await store.learned_devices():
+            self.directory.learn(transport, Device(name=device, service_id=service_id))
+        return store
 
     async def _start_transports(self, stack: AsyncExitStack) -> None:
         for ts in self.settings.transports:
             factory = self.plugins.transports.require(ts)
+            self.notifier.status(f"starting transport {ts.name}")
             intake = TransportIntake(
                 name=ts.name,
                 store=self.store,
@@ -278,23 +313,34 @@ class Gateway:
                 credentials=self.credentials.get,
                 on_learned=self._learned,
             )
-            transport = factory(ts, intake)
-            await transport.start()
+            try:
+                transport = factory(ts, intake)
+                await transport.start()
+            except Exception as exc:
+                # Whatever the plugin raised, the operator learns which transport failed.
+                raise TransportStartError(ts.name, ts.plugin, exc) from exc
             stack.push_async_callback(self._stop_transport, transport)
             self.transports[ts.name] = transport
             self._spawn(f"transport:{ts.name}", transport.run())
             log.info("transport.started", transport=ts.name, plugin=ts.plugin)
 
     async def _start_metrics(self, stack: AsyncExitStack) -> None:
-        """The optional Prometheus endpoint; gauges and counters exist without it."""
+        """The optional admin listener (metrics, probes, status); metrics exist without it."""
         ms = self.settings.metrics
         if ms is None:
             return
-        exporter = metrics.MetricsServer()
-        stack.push_async_callback(exporter.close)
-        bound = await exporter.start(ms.host, ms.port)
+        listener = AdminServer(self.live)
+        stack.push_async_callback(listener.close)
+        with ListenError.naming("metrics.listen", ms.host, ms.port):
+            bound = await listener.start(ms.host, ms.port)
         self.metrics_port = bound.port
-        log.info("metrics.listening", host=bound.host, port=bound.port, path="/metrics")
+        log.info(
+            "metrics.listening",
+            host=bound.host,
+            port=bound.port,
+            path="/metrics",
+            probes=["/healthz", "/readyz", "/status"],
+        )
 
     async def _stop_transport(self, transport: Transport) -> None:
         try:
@@ -360,14 +406,37 @@ class Gateway:
             self.notifier.ready("reloaded")
 
     async def _collect_metrics(self) -> None:
-        """Before each scrape: days left as of now, and the store's backlog per queue."""
+        """Before each scrape: days left as of now, the store's backlog per queue, and
+        the live state (in flight, breaker, registration, readiness)."""
         self.credentials.set_expiry_gauges()
+        self.live.set_gauges()
         if self._store is None:
             return
         stats = await self._store.stats()
         for queue, counts in stats["queues"].items():
-            metrics.STORE_BACKLOG.set(counts["pending"], queue=queue)
-            metrics.STORE_DEAD.set(counts["dead"], queue=queue)
+            metrics.STORE_BACKLOG.labels(queue=queue).set(counts["pending"])
+            metrics.STORE_DEAD.labels(queue=queue).set(counts["dead"])
+            metrics.STORE_OLDEST_AGE.labels(queue=queue).set(counts["oldest_age"] or 0)
+
+    def _transport_of(self, lane: str) -> str:
+        endpoint = self.directory.endpoint(lane)
+        return endpoint.transport if endpoint is not None else "unknown"
+
+    async def _announce_ready(self) -> None:
+        """READY=1 once the server holds our registration and the store takes a write."""
+        assert self._registrar is not None
+        self.notifier.status(f"waiting for registration with {self.settings.northbound.api_root}")
+        await self._registrar.ready.wait()
+        while True:
+            try:
+                await self.store.prune()  # a write transaction: a read-only disk fails it
+                break
+            except (IntakeRefusedError, StoreError) as exc:
+                self.notifier.status(f"waiting for the store to be writable: {exc}")
+                await asyncio.sleep(EXPIRY_SWEEP_SECONDS)
+        self.live.store_writable = True
+        self.notifier.ready(f"serving {len(self.directory.service_ids())} UE Service IDs")
+        log.info("gateway.ready", service_ids=len(self.directory.service_ids()))
 
     async def _watchdog(self, interval: float) -> None:
         # Ping only while the loop keeps time: a stalled loop must let systemd restart us.
@@ -380,6 +449,14 @@ class Gateway:
                 self.notifier.watchdog()
             else:
                 log.warning("watchdog.loop_lagging", lag=round(lag, 3))
+
+
+def _check_bindable(key: str, host: str, port: int) -> None:
+    """Bind and release: an address in use or not on this host fails here, naming ``key``."""
+    with ListenError.naming(key, host, port):
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, _, _, _, sockaddr in infos:
+            socket.create_server(sockaddr[:2], family=family).close()
 
 
 def _api_root(host: str, port: int) -> str:

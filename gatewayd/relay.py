@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from gatewayd import metrics
 from gatewayd.api import (
     Acceptance,
     CredentialBackend,
@@ -171,6 +172,7 @@ class TransportIntake:
                 body=message.to_json(),
                 expires_at=uplink.expiry.timestamp() if uplink.expiry else None,
             )
+            metrics.accepted("uplink", self._name, duplicate=result.duplicate)
             log.info(
                 "message.received", direction="uplink", dest=str(dest), duplicate=result.duplicate
             )
@@ -237,6 +239,7 @@ async def put_report(
         lane=device.service_id,
         body=report.to_json(),
     )
+    metrics.report("queued")
     log.info("report.queued", delivered=delivered, dest=str(origin))
 
 
@@ -307,6 +310,7 @@ class Dispatcher:
                 cause=report.failure_cause,
             )
         )
+        metrics.report("delivered" if passed else "not_carried")
         log.info("report.delivered" if passed else "report.not_carried", delivered=report.delivered)
         return Done()
 

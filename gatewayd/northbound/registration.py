@@ -51,6 +51,11 @@ class Registrar:
         self.ready = asyncio.Event()  # set while a registration holds
         self.refused: PeerRefusedError | None = None
 
+    @property
+    def expires(self) -> float | None:
+        """When the registration the server granted ends (unix time), if one holds."""
+        return self._expires if self.ready.is_set() else None
+
     def _body(self) -> GatewayRegistration:
         return GatewayRegistration(
             gw_id=self._gateway_id,

@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from gatewayd import metrics
 from gatewayd.errors import BacklogFullError, InvalidBodyError, TokenRejectedError
 from gatewayd.log import bound_message
 from gatewayd.msgin5g.model import (
@@ -249,6 +250,9 @@ class GatewayApi:
             await self._store.remember_route(
                 service_id, message.ori_addr.to_json(), self._route_ttl
             )
+            metrics.accepted(
+                "downlink", metrics.transport_of(service_id), duplicate=result.duplicate
+            )
             log.info("message.received", direction="downlink", duplicate=result.duplicate)
         return web.Response(status=204)
 
@@ -263,6 +267,7 @@ class GatewayApi:
                 lane=service_id,
                 body=downlink_body(KIND_REPORT, report.to_json()),
             )
+            metrics.report("received")
             log.info("report.received", delivered=report.delivered)
         return web.Response(status=204)
 
