@@ -240,3 +240,23 @@ def test_check_config_resolves_every_secret_reference(tmp_path: Path, loopback_p
     )
     ok = gatewayd("check-config", str(config))
     assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.parametrize("role", ["cert", "key", "ca"])
+def test_missing_credential_file_names_the_key_and_the_file(
+    tmp_path: Path, loopback_pki: Pki, role: str
+) -> None:
+    config = write_config(
+        tmp_path, loopback_pki, "https://127.0.0.1:9", device_port=free_port(), admin_port=0
+    )
+    files = {"cert": "gateway", "key": "gateway_key", "ca": "ca"}
+    missing = tmp_path / "gone" / loopback_pki[files[role]].name
+    text = config.read_text().replace(str(loopback_pki[files[role]]), str(missing))
+    assert str(missing) in text
+    config.write_text(text)
+    for result in (
+        gatewayd("check-config", str(config)),
+        gatewayd("run", "--config", str(config)),
+    ):
+        assert result.returncode == ExitCode.CREDENTIALS, result.stderr
+        assert f"credentials.northbound.{role}: {missing}: cannot read" in result.stderr
