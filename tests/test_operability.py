@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -163,6 +164,7 @@ async def test_ready_only_once_registered_and_readyz_follows_the_server(
             view = json.loads(out.stdout)  # stdout holds the JSON and nothing else
             assert view["registration"]["state"] == "registered"
             assert view["transports"]["web"]["plugin"] == "http"
+            assert view["transports"]["web"]["state"] == "listening"
             assert set(view["queues"]) == {"uplink", "downlink", "report"}
             assert view["credentials_days_left"]["northbound"] > 300
             table = await asyncio.to_thread(
@@ -171,6 +173,9 @@ async def test_ready_only_once_registered_and_readyz_follows_the_server(
             assert table.returncode == 0, table.stderr
             assert "state        READY" in table.stdout
             assert "registration registered" in table.stdout
+            assert re.search(
+                r"^web\s+http\s+listening address=127\.0\.0\.1:\d+$", table.stdout, re.M
+            )
             await wait_for_event(log_path, "gateway.stats", 2)
             stats = events(log_path, "gateway.stats")[-1]
             assert stats["registration"] == "registered"
