@@ -223,7 +223,7 @@ async def _serve(gateway: Gateway) -> None:
 
     def on_hup() -> None:
         log.info("signal.received", signal="SIGHUP")
-        task = loop.create_task(gateway.reload(), name="reload")
+        task = loop.create_task(gateway.reload(reread_config=True), name="reload")
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 

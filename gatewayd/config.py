@@ -340,11 +340,37 @@ def _check_unique_service_ids(transports: tuple[TransportSettings, ...], source:
 # --- what check-config verifies beyond parsing ----------------------------------------
 
 
+def read_raw(path: Path) -> dict[str, Any]:
+    """The file as parsed TOML, unvalidated (after :func:`load` accepted it)."""
+    with path.open("rb") as fh:
+        return tomllib.load(fh)
+
+
+def changed_tables(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Which tables differ: top-level ones, and ``transports.NAME`` /
+    ``credentials.NAME`` one by one (what an operator would have to look at)."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key), new.get(key)
+        if (
+            key in ("transports", "credentials")
+            and isinstance(before, dict)
+            and isinstance(after, dict)
+        ):
+            changed += [
+                f"{key}.{name}"
+                for name in sorted(set(before) | set(after))
+                if before.get(name) != after.get(name)
+            ]
+        elif before != after:
+            changed.append(key)
+    return changed
+
+
 def secret_refs(settings: Settings) -> list[SecretRef]:
     """Every ``{ env | file | credential = ... }`` reference in the file, wherever it is
     (plugin tables included), each named by its key path."""
-    with settings.source.open("rb") as fh:
-        data = tomllib.load(fh)
+    data = read_raw(settings.source)
     found: list[SecretRef] = []
 
     def walk(value: Any, key: str) -> None:
@@ -372,8 +398,7 @@ def listen_addresses(settings: Settings) -> list[tuple[str, ListenAddress]]:
     out = [("api.listen", ListenAddress(settings.api.host, settings.api.port))]
     if settings.metrics is not None:
         out.append(("metrics.listen", ListenAddress(settings.metrics.host, settings.metrics.port)))
-    with settings.source.open("rb") as fh:
-        data = tomllib.load(fh)
+    data = read_raw(settings.source)
     for name, table in data.get("transports", {}).items():
         if isinstance(table, dict) and isinstance(table.get("listen"), str):
             opts = Options(table, f"transports.{name}", source=str(settings.source))

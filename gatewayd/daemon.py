@@ -36,6 +36,7 @@ from gatewayd.config import Settings
 from gatewayd.credentials import Credentials, PluginContext
 from gatewayd.errors import (
     ConfigError,
+    GatewaydError,
     IntakeRefusedError,
     ListenError,
     StoreError,
@@ -95,6 +96,10 @@ class Gateway:
         self._registrar: Registrar | None = None
         self.metrics_port: int | None = None
         self.live = status.LiveState(self)
+        # The file as it was when these settings were read: SIGHUP names what changed.
+        self._config_at_start = (
+            config.read_raw(settings.source) if settings.source.is_file() else {}
+        )
         # SIGHUP and the file watcher may both ask for a reload: one at a time.
         self._reload_lock = asyncio.Lock()
 
@@ -388,10 +393,18 @@ class Gateway:
             elif item.queue == Queue.DOWNLINK:
                 await dispatcher.expired(item)
 
-    async def reload(self) -> None:
-        """SIGHUP, or a credential file changed: new connections use the new material."""
+    async def reload(self, *, reread_config: bool = False) -> None:
+        """SIGHUP, or a credential file changed: new connections use the new material.
+
+        On SIGHUP (``reread_config``) the TOML file is read again too. Nothing in it is
+        applied while running yet: a change is named (``config.restart_needed``, per
+        table) so the operator knows a restart is due, and a broken file is reported
+        before a restart would trip over it.
+        """
         async with self._reload_lock:
             self.notifier.reloading()
+            if reread_config:
+                self._compare_config()
             rotation = await self.credentials.rotate()
             if rotation is not None:
                 assert self._client is not None
@@ -404,6 +417,18 @@ class Gateway:
                 tls.load_trust(self._server_tls, rotation.api_trust)
                 log.info("credentials.reloaded")
             self.notifier.ready("reloaded")
+
+    def _compare_config(self) -> None:
+        source = self.settings.source
+        try:
+            config.load(source)
+            now = config.read_raw(source)
+        except (GatewaydError, OSError) as exc:
+            log.error("config.reload_failed", path=str(source), error=str(exc))
+            return
+        changed = config.changed_tables(self._config_at_start, now)
+        if changed:
+            log.warning("config.restart_needed", path=str(source), changed=changed)
 
     async def _collect_metrics(self) -> None:
         """Before each scrape: days left as of now, the store's backlog per queue, and

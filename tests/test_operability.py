@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -265,3 +266,41 @@ def test_missing_credential_file_names_the_key_and_the_file(
     ):
         assert result.returncode == ExitCode.CREDENTIALS, result.stderr
         assert f"credentials.northbound.{role}: {missing}: cannot read" in result.stderr
+
+
+async def test_sighup_logs_the_signal_and_names_what_needs_a_restart(
+    tmp_path: Path, loopback_pki: Pki
+) -> None:
+    config = write_config(
+        tmp_path,
+        loopback_pki,
+        "https://127.0.0.1:9",
+        device_port=free_port(),
+        admin_port=free_port(),
+    )
+    log_path = tmp_path / "gateway.log"
+    async with gateway_process(config, log_path) as proc:
+        proc.send_signal(signal.SIGHUP)
+        await wait_for_event(log_path, "credentials.reloaded")
+        (received,) = events(log_path, "signal.received")
+        assert received["signal"] == "SIGHUP"
+        assert events(log_path, "config.restart_needed") == []  # nothing changed
+
+        text = config.read_text()
+        config.write_text(
+            text + '[[transports.web.devices]]\ndevice = "sensor-2"\n'
+            'service_id = "ue-sensor-2"\ntoken = { env = "GATEWAYD_TEST_TOKEN" }\n'
+        )
+        proc.send_signal(signal.SIGHUP)
+        await wait_for_event(log_path, "config.restart_needed")
+        (needed,) = events(log_path, "config.restart_needed")
+        assert needed["changed"] == ["transports.web"]
+        assert needed["level"] == "warning"
+
+        config.write_text("[gateway\nbroken")
+        proc.send_signal(signal.SIGHUP)
+        await wait_for_event(log_path, "config.reload_failed")
+        (failed,) = events(log_path, "config.reload_failed")
+        assert "not valid TOML" in failed["error"]
+        await asyncio.sleep(0.2)
+        assert proc.returncode is None  # still running; SIGTERM and exit 0 follow
