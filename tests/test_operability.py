@@ -24,7 +24,7 @@ import pytest
 from jsonlog import events, wait_for_event
 from test_metrics import TOKEN, gateway_process
 
-from gatewayd import harness
+from gatewayd import harness, metrics
 from gatewayd.errors import ExitCode
 from gatewayd.harness import DEMO_SERVICE_ID, Pki
 from gatewayd.sim.server import SimServer
@@ -304,3 +304,52 @@ async def test_sighup_logs_the_signal_and_names_what_needs_a_restart(
         assert "not valid TOML" in failed["error"]
         await asyncio.sleep(0.2)
         assert proc.returncode is None  # still running; SIGTERM and exit 0 follow
+
+
+async def test_metrics_count_at_any_log_level(
+    tmp_path: Path, loopback_pki: Pki, sim: SimServer
+) -> None:
+    """With log.level = "error" no message event is logged, and the counters still count:
+    they are incremented where messages are stored and settled, not from log events."""
+    admin, device = free_port(), free_port()
+    config = write_config(
+        tmp_path, loopback_pki, sim.api_root, device_port=device, admin_port=admin
+    )
+    config.write_text(
+        config.read_text().replace('format = "json"', 'format = "json"\nlevel = "error"')
+    )
+    log_path = tmp_path / "gateway.log"
+    with log_path.open("wb") as stderr:
+        proc = await asyncio.create_subprocess_exec(
+            *GATEWAYD, "run", "--config", str(config), env=ENV, stderr=stderr
+        )
+    try:
+
+        async def ready() -> bool:
+            with contextlib.suppress(aiohttp.ClientError):
+                return (await get(admin, "/readyz"))[0] == 200
+            return False
+
+        await until(ready)
+        async with aiohttp.ClientSession() as session:
+            for i in range(2):
+                async with session.post(
+                    f"http://127.0.0.1:{device}/v1/devices/sensor-1/messages",
+                    json={"payload": f"n={i}", "msgId": f"quiet-{i}"},
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                ) as resp:
+                    assert resp.status == 202
+
+        async def forwarded() -> bool:
+            text = (await get(admin, "/metrics"))[1]
+            counts = metrics.parse(text)["gatewayd_messages_total"]
+            return counts[("uplink", "forwarded", "web")] == 2
+
+        await until(forwarded)
+        values = metrics.parse((await get(admin, "/metrics"))[1])
+        assert values["gatewayd_messages_total"][("uplink", "received", "web")] == 2
+        assert events(log_path, "message.received") == []
+        assert events(log_path, "message.forwarded") == []
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
