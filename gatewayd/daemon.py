@@ -369,6 +369,7 @@ class Gateway:
         while True:
             try:
                 for item in await self.store.expire():
+                    metrics.expired(item)
                     with logmod.bound_message(item.msg_id, queue=str(item.queue)):
                         log.warning("message.expired", to="dead-letter queue")
                     unreported.append(item)

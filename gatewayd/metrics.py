@@ -195,10 +195,23 @@ def declare_transports(names: Iterable[str]) -> None:
             RELAY_SECONDS.labels(direction=direction, transport=name)
 
 
+# Children by label values: labels() takes a lock and builds a key on every call, and
+# these run once or twice per message.
+_messages: dict[tuple[str, str, str], Counter] = {}
+_relay: dict[tuple[str, str], Histogram] = {}
+
+
+def _count(direction: str, transport: str, outcome: str) -> None:
+    key = (direction, transport, outcome)
+    child = _messages.get(key)
+    if child is None:
+        child = _messages[key] = MESSAGES.labels(*key)
+    child.inc()
+
+
 def accepted(direction: str, transport: str, *, duplicate: bool) -> None:
     """A message is durably stored (or recognised as a duplicate of a stored one)."""
-    outcome = "duplicate" if duplicate else "received"
-    MESSAGES.labels(direction=direction, transport=transport, outcome=outcome).inc()
+    _count(direction, transport, "duplicate" if duplicate else "received")
 
 
 def report(outcome: str) -> None:
@@ -224,34 +237,34 @@ def use_transport_lookup(lookup: Callable[[str], str]) -> None:
 
 def settled(item: Item, outcome: Outcome) -> None:
     """The queue worker's verdict on one item, once it is recorded in the store."""
-    from gatewayd.worker import Dead, Done
-
-    queue = str(item.queue)
+    # By class name: gatewayd.worker imports this module.
+    verdict = type(outcome).__name__  # Done | Dead | Retry
+    queue = item.queue.value
     if queue == "report":
-        if isinstance(outcome, Done | Dead):
-            report("sent" if isinstance(outcome, Done) else "rejected")
+        if verdict != "Retry":
+            report("sent" if verdict == "Done" else "rejected")
         return
     if item.body.get("kind") == "report":
         return  # a report for a device: the dispatcher counts delivered / not_carried
     transport = _transport_of(item.lane)
-    if isinstance(outcome, Done):
+    if verdict == "Done":
         result = "forwarded" if queue == "uplink" else "delivered"
-        RELAY_SECONDS.labels(direction=queue, transport=transport).observe(
-            max(0.0, time.time() - item.created)
-        )
-    elif isinstance(outcome, Dead):
+        key = (queue, transport)
+        histogram = _relay.get(key)
+        if histogram is None:
+            histogram = _relay[key] = RELAY_SECONDS.labels(*key)
+        histogram.observe(max(0.0, time.time() - item.created))
+    elif verdict == "Dead":
         result = "rejected" if queue == "uplink" else "failed"
     else:
         result = "deferred"
-    MESSAGES.labels(direction=queue, transport=transport, outcome=result).inc()
+    _count(queue, transport, result)
 
 
 def expired(item: Item) -> None:
-    queue = str(item.queue)
+    queue = item.queue.value
     if queue in ("uplink", "downlink") and item.body.get("kind") != "report":
-        MESSAGES.labels(
-            direction=queue, transport=_transport_of(item.lane), outcome="expired"
-        ).inc()
+        _count(queue, _transport_of(item.lane), "expired")
 
 
 @contextmanager
