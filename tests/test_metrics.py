@@ -251,3 +251,69 @@ def test_metrics_listener_must_be_loopback_unless_allowed(
     assert "metrics.listen: '0.0.0.0' is not a loopback address" in refused.stderr
     assert check('[metrics]\nlisten = "0.0.0.0:9464"\nallow_remote = true\n').returncode == 0
     assert check('[metrics]\nlisten = "[::1]:9464"\n').returncode == 0
+
+
+def test_settled_and_expired_map_outcomes_to_series() -> None:
+    """The worker's verdicts per queue, as the counters name them (in-process registry)."""
+    metrics.use_transport_lookup(lambda lane: "t-" + lane)
+    try:
+        _settle_every_kind()
+    finally:
+        metrics.use_transport_lookup(lambda _lane: "unknown")
+
+
+def _settle_every_kind() -> None:
+    from gatewayd.store import Item, Queue
+    from gatewayd.worker import Dead, Done, Retry
+
+    def item(queue: Queue, body: dict[str, Any] | None = None) -> Item:
+        return Item(
+            id=1,
+            queue=queue,
+            msg_id="m",
+            lane="x",
+            body=body or {},
+            created=0.0,
+            attempts=0,
+            not_before=0.0,
+            expires_at=None,
+            last_error=None,
+            state="pending",
+        )
+
+    def count(direction: str, outcome: str) -> float:
+        return metrics.value(
+            "gatewayd_messages_total", direction=direction, transport="t-x", outcome=outcome
+        )
+
+    before = {
+        (d, o): count(d, o)
+        for d in ("uplink", "downlink")
+        for o in ("forwarded", "rejected", "deferred", "delivered", "failed", "expired")
+    }
+    sent = metrics.value("gatewayd_reports_total", outcome="sent")
+    metrics.settled(item(Queue.UPLINK), Done())
+    metrics.settled(item(Queue.UPLINK), Dead("no"))
+    metrics.settled(item(Queue.UPLINK), Retry("later"))
+    metrics.settled(item(Queue.DOWNLINK, {"kind": "message"}), Done())
+    metrics.settled(item(Queue.DOWNLINK, {"kind": "message"}), Dead("no"))
+    metrics.settled(item(Queue.DOWNLINK, {"kind": "report"}), Done())  # counted elsewhere
+    metrics.settled(item(Queue.REPORT), Done())
+    metrics.expired(item(Queue.DOWNLINK, {"kind": "message"}))
+    after = {key: count(*key) - value for key, value in before.items()}
+    assert after == {
+        ("uplink", "forwarded"): 1,
+        ("uplink", "rejected"): 1,
+        ("uplink", "deferred"): 1,
+        ("uplink", "delivered"): 0,
+        ("uplink", "failed"): 0,
+        ("uplink", "expired"): 0,
+        ("downlink", "forwarded"): 0,
+        ("downlink", "rejected"): 0,
+        ("downlink", "deferred"): 0,
+        ("downlink", "delivered"): 1,
+        ("downlink", "failed"): 1,
+        ("downlink", "expired"): 1,
+    }
+    assert metrics.value("gatewayd_reports_total", outcome="sent") == sent + 1
+    assert metrics.value("gatewayd_relay_seconds_count", direction="uplink", transport="t-x") >= 1
