@@ -162,9 +162,9 @@ class X509Backend(FileCredentialBackend):
 class SystemdBackend(FileCredentialBackend):
     """The same material, from systemd credentials (``plugin = "systemd"``).
 
-    Each file option names a credential: ``cert = "gw-cert"`` with
-    ``LoadCredential=gw-cert:/etc/gatewayd/gw.pem`` in the unit. systemd places them in a
-    private, non-swappable directory that only this service can read.
+    Each file option names a credential: ``cert = "gateway.pem"`` with
+    ``LoadCredential=gateway.pem:/etc/gatewayd/pki/gateway.pem`` in the unit. systemd
+    places them in a private, non-swappable directory that only this service can read.
     """
 
     def __init__(self, settings: PluginSettings, context: PluginContext) -> None:
