@@ -13,6 +13,7 @@ northbound client, 6. close the store.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import ssl
 import time
@@ -30,6 +31,7 @@ from gatewayd.api import (
     Device,
     DeviceReport,
     Transport,
+    TransportSettings,
     Uplink,
 )
 from gatewayd.config import Settings
@@ -306,28 +308,36 @@ class Gateway:
         return store
 
     async def _start_transports(self, stack: AsyncExitStack) -> None:
+        # One callback for all: a SIGHUP may add or remove transports meanwhile.
+        stack.push_async_callback(self._stop_transports)
         for ts in self.settings.transports:
-            factory = self.plugins.transports.require(ts)
             self.notifier.status(f"starting transport {ts.name}")
-            intake = TransportIntake(
-                name=ts.name,
-                store=self.store,
-                directory=self.directory,
-                relay=self.settings.relay,
-                plugins=self.plugins,
-                credentials=self.credentials.get,
-                on_learned=self._learned,
-            )
-            try:
-                transport = factory(ts, intake)
-                await transport.start()
-            except Exception as exc:
-                # Whatever the plugin raised, the operator learns which transport failed.
-                raise TransportStartError(ts.name, ts.plugin, exc) from exc
-            stack.push_async_callback(self._stop_transport, transport)
-            self.transports[ts.name] = transport
-            self._spawn(f"transport:{ts.name}", transport.run())
-            log.info("transport.started", transport=ts.name, plugin=ts.plugin)
+            await self._start_transport(ts)
+
+    async def _start_transport(self, ts: TransportSettings) -> None:
+        factory = self.plugins.transports.require(ts)
+        intake = TransportIntake(
+            name=ts.name,
+            store=self.store,
+            directory=self.directory,
+            relay=self.settings.relay,
+            plugins=self.plugins,
+            credentials=self.credentials.get,
+            on_learned=self._learned,
+        )
+        try:
+            transport = factory(ts, intake)
+            await transport.start()
+        except Exception as exc:
+            # Whatever the plugin raised, the operator learns which transport failed.
+            raise TransportStartError(ts.name, ts.plugin, exc) from exc
+        self.transports[ts.name] = transport
+        self._spawn(f"transport:{ts.name}", transport.run())
+        log.info("transport.started", transport=ts.name, plugin=ts.plugin)
+
+    async def _stop_transports(self) -> None:
+        for name in reversed(list(self.transports)):
+            await self._stop_transport(self.transports.pop(name))
 
     async def _start_metrics(self, stack: AsyncExitStack) -> None:
         """The optional admin listener (metrics, probes, status); metrics exist without it."""
@@ -348,6 +358,11 @@ class Gateway:
         )
 
     async def _stop_transport(self, transport: Transport) -> None:
+        # Its intake loop first, as at shutdown: a loop must not see its link vanish.
+        task = self._tasks.pop(f"transport:{transport.name}", None)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         try:
             await transport.stop()
             log.info("transport.stopped", transport=transport.name)
@@ -397,15 +412,14 @@ class Gateway:
     async def reload(self, *, reread_config: bool = False) -> None:
         """SIGHUP, or a credential file changed: new connections use the new material.
 
-        On SIGHUP (``reread_config``) the TOML file is read again too. Nothing in it is
-        applied while running yet: a change is named (``config.restart_needed``, per
-        table) so the operator knows a restart is due, and a broken file is reported
-        before a restart would trip over it.
+        On SIGHUP (``reread_config``) the TOML file is read again too: changed transport
+        tables are applied; any other change is named (``config.restart_needed``) and
+        nothing applied; a broken file is reported before a restart would trip over it.
         """
         async with self._reload_lock:
             self.notifier.reloading()
             if reread_config:
-                self._compare_config()
+                await self._reread_config()
             rotation = await self.credentials.rotate()
             if rotation is not None:
                 assert self._client is not None
@@ -419,17 +433,52 @@ class Gateway:
                 log.info("credentials.reloaded")
             self.notifier.ready("reloaded")
 
-    def _compare_config(self) -> None:
+    async def _reread_config(self) -> None:
+        """Apply changed transport tables (devices included); name anything else."""
         source = self.settings.source
         try:
-            config.load(source)
+            fresh = config.load(source)
             now = config.read_raw(source)
         except (GatewaydError, OSError) as exc:
             log.error("config.reload_failed", path=str(source), error=str(exc))
             return
         changed = config.changed_tables(self._config_at_start, now)
-        if changed:
+        if any(not key.startswith("transports.") for key in changed):
             log.warning("config.restart_needed", path=str(source), changed=changed)
+            return
+        if changed:
+            await self._reconfigure_transports(fresh, [k.split(".", 1)[1] for k in changed])
+            self._config_at_start = now
+
+    async def _reconfigure_transports(self, fresh: Settings, names: list[str]) -> None:
+        """Stop the changed or removed transports, remap the devices, start the changed
+        or added ones; the registration follows the new set of UE Service IDs."""
+        wanted = {ts.name: ts for ts in fresh.transports}
+        for name in names:
+            if name in self.transports:
+                await self._stop_transport(self.transports.pop(name))
+        self.settings = dataclasses.replace(self.settings, transports=fresh.transports)
+        self.directory.reconfigure(fresh.transports)
+        for transport, device, service_id in await self.store.learned_devices():
+            if self.directory.learnable(transport, device) is not None:
+                self.directory.learn(transport, Device(name=device, service_id=service_id))
+        metrics.declare_transports(wanted)
+        started = []
+        for name in names:
+            if name in wanted:
+                try:
+                    await self._start_transport(wanted[name])
+                    started.append(name)
+                except TransportStartError as exc:
+                    log.error("config.reload_failed", path=str(fresh.source), error=str(exc))
+        if self._registrar is not None:
+            self._registrar.changed()
+        log.info(
+            "config.reloaded",
+            started=started,
+            stopped=[n for n in names if n not in wanted],
+            transports=sorted(self.transports),
+        )
 
     async def _collect_metrics(self) -> None:
         """Before each scrape: days left as of now, the store's backlog per queue, and

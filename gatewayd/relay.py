@@ -69,6 +69,13 @@ class Directory:
             for d in t.devices:
                 self._add(t.name, d)
 
+    def reconfigure(self, transports: tuple[TransportSettings, ...]) -> None:
+        """New transport tables (SIGHUP): the configured devices only; the caller
+        learns the learned ones again."""
+        fresh = Directory(transports)
+        self._by_device, self._by_service = fresh._by_device, fresh._by_service
+        self._templates = fresh._templates
+
     def _add(self, transport: str, device: Device) -> None:
         self._by_device[(transport, device.name)] = device
         self._by_service[device.service_id] = Endpoint(transport, device)

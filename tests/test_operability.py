@@ -268,33 +268,65 @@ def test_missing_credential_file_names_the_key_and_the_file(
         assert f"credentials.northbound.{role}: {missing}: cannot read" in result.stderr
 
 
-async def test_sighup_logs_the_signal_and_names_what_needs_a_restart(
-    tmp_path: Path, loopback_pki: Pki
+async def test_sighup_applies_transport_changes_and_names_the_rest(
+    tmp_path: Path, loopback_pki: Pki, sim: SimServer
 ) -> None:
+    """SIGHUP: signal.received; a transport table added is started (its device served and
+    registered) and removed again; another table changed is named, not applied; a broken
+    file is reported and the gateway runs on."""
     config = write_config(
-        tmp_path,
-        loopback_pki,
-        "https://127.0.0.1:9",
-        device_port=free_port(),
-        admin_port=free_port(),
+        tmp_path, loopback_pki, sim.api_root, device_port=free_port(), admin_port=free_port()
+    )
+    original = config.read_text()
+    second = free_port()
+    added = (
+        original
+        + f"""
+[transports.web2]
+plugin = "http"
+listen = "127.0.0.1:{second}"
+[[transports.web2.devices]]
+device = "sensor-2"
+service_id = "ue-sensor-2@iot.example"
+token = {{ env = "GATEWAYD_TEST_TOKEN" }}
+"""
     )
     log_path = tmp_path / "gateway.log"
     async with gateway_process(config, log_path) as proc:
+        await sim.wait_for(lambda: bool(sim.registrations), timeout=20)
         proc.send_signal(signal.SIGHUP)
         await wait_for_event(log_path, "credentials.reloaded")
         (received,) = events(log_path, "signal.received")
         assert received["signal"] == "SIGHUP"
-        assert events(log_path, "config.restart_needed") == []  # nothing changed
+        assert events(log_path, "config.reloaded") == []  # nothing changed
+        assert events(log_path, "config.restart_needed") == []
 
-        text = config.read_text()
-        config.write_text(
-            text + '[[transports.web.devices]]\ndevice = "sensor-2"\n'
-            'service_id = "ue-sensor-2"\ntoken = { env = "GATEWAYD_TEST_TOKEN" }\n'
+        config.write_text(added)
+        proc.send_signal(signal.SIGHUP)
+        await wait_for_event(log_path, "config.reloaded")
+        (reloaded,) = events(log_path, "config.reloaded")
+        assert (reloaded["started"], reloaded["stopped"]) == (["web2"], [])
+        assert reloaded["transports"] == ["web", "web2"]
+        await sim.wait_for(
+            lambda: any("ue-sensor-2@iot.example" in r.ue_svc_ids for r in sim.registrations),
+            timeout=20,
         )
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"http://127.0.0.1:{second}/v1/devices/sensor-2/messages",
+                json={"payload": "hello", "msgId": "from-2"},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            ) as resp,
+        ):
+            assert resp.status == 202
+        await sim.wait_for(lambda: any(u.message.msg_id == "from-2" for u in sim.uplinks), 20)
+
+        config.write_text(added.replace("[retry]", "[retry]\nmultiplier = 3.0", 1))
         proc.send_signal(signal.SIGHUP)
         await wait_for_event(log_path, "config.restart_needed")
         (needed,) = events(log_path, "config.restart_needed")
-        assert needed["changed"] == ["transports.web"]
+        assert needed["changed"] == ["retry"]
         assert needed["level"] == "warning"
 
         config.write_text("[gateway\nbroken")
@@ -302,7 +334,14 @@ async def test_sighup_logs_the_signal_and_names_what_needs_a_restart(
         await wait_for_event(log_path, "config.reload_failed")
         (failed,) = events(log_path, "config.reload_failed")
         assert "not valid TOML" in failed["error"]
-        await asyncio.sleep(0.2)
+
+        config.write_text(original)
+        proc.send_signal(signal.SIGHUP)
+        await wait_for_event(log_path, "config.reloaded", 2)
+        removed = events(log_path, "config.reloaded")[1]
+        assert (removed["started"], removed["stopped"]) == ([], ["web2"])
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", second)) != 0  # its listener is gone
         assert proc.returncode is None  # still running; SIGTERM and exit 0 follow
 
 
