@@ -120,12 +120,7 @@ class Gateway:
         async with AsyncExitStack() as stack:
             self._store = await self._open_store(stack)
 
-            self.notifier.status("loading credentials")
-            stack.push_async_callback(self.credentials.aclose)
-            await self.credentials.load()
-            client_tls = self.credentials.client_tls()
-            self._server_tls = self.credentials.server_tls()
-            self.credentials.check_expiry()
+            client_tls, self._server_tls = await self._load_credentials(stack)
             self._declare_metrics(stack)
 
             self._client = MsgsClient(
@@ -284,13 +279,29 @@ class Gateway:
                 )
         finally:
             await self.credentials.aclose()
+        self._resolve_references()
+        for key, address in config.listen_addresses(self.settings):
+            _check_bindable(key, address.host, address.port)
+
+    async def _load_credentials(
+        self, stack: AsyncExitStack
+    ) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+        """Credential backends loaded; the client and the API server TLS contexts."""
+        self.notifier.status("loading credentials")
+        stack.push_async_callback(self.credentials.aclose)
+        await self.credentials.load()
+        contexts = self.credentials.client_tls(), self.credentials.server_tls()
+        self.credentials.check_expiry()
+        return contexts
+
+    def _resolve_references(self) -> None:
+        """Every secret reference must resolve now, not when a plugin first reads it
+        (an SMPP password at the first bind): check-config and run agree."""
         for ref in config.secret_refs(self.settings):
             try:
                 ref.read_bytes()
             except ConfigError as exc:
                 raise ConfigError(exc.key, exc.problem, source=str(self.settings.source)) from None
-        for key, address in config.listen_addresses(self.settings):
-            _check_bindable(key, address.host, address.port)
 
     def _declare_metrics(self, stack: AsyncExitStack) -> None:
         stack.callback(metrics.SAMPLER.add("gateway", self._collect_metrics))
@@ -310,6 +321,10 @@ class Gateway:
     async def _start_transports(self, stack: AsyncExitStack) -> None:
         # One callback for all: a SIGHUP may add or remove transports meanwhile.
         stack.push_async_callback(self._stop_transports)
+        for ts in self.settings.transports:
+            self.plugins.transports.require(ts)
+        # As check-config does, after the plugins are known to exist.
+        self._resolve_references()
         for ts in self.settings.transports:
             self.notifier.status(f"starting transport {ts.name}")
             await self._start_transport(ts)

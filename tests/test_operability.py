@@ -239,11 +239,14 @@ def test_check_config_resolves_every_secret_reference(tmp_path: Path, loopback_p
         tmp_path, loopback_pki, "https://127.0.0.1:9", device_port=free_port(), admin_port=0
     )
     env = {k: v for k, v in ENV.items() if k != "GATEWAYD_TEST_TOKEN"}
-    result = gatewayd("check-config", str(config), env=env)
-    assert result.returncode == ExitCode.CONFIG, result.stderr
-    assert "transports.web.devices[0].token: environment variable GATEWAYD_TEST_TOKEN" in (
-        result.stderr
-    )
+    for result in (
+        gatewayd("check-config", str(config), env=env),
+        gatewayd("run", "--config", str(config), env=env),  # agrees: refused at start
+    ):
+        assert result.returncode == ExitCode.CONFIG, result.stderr
+        assert "transports.web.devices[0].token: environment variable GATEWAYD_TEST_TOKEN" in (
+            result.stderr
+        )
     ok = gatewayd("check-config", str(config))
     assert ok.returncode == 0, ok.stderr
 
