@@ -16,8 +16,9 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -395,3 +396,43 @@ async def test_metrics_count_at_any_log_level(
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+async def test_readyz_follows_the_circuit_to_the_server(
+    tmp_path: Path, loopback_pki: Pki, sim: SimServer
+) -> None:
+    """Registered, then the server fails every call: the breaker opens and /readyz says
+    so (503, with the reason); once the server answers again, ready again."""
+    admin, device = free_port(), free_port()
+    config = write_config(
+        tmp_path, loopback_pki, sim.api_root, device_port=device, admin_port=admin
+    )
+    log_path = tmp_path / "gateway.log"
+    async with gateway_process(config, log_path):
+
+        async def readyz() -> tuple[int, str]:
+            return await get(admin, "/readyz")
+
+        await until(lambda: _is(readyz(), 200), timeout=30)
+        sim.fail(503, retry_after=1, seconds=8)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"http://127.0.0.1:{device}/v1/devices/sensor-1/messages",
+                json={"payload": "during the outage", "msgId": "outage-1"},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            ) as resp,
+        ):
+            assert resp.status == 202  # stored: intake goes on while the server is down
+
+        async def circuit_open() -> bool:
+            status, body = await readyz()
+            return status == 503 and "circuit to the MSGin5G Server is open" in body
+
+        await until(circuit_open, timeout=40)
+        await until(lambda: _is(readyz(), 200), timeout=60)
+        await sim.wait_for(lambda: any(u.message.msg_id == "outage-1" for u in sim.uplinks), 30)
+
+
+async def _is(answer: Coroutine[Any, Any, tuple[int, str]], status: int) -> bool:
+    return (await answer)[0] == status
