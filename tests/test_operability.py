@@ -436,3 +436,11 @@ async def test_readyz_follows_the_circuit_to_the_server(
 
 async def _is(answer: Coroutine[Any, Any, tuple[int, str]], status: int) -> bool:
     return (await answer)[0] == status
+
+
+def test_status_without_a_gateway_is_exit_69_and_says_where_it_asked() -> None:
+    port = free_port()
+    result = gatewayd("status", "--url", f"http://127.0.0.1:{port}")
+    assert result.returncode == ExitCode.UNAVAILABLE
+    assert f"no gateway answers at http://127.0.0.1:{port}/status" in result.stderr
+    assert result.stdout == ""
