@@ -431,6 +431,11 @@ class Transport(ABC):
     async def deliver(self, message: Downlink) -> DeliveryOutcome:
         """Deliver a downlink message; the outcome is the transport's evidence of it."""
 
+    def link_state(self) -> dict[str, str | int]:
+        """The link as ``gatewayd status`` shows it: ``state`` (connected, bound,
+        listening, ...) plus counts worth a glance (binds, reconnects). Override it."""
+        return {"state": "started"}
+
     async def deliver_report(self, report: UplinkReport) -> bool:
         """Pass the server's report on an uplink message to the device, if the protocol can.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -16,7 +17,7 @@ import structlog
 
 from gatewayd import __version__, config, pki
 from gatewayd import log as logmod
-from gatewayd.errors import ExitCode, GatewaydError
+from gatewayd.errors import ConfigError, ExitCode, GatewaydError
 
 if TYPE_CHECKING:
     from gatewayd.daemon import Gateway
@@ -55,6 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config", type=Path)
     check.set_defaults(func=cmd_check_config)
 
+    status = sub.add_parser(
+        "status",
+        help="the live state of a running gateway (from its admin listener)",
+        description="Registration, transports, queues, rates and credentials of a running "
+        "gateway, read from /status on its [metrics] listener.",
+    )
+    where = status.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", "-c", type=Path, help="the gateway's config file")
+    where.add_argument("--url", help="the admin listener, e.g. http://127.0.0.1:9464")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
     plugins = sub.add_parser("plugins", help="list the installed plugins and their hooks")
     plugins.set_defaults(func=cmd_plugins)
 
@@ -83,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Every command logs to stderr: stdout is for a command's output (JSON included).
+    logmod.configure("warning")
     try:
         return int(args.func(args))
     except GatewaydError as exc:
@@ -104,6 +119,34 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"{len(settings.transports)} transport(s), {len(settings.credentials)} credential set(s))"
     )
     return int(ExitCode.OK)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from gatewayd import status
+
+    url = args.url
+    if url is None:
+        settings = config.load(args.config)
+        if settings.metrics is None:
+            raise ConfigError(
+                "metrics.listen",
+                "is not set: the gateway has no admin listener to ask",
+                source=str(args.config),
+            )
+        host = settings.metrics.host
+        if host in ("0.0.0.0", "::"):  # noqa: S104 - connecting, not binding
+            host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # noqa: S104
+        url = (
+            f"http://[{host}]:{settings.metrics.port}"
+            if ":" in host
+            else (f"http://{host}:{settings.metrics.port}")
+        )
+    view = asyncio.run(status.fetch(url.rstrip("/")))
+    if args.json:
+        print(json.dumps(view, indent=2, sort_keys=True))
+    else:
+        print(status.render(view))
+    return int(ExitCode.OK if view["gateway"]["ready"] else ExitCode.UNAVAILABLE)
 
 
 def cmd_plugins(_args: argparse.Namespace) -> int:
@@ -143,8 +186,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = config.load(args.config)
     logmod.configure(settings.log.level, settings.log.format)
-    gateway = Gateway(settings, Plugins())
-    asyncio.run(_serve(gateway))
+    log = structlog.get_logger("gatewayd.cli")
+    try:
+        gateway = Gateway(settings, Plugins())
+        asyncio.run(_serve(gateway))
+    except GatewaydError as exc:
+        # One event a log shipper can match, with the code systemd will see.
+        log.error("gateway.failed", exit_code=int(exc.exit_code), error=str(exc))
+        return int(exc.exit_code)
+    except Exception as exc:
+        log.error("gateway.failed", exit_code=int(ExitCode.FAILURE), error=repr(exc), exc_info=exc)
+        return int(ExitCode.FAILURE)
     return int(ExitCode.OK)
 
 
@@ -170,7 +222,8 @@ async def _serve(gateway: Gateway) -> None:
     reloads: set[asyncio.Task[None]] = set()
 
     def on_hup() -> None:
-        task = loop.create_task(gateway.reload(), name="reload")
+        log.info("signal.received", signal="SIGHUP")
+        task = loop.create_task(gateway.reload(reread_config=True), name="reload")
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 

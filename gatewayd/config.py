@@ -18,6 +18,7 @@ from gatewayd.errors import ConfigError
 from gatewayd.msgin5g.model import Address
 from gatewayd.msgin5g.registration import GatewayType
 from gatewayd.northbound.paths import gateway_api_prefix
+from gatewayd.options import ListenAddress, SecretRef
 from gatewayd.retry import RetryPolicy
 from gatewayd.security.tokens import TokenGate, read_gate
 from gatewayd.store import StoreSettings
@@ -94,6 +95,7 @@ class Settings:
     # Defaults keep Settings(...) calls elsewhere working without these keys.
     metrics: MetricsSettings | None = None
     cert_warning_days: int = 30  # warn (credentials.expiring) this close to a cert's end
+    stats_interval: float = 300.0  # seconds between gateway.stats log lines; 0: none
 
     def credential(self, name: str) -> PluginSettings | None:
         return next((c for c in self.credentials if c.name == name), None)
@@ -124,6 +126,7 @@ def parse(data: dict[str, Any], path: Path) -> Settings:
     state_dir = gw.get_path("state_dir", None, base=base) or base / "state"
     drain_timeout = gw.get_float("drain_timeout", 10.0)
     cert_warning_days = gw.get_int("cert_warning_days", 30, minimum=0)
+    stats_interval = gw.get_float("stats_interval", 300.0, minimum=0.0)
     gw.check_unknown()
 
     credentials = tuple(
@@ -217,6 +220,7 @@ def parse(data: dict[str, Any], path: Path) -> Settings:
         transports=transports,
         metrics=metrics,
         cert_warning_days=cert_warning_days,
+        stats_interval=stats_interval,
     )
 
 
@@ -335,3 +339,72 @@ def _check_unique_service_ids(transports: tuple[TransportSettings, ...], source:
                     source=source,
                 )
             owner[d.service_id] = f"transports.{t.name}"
+
+
+# --- what check-config verifies beyond parsing ----------------------------------------
+
+
+def read_raw(path: Path) -> dict[str, Any]:
+    """The file as parsed TOML, unvalidated (after :func:`load` accepted it)."""
+    with path.open("rb") as fh:
+        return tomllib.load(fh)
+
+
+def changed_tables(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Which tables differ: top-level ones, and ``transports.NAME`` /
+    ``credentials.NAME`` one by one (what an operator would have to look at)."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key), new.get(key)
+        if (
+            key in ("transports", "credentials")
+            and isinstance(before, dict)
+            and isinstance(after, dict)
+        ):
+            changed += [
+                f"{key}.{name}"
+                for name in sorted(set(before) | set(after))
+                if before.get(name) != after.get(name)
+            ]
+        elif before != after:
+            changed.append(key)
+    return changed
+
+
+def secret_refs(settings: Settings) -> list[SecretRef]:
+    """Every ``{ env | file | credential = ... }`` reference in the file, wherever it is
+    (plugin tables included), each named by its key path."""
+    data = read_raw(settings.source)
+    found: list[SecretRef] = []
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            if len(value) == 1:
+                ((kind, where),) = value.items()
+                if kind in ("env", "file", "credential") and isinstance(where, str):
+                    if kind == "file" and not Path(where).is_absolute():
+                        where = str(settings.source.parent.resolve() / where)
+                    found.append(SecretRef(kind, where, key))
+                    return
+            for name, inner in value.items():
+                walk(inner, f"{key}.{name}" if key else name)
+        elif isinstance(value, list):
+            for i, inner in enumerate(value):
+                walk(inner, f"{key}[{i}]")
+
+    walk(data, "")
+    return found
+
+
+def listen_addresses(settings: Settings) -> list[tuple[str, ListenAddress]]:
+    """Every address the gateway will listen on, by config key: the API, the metrics
+    listener, and each transport's ``listen`` option (the convention for listeners)."""
+    out = [("api.listen", ListenAddress(settings.api.host, settings.api.port))]
+    if settings.metrics is not None:
+        out.append(("metrics.listen", ListenAddress(settings.metrics.host, settings.metrics.port)))
+    data = read_raw(settings.source)
+    for name, table in data.get("transports", {}).items():
+        if isinstance(table, dict) and isinstance(table.get("listen"), str):
+            opts = Options(table, f"transports.{name}", source=str(settings.source))
+            out.append((f"transports.{name}.listen", opts.get_listen("listen")))
+    return out

@@ -180,12 +180,12 @@ class Credentials:
             # either live context is touched.
             tls.server_context(identity, trust, require_client_cert=True)
         except GatewaydError as exc:
-            metrics.CREDENTIAL_RELOADS.inc(outcome="failed")
+            metrics.CREDENTIAL_RELOADS.labels(outcome="failed").inc()
             log.error("credentials.reload_failed", error=str(exc))
             return None
         finally:
             self.check_expiry()
-        metrics.CREDENTIAL_RELOADS.inc(outcome="ok")
+        metrics.CREDENTIAL_RELOADS.labels(outcome="ok").inc()
         return Rotation(client, identity, trust)
 
     def _file_state(self) -> FileState:
@@ -252,9 +252,9 @@ class Credentials:
         for gauge in (metrics.CREDENTIAL_NOT_AFTER, metrics.CREDENTIAL_DAYS_LEFT):
             gauge.clear()  # an instance that no longer has a certificate drops out
         for name, when in self._not_after.items():
-            metrics.CREDENTIAL_NOT_AFTER.set(when.timestamp(), credentials=name)
+            metrics.CREDENTIAL_NOT_AFTER.labels(credentials=name).set(when.timestamp())
             days_left = (when - now).total_seconds() / 86400
-            metrics.CREDENTIAL_DAYS_LEFT.set(round(days_left, 3), credentials=name)
+            metrics.CREDENTIAL_DAYS_LEFT.labels(credentials=name).set(round(days_left, 3))
 
     async def expiry_loop(self) -> None:
         while True:

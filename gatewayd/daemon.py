@@ -1,7 +1,10 @@
 """The one lifecycle owner: start in order, run, drain, stop in reverse.
 
-Start: store -> credentials -> API server -> transports -> workers and registration ->
-READY=1. Stop (SIGTERM, or the injected trigger in tests): 1. stop taking downlink from
+Start: store -> credentials -> API server -> admin listener -> transports -> workers and
+registration; READY=1 only once the registration holds and a store write commits (STATUS=
+says what the start waits for meanwhile). A listen address in use or a transport whose
+``start()`` raises ends the start with an error naming the config key or the transport.
+Stop (SIGTERM, or the injected trigger in tests): 1. stop taking downlink from
 the server, 2. finish the work in flight within ``gateway.drain_timeout`` (what is left
 stays in the store for the next start), 3. stop transports, 4. deregister, 5. close the
 northbound client, 6. close the store.
@@ -10,7 +13,9 @@ northbound client, 6. close the store.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Coroutine
@@ -19,21 +24,27 @@ from typing import Any
 
 import structlog
 
+from gatewayd import config, metrics, status
 from gatewayd import log as logmod
-from gatewayd import metrics
+from gatewayd.admin import AdminServer
 from gatewayd.api import (
     Acceptance,
     Device,
     DeviceReport,
     Rejection,
     Transport,
+    TransportSettings,
     Uplink,
 )
 from gatewayd.config import Settings
 from gatewayd.credentials import Credentials, PluginContext
 from gatewayd.errors import (
+    ConfigError,
+    GatewaydError,
     IntakeRefusedError,
+    ListenError,
     StoreError,
+    TransportStartError,
 )
 from gatewayd.northbound.client import MsgsClient
 from gatewayd.northbound.registration import Registrar
@@ -101,6 +112,11 @@ class Gateway:
         self._registrar: Registrar | None = None
         self._stop_deadline: float | None = None
         self.metrics_port: int | None = None
+        self.live = status.LiveState(self)
+        # The file as it was when these settings were read: SIGHUP names what changed.
+        self._config_at_start = (
+            config.read_raw(settings.source) if settings.source.is_file() else {}
+        )
         # SIGHUP and the file watcher may both ask for a reload: one at a time.
         self._reload_lock = asyncio.Lock()
 
@@ -117,18 +133,10 @@ class Gateway:
     async def run(self, shutdown: Awaitable[Any] | None = None) -> None:
         s = self.settings
         async with AsyncExitStack() as stack:
-            s.state_dir.mkdir(parents=True, exist_ok=True)
-            self._store = await Store.open(s.store)
-            stack.push_async_callback(self._store.close)
-            for transport, device, service_id in await self._store.learned_devices():
-                self.directory.learn(transport, Device(name=device, service_id=service_id))
+            self._store = await self._open_store(stack)
 
-            stack.push_async_callback(self.credentials.aclose)
-            await self.credentials.load()
-            client_tls = self.credentials.client_tls()
-            self._server_tls = self.credentials.server_tls()
-            self.credentials.check_expiry()
-            stack.callback(metrics.REGISTRY.add_collector("gateway", self._collect_metrics))
+            client_tls, self._server_tls = await self._load_credentials(stack)
+            self._declare_metrics(stack)
 
             self._client = MsgsClient(
                 s.northbound.api_root,
@@ -151,13 +159,15 @@ class Gateway:
                 token=s.api.token,
             )
             stack.push_async_callback(api.close)
-            self.api_port = await api.start(s.api.host, s.api.port, self._server_tls)
+            self.notifier.status("starting the API listener")
+            with ListenError.naming("api.listen", s.api.host, s.api.port):
+                self.api_port = await api.start(s.api.host, s.api.port, self._server_tls)
             log.info("api.listening", host=s.api.host, port=self.api_port, prefix=api.prefix)
             await self._start_metrics(stack)
 
             # Uplink messages and reports share the server, so they share one breaker and
             # wait for the registration; downlink goes to transports and waits for nothing.
-            breaker = CircuitBreaker()
+            breaker = self.live.breaker = CircuitBreaker()
             self._registrar = Registrar(
                 self._client,
                 gateway_id=s.gateway_id,
@@ -203,6 +213,7 @@ class Gateway:
                     concurrency=s.northbound.concurrency,
                 ),
             }
+            self.live.workers = workers
             self._spawn("registration", self._registrar.run())
             for name, worker in workers.items():
                 self._spawn(f"worker:{name}", worker.run())
@@ -212,7 +223,8 @@ class Gateway:
             if self.notifier.watchdog_interval:
                 self._spawn("watchdog", self._watchdog(self.notifier.watchdog_interval))
 
-            self.notifier.ready(f"serving {len(self.directory.service_ids())} UE Service IDs")
+            self._spawn("readiness", self._announce_ready())
+            self._spawn("stats", self.live.stats_loop(s.stats_interval))
             log.info(
                 "gateway.started",
                 gateway_id=s.gateway_id,
@@ -274,8 +286,10 @@ class Gateway:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def check(self) -> None:
-        """Everything a start checks short of opening sockets: plugins, their options,
-        credentials (loaded and matched to gateway.id) and TLS contexts."""
+        """Everything a start checks short of serving: credentials (loaded and matched to
+        gateway.id), TLS contexts, plugins and their options, then that every secret
+        reference resolves (even one read only later, per device) and every listen
+        address can be bound."""
         try:
             await self.credentials.load()
             self.credentials.client_tls()
@@ -286,38 +300,105 @@ class Gateway:
                 )
         finally:
             await self.credentials.aclose()
+        self._resolve_references()
+        for key, address in config.listen_addresses(self.settings):
+            _check_bindable(key, address.host, address.port)
+
+    async def _load_credentials(
+        self, stack: AsyncExitStack
+    ) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+        """Credential backends loaded; the client and the API server TLS contexts."""
+        self.notifier.status("loading credentials")
+        stack.push_async_callback(self.credentials.aclose)
+        await self.credentials.load()
+        contexts = self.credentials.client_tls(), self.credentials.server_tls()
+        self.credentials.check_expiry()
+        return contexts
+
+    def _resolve_references(self) -> None:
+        """Every secret reference must resolve now, not when a plugin first reads it
+        (an SMPP password at the first bind): check-config and run agree."""
+        for ref in config.secret_refs(self.settings):
+            try:
+                ref.read_bytes()
+            except ConfigError as exc:
+                raise ConfigError(exc.key, exc.problem, source=str(self.settings.source)) from None
+
+    def _declare_metrics(self, stack: AsyncExitStack) -> None:
+        stack.callback(metrics.SAMPLER.add("gateway", self._collect_metrics))
+        metrics.set_breaker("northbound", "closed")  # the breaker's name and first state
+        metrics.declare_transports(ts.name for ts in self.settings.transports)
+        metrics.use_transport_lookup(self._transport_of)
+
+    async def _open_store(self, stack: AsyncExitStack) -> Store:
+        self.notifier.status("opening the store")
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        store = await Store.open(self.settings.store)
+        stack.push_async_callback(store.close)
+        for transport, device, service_id in await store.learned_devices():
+            self.directory.learn(transport, Device(name=device, service_id=service_id))
+        return store
 
     async def _start_transports(self, stack: AsyncExitStack) -> None:
+        # One callback for all: a SIGHUP may add or remove transports meanwhile.
+        stack.push_async_callback(self._stop_transports)
         for ts in self.settings.transports:
-            factory = self.plugins.transports.require(ts)
-            intake = TransportIntake(
-                name=ts.name,
-                store=self.store,
-                directory=self.directory,
-                relay=self.settings.relay,
-                plugins=self.plugins,
-                credentials=self.credentials.get,
-                on_learned=self._learned,
-            )
+            self.plugins.transports.require(ts)
+        # As check-config does, after the plugins are known to exist.
+        self._resolve_references()
+        for ts in self.settings.transports:
+            self.notifier.status(f"starting transport {ts.name}")
+            await self._start_transport(ts)
+
+    async def _start_transport(self, ts: TransportSettings) -> None:
+        factory = self.plugins.transports.require(ts)
+        intake = TransportIntake(
+            name=ts.name,
+            store=self.store,
+            directory=self.directory,
+            relay=self.settings.relay,
+            plugins=self.plugins,
+            credentials=self.credentials.get,
+            on_learned=self._learned,
+        )
+        try:
             transport = factory(ts, intake)
             await transport.start()
-            stack.push_async_callback(self._stop_transport, transport)
-            self.transports[ts.name] = transport
-            self._spawn(f"transport:{ts.name}", transport.run())
-            log.info("transport.started", transport=ts.name, plugin=ts.plugin)
+        except Exception as exc:
+            # Whatever the plugin raised, the operator learns which transport failed.
+            raise TransportStartError(ts.name, ts.plugin, exc) from exc
+        self.transports[ts.name] = transport
+        self._spawn(f"transport:{ts.name}", transport.run())
+        log.info("transport.started", transport=ts.name, plugin=ts.plugin)
+
+    async def _stop_transports(self) -> None:
+        for name in reversed(list(self.transports)):
+            await self._stop_transport(self.transports.pop(name))
 
     async def _start_metrics(self, stack: AsyncExitStack) -> None:
-        """The optional Prometheus endpoint; gauges and counters exist without it."""
+        """The optional admin listener (metrics, probes, status); metrics exist without it."""
         ms = self.settings.metrics
         if ms is None:
             return
-        exporter = metrics.MetricsServer()
-        stack.push_async_callback(exporter.close)
-        bound = await exporter.start(ms.host, ms.port)
+        listener = AdminServer(self.live)
+        stack.push_async_callback(listener.close)
+        with ListenError.naming("metrics.listen", ms.host, ms.port):
+            bound = await listener.start(ms.host, ms.port)
         self.metrics_port = bound.port
-        log.info("metrics.listening", host=bound.host, port=bound.port, path="/metrics")
+        log.info(
+            "metrics.listening",
+            host=bound.host,
+            port=bound.port,
+            path="/metrics",
+            probes=["/healthz", "/readyz", "/status"],
+        )
 
     async def _stop_transport(self, transport: Transport) -> None:
+        # Its intake loop first, as at shutdown: a loop must not see its link vanish.
+        task = self._tasks.pop(f"transport:{transport.name}", None)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         try:
             await transport.stop()
             log.info("transport.stopped", transport=transport.name)
@@ -366,9 +447,11 @@ class Gateway:
                 for item in await self.store.expire(
                     report=lambda item: expiry_report(dispatcher, item)
                 ):
+                    metrics.expired(item)
                     with logmod.bound_message(item.msg_id, queue=str(item.queue)):
                         log.warning("message.expired", to="dead-letter queue")
                         if _queued_report(dispatcher, item):
+                            metrics.report("queued")
                             log.info("report.queued", delivered=False, cause="EXPIRED")
                 await self.store.prune()
                 deferred = False
@@ -379,10 +462,17 @@ class Gateway:
                 deferred = True
             await asyncio.sleep(EXPIRY_SWEEP_SECONDS)
 
-    async def reload(self) -> None:
-        """SIGHUP, or a credential file changed: new connections use the new material."""
+    async def reload(self, *, reread_config: bool = False) -> None:
+        """SIGHUP, or a credential file changed: new connections use the new material.
+
+        On SIGHUP (``reread_config``) the TOML file is read again too: changed transport
+        tables are applied; any other change is named (``config.restart_needed``) and
+        nothing applied; a broken file is reported before a restart would trip over it.
+        """
         async with self._reload_lock:
             self.notifier.reloading()
+            if reread_config:
+                await self._reread_config()
             rotation = await self.credentials.rotate()
             if rotation is not None:
                 assert self._client is not None
@@ -396,15 +486,85 @@ class Gateway:
                 log.info("credentials.reloaded")
             self.notifier.ready("reloaded")
 
+    async def _reread_config(self) -> None:
+        """Apply changed transport tables (devices included); name anything else."""
+        source = self.settings.source
+        try:
+            fresh = config.load(source)
+            now = config.read_raw(source)
+        except (GatewaydError, OSError) as exc:
+            log.error("config.reload_failed", path=str(source), error=str(exc))
+            return
+        changed = config.changed_tables(self._config_at_start, now)
+        if any(not key.startswith("transports.") for key in changed):
+            log.warning("config.restart_needed", path=str(source), changed=changed)
+            return
+        if changed:
+            await self._reconfigure_transports(fresh, [k.split(".", 1)[1] for k in changed])
+            self._config_at_start = now
+
+    async def _reconfigure_transports(self, fresh: Settings, names: list[str]) -> None:
+        """Stop the changed or removed transports, remap the devices, start the changed
+        or added ones; the registration follows the new set of UE Service IDs."""
+        wanted = {ts.name: ts for ts in fresh.transports}
+        for name in names:
+            if name in self.transports:
+                await self._stop_transport(self.transports.pop(name))
+        self.settings = dataclasses.replace(self.settings, transports=fresh.transports)
+        self.directory.reconfigure(fresh.transports)
+        for transport, device, service_id in await self.store.learned_devices():
+            if self.directory.learnable(transport, device) is not None:
+                self.directory.learn(transport, Device(name=device, service_id=service_id))
+        metrics.declare_transports(wanted)
+        started = []
+        for name in names:
+            if name in wanted:
+                try:
+                    await self._start_transport(wanted[name])
+                    started.append(name)
+                except TransportStartError as exc:
+                    log.error("config.reload_failed", path=str(fresh.source), error=str(exc))
+        if self._registrar is not None:
+            self._registrar.changed()
+        log.info(
+            "config.reloaded",
+            started=started,
+            stopped=[n for n in names if n not in wanted],
+            transports=sorted(self.transports),
+        )
+
     async def _collect_metrics(self) -> None:
-        """Before each scrape: days left as of now, and the store's backlog per queue."""
+        """Before each scrape: days left as of now, the store's backlog per queue, and
+        the live state (in flight, breaker, registration, readiness)."""
         self.credentials.set_expiry_gauges()
+        self.live.set_gauges()
         if self._store is None:
             return
         stats = await self._store.stats()
         for queue, counts in stats["queues"].items():
-            metrics.STORE_BACKLOG.set(counts["pending"], queue=queue)
-            metrics.STORE_DEAD.set(counts["dead"], queue=queue)
+            metrics.STORE_BACKLOG.labels(queue=queue).set(counts["pending"])
+            metrics.STORE_DEAD.labels(queue=queue).set(counts["dead"])
+            metrics.STORE_OLDEST_AGE.labels(queue=queue).set(counts["oldest_age"] or 0)
+
+    def _transport_of(self, lane: str) -> str:
+        endpoint = self.directory.endpoint(lane)
+        return endpoint.transport if endpoint is not None else "unknown"
+
+    async def _announce_ready(self) -> None:
+        """READY=1 once the server holds our registration and the store takes a write."""
+        assert self._registrar is not None
+        self.notifier.status(f"waiting for registration with {self.settings.northbound.api_root}")
+        await self._registrar.ready.wait()
+        while True:
+            try:
+                await self.store.prune()  # a write transaction: a read-only disk fails it
+                break
+            except (IntakeRefusedError, StoreError) as exc:
+                self.notifier.status(f"waiting for the store to be writable: {exc}")
+                await asyncio.sleep(EXPIRY_SWEEP_SECONDS)
+        self.live.store_writable = True
+        self.notifier.ready(f"serving {len(self.directory.service_ids())} UE Service IDs")
+        log.info("gateway.ready", service_ids=len(self.directory.service_ids()))
 
     async def _watchdog(self, interval: float) -> None:
         # Ping only while the loop keeps time: a stalled loop must let systemd restart us.
@@ -427,6 +587,14 @@ def _queued_report(dispatcher: Dispatcher, item: Item) -> bool:
     except Exception:  # an unreadable body: the store logged it, and stored no report
         return False
     return report is not None and report[0] == Queue.REPORT
+
+
+def _check_bindable(key: str, host: str, port: int) -> None:
+    """Bind and release: an address in use or not on this host fails here, naming ``key``."""
+    with ListenError.naming(key, host, port):
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, _, _, _, sockaddr in infos:
+            socket.create_server(sockaddr[:2], family=family).close()
 
 
 def _api_root(host: str, port: int) -> str:

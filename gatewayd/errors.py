@@ -7,6 +7,9 @@ the original adds nothing but noise).
 
 from __future__ import annotations
 
+import contextlib
+import errno
+from collections.abc import Iterator
 from enum import IntEnum
 
 
@@ -55,6 +58,48 @@ class PluginError(GatewaydError):
     """A plugin failed to load, declared an unknown hook, or broke the plugin API."""
 
     exit_code = ExitCode.CONFIG
+
+
+class ListenError(GatewaydError):
+    """A configured listen address cannot be bound (in use, not local, not permitted).
+
+    Exit 69, not 1: a port someone else holds is not fixed by systemd restarting us.
+    """
+
+    exit_code = ExitCode.UNAVAILABLE
+
+    def __init__(self, key: str, host: str, port: int, reason: str) -> None:
+        self.key = key
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        super().__init__(f"{key}: cannot listen on {shown}: {reason}")
+
+    @staticmethod
+    @contextlib.contextmanager
+    def naming(key: str, host: str, port: int) -> Iterator[None]:
+        """Turn the OSError of a bind into a ListenError naming the config key."""
+        try:
+            yield
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            if exc.errno == errno.EADDRINUSE:
+                reason = "the address is already in use by another process"
+            raise ListenError(key, host, port, reason) from None
+
+
+class TransportStartError(GatewaydError):
+    """A transport's ``start()`` raised; names the transport, keeps the plugin's exit code."""
+
+    def __init__(self, name: str, plugin: str, cause: BaseException) -> None:
+        self.transport = name
+        self.exit_code = cause.exit_code if isinstance(cause, GatewaydError) else ExitCode.FAILURE
+        # A port in use is 69 whoever reports it: a plugin may wrap the OSError.
+        link: BaseException | None = cause
+        while link is not None:
+            if isinstance(link, OSError) and link.errno == errno.EADDRINUSE:
+                self.exit_code = ExitCode.UNAVAILABLE
+            link = link.__cause__ or link.__context__
+        detail = str(cause) or type(cause).__name__
+        super().__init__(f"transports.{name} (plugin {plugin}): start failed: {detail}")
 
 
 class PeerRefusedError(GatewaydError):

@@ -16,8 +16,6 @@ from typing import Any
 
 import structlog
 
-from gatewayd.metrics import count_events
-
 _SECRET_KEYS = frozenset(
     {"password", "passphrase", "pin", "token", "access_token", "client_secret", "key_pem"}
 )
@@ -49,8 +47,6 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     structlog.configure(
         processors=[
             *shared,
-            # Message counters for /metrics, from the stable event names (gatewayd.metrics).
-            count_events,
             structlog.processors.StackInfoRenderer(),
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],

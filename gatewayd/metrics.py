@@ -1,127 +1,322 @@
-"""Process metrics: a small registry and its Prometheus text exposition endpoint.
+"""Process metrics on prometheus-client, and the listener that serves them.
 
-No client library: counters and gauges with labels are a few dozen lines, and the text
-format (version 0.0.4) is stable and simple. One registry per process (:data:`REGISTRY`),
-as Prometheus expects one target per process.
+Counters are incremented where a message is accepted (stored) and where it is settled
+(the queue worker's outcome), never from log events: a log level filter must not change
+a metric. Gauges that are cheap to compute but expensive to keep current (store backlog,
+in-flight work, breaker and registration state, days left on a certificate) are sampled
+by the gateway just before each scrape (:meth:`Sampler.refresh`).
 
-Message counters are fed by :func:`count_events`, a structlog processor that counts the
-stable ``message.*`` / ``report.*`` events (docs/logging.md). That keeps the hot path
-untouched (relay, senders and worker have no metrics calls) and makes the counters
-agree with the logs by construction: the event names are already a contract that
-monitoring may rely on. Gauges that are cheap to compute but expensive to keep current
-(the store backlog, days left on a certificate) are sampled by collectors on scrape.
+One registry per process (:data:`REGISTRY`), as Prometheus expects one target per
+process; it carries the standard process, platform and GC collectors as well.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
-from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+import platform
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import structlog
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from gatewayd import __version__
 
 if TYPE_CHECKING:
-    # aiohttp loads only when the endpoint starts: log.py imports this module, and
-    # every CLI command imports log.py.
-    from aiohttp import web
+    from gatewayd.store import Item
+    from gatewayd.worker import Outcome
 
 log = structlog.get_logger(__name__)
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 LabelValues = tuple[str, ...]
 Collector = Callable[[], Awaitable[None]]
 
+# The *_created series double the exposition and no dashboard of ours reads them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
 
-class _Metric:
-    """A named family of samples keyed by label values."""
+# Settled outcomes per direction; with "received", "duplicate" and "expired" these are
+# the label values of gatewayd_messages_total, all created at 0 for every transport.
+UPLINK_OUTCOMES = ("received", "duplicate", "forwarded", "rejected", "deferred", "expired")
+DOWNLINK_OUTCOMES = ("received", "duplicate", "delivered", "failed", "deferred", "expired")
+REPORT_OUTCOMES = ("queued", "sent", "rejected", "received", "delivered", "not_carried")
+QUEUES = ("uplink", "downlink", "report", "segment", "intake")
+# Why intake refuses device input for good, as the core decides (transports add their own).
+INTAKE_REASONS = ("invalid_message", "unknown_device", "device_refused")
+BREAKER_STATES = ("closed", "open", "half_open")
+# Seconds; from a LAN round trip to a message that waited out a server outage.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
 
-    kind = "untyped"
+BUILD_INFO = Gauge(
+    "gatewayd_build_info",
+    "Always 1; the labels say which gatewayd and Python run.",
+    ("version", "python"),
+    registry=REGISTRY,
+)
+BUILD_INFO.labels(version=__version__, python=platform.python_version()).set(1)
 
-    def __init__(self, name: str, help_text: str, labelnames: tuple[str, ...]) -> None:
-        self.name = name
-        self.help = help_text
-        self.labelnames = labelnames
-        self._values: dict[LabelValues, float] = {}
+MESSAGES = Counter(
+    "gatewayd_messages",
+    "Messages by direction (uplink, downlink), transport and outcome: received and "
+    "duplicate when stored, forwarded/delivered, rejected/failed, deferred (a retry), "
+    "expired when settled.",
+    ("direction", "transport", "outcome"),
+    registry=REGISTRY,
+)
+REPORTS = Counter(
+    "gatewayd_reports",
+    "Delivery reports by outcome (queued, sent, rejected, received, delivered, not_carried).",
+    ("outcome",),
+    registry=REGISTRY,
+)
+RELAY_SECONDS = Histogram(
+    "gatewayd_relay_seconds",
+    "End to end: from a message's acceptance (stored) to its successful hand-over "
+    "(uplink: the server's answer; downlink: the transport's delivery).",
+    ("direction", "transport"),
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+NORTHBOUND_SECONDS = Histogram(
+    "gatewayd_northbound_request_seconds",
+    "Requests to the MSGin5G Server by operation, whatever their answer.",
+    ("operation",),
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+IN_FLIGHT = Gauge(
+    "gatewayd_in_flight",
+    "Items of each store queue being handled right now.",
+    ("queue",),
+    registry=REGISTRY,
+)
+CIRCUIT_STATE = Gauge(
+    "gatewayd_circuit_state",
+    "1 for the state the circuit breaker towards the server is in, 0 for the others.",
+    ("breaker", "state"),
+    registry=REGISTRY,
+)
+REGISTERED = Gauge(
+    "gatewayd_registered",
+    "1 while the server holds a registration of this gateway.",
+    registry=REGISTRY,
+)
+REGISTRATION_EXPIRY = Gauge(
+    "gatewayd_registration_expiry_seconds",
+    "When the registration the server granted expires (unix time; 0: none).",
+    registry=REGISTRY,
+)
+READY = Gauge(
+    "gatewayd_ready",
+    "1 when ready: credentials loaded, API listening, registered, store writable and the "
+    "circuit to the server not open (as /readyz answers).",
+    registry=REGISTRY,
+)
+CREDENTIAL_RELOADS = Counter(
+    "gatewayd_credential_reloads",
+    "Credential reloads (SIGHUP or a file change) by outcome (ok, failed).",
+    ("outcome",),
+    registry=REGISTRY,
+)
+CREDENTIAL_NOT_AFTER = Gauge(
+    "gatewayd_credential_not_after_seconds",
+    "When the TLS certificate of a credentials instance expires (unix time).",
+    ("credentials",),
+    registry=REGISTRY,
+)
+CREDENTIAL_DAYS_LEFT = Gauge(
+    "gatewayd_credential_days_left",
+    "Days until the TLS certificate of a credentials instance expires (negative: expired).",
+    ("credentials",),
+    registry=REGISTRY,
+)
+STORE_BACKLOG = Gauge(
+    "gatewayd_store_backlog",
+    "Pending items per store queue (uplink, downlink, report, segment), sampled on scrape.",
+    ("queue",),
+    registry=REGISTRY,
+)
+STORE_OLDEST_AGE = Gauge(
+    "gatewayd_store_oldest_age_seconds",
+    "Age of the oldest pending item per store queue (0 when empty), sampled on scrape.",
+    ("queue",),
+    registry=REGISTRY,
+)
+STORE_DEAD = Gauge(
+    "gatewayd_store_dead",
+    "Items in the dead-letter queue per store queue, sampled on scrape.",
+    ("queue",),
+    registry=REGISTRY,
+)
+INTAKE_REJECTED = Counter(
+    "gatewayd_intake_rejected",
+    "Device input refused for good at intake, by transport and reason (kept in the DLQ).",
+    ("transport", "reason"),
+    registry=REGISTRY,
+)
+PEER_DROPPED = Counter(
+    "gatewayd_transport_peer_dropped",
+    "Messages a transport's peer (an MQTT broker) reports it dropped, as far as it tells.",
+    ("transport",),
+    registry=REGISTRY,
+)
 
-    def _key(self, labels: Mapping[str, str]) -> LabelValues:
-        if set(labels) != set(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {tuple(labels)}")
-        return tuple(str(labels[n]) for n in self.labelnames)
-
-    def value(self, **labels: str) -> float:
-        """The current value for ``labels`` (0 when never set), for tests and collectors."""
-        return self._values.get(self._key(labels), 0.0)
-
-    def samples(self) -> Iterator[tuple[LabelValues, float]]:
-        yield from sorted(self._values.items())
-
-    def render(self) -> str:
-        lines = [f"# HELP {self.name} {_escape_help(self.help)}", f"# TYPE {self.name} {self.kind}"]
-        for values, number in self.samples():
-            pairs = ",".join(
-                f'{n}="{_escape_label(v)}"' for n, v in zip(self.labelnames, values, strict=True)
-            )
-            series = f"{self.name}{{{pairs}}}" if pairs else self.name
-            lines.append(f"{series} {_number(number)}")
-        return "\n".join(lines) + "\n"
+for _outcome in ("ok", "failed"):
+    CREDENTIAL_RELOADS.labels(outcome=_outcome)
+for _outcome in REPORT_OUTCOMES:
+    REPORTS.labels(outcome=_outcome)
+# The requests the gateway makes, as northbound_request() names them.
+for _operation in (
+    "POST /msgs-msgdelivery/v1/deliver-ue-message",
+    "POST /msgs-msgdelivery/v1/deliver-report",
+    "POST /msgs-gwregistration/v1/registrations",
+    "PUT registration",
+    "DELETE registration",
+):
+    NORTHBOUND_SECONDS.labels(operation=_operation)
+for _queue in QUEUES:
+    for _gauge in (IN_FLIGHT, STORE_BACKLOG, STORE_OLDEST_AGE, STORE_DEAD):
+        _gauge.labels(queue=_queue)
 
 
-_M = TypeVar("_M", bound=_Metric)
+def declare_transports(names: Iterable[str]) -> None:
+    """Create every message series of these transports at 0, so that ``rate()`` and
+    ``increase()`` see the first message and dashboards show the transport at once."""
+    for name in names:
+        for outcome in UPLINK_OUTCOMES:
+            MESSAGES.labels(direction="uplink", transport=name, outcome=outcome)
+        for outcome in DOWNLINK_OUTCOMES:
+            MESSAGES.labels(direction="downlink", transport=name, outcome=outcome)
+        for direction in ("uplink", "downlink"):
+            RELAY_SECONDS.labels(direction=direction, transport=name)
+        MESSAGES.labels(direction="segment", transport=name, outcome="expired")
+        for reason in INTAKE_REASONS:
+            INTAKE_REJECTED.labels(transport=name, reason=reason)
+        PEER_DROPPED.labels(transport=name)
 
 
-class Counter(_Metric):
-    """Only goes up; Prometheus computes rates from it."""
-
-    kind = "counter"
-
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        if amount < 0:
-            raise ValueError("a counter only goes up")
-        key = self._key(labels)
-        self._values[key] = self._values.get(key, 0.0) + amount
+# Children by label values: labels() takes a lock and builds a key on every call, and
+# these run once or twice per message.
+_messages: dict[tuple[str, str, str], Counter] = {}
+_relay: dict[tuple[str, str], Histogram] = {}
 
 
-class Gauge(_Metric):
-    """A value that is set, not accumulated."""
-
-    kind = "gauge"
-
-    def set(self, value: float, **labels: str) -> None:
-        self._values[self._key(labels)] = float(value)
-
-    def remove(self, **labels: str) -> None:
-        self._values.pop(self._key(labels), None)
-
-    def clear(self) -> None:
-        self._values.clear()
+def _count(direction: str, transport: str, outcome: str) -> None:
+    key = (direction, transport, outcome)
+    child = _messages.get(key)
+    if child is None:
+        child = _messages[key] = MESSAGES.labels(*key)
+    child.inc()
 
 
-class Registry:
-    """Metrics by name, plus collectors that refresh gauges just before a scrape."""
+def accepted(direction: str, transport: str, *, duplicate: bool) -> None:
+    """A message is durably stored (or recognised as a duplicate of a stored one)."""
+    _count(direction, transport, "duplicate" if duplicate else "received")
+
+
+def report(outcome: str) -> None:
+    REPORTS.labels(outcome=outcome).inc()
+
+
+# Which transport serves a lane (a UE Service ID); set by the gateway at start.
+def _unknown(_lane: str) -> str:
+    return "unknown"
+
+
+_transport_of: Callable[[str], str] = _unknown
+
+
+def transport_of(lane: str) -> str:
+    return _transport_of(lane)
+
+
+def use_transport_lookup(lookup: Callable[[str], str]) -> None:
+    global _transport_of  # noqa: PLW0603 - one lookup per process, like the registry
+    _transport_of = lookup
+
+
+def settled(item: Item, outcome: Outcome) -> None:
+    """The queue worker's verdict on one item, once it is recorded in the store."""
+    # By class name: gatewayd.worker imports this module.
+    verdict = type(outcome).__name__  # Done | Dead | Retry
+    queue = item.queue.value
+    if queue == "report":
+        if verdict != "Retry":
+            report("sent" if verdict == "Done" else "rejected")
+        return
+    if item.body.get("kind") == "report":
+        return  # a report for a device: the dispatcher counts delivered / not_carried
+    transport = _transport_of(item.lane)
+    if verdict == "Done":
+        result = "forwarded" if queue == "uplink" else "delivered"
+        key = (queue, transport)
+        histogram = _relay.get(key)
+        if histogram is None:
+            histogram = _relay[key] = RELAY_SECONDS.labels(*key)
+        histogram.observe(max(0.0, time.time() - item.created))
+    elif verdict == "Dead":
+        result = "rejected" if queue == "uplink" else "failed"
+    else:
+        result = "deferred"
+    _count(queue, transport, result)
+
+
+def expired(item: Item) -> None:
+    # A segment counts under its own direction: a set of n expires as n items.
+    queue = item.queue.value
+    if queue in ("uplink", "downlink", "segment") and item.body.get("kind") != "report":
+        _count(queue, _transport_of(item.lane), "expired")
+
+
+def rejected(transport: str, reason: str) -> None:
+    """Device input refused for good at intake (and kept in the DLQ queue ``intake``)."""
+    INTAKE_REJECTED.labels(transport=transport, reason=reason).inc()
+
+
+def peer_dropped(transport: str, count: int) -> None:
+    PEER_DROPPED.labels(transport=transport).inc(count)
+
+
+@contextmanager
+def northbound_request(method: str, path: str) -> Iterator[None]:
+    """Time one request to the server; registration URLs become one operation."""
+    operation = f"{method} {path}" if path.startswith("/") else f"{method} registration"
+    with NORTHBOUND_SECONDS.labels(operation=operation).time():
+        yield
+
+
+def set_breaker(name: str, state: str) -> None:
+    for known in BREAKER_STATES:
+        CIRCUIT_STATE.labels(breaker=name, state=known).set(1 if known == state else 0)
+
+
+class Sampler:
+    """Async refreshers of sampled gauges, run before a scrape or a status answer."""
 
     def __init__(self) -> None:
-        self._metrics: dict[str, _Metric] = {}
         self._collectors: dict[str, Collector] = {}
+        # Refreshes are serialised: collectors touch shared gauges and the store.
+        self._lock = asyncio.Lock()
 
-    def counter(self, name: str, help_text: str, labelnames: tuple[str, ...] = ()) -> Counter:
-        return self._get(Counter, name, help_text, labelnames)
-
-    def gauge(self, name: str, help_text: str, labelnames: tuple[str, ...] = ()) -> Gauge:
-        return self._get(Gauge, name, help_text, labelnames)
-
-    def _get(self, cls: type[_M], name: str, help_text: str, labelnames: tuple[str, ...]) -> _M:
-        # Idempotent, so a second in-process Gateway (tests) gets the same families.
-        existing = self._metrics.get(name)
-        if existing is None:
-            existing = self._metrics[name] = cls(name, help_text, labelnames)
-        if not isinstance(existing, cls) or existing.labelnames != labelnames:
-            raise ValueError(f"metric {name} is already registered differently")
-        return existing
-
-    def add_collector(self, name: str, collector: Collector) -> Callable[[], None]:
+    def add(self, name: str, collector: Collector) -> Callable[[], None]:
         """Run ``collector`` before every scrape; returns a function that removes it."""
         self._collectors[name] = collector
 
@@ -130,210 +325,49 @@ class Registry:
 
         return remove
 
-    async def render(self) -> str:
-        """The exposition text; a failing collector is logged and its gauges left as they were."""
-        for name, collector in list(self._collectors.items()):
-            try:
-                await collector()
-            except Exception as exc:
-                log.warning("metrics.collector_failed", collector=name, error=repr(exc))
-        return "".join(m.render() for _, m in sorted(self._metrics.items()))
-
-
-REGISTRY = Registry()
-
-MESSAGES = REGISTRY.counter(
-    "gatewayd_messages_total",
-    "Messages by direction (uplink, downlink) and outcome (received, duplicate, forwarded, "
-    "rejected, delivered, deferred, failed, expired), counted from the stable log events.",
-    ("direction", "outcome"),
-)
-REPORTS = REGISTRY.counter(
-    "gatewayd_reports_total",
-    "Delivery reports by outcome (queued, sent, rejected, received, delivered, not_carried).",
-    ("outcome",),
-)
-CREDENTIAL_RELOADS = REGISTRY.counter(
-    "gatewayd_credential_reloads_total",
-    "Credential reloads (SIGHUP or a file change) by outcome (ok, failed).",
-    ("outcome",),
-)
-CREDENTIAL_NOT_AFTER = REGISTRY.gauge(
-    "gatewayd_credential_not_after_seconds",
-    "When the TLS certificate of a credentials instance expires (unix time).",
-    ("credentials",),
-)
-CREDENTIAL_DAYS_LEFT = REGISTRY.gauge(
-    "gatewayd_credential_days_left",
-    "Days until the TLS certificate of a credentials instance expires (negative: expired).",
-    ("credentials",),
-)
-STORE_BACKLOG = REGISTRY.gauge(
-    "gatewayd_store_backlog",
-    "Pending items per store queue (uplink, downlink, report, segment), sampled on scrape.",
-    ("queue",),
-)
-INTAKE_REJECTED = REGISTRY.counter(
-    "gatewayd_intake_rejected_total",
-    "Device input refused for good at intake, by transport and reason (kept in the DLQ).",
-    ("transport", "reason"),
-)
-PEER_DROPPED = REGISTRY.counter(
-    "gatewayd_transport_peer_dropped_total",
-    "Messages a transport's peer (an MQTT broker) reports it dropped, as far as it tells.",
-    ("transport",),
-)
-STORE_DEAD = REGISTRY.gauge(
-    "gatewayd_store_dead",
-    "Items in the dead-letter queue per store queue, sampled on scrape.",
-    ("queue",),
-)
-
-# Stable event name -> (counter, labels). The direction of message.received and
-# message.expired comes from the event itself (its field, or the bound queue).
-_MESSAGE_EVENTS: dict[str, tuple[str | None, str]] = {
-    "message.received": (None, "received"),
-    "message.forwarded": ("uplink", "forwarded"),
-    "message.rejected": ("uplink", "rejected"),
-    "message.delivered": ("downlink", "delivered"),
-    "message.delivery_deferred": ("downlink", "deferred"),
-    "message.delivery_failed": ("downlink", "failed"),
-    "message.expired": (None, "expired"),
-}
-_REPORT_EVENTS = {
-    "report.queued": "queued",
-    "report.sent": "sent",
-    "report.rejected": "rejected",
-    "report.received": "received",
-    "report.delivered": "delivered",
-    "report.not_carried": "not_carried",
-}
-
-
-def count_events(
-    _logger: Any, _name: str, event: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    """structlog processor: count the message and report events, pass the event on.
-
-    It runs before level filtering, so the counts hold at any log level. It must come
-    after ``merge_contextvars`` (``message.expired`` takes its queue from the context).
-    """
-    name = event.get("event")
-    found = _MESSAGE_EVENTS.get(name) if isinstance(name, str) else None
-    if found is not None:
-        direction, outcome = found
-        if direction is None:
-            direction = str(event.get("direction") or event.get("queue") or "unknown")
-        if outcome == "received" and event.get("duplicate"):
-            outcome = "duplicate"
-        MESSAGES.inc(direction=direction, outcome=outcome)
-    elif isinstance(name, str) and name in _REPORT_EVENTS:
-        REPORTS.inc(outcome=_REPORT_EVENTS[name])
-    return event
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Endpoint:
-    """Where the exposition listener ended up (port 0 in the config picks a free one)."""
-
-    host: str
-    port: int
-
-
-class MetricsServer:
-    """``GET /metrics`` over plain HTTP on the configured (by default loopback) address."""
-
-    def __init__(self, registry: Registry = REGISTRY) -> None:
-        self._registry = registry
-        self._runner: web.AppRunner | None = None
-        # Scrapes are serialised: collectors touch shared gauges and the store.
-        self._lock = asyncio.Lock()
-
-    async def start(self, host: str, port: int) -> Endpoint:
-        from aiohttp import web
-
-        app = web.Application()
-        app.router.add_get("/metrics", self._scrape)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
-        bound = self._runner.addresses[0]
-        return Endpoint(host=str(bound[0]), port=int(bound[1]))
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def _scrape(self, _request: web.Request) -> web.Response:
-        from aiohttp import web
-
+    async def refresh(self) -> None:
+        """A failing collector is logged and its gauges left as they were."""
         async with self._lock:
-            text = await self._registry.render()
-        return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
+            for name, collector in list(self._collectors.items()):
+                try:
+                    await collector()
+                except Exception as exc:
+                    log.warning("metrics.collector_failed", collector=name, error=repr(exc))
+
+
+SAMPLER = Sampler()
+
+
+async def render() -> bytes:
+    """The exposition text, gauges refreshed."""
+    await SAMPLER.refresh()
+    return generate_latest(REGISTRY)
 
 
 def parse(text: str) -> dict[str, dict[LabelValues, float]]:
-    """Parse exposition text back into ``{name: {label values: value}}`` (tests, tools).
+    """Parse exposition text into ``{sample name: {label values: value}}`` (tests, tools).
 
-    Label values come back in the order they appear; enough for our own output.
+    Label values come in the order of their names (``direction, outcome, transport``).
     """
     out: dict[str, dict[LabelValues, float]] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        head, _, number = line.rpartition(" ")
-        name, _, labels = head.partition("{")
-        values: list[str] = []
-        for pair in _split_labels(labels.removesuffix("}")):
-            _, _, raw = pair.partition("=")
-            values.append(_unescape_label(raw[1:-1]))
-        out.setdefault(name, {})[tuple(values)] = float(number)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values = tuple(v for _, v in sorted(sample.labels.items()))
+            out.setdefault(sample.name, {})[values] = sample.value
     return out
 
 
-def _split_labels(text: str) -> Iterator[str]:
-    # Commas inside quoted (escaped) values must not split a pair.
-    start, quoted, escaped = 0, False, False
-    for i, ch in enumerate(text):
-        if escaped:
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == '"':
-            quoted = not quoted
-        elif ch == "," and not quoted:
-            yield text[start:i]
-            start = i + 1
-    if text[start:]:
-        yield text[start:]
+def value(name: str, **labels: str) -> float:
+    """One sample of this process's registry (0 when absent), for the status view."""
+    found = REGISTRY.get_sample_value(name, labels)
+    return 0.0 if found is None else found
 
 
-def _number(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
-
-
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _unescape_label(value: str) -> str:
-    out, i = [], 0
-    while i < len(value):
-        ch = value[i]
-        if ch == "\\" and i + 1 < len(value):
-            nxt = value[i + 1]
-            out.append("\n" if nxt == "n" else nxt)
-            i += 2
-        else:
-            out.append(ch)
-            i += 1
-    return "".join(out)
-
-
-def _escape_help(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n")
+def total(name: str, **match: str) -> float:
+    """The sum of a counter's samples whose labels include ``match``."""
+    out = 0.0
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in match.items()):
+                out += sample.value
+    return out

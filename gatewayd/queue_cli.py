@@ -98,24 +98,37 @@ async def _list(store: Store, args: argparse.Namespace, out: TextIO) -> ExitCode
     state = None if args.state == "all" else args.state
     queue = Queue(args.queue) if args.queue else None
     items = await store.list_items(queue=queue, state=state, limit=args.limit)
+    devices = await _devices(store, args)
     if args.json:
-        _dump([_item_json(i, body=False) for i in items], out)
+        _dump([_item_json(i, body=False, devices=devices) for i in items], out)
         return ExitCode.OK
-    now = time.time()
     rows = [
         [
             str(i.id),
             i.queue.value,
+            _kind(i),
             i.state,
             i.msg_id,
-            i.lane,
+            devices.get(i.lane, i.lane),
             str(i.attempts),
-            _age(now - i.created),
+            _iso(i.created),
+            _preview(i, 24) or "-",
             i.last_error or "",
         ]
         for i in items
     ]
-    header = ["ID", "QUEUE", "STATE", "MSG_ID", "LANE", "ATTEMPTS", "AGE", "LAST_ERROR"]
+    header = [
+        "ID",
+        "QUEUE",
+        "KIND",
+        "STATE",
+        "MSG_ID",
+        "DEVICE",
+        "ATTEMPTS",
+        "CREATED",
+        "PREVIEW",
+        "LAST_ERROR",
+    ]
     _table(header, rows, out)
     if not items:
         print("(none)", file=out)
@@ -127,15 +140,18 @@ async def _show(store: Store, args: argparse.Namespace, out: TextIO) -> ExitCode
     if item is None:
         print(f"gatewayd queue: no message with id {args.id}", file=sys.stderr)
         return ExitCode.FAILURE
+    devices = await _devices(store, args)
     if args.json:
-        _dump(_item_json(item, body=True), out)
+        _dump(_item_json(item, body=True, devices=devices), out)
         return ExitCode.OK
     now = time.time()
     fields = [
         ("id", str(item.id)),
         ("queue", item.queue.value),
         ("state", item.state),
+        ("kind", _kind(item)),
         ("msgId", item.msg_id),
+        ("device", devices.get(item.lane, "-")),
         ("lane", item.lane),
         ("attempts", str(item.attempts)),
         ("created", f"{_iso(item.created)} ({_age(now - item.created)} ago)"),
@@ -277,12 +293,51 @@ def _duration(text: str) -> float:
     return float(match[1]) * _UNITS.get(match[2], 1.0)
 
 
-def _item_json(item: Item, *, body: bool) -> dict[str, Any]:
+def _item_json(item: Item, *, body: bool, devices: dict[str, str]) -> dict[str, Any]:
     data = dataclasses.asdict(item)
     data["queue"] = item.queue.value
+    data["kind"] = _kind(item)
+    transport, _, device = devices.get(item.lane, "").partition("/")
+    data["transport"], data["device"] = transport or None, device or None
+    data["preview"] = _preview(item, 80)
+    for key in ("created", "not_before", "expires_at", "finished"):
+        data[key] = _iso(data[key]) if data.get(key) else None
     if not body:
         del data["body"]
     return data
+
+
+async def _devices(store: Store, args: argparse.Namespace) -> dict[str, str]:
+    """Lane (UE Service ID) -> ``transport/device``: from the config when given, and the
+    devices the gateway learned (kept in the store)."""
+    found = {s: f"{t}/{d}" for t, d, s in await store.learned_devices()}
+    if getattr(args, "config", None) is not None:
+        for transport in config.load(args.config).transports:
+            for dev in transport.devices:
+                found[dev.service_id] = f"{transport.name}/{dev.name}"
+    return found
+
+
+def _kind(item: Item) -> str:
+    if item.queue == Queue.REPORT:
+        return "report"
+    if item.queue == Queue.DOWNLINK:
+        return str(item.body.get("kind") or "message")
+    return "message"
+
+
+def _preview(item: Item, width: int) -> str | None:
+    """The start of the payload (a report: its status), on one line."""
+    wire = item.body.get("wire", item.body) if isinstance(item.body, dict) else {}
+    if not isinstance(wire, dict):
+        return None
+    text = wire.get("payload")
+    if text is None and ("status" in wire or "delivSt" in wire):
+        text = " ".join(str(wire[k]) for k in ("status", "delivSt", "failureCause") if wire.get(k))
+    if not text:
+        return None
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _dump(data: object, out: TextIO) -> None:

@@ -81,6 +81,13 @@ class Directory:
             for d in t.devices:
                 self._add(t.name, d)
 
+    def reconfigure(self, transports: tuple[TransportSettings, ...]) -> None:
+        """New transport tables (SIGHUP): the configured devices only; the caller
+        learns the learned ones again."""
+        fresh = Directory(transports)
+        self._by_device, self._by_service = fresh._by_device, fresh._by_service
+        self._templates = fresh._templates
+
     def _add(self, transport: str, device: Device) -> None:
         self._by_device[(transport, device.name)] = device
         self._by_service[device.service_id] = Endpoint(transport, device)
@@ -223,6 +230,7 @@ class TransportIntake:
                 max_segments=self._relay.max_segments,
             )
             (result, *_) = await self._store.put_many(Queue.UPLINK, requests)
+            metrics.accepted("uplink", self._name, duplicate=result.duplicate)
             extra = {"segments": len(requests)} if len(requests) > 1 else {}
             log.info(
                 "message.received",
@@ -260,7 +268,7 @@ class TransportIntake:
             reason=f"{reason}: {body['detail']}",
             body=body,
         )
-        metrics.INTAKE_REJECTED.inc(transport=self._name, reason=reason)
+        metrics.rejected(self._name, reason)
         with bound_message(record_id):
             log.warning(
                 "intake.rejected",
@@ -272,7 +280,7 @@ class TransportIntake:
             )
 
     def peer_dropped(self, count: int, detail: str) -> None:
-        metrics.PEER_DROPPED.inc(count, transport=self._name)
+        metrics.peer_dropped(self._name, count)
         log.warning("transport.peer_dropped", transport=self._name, count=count, detail=detail)
 
     async def _destination(self, uplink: Uplink, device: Device) -> Address:
@@ -298,7 +306,7 @@ class TransportIntake:
         except IntakeRefusedError as exc:
             # A report is no message: logged and counted, not kept in the DLQ.
             if exc.permanent:
-                metrics.INTAKE_REJECTED.inc(transport=self._name, reason=exc.reason)
+                metrics.rejected(self._name, exc.reason)
                 log.warning(
                     "intake.rejected",
                     transport=self._name,
@@ -399,6 +407,7 @@ async def put_report(
         device=device, origin=origin, msg_id=msg_id, delivered=delivered, cause=cause
     )
     await store.put_many(Queue.REPORT, [request])
+    metrics.report("queued")
     log.info("report.queued", delivered=delivered, dest=str(origin))
 
 
@@ -469,6 +478,7 @@ class Dispatcher:
                 cause=report.failure_cause,
             )
         )
+        metrics.report("delivered" if passed else "not_carried")
         log.info("report.delivered" if passed else "report.not_carried", delivered=report.delivered)
         return Done()
 

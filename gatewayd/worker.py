@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from gatewayd import metrics
 from gatewayd.errors import StoreError
 from gatewayd.log import bound_message
 from gatewayd.retry import CircuitBreaker, RetryPolicy
@@ -139,6 +140,7 @@ class QueueWorker:
                     outcome = Retry(f"internal error: {exc!r}", peer_down=False)
                 try:
                     await self._settle(item, outcome)
+                    metrics.settled(item, outcome)
                 except StoreError as exc:
                     # The item stays pending in the store and goes out again: at least
                     # once. Hold this lane a moment so a failing disk is not hammered.

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from typing import Any
 import aiohttp
 from cryptography import x509
 from jsonlog import events, tail, wait_for_event
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from gatewayd import harness, metrics, pki
 from gatewayd.errors import ExitCode
@@ -67,10 +69,10 @@ def write_config(
 
 @contextlib.asynccontextmanager
 async def gateway_process(
-    config: Path, log_path: Path
+    config: Path, log_path: Path, extra_env: dict[str, str] | None = None
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """``gatewayd run`` until it logged gateway.started; SIGTERM and exit 0 on the way out."""
-    env = {**os.environ, "GATEWAYD_TEST_TOKEN": TOKEN}
+    env = {**os.environ, "GATEWAYD_TEST_TOKEN": TOKEN, **(extra_env or {})}
     with log_path.open("wb") as stderr:
         proc = await asyncio.create_subprocess_exec(
             *GATEWAYD, "run", "--config", str(config), env=env, stderr=stderr
@@ -111,20 +113,16 @@ def reissue_gateway(tls: Pki, **validity: Any) -> x509.Certificate:
     return issued.cert
 
 
-def test_registry_text_format_round_trips() -> None:
-    registry = metrics.Registry()
-    counter = registry.counter("t_total", "a test\ncounter", ("kind",))
-    gauge = registry.gauge("t_level", "a gauge")
-    counter.inc(kind='odd "quoted", with\\comma\nand newline')
-    counter.inc(2, kind="plain")
+def test_parse_reads_the_exposition_of_prometheus_client() -> None:
+    registry = CollectorRegistry()
+    counter = Counter("t", "a test\ncounter", ("kind",), registry=registry)
+    gauge = Gauge("t_level", "a gauge", registry=registry)
+    counter.labels(kind='odd "quoted", with\\comma\nand newline').inc()
+    counter.labels(kind="plain").inc(2)
     gauge.set(-1.5)
-    text = asyncio.run(registry.render())
-    assert "# TYPE t_total counter" in text
-    assert "# HELP t_total a test\\ncounter" in text
-    parsed = metrics.parse(text)
+    parsed = metrics.parse(generate_latest(registry).decode())
     assert parsed["t_total"] == {('odd "quoted", with\\comma\nand newline',): 1.0, ("plain",): 2.0}
     assert parsed["t_level"] == {(): -1.5}
-    assert registry.counter("t_total", "a test\ncounter", ("kind",)) is counter  # idempotent
 
 
 async def test_scrape_counts_messages_backlog_and_certificate_expiry(
@@ -153,10 +151,19 @@ async def test_scrape_counts_messages_backlog_and_certificate_expiry(
         await wait_for_event(log_path, "message.forwarded", 3)
         content_type, values = await scrape(metrics_port)
 
-    assert content_type.startswith("text/plain; version=0.0.4")
+    assert content_type.startswith("text/plain; version=")
     messages = values["gatewayd_messages_total"]
-    assert messages[("uplink", "received")] == 3
-    assert messages[("uplink", "forwarded")] == 3
+    # (direction, outcome, transport); every series of the transport exists from the start.
+    assert messages[("uplink", "received", "web")] == 3
+    assert messages[("uplink", "forwarded", "web")] == 3
+    assert messages[("downlink", "delivered", "web")] == 0
+    assert values["gatewayd_relay_seconds_count"][("uplink", "web")] == 3
+    assert (
+        values["gatewayd_northbound_request_seconds_count"][
+            ("POST /msgs-msgdelivery/v1/deliver-ue-message",)
+        ]
+        == 3
+    )
     assert values["gatewayd_store_backlog"] == {
         ("uplink",): 0,
         ("downlink",): 0,
@@ -164,6 +171,10 @@ async def test_scrape_counts_messages_backlog_and_certificate_expiry(
         ("segment",): 0,
         ("intake",): 0,
     }
+    assert values["gatewayd_registered"] == {(): 1}
+    assert values["gatewayd_circuit_state"][("northbound", "closed")] == 1
+    assert values["gatewayd_build_info"][(platform.python_version(), metrics.__version__)] == 1
+    assert values["process_resident_memory_bytes"][()] > 0
     cert = x509.load_pem_x509_certificate(loopback_pki["gateway"].read_bytes())
     expected = cert.not_valid_after_utc.timestamp()
     assert values["gatewayd_credential_not_after_seconds"] == {("northbound",): expected}
@@ -205,7 +216,7 @@ async def test_expiring_certificate_warns_at_start_and_on_reload(
         await wait_for_event(log_path, "credentials.reloaded")
         await wait_for_event(log_path, "credentials.expiring", 2)
         _, values = await scrape(metrics_port)
-        assert values["gatewayd_credential_reloads_total"] == {("ok",): 1}
+        assert values["gatewayd_credential_reloads_total"] == {("ok",): 1, ("failed",): 0}
 
 
 def test_expired_identity_is_refused_with_exit_77(tmp_path: Path, loopback_pki: Pki) -> None:
@@ -246,3 +257,69 @@ def test_metrics_listener_must_be_loopback_unless_allowed(
     assert "metrics.listen: '0.0.0.0' is not a loopback address" in refused.stderr
     assert check('[metrics]\nlisten = "0.0.0.0:9464"\nallow_remote = true\n').returncode == 0
     assert check('[metrics]\nlisten = "[::1]:9464"\n').returncode == 0
+
+
+def test_settled_and_expired_map_outcomes_to_series() -> None:
+    """The worker's verdicts per queue, as the counters name them (in-process registry)."""
+    metrics.use_transport_lookup(lambda lane: "t-" + lane)
+    try:
+        _settle_every_kind()
+    finally:
+        metrics.use_transport_lookup(lambda _lane: "unknown")
+
+
+def _settle_every_kind() -> None:
+    from gatewayd.store import Item, Queue
+    from gatewayd.worker import Dead, Done, Retry
+
+    def item(queue: Queue, body: dict[str, Any] | None = None) -> Item:
+        return Item(
+            id=1,
+            queue=queue,
+            msg_id="m",
+            lane="x",
+            body=body or {},
+            created=0.0,
+            attempts=0,
+            not_before=0.0,
+            expires_at=None,
+            last_error=None,
+            state="pending",
+        )
+
+    def count(direction: str, outcome: str) -> float:
+        return metrics.value(
+            "gatewayd_messages_total", direction=direction, transport="t-x", outcome=outcome
+        )
+
+    before = {
+        (d, o): count(d, o)
+        for d in ("uplink", "downlink")
+        for o in ("forwarded", "rejected", "deferred", "delivered", "failed", "expired")
+    }
+    sent = metrics.value("gatewayd_reports_total", outcome="sent")
+    metrics.settled(item(Queue.UPLINK), Done())
+    metrics.settled(item(Queue.UPLINK), Dead("no"))
+    metrics.settled(item(Queue.UPLINK), Retry("later"))
+    metrics.settled(item(Queue.DOWNLINK, {"kind": "message"}), Done())
+    metrics.settled(item(Queue.DOWNLINK, {"kind": "message"}), Dead("no"))
+    metrics.settled(item(Queue.DOWNLINK, {"kind": "report"}), Done())  # counted elsewhere
+    metrics.settled(item(Queue.REPORT), Done())
+    metrics.expired(item(Queue.DOWNLINK, {"kind": "message"}))
+    after = {key: count(*key) - value for key, value in before.items()}
+    assert after == {
+        ("uplink", "forwarded"): 1,
+        ("uplink", "rejected"): 1,
+        ("uplink", "deferred"): 1,
+        ("uplink", "delivered"): 0,
+        ("uplink", "failed"): 0,
+        ("uplink", "expired"): 0,
+        ("downlink", "forwarded"): 0,
+        ("downlink", "rejected"): 0,
+        ("downlink", "deferred"): 0,
+        ("downlink", "delivered"): 1,
+        ("downlink", "failed"): 1,
+        ("downlink", "expired"): 1,
+    }
+    assert metrics.value("gatewayd_reports_total", outcome="sent") == sent + 1
+    assert metrics.value("gatewayd_relay_seconds_count", direction="uplink", transport="t-x") >= 1

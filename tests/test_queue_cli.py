@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -127,18 +128,23 @@ async def test_list_table_and_filters(
     assert out[0].split() == [
         "ID",
         "QUEUE",
+        "KIND",
         "STATE",
         "MSG_ID",
-        "LANE",
+        "DEVICE",
         "ATTEMPTS",
-        "AGE",
+        "CREATED",
+        "PREVIEW",
         "LAST_ERROR",
     ]
-    assert [line.split()[:3] for line in out[1:]] == [
-        [str(ids[0]), "uplink", "dead"],
-        [str(ids[1]), "uplink", "pending"],
+    assert [line.split()[:4] for line in out[1:]] == [
+        [str(ids[0]), "uplink", "message", "dead"],
+        [str(ids[1]), "uplink", "message", "pending"],
     ]
     assert "permanent: 400 Bad Request" in out[1]
+    created = out[1].split()[7]
+    assert dt.datetime.fromisoformat(created).tzinfo is not None  # ISO 8601, UTC
+    assert out[1].split()[8] == "p0"  # the payload preview
 
 
 async def test_retry_all_and_refusals(
@@ -195,6 +201,75 @@ async def test_stats(live: Store, db: Path, capsys: pytest.CaptureFixture[str]) 
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["QUEUE", "PENDING", "DEAD", "DONE", "BYTES", "OLDEST"]
     assert table[1].split()[:4] == ["uplink", "1", "1", "0"]
+
+
+async def test_json_on_stdout_only_kind_device_and_preview(
+    live: Store, db: Path, tmp_path: Path
+) -> None:
+    """Through the ``gatewayd`` command: log lines (store.opened) go to stderr, stdout
+    parses as JSON; the device comes from the config's mapping, times are ISO 8601."""
+    await live.put(
+        Queue.UPLINK,
+        msg_id="m-up",
+        dedup_key="up",
+        lane="ue-sensor-1",
+        body={"payload": "temperature=21.5 humidity=40", "msgId": "m-up"},
+    )
+    await live.put(
+        Queue.DOWNLINK,
+        msg_id="m-rep",
+        dedup_key="rep",
+        lane="ue-sensor-1",
+        body={"kind": "report", "wire": {"msgId": "m-rep", "status": "REPT_DELY_SUCCESS"}},
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gatewayd.cli",
+        "queue",
+        "list",
+        "--db",
+        str(db),
+        "--state",
+        "all",
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    rows = {r["msg_id"]: r for r in json.loads(out)}
+    assert rows["m-up"]["kind"] == "message"
+    assert rows["m-up"]["preview"] == "temperature=21.5 humidity=40"
+    assert rows["m-rep"]["kind"] == "report"
+    assert rows["m-rep"]["preview"] == "REPT_DELY_SUCCESS"
+    assert dt.datetime.fromisoformat(rows["m-up"]["created"]).tzinfo is not None
+
+    config = tmp_path / "gw.toml"
+    config.write_text(
+        f'''[gateway]
+id = "urn:gatewayd:gateway:t"
+type = "N3G"
+[northbound]
+api_root = "https://127.0.0.1:9"
+credentials = "nb"
+[api]
+listen = "127.0.0.1:0"
+[store]
+path = "{db}"
+[credentials.nb]
+plugin = "x509"
+[transports.web]
+plugin = "http"
+[[transports.web.devices]]
+device = "sensor-1"
+service_id = "ue-sensor-1"
+'''
+    )
+    listed = await cli("list", "--config", str(config), "--state", "all", "--json")
+    assert listed.returncode == 0, listed.stderr
+    row = next(r for r in json.loads(listed.stdout) if r["msg_id"] == "m-up")
+    assert (row["transport"], row["device"]) == ("web", "sensor-1")
 
 
 async def test_missing_database_is_not_created(tmp_path: Path) -> None:

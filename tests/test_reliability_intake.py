@@ -28,7 +28,9 @@ async def test_expiry_in_the_past_is_refused_and_kept(
     """Defect 5: it was answered 202 and forwarded."""
     settings = gateway_config(http_bearer_transport(tokens))
     past = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
-    before = metrics.INTAKE_REJECTED.value(transport="web", reason="invalid_message")
+    before = metrics.value(
+        "gatewayd_intake_rejected_total", transport="web", reason="invalid_message"
+    )
     headers = {"Authorization": f"Bearer {tokens['dev0']}"}
     with structlog.testing.capture_logs() as logs:
         async with running_gateway(settings) as gw, aiohttp.ClientSession() as session:
@@ -50,6 +52,10 @@ async def test_expiry_in_the_past_is_refused_and_kept(
         "dev0",
         "invalid_message",
     )
-    assert metrics.INTAKE_REJECTED.value(transport="web", reason="invalid_message") - before == 1
+    assert (
+        metrics.value("gatewayd_intake_rejected_total", transport="web", reason="invalid_message")
+        - before
+        == 1
+    )
     (event,) = [e for e in logs if e["event"] == "intake.rejected"]
     assert (event["device"], event["reason"]) == ("dev0", "invalid_message")

@@ -261,6 +261,20 @@ def shared_dir() -> Iterator[Path]:
     shutil.rmtree(path)
 
 
+def _as_nobody_anywhere(shared: Path) -> tuple[list[str], dict[str, str]]:
+    """argv prefix and environment for a child that can run as "nobody" wherever the
+    clone is: under a directory nobody may enter (a root user's home), neither the
+    venv nor the editable gatewayd are reachable, so the store's code and its one
+    third-party import are copied under the shared directory and run by the base
+    interpreter without site-packages."""
+    lib = shared / "lib"
+    skip = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "gatewayd", lib / "gatewayd", ignore=skip)
+    shutil.copytree(Path(structlog.__file__).parent, lib / "structlog", ignore=skip)
+    env = {"PYTHONPATH": str(lib), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    return [os.path.realpath(sys.executable), "-s"], env
+
+
 def _make_writable(directory: Path) -> None:
     # SQLite created -wal and -shm with the mode of the database file, so they were
     # read-only too: storage is writable again only when all of them are.
@@ -278,13 +292,15 @@ async def test_read_only_database_refuses_then_recovers(shared_dir: Path) -> Non
     # Popen(user=) could not exec this venv's interpreter here.
     as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     prefix = as_nobody if os.geteuid() == 0 else []
+    python, env = _as_nobody_anywhere(shared_dir)
     proc = subprocess.Popen(  # noqa: ASYNC220 - a short-lived child, driven line by line
-        [*prefix, sys.executable, "-c", _READONLY_SCRIPT, str(db)],
+        [*prefix, *python, "-c", _READONLY_SCRIPT, str(db)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        cwd=ROOT,
+        cwd=shared_dir,
+        env=env,
     )
     assert proc.stdin is not None
     assert proc.stdout is not None

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import aiohttp
 import structlog
 
+from gatewayd import metrics
 from gatewayd.errors import (
     PeerRefusedError,
     PeerUnavailableError,
@@ -184,7 +185,8 @@ class MsgsClient:
             if token:
                 headers["Authorization"] = f"Bearer {token}"
         try:
-            status, data, resp_headers = await self._send(method, path, url, body, headers)
+            with metrics.northbound_request(method, path):
+                status, data, resp_headers = await self._send(method, path, url, body, headers)
         except _Cut as first:
             if not self._mutual:
                 raise PeerUnavailableError(f"{method} {path}: {first}") from None

@@ -65,6 +65,11 @@ class Registrar:
         # them): those devices are refused, never the gateway (see _sift).
         self.refused_ids: dict[str, str] = {}
 
+    @property
+    def expires(self) -> float | None:
+        """When the registration the server granted ends (unix time), if one holds."""
+        return self._expires if self.ready.is_set() else None
+
     def _body(self, ids: tuple[str, ...] | None = None) -> GatewayRegistration:
         return GatewayRegistration(
             gw_id=self._gateway_id,

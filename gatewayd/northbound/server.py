@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from gatewayd import segments
+from gatewayd import metrics, segments
 from gatewayd.config import RelaySettings
 from gatewayd.errors import BacklogFullError, InvalidBodyError, TokenRejectedError
 from gatewayd.log import bound_message
@@ -256,6 +256,9 @@ class GatewayApi:
             await self._store.remember_route(
                 service_id, message.ori_addr.to_json(), self._route_ttl
             )
+            metrics.accepted(
+                "downlink", metrics.transport_of(service_id), duplicate=result.duplicate
+            )
             log.info("message.received", direction="downlink", duplicate=result.duplicate)
         return web.Response(status=204)
 
@@ -278,6 +281,9 @@ class GatewayApi:
             complete=result.whole is not None,
         )
         if result.whole is not None:
+            metrics.accepted(
+                "downlink", metrics.transport_of(service_id), duplicate=result.whole.duplicate
+            )
             log.info(
                 "message.received",
                 direction="downlink",
@@ -296,6 +302,7 @@ class GatewayApi:
                 lane=service_id,
                 body=downlink_body(KIND_REPORT, report.to_json()),
             )
+            metrics.report("received")
             log.info("report.received", delivered=report.delivered)
         return web.Response(status=204)
 

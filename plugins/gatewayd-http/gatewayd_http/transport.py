@@ -104,6 +104,13 @@ class HttpTransport(Transport):
             device_auth=self.config.device_auth,
         )
 
+    def link_state(self) -> dict[str, str | int]:
+        """For ``gatewayd status``: listening, and where."""
+        if self._site is None:
+            return {"state": "stopped"}
+        host, port = self.address
+        return {"state": "listening", "address": f"{host}:{port}"}
+
     async def stop(self) -> None:
         """Stop taking new connections first, let in-flight requests finish, then close."""
         if self._site is not None:

@@ -131,7 +131,8 @@ REJECTION_METRICS = (
 
 def rejection_counts() -> dict[tuple[str, str], float]:
     return {
-        (t, r): metrics.INTAKE_REJECTED.value(transport=t, reason=r) for t, r in REJECTION_METRICS
+        (t, r): metrics.value("gatewayd_intake_rejected_total", transport=t, reason=r)
+        for t, r in REJECTION_METRICS
     }
 
 

@@ -75,7 +75,9 @@ async def test_lone_surrogate_is_refused_for_good_and_never_blocks_others(
     broker.start()
     try:
         settings = gateway_config(plain_mqtt(broker, protocol=protocol))
-        before = metrics.INTAKE_REJECTED.value(transport="field", reason="invalid_message")
+        before = metrics.value(
+            "gatewayd_intake_rejected_total", transport="field", reason="invalid_message"
+        )
         poison = [
             ("devices/sensor-1/up", json.dumps({"payload": "\ud800"}).encode()),
             ("devices/sensor-2/up", json.dumps({"msgId": "x\udfff", "payload": "p"}).encode()),
@@ -100,7 +102,9 @@ async def test_lone_surrogate_is_refused_for_good_and_never_blocks_others(
         )
         events = [e for e in logs if e["event"] == "intake.rejected"]
         assert len(events) == 2
-        after = metrics.INTAKE_REJECTED.value(transport="field", reason="invalid_message")
+        after = metrics.value(
+            "gatewayd_intake_rejected_total", transport="field", reason="invalid_message"
+        )
         assert after - before == 2
         if protocol == "5":
             # The broker saw our PUBACKs: two refusals with 0x99 (153), the rest success.
@@ -180,12 +184,15 @@ async def test_stock_broker_drops_are_reported(
         ]
         async with device_client(broker) as dev:
             await publish_all(dev, items, qos=1)  # every one PUBACKed by the broker
-        before = metrics.PEER_DROPPED.value(transport="field")
+        before = metrics.value("gatewayd_transport_peer_dropped_total", transport="field")
         with structlog.testing.capture_logs() as logs:
             async with running_gateway(settings):
 
                 def dropped() -> float:
-                    return metrics.PEER_DROPPED.value(transport="field") - before
+                    return (
+                        metrics.value("gatewayd_transport_peer_dropped_total", transport="field")
+                        - before
+                    )
 
                 await until(lambda: dropped() > 0, timeout=20)
                 await sim.wait_for(lambda: len(sim.uplinks) + dropped() >= sent, timeout=60)

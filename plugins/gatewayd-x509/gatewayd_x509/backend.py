@@ -106,8 +106,21 @@ class FileCredentialBackend(CredentialBackend):
         backend alike, so this one does not.
         """
         sources = self._sources()
-        # Key decryption and PKCS#12 KDFs take real CPU time: keep them off the loop.
-        self._material = await asyncio.to_thread(load_material, sources)
+        try:
+            # Key decryption and PKCS#12 KDFs take real CPU time: keep them off the loop.
+            self._material = await asyncio.to_thread(load_material, sources)
+        except CredentialError as exc:
+            raise CredentialError(self._naming_key(str(exc))) from None
+
+    def _naming_key(self, message: str) -> str:
+        """Prefix a file's error with the option that named the file, so the operator
+        sees which line of the config to look at as well as which file."""
+        opts = self._options
+        named = [*opts.files.items(), *(("crl", name) for name in opts.crl)]
+        for role, name in named:
+            if message.startswith(f"{self._resolve(role, name)}:"):
+                return f"{self.settings.options.key(role)}: {message}"
+        return message
 
     def _loaded(self) -> Material:
         if self._material is None:
@@ -149,9 +162,9 @@ class X509Backend(FileCredentialBackend):
 class SystemdBackend(FileCredentialBackend):
     """The same material, from systemd credentials (``plugin = "systemd"``).
 
-    Each file option names a credential: ``cert = "gw-cert"`` with
-    ``LoadCredential=gw-cert:/etc/gatewayd/gw.pem`` in the unit. systemd places them in a
-    private, non-swappable directory that only this service can read.
+    Each file option names a credential: ``cert = "gateway.pem"`` with
+    ``LoadCredential=gateway.pem:/etc/gatewayd/pki/gateway.pem`` in the unit. systemd
+    places them in a private, non-swappable directory that only this service can read.
     """
 
     def __init__(self, settings: PluginSettings, context: PluginContext) -> None:
