@@ -30,7 +30,10 @@ class NorthboundSettings:
     api_root: str  # the server's apiRoot, e.g. https://m5s.example:8443
     credentials: str  # backend with our TLS identity and the CAs that vouch for the server
     server_name: str  # the host name the server's certificate must carry (DNS SAN)
-    server_identity: str | None  # a further SAN it must carry, e.g. its NF instance URN
+    # The server's identity (its NF instance URN, say): the primary identity (first URI
+    # SAN, else first DNS SAN) its certificate must have. Required: the host name alone
+    # is shared by every certificate a CA issued for that host (docs/security.md).
+    server_identity: str
     token: str | None  # backend issuing OAuth 2.0 bearer tokens, if the server wants them
     token_scope: str
     registration_ttl: float
@@ -146,11 +149,19 @@ def parse(data: dict[str, Any], path: Path) -> Settings:
     token = nb.get_str("token", None)
     if token is not None and token not in cred_names:
         raise nb.error("token", f"no [credentials.{token}] table")
+    server_identity = nb.get_str("server_identity", None)
+    if not server_identity:
+        raise nb.error(
+            "server_identity",
+            "is required: the identity (first URI SAN, else DNS SAN) the MSGin5G Server's "
+            "certificate must carry, e.g. its NF instance URN; the host name alone is not "
+            "enough, any certificate issued for that host would pass",
+        )
     northbound = NorthboundSettings(
         api_root=api_root,
         credentials=credential_ref(nb, "credentials"),
         server_name=nb.get_str("server_name", parts.hostname),
-        server_identity=nb.get_str("server_identity", None),
+        server_identity=server_identity,
         token=token,
         token_scope=nb.get_str("token_scope", "msgs-msgdelivery msgs-gwregistration"),
         registration_ttl=nb.get_float("registration_ttl", 3600.0, minimum=10.0),
@@ -171,7 +182,7 @@ def parse(data: dict[str, Any], path: Path) -> Settings:
         port=port,
         advertise=advertise.rstrip("/") if advertise else None,
         credentials=credential_ref(api_opts, "credentials", northbound.credentials),
-        allowed_peers=api_opts.get_str_list("allowed_peers", (northbound.server_name,)),
+        allowed_peers=_allowed_peers(api_opts, northbound.server_identity),
         max_body=api_opts.get_int("max_body", 64 * 1024, minimum=1024),
         token=read_gate(
             api_opts.table("token"),
@@ -216,6 +227,20 @@ def parse(data: dict[str, Any], path: Path) -> Settings:
         metrics=metrics,
         cert_warning_days=cert_warning_days,
     )
+
+
+def _allowed_peers(api: Options, server_identity: str) -> tuple[str, ...]:
+    # Default: only the server we register with may call us, by the same identity we
+    # demand of it. An explicit empty list would lock everyone out (or, read loosely,
+    # let everyone in): refuse it rather than guess.
+    peers = api.get_str_list("allowed_peers", (server_identity,))
+    if not peers or not all(peers):
+        raise api.error(
+            "allowed_peers",
+            "must list at least one identity (first URI SAN, else DNS SAN of a caller's "
+            "certificate); leave it out to allow northbound.server_identity only",
+        )
+    return peers
 
 
 def _metrics(mt: Options) -> MetricsSettings | None:

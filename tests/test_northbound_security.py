@@ -168,7 +168,7 @@ async def test_gateway_refuses_to_start_as_someone_else(tmp_path: Path, loopback
 async def test_expected_server_identity_is_checked_in_the_handshake(
     tmp_path: Path, loopback_pki: Pki, expected: str
 ) -> None:
-    """northbound.server_identity: a URI SAN (an NF instance id) the server must carry."""
+    """northbound.server_identity: the identity (an NF instance id) the server must have."""
     async with SimServer(harness.sim_settings(loopback_pki), schema_check=True) as sim:
         settings = harness.write_config(
             tmp_path / "gw.toml",
@@ -178,8 +178,7 @@ async def test_expected_server_identity_is_checked_in_the_handshake(
                 state_dir=tmp_path / "state",
                 transports=TRANSPORT,
             ).replace(
-                'credentials = "northbound"\nregistration_ttl',
-                f'credentials = "northbound"\nserver_identity = "{expected}"\nregistration_ttl',
+                f'server_identity = "{pki.DEMO_SERVER_ID}"', f'server_identity = "{expected}"'
             ),
         )
         assert settings.northbound.server_identity == expected

@@ -147,7 +147,7 @@ class GatewayApi:
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
         peer = peer_identity(ssl_object)
         # The handshake already required a trusted certificate; this is authorization.
-        if peer is None or not any(peer.matches(p) for p in self._allowed):
+        if peer is None or not any(peer.is_identity(p) for p in self._allowed):
             log.warning(
                 "auth.peer_rejected",
                 direction="inbound",
