@@ -12,14 +12,17 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from impostor import Impostor
 from structlog.testing import capture_logs
 
 from gatewayd import config, harness, pki
-from gatewayd.api import client_context
+from gatewayd.api import client_context, server_context
 from gatewayd.daemon import Gateway
-from gatewayd.errors import CredentialError, ExitCode, PeerRefusedError
+from gatewayd.errors import CredentialError, ExitCode, PeerRefusedError, RequestRejectedError
 from gatewayd.harness import DEMO_SERVICE_ID, Pki
+from gatewayd.msgin5g.registration import GatewayRegistration
+from gatewayd.northbound.client import MsgsClient
 from gatewayd.plugins import Plugins
 from gatewayd.sim.server import SimServer
 from gatewayd.testing import running_gateway
@@ -192,3 +195,53 @@ async def test_expected_server_identity_is_checked_in_the_handshake(
     rejected = [e for e in logs if e["event"] == "auth.peer_rejected"]
     assert rejected
     assert expected in str(rejected[0])
+
+
+async def test_northbound_client_does_not_follow_a_redirect(loopback_pki: Pki) -> None:
+    """Issue 8 finding 4: a 307 from https to http must not re-send the registration."""
+    seen: list[bytes] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(await request.read())
+        return web.json_response({}, status=201, headers={"Location": "/r/1"})
+
+    async def redirect(request: web.Request) -> web.Response:
+        return web.Response(status=307, headers={"Location": f"http://127.0.0.1:{plain}/stolen"})
+
+    plain_app, tls_app = web.Application(), web.Application()
+    plain_app.router.add_route("*", "/stolen", record)
+    tls_app.router.add_route("*", "/{tail:.*}", redirect)
+    runners = [web.AppRunner(plain_app), web.AppRunner(tls_app)]
+    for runner in runners:
+        await runner.setup()
+    await web.TCPSite(runners[0], "127.0.0.1", 0).start()
+    plain = runners[0].addresses[0][1]
+    server_ctx = server_context(loopback_pki.identity("server"), loopback_pki.trust())
+    await web.TCPSite(runners[1], "127.0.0.1", 0, ssl_context=server_ctx).start()
+    client = MsgsClient(
+        f"https://localhost:{runners[1].addresses[0][1]}",
+        client_context(
+            loopback_pki.trust(),
+            loopback_pki.identity("gateway"),
+            expected_identity=pki.DEMO_SERVER_ID,
+        ),
+        server_name="localhost",
+        timeout=5.0,
+        max_connections=2,
+    )
+    registration = GatewayRegistration(
+        gw_id=pki.DEMO_GATEWAY_ID,
+        gw_type="N3G",
+        target_uri="https://localhost:1",
+        ue_svc_ids=(DEMO_SERVICE_ID,),
+    )
+    try:
+        with capture_logs() as logs, pytest.raises(RequestRejectedError) as refused:
+            await client.register(registration)
+    finally:
+        await client.aclose()
+        for runner in runners:
+            await runner.cleanup()
+    assert refused.value.status == 307
+    assert seen == [], "the registration was re-sent to the redirect target"
+    assert any(e["event"] == "northbound.redirect_refused" for e in logs)

@@ -521,3 +521,51 @@ def test_config_errors_name_the_key(pki_dir: dict[str, Path], tmp_path: Path) ->
     conf.write_text(base + "[tls2]\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="tls2"):
         load(conf)
+
+
+async def test_push_client_does_not_follow_a_redirect(tmp_path: Path) -> None:
+    """Issue 8 finding 4: a gateway answering 307 to http:// gets no second copy."""
+    from gatewayd.sim.push import GatewayClient
+
+    files = pki.init(tmp_path / "pki")
+    seen: list[bytes] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(await request.read())
+        return web.Response(status=204)
+
+    async def redirect(request: web.Request) -> web.Response:
+        return web.Response(status=307, headers={"Location": f"http://127.0.0.1:{plain}/stolen"})
+
+    plain_app, tls_app = web.Application(), web.Application()
+    plain_app.router.add_post("/stolen", record)
+    tls_app.router.add_post("/deliver", redirect)
+    runners = [web.AppRunner(plain_app), web.AppRunner(tls_app)]
+    for runner in runners:
+        await runner.setup()
+    await web.TCPSite(runners[0], "127.0.0.1", 0).start()
+    plain = runners[0].addresses[0][1]
+    trust = TrustAnchors(ca_pem=files["ca"].read_bytes())
+
+    def identity(stem: str) -> TlsIdentity:
+        return TlsIdentity(
+            cert_chain_pem=files[stem].read_bytes(), key_pem=files[f"{stem}_key"].read_bytes()
+        )
+
+    ctx = tls.server_context(identity("gateway"), trust)
+    await web.TCPSite(runners[1], "127.0.0.1", 0, ssl_context=ctx).start()
+    client = GatewayClient(identity("server"), trust)
+    await client.start()
+    try:
+        status, _ = await client.post(
+            pki.DEMO_GATEWAY_ID,
+            f"https://127.0.0.1:{runners[1].addresses[0][1]}/deliver",
+            {"msgId": "m-1"},
+            token="push-token",
+        )
+    finally:
+        await client.close()
+        for runner in runners:
+            await runner.cleanup()
+    assert status == 307
+    assert seen == []

@@ -206,6 +206,19 @@ class MsgsClient:
                 ) from None
         if status == expected:
             return status, data, resp_headers
+        if 300 <= status < 400:
+            # Never followed: a redirect could send the registration (gwId, every
+            # ueSvcId) to another host, or in cleartext. It is a configuration problem.
+            target = resp_headers.get("Location", "")
+            log.warning(
+                "northbound.redirect_refused", peer=self._server_name, status=status, path=path
+            )
+            raise RequestRejectedError(
+                status,
+                f"{method} {path} was redirected to {target!r}; redirects are not followed "
+                "(check northbound.api_root)",
+                cause="REDIRECT_NOT_FOLLOWED",
+            )
         problem = _problem(data, status)
         detail = problem.detail or problem.title or "no detail"
         if status in (401, 403):
@@ -237,6 +250,7 @@ class MsgsClient:
                 headers=headers,
                 server_hostname=self._server_name,
                 trace_request_ctx=attempt,
+                allow_redirects=False,
             ) as resp:
                 attempt.answered = True
                 data = await resp.json(content_type=None) if resp.content_length != 0 else None
