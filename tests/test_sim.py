@@ -569,3 +569,54 @@ async def test_push_client_does_not_follow_a_redirect(tmp_path: Path) -> None:
             await runner.cleanup()
     assert status == 307
     assert seen == []
+
+
+@pytest.mark.parametrize("exp", ["numeric string", "out of range"])
+async def test_client_assertion_with_a_malformed_exp_is_401_not_500(
+    tmp_path: Path, exp: str
+) -> None:
+    """Issue 8 finding 5 at the sim's token endpoint: a correctly signed assertion whose
+    exp is "1234" or beyond any date is refused as a failed client authentication."""
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+
+    from gatewayd import harness
+    from gatewayd.sim.tokens import TOKEN_PATH, SimTokens, TokenClient
+
+    tls_files = harness.make_pki(tmp_path / "pki")
+    client_key = pki.new_key()
+    public = client_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    tokens = SimTokens(
+        issuer="https://sim.example/oauth2",
+        key_pem=pki.Issued(pki.create_ca().cert, pki.new_key()).key_pem,
+        clients=(TokenClient(client_id=pki.DEMO_GATEWAY_ID, public_key_pem=public),),
+    )
+    async with SimServer(harness.sim_settings(tls_files, tokens=tokens)) as sim:
+        now = int(datetime.now(UTC).timestamp())
+        assertion = jwt.encode(
+            {
+                "iss": pki.DEMO_GATEWAY_ID,
+                "sub": pki.DEMO_GATEWAY_ID,
+                "aud": f"{sim.api_root}{TOKEN_PATH}",
+                "exp": str(now + 60) if exp == "numeric string" else 10**30,
+                "jti": "a-1",
+            },
+            pki.Issued(pki.create_ca().cert, client_key).key_pem,
+            algorithm="ES256",
+        )
+        form = {
+            "grant_type": "client_credentials",
+            "scope": "msgs-msgdelivery",
+            "client_id": pki.DEMO_GATEWAY_ID,
+            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            "client_assertion": assertion,
+        }
+        ctx = tls.client_context(tls_files.trust(), tls_files.identity("gateway"))
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{sim.api_root}{TOKEN_PATH}", data=form, ssl=ctx) as resp,
+        ):
+            assert resp.status == 401
+            assert (await resp.json())["error"] == "invalid_client"
