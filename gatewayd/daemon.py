@@ -43,6 +43,7 @@ from gatewayd.relay import Directory, Dispatcher, TransportIntake, put_device_re
 from gatewayd.retry import CircuitBreaker
 from gatewayd.security import tls
 from gatewayd.store import Item, Queue, Store
+from gatewayd.store.schema import private_dir
 from gatewayd.systemd import Notifier
 from gatewayd.worker import Handler, QueueWorker
 
@@ -102,7 +103,7 @@ class Gateway:
     async def run(self, shutdown: Awaitable[Any] | None = None) -> None:
         s = self.settings
         async with AsyncExitStack() as stack:
-            s.state_dir.mkdir(parents=True, exist_ok=True)
+            private_dir(s.state_dir)  # 0700: the store holds bodies and Service IDs
             self._store = await Store.open(s.store)
             stack.push_async_callback(self._store.close)
             for transport, device, service_id in await self._store.learned_devices():
