@@ -620,3 +620,75 @@ async def test_client_assertion_with_a_malformed_exp_is_401_not_500(
         ):
             assert resp.status == 401
             assert (await resp.json())["error"] == "invalid_client"
+
+
+def test_numeric_ranges_take_canonical_ascii_numbers_only() -> None:
+    """Issue 8 finding 8: meter-{1..999} admitted meter-0005 and meter-<Arabic five>."""
+    ranged = ServiceIdPattern.parse("meter-{1..999}")
+    assert ranged.matches("meter-5")
+    assert ranged.matches("meter-999")
+    for other in ("meter-0005", "meter-05", "meter-\u0665", "meter-\uff15", "meter-+5", "meter-"):
+        assert not ranged.matches(other), other
+    assert ServiceIdPattern.parse("m-{0..3}").matches("m-0")
+    # Non-ASCII digits in the pattern make no range either: the braces are literal.
+    assert not ServiceIdPattern.parse("m-{\u0661..\u0669}").matches("m-5")
+
+
+async def test_a_service_id_registered_by_another_gateway_is_refused(
+    certs: Pki, http: aiohttp.ClientSession
+) -> None:
+    """Issue 8 finding 8: the latest registration silently won, so a downlink for one
+    gateway's device went to another gateway."""
+    third = "urn:gatewayd:gateway:third"
+    allow = AllowList(
+        (
+            gateway(GW, "N3G", ("sensor-*@iot.example",)),
+            gateway(third, "N3G", ("sensor-*@iot.example",)),
+        )
+    )
+    settings = SimSettings(identity=certs.server, trust=certs.trust, allow=allow, max_ttl=600)
+    async with SimServer(settings, schema_check=True) as sim:
+        mine = registration(ueSvcIds=["sensor-1@iot.example"])
+        status, _, _ = await post(http, sim, client_ctx(certs, GW), REG, mine)
+        assert status == 201
+        theirs = registration(gwId=third, ueSvcIds=["sensor-2@iot.example", "sensor-1@iot.example"])
+        with structlog.testing.capture_logs() as logs:
+            status, body, _ = await post(http, sim, client_ctx(certs, third), REG, theirs)
+        assert status == 409
+        assert body["cause"] == "SERVICE_ID_CONFLICT"
+        assert "sensor-1" not in str(body)  # a count, not the ids
+        assert any(e.get("cause") == "SERVICE_ID_CONFLICT" for e in logs)
+        route = sim.route("sensor-1@iot.example")
+        assert route is not None
+        assert route.gw_id == GW
+        assert sim.route("sensor-2@iot.example") is None
+        # Its own ids alone are fine.
+        alone = registration(gwId=third, ueSvcIds=["sensor-2@iot.example"])
+        status, _, _ = await post(http, sim, client_ctx(certs, third), REG, alone)
+        assert status == 201
+
+
+async def test_operator_refuses_foreign_host_and_non_json_posts(
+    sim: SimServer, certs: Pki, http: aiohttp.ClientSession, fake_gateway: FakeGateway
+) -> None:
+    """Issue 8 finding 9: DNS rebinding (any Host) and a browser's cross-origin text/plain
+    POST both reached the unauthenticated operator interface."""
+    await register(http, sim, certs, fake_gateway.root)
+    base = f"http://127.0.0.1:{sim.operator_port}/operator"
+    body = '{"to": "sensor-1@iot.example", "payload": "rebound"}'
+    async with http.get(f"{base}/registrations", headers={"Host": "attacker.example"}) as resp:
+        assert resp.status == 403
+    async with http.post(
+        f"{base}/downlink", data=body, headers={"Host": "attacker.example:8081"}
+    ) as resp:
+        assert resp.status == 403
+    async with http.post(
+        f"{base}/downlink", data=body, headers={"Content-Type": "text/plain"}
+    ) as resp:
+        assert resp.status == 415
+    async with http.post(f"{base}/fail", data={"status": "503", "count": "1"}) as resp:
+        assert resp.status == 415  # a form post: what an HTML form on any site can send
+    assert fake_gateway.messages == []
+    for host in ("localhost", f"127.0.0.1:{sim.operator_port}", "[::1]:1"):
+        async with http.get(f"{base}/registrations", headers={"Host": host}) as resp:
+            assert resp.status == 200, host

@@ -223,7 +223,7 @@ class SimServer:
             self._changed.notify_all()
 
     def route(self, service_id: str) -> Registration | None:
-        """The live registration serving ``service_id`` (the most recent one wins)."""
+        """The live registration serving ``service_id`` (one at most: see _check_not_claimed)."""
         found = [r for r in self.registrations if service_id in r.ue_svc_ids]
         return max(found, key=lambda r: r.expiry) if found else None
 
@@ -421,7 +421,8 @@ class SimServer:
                 cause=exc.cause,
                 path=request.path,
             )
-            return self._problem(exc.status, "Forbidden", cause=exc.cause, detail=exc.detail)
+            title = "Conflict" if exc.status == 409 else "Forbidden"
+            return self._problem(exc.status, title, cause=exc.cause, detail=exc.detail)
         except InvalidBodyError as exc:
             return self._problem(
                 400,
@@ -504,6 +505,7 @@ class SimServer:
         self.settings.allow.check_registration(
             _peer(request), body.gw_id, body.gw_type, body.ue_svc_ids
         )
+        self._check_not_claimed(body)
         # One registration per gateway: a gateway that registers again (after a restart)
         # replaces what it registered before.
         for rid, old in list(self._registrations.items()):
@@ -532,6 +534,7 @@ class SimServer:
             _peer(request), body.gw_id, body.gw_type, body.ue_svc_ids
         )
         self._owned(request, rid)
+        self._check_not_claimed(body)
         registration = self._grant(rid, body, raw)
         log.info(
             "sim.registration.updated",
@@ -549,6 +552,21 @@ class SimServer:
         log.info("sim.registration.deleted", gw_id=registration.gw_id, registration_id=rid)
         await self._notify()
         return web.Response(status=204)
+
+    def _check_not_claimed(self, body: GatewayRegistration) -> None:
+        """Refuse Service IDs another gateway holds a live registration for.
+
+        Letting the latest registration win silently sent one gateway's downlink to
+        another gateway. The count only: the ids would tell who serves what.
+        """
+        taken = {sid for r in self.registrations if r.gw_id != body.gw_id for sid in r.ue_svc_ids}
+        clash = sum(1 for service_id in body.ue_svc_ids if service_id in taken)
+        if clash:
+            raise Refused(
+                "SERVICE_ID_CONFLICT",
+                f"{clash} UE service id(s) are registered by another gateway",
+                status=409,
+            )
 
     def _owned(self, request: web.Request, rid: str) -> Registration:
         entry = self.settings.allow.for_peer(_peer(request))
