@@ -15,12 +15,18 @@ from urllib.parse import urlsplit
 
 from gatewayd.api import Device, Options, PluginSettings, TransportSettings
 from gatewayd.errors import ConfigError
+from gatewayd.listener import ListenerLimits, read_limits
 from gatewayd.msgin5g.model import Address
 from gatewayd.msgin5g.registration import GatewayType
 from gatewayd.northbound.paths import gateway_api_prefix
 from gatewayd.retry import RetryPolicy
 from gatewayd.security.tokens import TokenGate, read_gate
 from gatewayd.store import StoreSettings
+
+# Listener defaults: one caller (the server, with a pooled client) for the API, a few
+# scrapers for the metrics; the device transports take gatewayd.listener's 1024.
+API_LIMITS = ListenerLimits(max_connections=256)
+METRICS_LIMITS = ListenerLimits(max_connections=64)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,6 +59,7 @@ class ApiSettings:
     allowed_peers: tuple[str, ...]  # server identities (URI or DNS SAN) that may call us
     max_body: int
     token: TokenGate | None = None  # [api.token]: the bearer token the server must present
+    limits: ListenerLimits = API_LIMITS  # idle/header timeouts, connection cap
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,6 +76,7 @@ class MetricsSettings:
     host: str
     port: int
     allow_remote: bool  # a non-loopback listen address must be asked for explicitly
+    limits: ListenerLimits = METRICS_LIMITS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -184,6 +192,7 @@ def parse(data: dict[str, Any], path: Path) -> Settings:
         credentials=credential_ref(api_opts, "credentials", northbound.credentials),
         allowed_peers=_allowed_peers(api_opts, northbound.server_identity),
         max_body=api_opts.get_int("max_body", 64 * 1024, minimum=1024),
+        limits=read_limits(api_opts, API_LIMITS),
         token=read_gate(
             api_opts.table("token"),
             default_audience=gateway_id,
@@ -246,6 +255,7 @@ def _allowed_peers(api: Options, server_identity: str) -> tuple[str, ...]:
 def _metrics(mt: Options) -> MetricsSettings | None:
     listen = mt.get_listen("listen", None)
     allow_remote = mt.get_bool("allow_remote", False)
+    limits = read_limits(mt, METRICS_LIMITS)
     mt.check_unknown()
     if listen is None:
         return None
@@ -255,7 +265,9 @@ def _metrics(mt: Options) -> MetricsSettings | None:
             "listen",
             f"{listen.host!r} is not a loopback address; set allow_remote = true to expose it",
         )
-    return MetricsSettings(host=listen.host, port=listen.port, allow_remote=allow_remote)
+    return MetricsSettings(
+        host=listen.host, port=listen.port, allow_remote=allow_remote, limits=limits
+    )
 
 
 def _store(st: Options, state_dir: Path, base: Path) -> StoreSettings:

@@ -134,6 +134,7 @@ class Gateway:
                 max_body=s.api.max_body,
                 reply_route_ttl=s.relay.reply_route_ttl,
                 token=s.api.token,
+                limits=s.api.limits,
             )
             stack.push_async_callback(api.close)
             self.api_port = await api.start(s.api.host, s.api.port, self._server_tls)
@@ -293,7 +294,7 @@ class Gateway:
             return
         exporter = metrics.MetricsServer()
         stack.push_async_callback(exporter.close)
-        bound = await exporter.start(ms.host, ms.port)
+        bound = await exporter.start(ms.host, ms.port, ms.limits)
         self.metrics_port = bound.port
         log.info("metrics.listening", host=bound.host, port=bound.port, path="/metrics")
 

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import structlog
-from aiohttp.http_exceptions import HttpProcessingError
 
 from gatewayd.metrics import count_events
 
@@ -40,6 +39,10 @@ class _BadRequestExcerpts(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # Imported here: only aiohttp's own loggers get this filter, and every CLI
+        # command imports this module, most of them without needing aiohttp.
+        from aiohttp.http_exceptions import HttpProcessingError
+
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
             remote = record.args[0] if isinstance(record.args, tuple) and record.args else None

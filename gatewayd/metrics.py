@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     # every CLI command imports log.py.
     from aiohttp import web
 
+    from gatewayd.listener import ListenerLimits
+
 log = structlog.get_logger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -239,14 +241,18 @@ class MetricsServer:
         # Scrapes are serialised: collectors touch shared gauges and the store.
         self._lock = asyncio.Lock()
 
-    async def start(self, host: str, port: int) -> Endpoint:
+    async def start(self, host: str, port: int, limits: ListenerLimits | None = None) -> Endpoint:
         from aiohttp import web
 
+        from gatewayd.listener import GuardedSite, ListenerLimits, runner
+
+        limits = limits or ListenerLimits(max_connections=64)
         app = web.Application()
         app.router.add_get("/metrics", self._scrape)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = runner(app, limits, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
+        # Idle and slow-header scrapers are cut like on every listener (gatewayd.listener).
+        await GuardedSite(self._runner, host, port, limits=limits, label="metrics").start()
         bound = self._runner.addresses[0]
         return Endpoint(host=str(bound[0]), port=int(bound[1]))
 

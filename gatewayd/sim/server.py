@@ -23,6 +23,7 @@ from typing import Any, Self, TypeVar
 import structlog
 from aiohttp import web
 
+from gatewayd import listener
 from gatewayd.errors import GatewaydError, InvalidBodyError, TokenRejectedError
 from gatewayd.msgin5g import (
     Address,
@@ -137,20 +138,31 @@ class SimServer:
         """Listen; with mutual TLS required, no peer without a trusted certificate gets in."""
         ctx = tls.server_context(self.settings.identity, self.settings.trust)
         await self._client.start()
-        self._runner = web.AppRunner(self._app(), access_log=None)
+        limits = self.settings.limits
+        self._runner = listener.runner(self._app(), limits, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(
-            self._runner, self.settings.host, self.settings.port, ssl_context=ctx
+        await listener.GuardedSite(
+            self._runner,
+            self.settings.host,
+            self.settings.port,
+            limits=limits,
+            ssl_context=ctx,
+            label="sim.api",
         ).start()
         self.port = _bound_port(self._runner)
         if self.tokens is not None:
             # private_key_jwt assertions must name this URL as their audience.
             self.tokens.token_url = f"{self.api_root}{TOKEN_PATH}"
         if self.settings.operator_port is not None:
-            self._operator_runner = web.AppRunner(operator_app(self), access_log=None)
+            op_limits = self.settings.operator_limits
+            self._operator_runner = listener.runner(operator_app(self), op_limits, access_log=None)
             await self._operator_runner.setup()
-            await web.TCPSite(
-                self._operator_runner, self.settings.operator_host, self.settings.operator_port
+            await listener.GuardedSite(
+                self._operator_runner,
+                self.settings.operator_host,
+                self.settings.operator_port,
+                limits=op_limits,
+                label="sim.operator",
             ).start()
             self.operator_port = _bound_port(self._operator_runner)
         log.info(
