@@ -7,6 +7,7 @@ check that the defaults alone keep Service IDs from every unverified party.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -223,3 +224,54 @@ async def test_revoked_intermediate_ca_is_refused(tmp_path: Path) -> None:
     rejected = [e for e in logs if e["event"] == "auth.peer_rejected"]
     assert rejected
     assert rejected[0]["reason"] == "certificate revoked"
+
+
+async def _handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> str | None:
+    """The negotiated TLS 1.2 cipher, or None when the handshake failed."""
+
+    async def serve(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname="localhost"), 10
+        )
+    except (ssl.SSLError, ConnectionError, OSError):
+        return None
+    finally:
+        listener.close()
+    cipher = writer.get_extra_info("cipher")
+    writer.close()
+    return str(cipher[0]) if cipher else None
+
+
+def _tls12_peer(purpose: int, ciphers: str, tls: Pki, stem: str | None) -> ssl.SSLContext:
+    """A peer outside our profile: TLS 1.2 only, with ``ciphers``."""
+    ctx = ssl.SSLContext(purpose)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(ciphers)
+    if purpose == ssl.PROTOCOL_TLS_CLIENT:
+        ctx.load_verify_locations(cadata=tls["ca"].read_text())
+        ctx.check_hostname = False
+    if stem is not None:
+        ctx.load_cert_chain(tls[stem], tls[f"{stem}_key"])
+    return ctx
+
+
+@pytest.mark.parametrize(
+    "ciphers",
+    ["ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA384", "ECDHE-ECDSA-AES128-GCM-SHA256"],
+    ids=["CBC+SHA1", "CBC+SHA384", "AEAD (control)"],
+)
+async def test_tls12_takes_ecdhe_with_aead_only(tmp_path: Path, ciphers: str) -> None:
+    """TS 33.210 profile: no CBC, no SHA-1 MAC, on our servers and our clients alike."""
+    tls = harness.make_pki(tmp_path / "pki")
+    ours_server = server_context(tls.identity("server"), None, require_client_cert=False)
+    ours_client = client_context(tls.trust(), check_hostname=False)
+    peer_client = _tls12_peer(ssl.PROTOCOL_TLS_CLIENT, ciphers, tls, None)
+    peer_server = _tls12_peer(ssl.PROTOCOL_TLS_SERVER, ciphers, tls, "server")
+    expected = ciphers if "GCM" in ciphers else None
+    assert await _handshake(ours_server, peer_client) == expected
+    assert await _handshake(peer_server, ours_client) == expected

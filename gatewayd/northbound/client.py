@@ -44,7 +44,7 @@ from gatewayd.msgin5g.model import (
 from gatewayd.msgin5g.registration import GatewayRegistration, GatewayRegistrationAck
 from gatewayd.northbound import paths
 from gatewayd.retry import is_permanent, parse_retry_after
-from gatewayd.security.tls import handshake_reason
+from gatewayd.security.tls import CIPHERS, handshake_reason
 
 log = structlog.get_logger(__name__)
 
@@ -312,6 +312,8 @@ class MsgsClient:
         """
         parts = urlsplit(self._api_root)
         probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        probe.minimum_version = ssl.TLSVersion.TLSv1_2
+        probe.set_ciphers(CIPHERS)  # our offer, as on the real connection
         # Only whether any TLS answer comes: the probe never verifies and never sends data.
         probe.check_hostname = False
         probe.verify_mode = ssl.CERT_NONE
