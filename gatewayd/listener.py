@@ -127,18 +127,22 @@ class _Guard:
         # Accepted, TLS handshake not done: asyncio tells the protocol nothing if the
         # handshake fails, so these age out after the handshake timeout instead.
         self._handshaking: collections.deque[tuple[float, _Guarded]] = collections.deque()
+        self._pending = 0  # entries of _handshaking neither connected nor expired
         self._full = False
 
     def count(self) -> int:
         self._prune()
-        return len(self._open) + sum(1 for _, p in self._handshaking if not p.connected)
+        return len(self._open) + self._pending
 
     def _prune(self) -> None:
         horizon = self.loop.time() - self.limits.header_timeout - 1.0
         while self._handshaking and (
             self._handshaking[0][1].connected or self._handshaking[0][0] < horizon
         ):
-            self._handshaking.popleft()
+            _, conn = self._handshaking.popleft()
+            if not conn.connected:
+                conn.expired = True  # its handshake failed or timed out: no longer counted
+                self._pending -= 1
 
     def protocol(self) -> asyncio.BaseProtocol:
         if self.count() >= self.limits.max_connections and not self._evict():
@@ -153,6 +157,7 @@ class _Guard:
         self._full = False
         guarded = _Guarded(self, self._factory())
         self._handshaking.append((self.loop.time(), guarded))
+        self._pending += 1
         return guarded
 
     def _evict(self) -> bool:
@@ -164,6 +169,8 @@ class _Guard:
         return False
 
     def made(self, conn: _Guarded) -> None:
+        if not conn.expired:
+            self._pending -= 1
         self._open[conn] = None
 
     def lost(self, conn: _Guarded) -> None:
@@ -180,6 +187,7 @@ class _Guarded(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._tail = b""
         self.connected = False
+        self.expired = False  # given up on while handshaking (see _Guard._prune)
         self.waiting = True  # no complete request head yet
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

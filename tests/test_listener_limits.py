@@ -195,3 +195,42 @@ async def test_the_gateway_listeners_take_their_limits_from_the_config(
             assert await _closed(reader, 5.0), port
             writer.close()
             assert time.monotonic() - started < 3.0, port
+
+
+async def test_tls_clients_that_never_handshake_count_then_expire(tmp_path: Path) -> None:
+    """On a TLS listener a connection counts from accept; one that never completes its
+    handshake is cut at header_timeout and stops counting soon after."""
+    from gatewayd.api import client_context, server_context
+
+    tls = harness.make_pki(tmp_path / "pki")
+    limits = ListenerLimits(idle_timeout=30.0, header_timeout=1.0, max_connections=5)
+
+    async def hello(_request: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    app_runner = runner(app, limits, access_log=None)
+    await app_runner.setup()
+    ctx = server_context(tls.identity("server"), None, require_client_cert=False)
+    site = GuardedSite(app_runner, "127.0.0.1", 0, limits=limits, ssl_context=ctx)
+    await site.start()
+    client_ctx = client_context(tls.trust())
+    url = f"https://localhost:{site.port}/"
+    try:
+        silent = [await asyncio.open_connection("127.0.0.1", site.port) for _ in range(5)]
+        await asyncio.sleep(0.1)
+        assert site.connections == 5
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.ClientError):  # at the cap, nobody to evict
+                async with session.get(url, ssl=client_ctx) as resp:
+                    await resp.read()
+            assert all(await asyncio.gather(*(_closed(r, 3.0) for r, _ in silent)))
+            await asyncio.sleep(1.2)  # past the handshake horizon
+            assert site.connections == 0
+            async with session.get(url, ssl=client_ctx) as resp:
+                assert resp.status == 200
+        for _, writer in silent:
+            writer.close()
+    finally:
+        await app_runner.cleanup()
