@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from gatewayd import metrics
+from gatewayd.listener import GuardedSite, ListenerLimits, runner
 
 STATUS_CONTENT_TYPE = "application/json"
 
@@ -42,16 +43,17 @@ class AdminServer:
         self._probe = probe
         self._runner: web.AppRunner | None = None
 
-    async def start(self, host: str, port: int) -> Endpoint:
+    async def start(self, host: str, port: int, limits: ListenerLimits) -> Endpoint:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/status", self._status)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = runner(app, limits, access_log=None)
         await self._runner.setup()
         try:
-            await web.TCPSite(self._runner, host, port).start()
+            # Idle and slow-header callers are cut like on every listener.
+            await GuardedSite(self._runner, host, port, limits=limits, label="admin").start()
         except OSError:
             await self.close()
             raise

@@ -36,6 +36,9 @@ from gatewayd.errors import (
     PluginError,
     UnknownDeviceError,
 )
+from gatewayd.listener import GuardedSite, ListenerLimits
+from gatewayd.listener import read_limits as read_listener_limits
+from gatewayd.listener import runner as listener_runner
 from gatewayd.msgin5g.model import Address
 from gatewayd.options import MISSING, ListenAddress, Options, SecretRef, is_loopback
 from gatewayd.security.material import TlsIdentity, TrustAnchors
@@ -56,10 +59,12 @@ __all__ = [
     "DeviceReport",
     "Downlink",
     "GatewaydError",
+    "GuardedSite",
     "IntakeRefusedError",
     "InvalidMessageError",
     "KeyValueStore",
     "ListenAddress",
+    "ListenerLimits",
     "Logger",
     "Options",
     "PeerIdentity",
@@ -82,7 +87,9 @@ __all__ = [
     "client_context",
     "hookimpl",
     "is_loopback",
+    "listener_runner",
     "peer_identity",
+    "read_listener_limits",
     "server_context",
 ]
 

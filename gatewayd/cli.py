@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--gateway-name", default="localhost", help="DNS name of the gateway")
     init.add_argument("--server-id", default=pki.DEMO_SERVER_ID, help="URI SAN of the server")
     init.add_argument("--gateway-id", default=pki.DEMO_GATEWAY_ID, help="URI SAN of the gateway")
+    init.add_argument(
+        "--device-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="DNS name for the device to serve a webhook under (repeatable); "
+        "without it the device certificate is for TLS clients only",
+    )
     init.set_defaults(func=cmd_pki_init)
 
     demo = sub.add_parser("demo", help="run a self-contained demo over mutual TLS on loopback")
@@ -118,6 +126,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"{args.config}: OK ({settings.gateway_type} gateway {settings.gateway_id}, "
         f"{len(settings.transports)} transport(s), {len(settings.credentials)} credential set(s))"
     )
+    nb, api = settings.northbound, settings.api
+    # Which identity checks are in force: the answer to "who can pose as the server".
+    print(
+        f"  server identity: the MSGin5G Server's certificate must name {nb.server_name!r} "
+        f"(host name) and have the primary identity {nb.server_identity!r} "
+        "(northbound.server_identity)"
+    )
+    print(f"  API callers allowed (api.allowed_peers): {', '.join(api.allowed_peers)}")
     return int(ExitCode.OK)
 
 
@@ -168,6 +184,7 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
         gateway_name=args.gateway_name,
         server_id=args.server_id,
         gateway_id=args.gateway_id,
+        device_names=tuple(args.device_name),
     )
     for name, path in files.items():
         print(f"{name:<12} {path}")

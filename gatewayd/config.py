@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from gatewayd.api import Device, Options, PluginSettings, TransportSettings
 from gatewayd.errors import ConfigError
+from gatewayd.listener import ListenerLimits, read_limits
 from gatewayd.msgin5g.model import Address
 from gatewayd.msgin5g.registration import GatewayType
 from gatewayd.northbound.paths import gateway_api_prefix
@@ -22,6 +23,11 @@ from gatewayd.options import ListenAddress, SecretRef
 from gatewayd.retry import RetryPolicy
 from gatewayd.security.tokens import TokenGate, read_gate
 from gatewayd.store import StoreSettings
+
+# Listener defaults: one caller (the server, with a pooled client) for the API, a few
+# scrapers for the metrics; the device transports take gatewayd.listener's 1024.
+API_LIMITS = ListenerLimits(max_connections=256)
+METRICS_LIMITS = ListenerLimits(max_connections=64)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -31,7 +37,10 @@ class NorthboundSettings:
     api_root: str  # the server's apiRoot, e.g. https://m5s.example:8443
     credentials: str  # backend with our TLS identity and the CAs that vouch for the server
     server_name: str  # the host name the server's certificate must carry (DNS SAN)
-    server_identity: str | None  # a further SAN it must carry, e.g. its NF instance URN
+    # The server's identity (its NF instance URN, say): the primary identity (first URI
+    # SAN, else first DNS SAN) its certificate must have. Required: the host name alone
+    # is shared by every certificate a CA issued for that host (docs/security.md).
+    server_identity: str
     token: str | None  # backend issuing OAuth 2.0 bearer tokens, if the server wants them
     token_scope: str
     registration_ttl: float
@@ -51,6 +60,7 @@ class ApiSettings:
     allowed_peers: tuple[str, ...]  # server identities (URI or DNS SAN) that may call us
     max_body: int
     token: TokenGate | None = None  # [api.token]: the bearer token the server must present
+    limits: ListenerLimits = API_LIMITS  # idle/header timeouts, connection cap
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,6 +79,7 @@ class MetricsSettings:
     host: str
     port: int
     allow_remote: bool  # a non-loopback listen address must be asked for explicitly
+    limits: ListenerLimits = METRICS_LIMITS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -151,11 +162,19 @@ def parse(data: dict[str, Any], path: Path) -> Settings:
     token = nb.get_str("token", None)
     if token is not None and token not in cred_names:
         raise nb.error("token", f"no [credentials.{token}] table")
+    server_identity = nb.get_str("server_identity", None)
+    if not server_identity:
+        raise nb.error(
+            "server_identity",
+            "is required: the identity (first URI SAN, else DNS SAN) the MSGin5G Server's "
+            "certificate must carry, e.g. its NF instance URN; the host name alone is not "
+            "enough, any certificate issued for that host would pass",
+        )
     northbound = NorthboundSettings(
         api_root=api_root,
         credentials=credential_ref(nb, "credentials"),
         server_name=nb.get_str("server_name", parts.hostname),
-        server_identity=nb.get_str("server_identity", None),
+        server_identity=server_identity,
         token=token,
         token_scope=nb.get_str("token_scope", "msgs-msgdelivery msgs-gwregistration"),
         registration_ttl=nb.get_float("registration_ttl", 3600.0, minimum=10.0),
@@ -176,8 +195,9 @@ def parse(data: dict[str, Any], path: Path) -> Settings:
         port=port,
         advertise=advertise.rstrip("/") if advertise else None,
         credentials=credential_ref(api_opts, "credentials", northbound.credentials),
-        allowed_peers=api_opts.get_str_list("allowed_peers", (northbound.server_name,)),
+        allowed_peers=_allowed_peers(api_opts, northbound.server_identity),
         max_body=api_opts.get_int("max_body", 64 * 1024, minimum=1024),
+        limits=read_limits(api_opts, API_LIMITS),
         token=read_gate(
             api_opts.table("token"),
             default_audience=gateway_id,
@@ -224,9 +244,24 @@ def parse(data: dict[str, Any], path: Path) -> Settings:
     )
 
 
+def _allowed_peers(api: Options, server_identity: str) -> tuple[str, ...]:
+    # Default: only the server we register with may call us, by the same identity we
+    # demand of it. An explicit empty list would lock everyone out (or, read loosely,
+    # let everyone in): refuse it rather than guess.
+    peers = api.get_str_list("allowed_peers", (server_identity,))
+    if not peers or not all(peers):
+        raise api.error(
+            "allowed_peers",
+            "must list at least one identity (first URI SAN, else DNS SAN of a caller's "
+            "certificate); leave it out to allow northbound.server_identity only",
+        )
+    return peers
+
+
 def _metrics(mt: Options) -> MetricsSettings | None:
     listen = mt.get_listen("listen", None)
     allow_remote = mt.get_bool("allow_remote", False)
+    limits = read_limits(mt, METRICS_LIMITS)
     mt.check_unknown()
     if listen is None:
         return None
@@ -236,7 +271,9 @@ def _metrics(mt: Options) -> MetricsSettings | None:
             "listen",
             f"{listen.host!r} is not a loopback address; set allow_remote = true to expose it",
         )
-    return MetricsSettings(host=listen.host, port=listen.port, allow_remote=allow_remote)
+    return MetricsSettings(
+        host=listen.host, port=listen.port, allow_remote=allow_remote, limits=limits
+    )
 
 
 def _store(st: Options, state_dir: Path, base: Path) -> StoreSettings:

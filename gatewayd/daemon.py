@@ -56,6 +56,7 @@ from gatewayd.retry import CircuitBreaker
 from gatewayd.security import tls
 from gatewayd.store import Item, Queue, Store
 from gatewayd.store.kv import MemoryKV
+from gatewayd.store.schema import private_dir
 from gatewayd.systemd import Notifier
 from gatewayd.worker import Handler, QueueWorker
 
@@ -157,6 +158,7 @@ class Gateway:
                 reply_route_ttl=s.relay.reply_route_ttl,
                 relay=s.relay,
                 token=s.api.token,
+                limits=s.api.limits,
             )
             stack.push_async_callback(api.close)
             self.notifier.status("starting the API listener")
@@ -332,7 +334,7 @@ class Gateway:
 
     async def _open_store(self, stack: AsyncExitStack) -> Store:
         self.notifier.status("opening the store")
-        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.settings.state_dir)  # 0700: the store holds bodies and Service IDs
         store = await Store.open(self.settings.store)
         stack.push_async_callback(store.close)
         for transport, device, service_id in await store.learned_devices():
@@ -383,7 +385,7 @@ class Gateway:
         listener = AdminServer(self.live)
         stack.push_async_callback(listener.close)
         with ListenError.naming("metrics.listen", ms.host, ms.port):
-            bound = await listener.start(ms.host, ms.port)
+            bound = await listener.start(ms.host, ms.port, ms.limits)
         self.metrics_port = bound.port
         log.info(
             "metrics.listening",

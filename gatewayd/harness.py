@@ -44,7 +44,9 @@ class Pki:
 
 
 def make_pki(directory: Path) -> Pki:
-    return Pki(pki.init(directory))
+    # The test kit's devices also serve HTTPS webhooks on loopback, so their certificate
+    # asks for a server identity ("localhost"); `gatewayd pki init` leaves that out.
+    return Pki(pki.init(directory, device_names=("localhost",)))
 
 
 def sim_settings(
@@ -85,6 +87,7 @@ drain_timeout = 5.0
 [northbound]
 api_root = "{api_root}"
 credentials = "northbound"
+server_identity = "{pki.DEMO_SERVER_ID}"
 registration_ttl = 600.0
 timeout = 5.0
 

@@ -28,6 +28,34 @@ def _redact(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+class _BadRequestExcerpts(logging.Filter):
+    """Rewrites aiohttp's "Error handling request" lines for requests it could not parse.
+
+    The exception's message quotes the offending bytes (a bare-LF line, an over-long
+    header), and those bytes are the request's own headers: a bearer JWT or a device
+    token. Only the kind of error, its status and the caller's address are kept.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # Imported here: only aiohttp's own loggers get this filter, and every CLI
+        # command imports this module, most of them without needing aiohttp.
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
+            record.msg, record.args = "http.bad_request", ()
+            record.exc_info, record.exc_text = None, None
+            if record.levelno > logging.WARNING:  # a caller's fault, not ours
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.__dict__.update(remote=remote, error=type(exc).__name__, status=exc.code)
+        return True
+
+
+# aiohttp's server-side loggers whose lines may quote request bytes.
+_REQUEST_LOGGERS = ("aiohttp.server", "aiohttp.web")
+
+
 def configure(level: str = "info", fmt: str = "auto") -> None:
     """Configure structlog and stdlib logging. Call once, at process start."""
     if fmt == "auto":
@@ -60,7 +88,8 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         renderer,
     ]
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
+        # The fields _BadRequestExcerpts puts on aiohttp's records.
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(("remote", "error", "status"))],
         processors=final,
     )
     handler = logging.StreamHandler(sys.stderr)
@@ -70,6 +99,10 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     root.setLevel(level.upper())
     # aiohttp's access log duplicates our own request events.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    for name in _REQUEST_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _BadRequestExcerpts) for f in logger.filters):
+            logger.addFilter(_BadRequestExcerpts())
 
 
 def set_level(level: str) -> None:

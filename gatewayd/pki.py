@@ -49,14 +49,17 @@ def new_key(kind: str = "ec", bits: int = 2048) -> PrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def create_ca(name: str = "gatewayd demo CA", *, key: PrivateKey | None = None) -> Issued:
+def create_ca(
+    name: str = "gatewayd demo CA", *, key: PrivateKey | None = None, issuer: Issued | None = None
+) -> Issued:
+    """A root CA, or with ``issuer`` an intermediate CA signed by it."""
     key = key or new_key()
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = dt.datetime.now(dt.UTC)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
-        .issuer_name(subject)
+        .issuer_name(issuer.cert.subject if issuer else subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
@@ -77,9 +80,13 @@ def create_ca(name: str = "gatewayd demo CA", *, key: PrivateKey | None = None) 
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
     )
-    return Issued(cert, key)
+    if issuer is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
+            critical=False,
+        )
+    return Issued(builder.sign(issuer.key if issuer else key, hashes.SHA256()), key)
 
 
 def issue(
@@ -174,26 +181,51 @@ def init(
     gateway_name: str = "localhost",
     gateway_id: str = DEMO_GATEWAY_ID,
     device_id: str = DEMO_DEVICE_ID,
+    device_names: tuple[str, ...] = (),
 ) -> dict[str, Path]:
     """Create ``ca``, ``server``, ``gateway`` and ``device`` certificates in ``directory``.
 
-    The server and gateway certificates each serve both as TLS server and TLS client
-    identity, because each side calls the other.
+    Each certificate is fit for its role only (docs/security.md, "pki init"), so that
+    one party's certificate cannot stand in for another's:
+
+    - server: its URN and host name; serverAuth for its API, clientAuth because it is
+      the client of every gateway's MSGG API. Only the server carries its URN.
+    - gateway: its URN; clientAuth, plus serverAuth for its MSGG API under its own name.
+    - device: its URN; clientAuth only and no host name or address, so it cannot serve
+      TLS at all, unless ``device_names`` asks for a webhook server identity.
     """
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     ca = create_ca()
-    loopback = ("127.0.0.1", "::1") if "localhost" in (server_name, gateway_name) else ()
     out: dict[str, Path] = {}
     out["ca"], out["ca_key"] = write_pair(directory, "ca", ca)
     issued = {
-        "server": issue(ca, "msgin5g-server", dns=(server_name,), uris=(server_id,), ips=loopback),
-        "gateway": issue(ca, "gatewayd", dns=(gateway_name,), uris=(gateway_id,), ips=loopback),
-        # A device both calls the gateway and serves its webhook.
-        "device": issue(ca, "device", dns=("localhost",), uris=(device_id,), ips=loopback),
+        "server": issue(
+            ca, "msgin5g-server", dns=(server_name,), uris=(server_id,), ips=_loopback(server_name)
+        ),
+        "gateway": issue(
+            ca,
+            "gatewayd",
+            dns=(gateway_name,),
+            uris=(gateway_id,),
+            ips=_loopback(gateway_name),
+        ),
+        "device": issue(
+            ca,
+            "device",
+            dns=device_names,
+            uris=(device_id,),
+            ips=tuple(ip for name in device_names for ip in _loopback(name)),
+            server=bool(device_names),
+        ),
     }
     for stem, item in issued.items():
         out[stem], out[f"{stem}_key"] = write_pair(directory, stem, item)
     out["crl"] = directory / "ca.crl.pem"
     out["crl"].write_bytes(create_crl(ca))
     return out
+
+
+def _loopback(name: str) -> tuple[str, ...]:
+    # "localhost" is reached as 127.0.0.1 or ::1 too; the addresses go to that party only.
+    return ("127.0.0.1", "::1") if name == "localhost" else ()

@@ -7,19 +7,29 @@ reads a body.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from impostor import Impostor
 from structlog.testing import capture_logs
 
 from gatewayd import config, harness, pki
-from gatewayd.api import client_context
+from gatewayd.api import client_context, server_context
 from gatewayd.daemon import Gateway
-from gatewayd.errors import CredentialError, ExitCode, PeerRefusedError
+from gatewayd.errors import (
+    CredentialError,
+    ExitCode,
+    PeerRefusedError,
+    PeerUnavailableError,
+    RequestRejectedError,
+)
 from gatewayd.harness import DEMO_SERVICE_ID, Pki
+from gatewayd.msgin5g.registration import GatewayRegistration
+from gatewayd.northbound.client import MsgsClient
 from gatewayd.plugins import Plugins
 from gatewayd.sim.server import SimServer
 from gatewayd.testing import running_gateway
@@ -168,7 +178,7 @@ async def test_gateway_refuses_to_start_as_someone_else(tmp_path: Path, loopback
 async def test_expected_server_identity_is_checked_in_the_handshake(
     tmp_path: Path, loopback_pki: Pki, expected: str
 ) -> None:
-    """northbound.server_identity: a URI SAN (an NF instance id) the server must carry."""
+    """northbound.server_identity: the identity (an NF instance id) the server must have."""
     async with SimServer(harness.sim_settings(loopback_pki), schema_check=True) as sim:
         settings = harness.write_config(
             tmp_path / "gw.toml",
@@ -178,8 +188,7 @@ async def test_expected_server_identity_is_checked_in_the_handshake(
                 state_dir=tmp_path / "state",
                 transports=TRANSPORT,
             ).replace(
-                'credentials = "northbound"\nregistration_ttl',
-                f'credentials = "northbound"\nserver_identity = "{expected}"\nregistration_ttl',
+                f'server_identity = "{pki.DEMO_SERVER_ID}"', f'server_identity = "{expected}"'
             ),
         )
         assert settings.northbound.server_identity == expected
@@ -193,3 +202,82 @@ async def test_expected_server_identity_is_checked_in_the_handshake(
     rejected = [e for e in logs if e["event"] == "auth.peer_rejected"]
     assert rejected
     assert expected in str(rejected[0])
+
+
+def _msgs_client(tls: Pki, port: int) -> MsgsClient:
+    """The gateway's northbound client, as the daemon builds it, toward localhost:port."""
+    ctx = client_context(tls.trust(), tls.identity("gateway"), expected_identity=pki.DEMO_SERVER_ID)
+    return MsgsClient(
+        f"https://localhost:{port}", ctx, server_name="localhost", timeout=5.0, max_connections=2
+    )
+
+
+async def test_northbound_client_does_not_follow_a_redirect(loopback_pki: Pki) -> None:
+    """Issue 8 finding 4: a 307 from https to http must not re-send the registration."""
+    seen: list[bytes] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(await request.read())
+        return web.json_response({}, status=201, headers={"Location": "/r/1"})
+
+    async def redirect(request: web.Request) -> web.Response:
+        return web.Response(status=307, headers={"Location": f"http://127.0.0.1:{plain}/stolen"})
+
+    plain_app, tls_app = web.Application(), web.Application()
+    plain_app.router.add_route("*", "/stolen", record)
+    tls_app.router.add_route("*", "/{tail:.*}", redirect)
+    runners = [web.AppRunner(plain_app), web.AppRunner(tls_app)]
+    for runner in runners:
+        await runner.setup()
+    await web.TCPSite(runners[0], "127.0.0.1", 0).start()
+    plain = runners[0].addresses[0][1]
+    server_ctx = server_context(loopback_pki.identity("server"), loopback_pki.trust())
+    await web.TCPSite(runners[1], "127.0.0.1", 0, ssl_context=server_ctx).start()
+    client = _msgs_client(loopback_pki, runners[1].addresses[0][1])
+    registration = GatewayRegistration(
+        gw_id=pki.DEMO_GATEWAY_ID,
+        gw_type="N3G",
+        target_uri="https://localhost:1",
+        ue_svc_ids=(DEMO_SERVICE_ID,),
+    )
+    try:
+        with capture_logs() as logs, pytest.raises(RequestRejectedError) as refused:
+            await client.register(registration)
+    finally:
+        await client.aclose()
+        for runner in runners:
+            await runner.cleanup()
+    assert refused.value.status == 307
+    assert seen == [], "the registration was re-sent to the redirect target"
+    assert any(e["event"] == "northbound.redirect_refused" for e in logs)
+
+
+async def test_a_server_that_never_answers_tls_is_unreachable_not_a_refusal(
+    tmp_path: Path, loopback_pki: Pki
+) -> None:
+    """Issue 8: a listener that takes the connection and closes it without a word of
+    TLS (overloaded, cutting new connections, not TLS) refused no certificate: the
+    gateway must keep retrying, not stop with exit 3."""
+    accepted = 0
+
+    async def close_unanswered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        await reader.read(65536)  # the ClientHello, never answered
+        writer.close()
+
+    server = await asyncio.start_server(close_unanswered, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = _msgs_client(loopback_pki, port)
+    try:
+        with capture_logs() as logs, pytest.raises(PeerUnavailableError) as unavailable:
+            await client.deregister("/msgs-gwregistration/v1/registrations/1")
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+    assert not isinstance(unavailable.value, PeerRefusedError)
+    assert "without answering TLS" in str(unavailable.value)
+    assert accepted >= 2
+    assert not any(e["event"] == "auth.refused_by_peer" for e in logs)
+    assert any(e["event"] == "northbound.unreachable" for e in logs)

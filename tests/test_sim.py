@@ -521,3 +521,174 @@ def test_config_errors_name_the_key(pki_dir: dict[str, Path], tmp_path: Path) ->
     conf.write_text(base + "[tls2]\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="tls2"):
         load(conf)
+
+
+async def test_push_client_does_not_follow_a_redirect(tmp_path: Path) -> None:
+    """Issue 8 finding 4: a gateway answering 307 to http:// gets no second copy."""
+    from gatewayd.sim.push import GatewayClient
+
+    files = pki.init(tmp_path / "pki")
+    seen: list[bytes] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(await request.read())
+        return web.Response(status=204)
+
+    async def redirect(request: web.Request) -> web.Response:
+        return web.Response(status=307, headers={"Location": f"http://127.0.0.1:{plain}/stolen"})
+
+    plain_app, tls_app = web.Application(), web.Application()
+    plain_app.router.add_post("/stolen", record)
+    tls_app.router.add_post("/deliver", redirect)
+    runners = [web.AppRunner(plain_app), web.AppRunner(tls_app)]
+    for runner in runners:
+        await runner.setup()
+    await web.TCPSite(runners[0], "127.0.0.1", 0).start()
+    plain = runners[0].addresses[0][1]
+    trust = TrustAnchors(ca_pem=files["ca"].read_bytes())
+
+    def identity(stem: str) -> TlsIdentity:
+        return TlsIdentity(
+            cert_chain_pem=files[stem].read_bytes(), key_pem=files[f"{stem}_key"].read_bytes()
+        )
+
+    ctx = tls.server_context(identity("gateway"), trust)
+    await web.TCPSite(runners[1], "127.0.0.1", 0, ssl_context=ctx).start()
+    client = GatewayClient(identity("server"), trust)
+    await client.start()
+    try:
+        status, _ = await client.post(
+            pki.DEMO_GATEWAY_ID,
+            f"https://127.0.0.1:{runners[1].addresses[0][1]}/deliver",
+            {"msgId": "m-1"},
+            token="push-token",
+        )
+    finally:
+        await client.close()
+        for runner in runners:
+            await runner.cleanup()
+    assert status == 307
+    assert seen == []
+
+
+@pytest.mark.parametrize("exp", ["numeric string", "out of range"])
+async def test_client_assertion_with_a_malformed_exp_is_401_not_500(
+    tmp_path: Path, exp: str
+) -> None:
+    """Issue 8 finding 5 at the sim's token endpoint: a correctly signed assertion whose
+    exp is "1234" or beyond any date is refused as a failed client authentication."""
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+
+    from gatewayd import harness
+    from gatewayd.sim.tokens import TOKEN_PATH, SimTokens, TokenClient
+
+    tls_files = harness.make_pki(tmp_path / "pki")
+    client_key = pki.new_key()
+    public = client_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    tokens = SimTokens(
+        issuer="https://sim.example/oauth2",
+        key_pem=pki.Issued(pki.create_ca().cert, pki.new_key()).key_pem,
+        clients=(TokenClient(client_id=pki.DEMO_GATEWAY_ID, public_key_pem=public),),
+    )
+    async with SimServer(harness.sim_settings(tls_files, tokens=tokens)) as sim:
+        now = int(datetime.now(UTC).timestamp())
+        assertion = jwt.encode(
+            {
+                "iss": pki.DEMO_GATEWAY_ID,
+                "sub": pki.DEMO_GATEWAY_ID,
+                "aud": f"{sim.api_root}{TOKEN_PATH}",
+                "exp": str(now + 60) if exp == "numeric string" else 10**30,
+                "jti": "a-1",
+            },
+            pki.Issued(pki.create_ca().cert, client_key).key_pem,
+            algorithm="ES256",
+        )
+        form = {
+            "grant_type": "client_credentials",
+            "scope": "msgs-msgdelivery",
+            "client_id": pki.DEMO_GATEWAY_ID,
+            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            "client_assertion": assertion,
+        }
+        ctx = tls.client_context(tls_files.trust(), tls_files.identity("gateway"))
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{sim.api_root}{TOKEN_PATH}", data=form, ssl=ctx) as resp,
+        ):
+            assert resp.status == 401
+            assert (await resp.json())["error"] == "invalid_client"
+
+
+def test_numeric_ranges_take_canonical_ascii_numbers_only() -> None:
+    """Issue 8 finding 8: meter-{1..999} admitted meter-0005 and meter-<Arabic five>."""
+    ranged = ServiceIdPattern.parse("meter-{1..999}")
+    assert ranged.matches("meter-5")
+    assert ranged.matches("meter-999")
+    for other in ("meter-0005", "meter-05", "meter-\u0665", "meter-\uff15", "meter-+5", "meter-"):
+        assert not ranged.matches(other), other
+    assert ServiceIdPattern.parse("m-{0..3}").matches("m-0")
+    # Non-ASCII digits in the pattern make no range either: the braces are literal.
+    assert not ServiceIdPattern.parse("m-{\u0661..\u0669}").matches("m-5")
+
+
+async def test_a_service_id_registered_by_another_gateway_is_refused(
+    certs: Pki, http: aiohttp.ClientSession
+) -> None:
+    """Issue 8 finding 8: the latest registration silently won, so a downlink for one
+    gateway's device went to another gateway."""
+    third = "urn:gatewayd:gateway:third"
+    allow = AllowList(
+        (
+            gateway(GW, "N3G", ("sensor-*@iot.example",)),
+            gateway(third, "N3G", ("sensor-*@iot.example",)),
+        )
+    )
+    settings = SimSettings(identity=certs.server, trust=certs.trust, allow=allow, max_ttl=600)
+    async with SimServer(settings, schema_check=True) as sim:
+        mine = registration(ueSvcIds=["sensor-1@iot.example"])
+        status, _, _ = await post(http, sim, client_ctx(certs, GW), REG, mine)
+        assert status == 201
+        theirs = registration(gwId=third, ueSvcIds=["sensor-2@iot.example", "sensor-1@iot.example"])
+        with structlog.testing.capture_logs() as logs:
+            status, body, _ = await post(http, sim, client_ctx(certs, third), REG, theirs)
+        assert status == 409
+        assert body["cause"] == "SERVICE_ID_CONFLICT"
+        assert "sensor-1" not in str(body)  # a count, not the ids
+        assert any(e.get("cause") == "SERVICE_ID_CONFLICT" for e in logs)
+        route = sim.route("sensor-1@iot.example")
+        assert route is not None
+        assert route.gw_id == GW
+        assert sim.route("sensor-2@iot.example") is None
+        # Its own ids alone are fine.
+        alone = registration(gwId=third, ueSvcIds=["sensor-2@iot.example"])
+        status, _, _ = await post(http, sim, client_ctx(certs, third), REG, alone)
+        assert status == 201
+
+
+async def test_operator_refuses_foreign_host_and_non_json_posts(
+    sim: SimServer, certs: Pki, http: aiohttp.ClientSession, fake_gateway: FakeGateway
+) -> None:
+    """Issue 8 finding 9: DNS rebinding (any Host) and a browser's cross-origin text/plain
+    POST both reached the unauthenticated operator interface."""
+    await register(http, sim, certs, fake_gateway.root)
+    base = f"http://127.0.0.1:{sim.operator_port}/operator"
+    body = '{"to": "sensor-1@iot.example", "payload": "rebound"}'
+    async with http.get(f"{base}/registrations", headers={"Host": "attacker.example"}) as resp:
+        assert resp.status == 403
+    async with http.post(
+        f"{base}/downlink", data=body, headers={"Host": "attacker.example:8081"}
+    ) as resp:
+        assert resp.status == 403
+    async with http.post(
+        f"{base}/downlink", data=body, headers={"Content-Type": "text/plain"}
+    ) as resp:
+        assert resp.status == 415
+    async with http.post(f"{base}/fail", data={"status": "503", "count": "1"}) as resp:
+        assert resp.status == 415  # a form post: what an HTML form on any site can send
+    assert fake_gateway.messages == []
+    for host in ("localhost", f"127.0.0.1:{sim.operator_port}", "[::1]:1"):
+        async with http.get(f"{base}/registrations", headers={"Host": host}) as resp:
+            assert resp.status == 200, host

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jwt
 import pytest
 import pytest_asyncio
 from cryptography import x509
@@ -57,6 +58,12 @@ CASES = [
     "bad_signature",
     "missing_scope",
     "other_certificate",
+    # Correctly signed, but a claim of the wrong type or range (issue 8 finding 5).
+    "exp_numeric_string",
+    "exp_out_of_range",
+    "exp_infinite",
+    "exp_list",
+    "nbf_numeric_string",
 ]
 REASON = {
     "expired": "expired",
@@ -67,6 +74,11 @@ REASON = {
     "bad_signature": "bad_signature",
     "missing_scope": "missing_scope",
     "other_certificate": "cnf_mismatch",
+    "exp_numeric_string": "malformed",
+    "exp_out_of_range": "malformed",
+    "exp_infinite": "malformed",
+    "exp_list": "malformed",
+    "nbf_numeric_string": "malformed",
 }
 
 
@@ -137,7 +149,16 @@ class Minter:
             "missing_scope": lambda: self.good(scope=self.narrow_scope),
             # A good token; the test presents it over another certificate.
             "other_certificate": self.good,
+            "exp_numeric_string": lambda: self.with_claims(exp=str(self.claims()["exp"])),
+            "exp_out_of_range": lambda: self.with_claims(exp=10**30),
+            "exp_infinite": lambda: self.with_claims(exp=float("inf")),
+            "exp_list": lambda: self.with_claims(exp=[self.claims()["exp"]]),
+            "nbf_numeric_string": lambda: self.with_claims(nbf="0"),
         }[case]()
+
+    def with_claims(self, **changes: Any) -> str:
+        """The good claims with ``changes``, correctly signed with the pinned key."""
+        return jwt.encode({**self.claims(), **changes}, self.key_pem, algorithm="ES256")
 
     def signed_by(self, issuer: TokenIssuer) -> str:
         return issuer.issue(

@@ -17,12 +17,14 @@ once more on a fresh connection and, if cut again, reported as a refusal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
@@ -43,7 +45,7 @@ from gatewayd.msgin5g.model import (
 from gatewayd.msgin5g.registration import GatewayRegistration, GatewayRegistrationAck
 from gatewayd.northbound import paths
 from gatewayd.retry import is_permanent, parse_retry_after
-from gatewayd.security.tls import handshake_reason
+from gatewayd.security.tls import CIPHERS, handshake_reason
 
 log = structlog.get_logger(__name__)
 
@@ -196,6 +198,16 @@ class MsgsClient:
             try:
                 status, data, resp_headers = await self._send(method, path, url, body, headers)
             except _Cut as second:
+                if not await self._answers_tls():
+                    # Cut without a word of TLS from the server: nothing was refused,
+                    # the server is down, overloaded or not a TLS server at all.
+                    log.warning(
+                        "northbound.unreachable", peer=self._server_name, reason="no TLS answer"
+                    )
+                    raise PeerUnavailableError(
+                        f"{method} {path}: the server at {self._api_root} closed the connection "
+                        f"{second} without answering TLS: unreachable or not a TLS server"
+                    ) from None
                 reason = f"connection cut {second}, twice"
                 log.warning(
                     "auth.refused_by_peer", peer=self._server_name, stage="tls", reason=reason
@@ -208,6 +220,19 @@ class MsgsClient:
                 ) from None
         if status == expected:
             return status, data, resp_headers
+        if 300 <= status < 400:
+            # Never followed: a redirect could send the registration (gwId, every
+            # ueSvcId) to another host, or in cleartext. It is a configuration problem.
+            target = resp_headers.get("Location", "")
+            log.warning(
+                "northbound.redirect_refused", peer=self._server_name, status=status, path=path
+            )
+            raise RequestRejectedError(
+                status,
+                f"{method} {path} was redirected to {target!r}; redirects are not followed "
+                "(check northbound.api_root)",
+                cause="REDIRECT_NOT_FOLLOWED",
+            )
         problem = _problem(data, status)
         detail = problem.detail or problem.title or "no detail"
         if status in (401, 403):
@@ -239,6 +264,7 @@ class MsgsClient:
                 headers=headers,
                 server_hostname=self._server_name,
                 trace_request_ctx=attempt,
+                allow_redirects=False,
             ) as resp:
                 attempt.answered = True
                 data = await resp.json(content_type=None) if resp.content_length != 0 else None
@@ -277,6 +303,36 @@ class MsgsClient:
             raise PeerUnavailableError(f"{method} {path}: {type(exc).__name__}: {exc}") from None
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise PeerUnavailableError(f"{method} {path}: {type(exc).__name__}: {exc}") from None
+
+    async def _answers_tls(self) -> bool:
+        """Whether the server answers a TLS ClientHello at all (with its ServerHello).
+
+        A server refusing our certificate has run its half of the handshake first; one
+        that closes without answering (a listener cutting new connections, a port that
+        is not TLS) has refused nothing. A fresh probe tells the two apart; it carries
+        no certificate and no HTTP, so it discloses nothing.
+        """
+        parts = urlsplit(self._api_root)
+        probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        probe.minimum_version = ssl.TLSVersion.TLSv1_2
+        probe.set_ciphers(CIPHERS)  # our offer, as on the real connection
+        # Only whether any TLS answer comes: the probe never verifies and never sends data.
+        probe.check_hostname = False
+        probe.verify_mode = ssl.CERT_NONE
+        tls = probe.wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname=None)
+        try:
+            async with asyncio.timeout(self._timeout.total or 10.0):
+                reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 443)
+                try:
+                    with contextlib.suppress(ssl.SSLWantReadError):
+                        tls.do_handshake()  # writes our ClientHello to ``outgoing``
+                    writer.write(outgoing.read())
+                    await writer.drain()
+                    return bool(await reader.read(5))  # a TLS record header, or EOF
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError):
+            return False
 
     def _tls_refusal(self, exc: aiohttp.ClientSSLError) -> PeerRefusedError:
         """Name a handshake failure: who refused whom, and why."""

@@ -22,6 +22,8 @@ from aiohttp import web
 from gatewayd import metrics, segments
 from gatewayd.config import RelaySettings
 from gatewayd.errors import BacklogFullError, InvalidBodyError, TokenRejectedError
+from gatewayd.listener import GuardedSite, ListenerLimits
+from gatewayd.listener import runner as guarded_runner
 from gatewayd.log import bound_message
 from gatewayd.msgin5g.model import (
     Address,
@@ -78,8 +80,10 @@ class GatewayApi:
         relay: RelaySettings,
         retry_after: float = 5.0,
         token: TokenGate | None = None,
+        limits: ListenerLimits | None = None,
     ) -> None:
         self._store = store
+        self._limits = limits or ListenerLimits()
         self._token = token
         self._directory = directory
         self._allowed = allowed_peers
@@ -93,16 +97,16 @@ class GatewayApi:
         self.app.router.add_post(f"{self.prefix}/deliver-message", self._deliver_message)
         self.app.router.add_post(f"{self.prefix}/deliver-report", self._deliver_report)
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._site: GuardedSite | None = None
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext) -> int:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self._runner = guarded_runner(self.app, self._limits, access_log=None, handle_signals=False)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, host, port, ssl_context=tls)
+        self._site = GuardedSite(
+            self._runner, host, port, limits=self._limits, ssl_context=tls, label="api"
+        )
         await self._site.start()
-        server = self._site._server  # aiohttp exposes the bound port only here
-        sockets = getattr(server, "sockets", None) or ()
-        return int(sockets[0].getsockname()[1]) if sockets else port
+        return self._site.port
 
     async def stop_intake(self) -> None:
         if self._site is not None:
@@ -151,7 +155,7 @@ class GatewayApi:
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
         peer = peer_identity(ssl_object)
         # The handshake already required a trusted certificate; this is authorization.
-        if peer is None or not any(peer.matches(p) for p in self._allowed):
+        if peer is None or not any(peer.is_identity(p) for p in self._allowed):
             log.warning(
                 "auth.peer_rejected",
                 direction="inbound",

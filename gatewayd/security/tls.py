@@ -1,8 +1,9 @@
 """TLS contexts for both legs, built from credential material held in memory.
 
-Profile (TS 33.501 Annex Y.5 via TS 33.210 6.2): TLS 1.2 or newer, certificates
-verified strictly (``VERIFY_X509_STRICT``), OpenSSL security level 2 so RSA keys under
-2048 bits are refused, CRLs checked for the leaf when the trust material carries any.
+Profile (TS 33.501 Annex Y.5 via TS 33.210 6.2): TLS 1.2 or newer, TLS 1.2 with ECDHE
+and AEAD suites only, certificates verified strictly (``VERIFY_X509_STRICT``), OpenSSL
+security level 2 so RSA keys under 2048 bits are refused, CRLs checked for every
+certificate of the chain when the trust material carries any.
 
 Server contexts also name every refused handshake in the log (``auth.peer_rejected``,
 ``direction="inbound"``): asyncio drops a server-side handshake error silently, and an
@@ -26,9 +27,11 @@ from gatewayd.security.material import TlsIdentity, TrustAnchors
 
 log = structlog.get_logger(__name__)
 
-# OpenSSL's "DEFAULT" cipher list, with security level 2: >= 112-bit security, so RSA
-# and DH under 2048 bits and SHA-1 signatures are refused on both sides.
-_CIPHERS = "DEFAULT:@SECLEVEL=2"
+# TLS 1.2 suites per the TS 33.210 profile: forward secrecy (ECDHE) and AEAD only, so no
+# CBC and no SHA-1 MAC. TLS 1.3 suites are all AEAD and are not affected by this string.
+# Security level 2: >= 112-bit security, so RSA and DH under 2048 bits and SHA-1
+# signatures are refused on both sides.
+CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:@SECLEVEL=2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +51,13 @@ class PeerIdentity:
         return ""
 
     def matches(self, identity: str) -> bool:
+        """Any URI or DNS SAN: for our own certificate, which may carry several names."""
         return identity in self.uris or identity in self.dns_names
+
+    def is_identity(self, identity: str) -> bool:
+        """Whether ``identity`` is this peer's primary identity: what authorization uses.
+        A second SAN (a shared host name, say) never makes a peer someone else."""
+        return bool(identity) and self.primary == identity
 
 
 def client_context(
@@ -61,9 +70,9 @@ def client_context(
     """A context for calling a server: the server must prove the expected identity.
 
     Without ``trust`` the system's trust store vouches for servers (public webhooks).
-    ``expected_identity`` (a URI or DNS subjectAltName, e.g. a 3GPP NF instance URN) is
-    checked inside the handshake, on top of the host name: a server that lacks it never
-    receives a byte of HTTP.
+    ``expected_identity`` (e.g. a 3GPP NF instance URN) must be the server's primary
+    identity (first URI SAN, else first DNS SAN); it is checked inside the handshake, on
+    top of the host name: a server that lacks it never receives a byte of HTTP.
     """
     ctx = _base(ssl.PROTOCOL_TLS_CLIENT, trust)
     if trust is None:
@@ -98,7 +107,7 @@ def server_context(
 def _base(protocol: int, trust: TrustAnchors | None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(protocol)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers(_CIPHERS)
+    ctx.set_ciphers(CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     if trust is not None:
@@ -119,7 +128,9 @@ def load_trust(ctx: ssl.SSLContext, trust: TrustAnchors) -> None:
                     ctx.load_verify_locations(cafile=path)
                 except ssl.SSLError as exc:
                     raise CredentialError(f"a CRL is not valid PEM: {exc}") from None
-        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        # The whole chain, not only the leaf: a revoked intermediate CA must not keep
+        # vouching for the certificates it issued.
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
 
 
 def load_identity(ctx: ssl.SSLContext, identity: TlsIdentity) -> None:
@@ -147,14 +158,14 @@ _WEAK_KEY_REASONS = frozenset({"EE_KEY_TOO_SMALL", "CA_KEY_TOO_SMALL", "CA_MD_TO
 
 
 class _IdentityCheckingSSLObject(ssl.SSLObject):
-    """Refuses a verified peer that lacks ``expected_identity`` among its SANs."""
+    """Refuses a verified peer whose primary identity is not ``expected_identity``."""
 
     expected_identity = ""
 
     def do_handshake(self) -> None:
         super().do_handshake()
         peer = peer_identity(self)
-        if peer is None or not peer.matches(self.expected_identity):
+        if peer is None or not peer.is_identity(self.expected_identity):
             # SSLCertVerificationError makes asyncio abort the connection as a failed
             # handshake, and aiohttp report it as a certificate error.
             raise ssl.SSLCertVerificationError(

@@ -191,6 +191,9 @@ def verify_token(token: str, policy: TokenPolicy, *, peer_cert_der: bytes | None
         reason = next(r for kind, r in _REASON_OF if isinstance(exc, kind))
         # PyJWT's messages name claims, never values, so they are safe to pass on.
         raise TokenRejectedError(reason, str(exc)) from None
+    except (TypeError, ValueError, OverflowError):
+        # PyJWT converts exp/nbf/iat with int() and lets some failures through.
+        raise TokenRejectedError("malformed", "a time claim is not a NumericDate") from None
     claims = _claims(payload)
     if policy.required_scope:
         missing = sorted(set(policy.required_scope.split()) - claims.scopes)
@@ -214,6 +217,11 @@ def _claims(payload: dict[str, Any]) -> Claims:
             # A confirmation we cannot check must not be ignored: that would unbind it.
             raise TokenRejectedError("cnf_mismatch", f"cnf without a usable {CNF_THUMBPRINT}")
         thumbprint = value
+    # PyJWT checks exp/nbf/iat after int(), so "1234" passes it: RFC 7519 2 wants a
+    # JSON number, within the range a date can hold.
+    expires_at = numeric_date(payload["exp"], "exp")
+    if "nbf" in payload:
+        numeric_date(payload["nbf"], "nbf")
     iat = payload.get("iat")
     jti = payload.get("jti")
     return Claims(
@@ -221,12 +229,22 @@ def _claims(payload: dict[str, Any]) -> Claims:
         subject=sub,
         audience=audience,
         scopes=frozenset(scope.split()),
-        expires_at=dt.datetime.fromtimestamp(payload["exp"], dt.UTC),
-        issued_at=dt.datetime.fromtimestamp(iat, dt.UTC) if isinstance(iat, int | float) else None,
+        expires_at=expires_at,
+        issued_at=numeric_date(iat, "iat") if iat is not None else None,
         token_id=jti if isinstance(jti, str) else None,
         cert_thumbprint=thumbprint,
         raw=payload,
     )
+
+
+def numeric_date(value: object, claim: str) -> dt.datetime:
+    """A JWT NumericDate claim as a datetime; ``malformed`` for any other type or range."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TokenRejectedError("malformed", f"{claim} is not a number")
+    try:
+        return dt.datetime.fromtimestamp(value, dt.UTC)
+    except (OverflowError, OSError, ValueError):
+        raise TokenRejectedError("malformed", f"{claim} is out of range") from None
 
 
 def _check_binding(claims: Claims, policy: TokenPolicy, peer_cert_der: bytes | None) -> None:

@@ -1,12 +1,15 @@
 """The operator interface: plain HTTP on loopback, for demos, tests and people.
 
-Unauthenticated by design, hence loopback only (the settings refuse anything else).
-Documented in docs/sim.md.
+Unauthenticated by design, hence loopback only (the settings refuse anything else), a
+loopback Host header only (DNS rebinding) and JSON bodies only (a browser's
+cross-origin "simple" POST cannot send application/json without a preflight, which
+this interface never answers). Documented in docs/sim.md.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -20,9 +23,31 @@ log = structlog.get_logger(__name__)
 _SIM: web.AppKey[SimServer] = web.AppKey("sim")
 
 
+# Host header values a same-host client sends; anything else is a rebound DNS name.
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _same_host_only(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Loopback alone does not keep a browser out: a web page can reach 127.0.0.1 by a
+    rebound DNS name (its own Host) or with a cross-origin "simple" POST (text/plain,
+    no preflight). Refuse a non-loopback Host, and any POST that is not JSON."""
+    host = request.headers.get("Host", "")
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if name.lower() not in _LOOPBACK_HOSTS:
+        log.warning("sim.operator_refused", reason="host", path=request.path)
+        return web.json_response({"error": "Host must be a loopback name"}, status=403)
+    if request.method == "POST" and request.content_type != "application/json":
+        log.warning("sim.operator_refused", reason="content_type", path=request.path)
+        return web.json_response({"error": "Content-Type must be application/json"}, status=415)
+    return await handler(request)
+
+
 def operator_app(sim: SimServer) -> web.Application:
     """The aiohttp application serving ``/operator/*`` for ``sim``."""
-    app = web.Application()
+    app = web.Application(middlewares=[_same_host_only])
     app[_SIM] = sim
     app.add_routes(
         [

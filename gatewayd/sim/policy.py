@@ -2,7 +2,8 @@
 register as which gateway type, for which UE Service IDs.
 
 Service ID patterns are exact values, globs (``sensor-*@iot.example``) or numeric ranges
-(``meter-{100..199}``), and may mix the two.
+(``meter-{100..199}``), and may mix the two. A range matches ASCII decimal numbers in
+canonical form only (no sign, no leading zero, no other script's digits).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from gatewayd.errors import GatewaydError
 from gatewayd.security.tls import PeerIdentity
 
-_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+_RANGE = re.compile(r"\{([0-9]+)\.\.([0-9]+)\}")
 
 
 class Refused(GatewaydError):
@@ -45,7 +46,9 @@ class ServiceIdPattern:
             if low > high:
                 raise ValueError(f"range {match.group(0)} is empty")
             ranges.append((low, high))
-            parts.append(r"(\d+)")
+            # ASCII digits in canonical form only: \d would admit Unicode digits (U+0665)
+            # and leading zeros ("0005") would give one number several Service IDs.
+            parts.append(r"(0|[1-9][0-9]*)")
             pos = match.end()
         parts.append(_glob(text[pos:]))
         return cls(text, re.compile("".join(parts)), tuple(ranges))

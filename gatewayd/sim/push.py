@@ -67,8 +67,14 @@ class GatewayClient:
             raise RuntimeError("GatewayClient used before start()")
         headers = {"Authorization": f"Bearer {token}"} if token else None
         try:
+            # A redirect is answered as its status, never followed: it could carry the
+            # message (and our token) to another host or into cleartext.
             async with self._session.post(
-                url, json=body, ssl=self.context_for(gw_id), headers=headers
+                url,
+                json=body,
+                ssl=self.context_for(gw_id),
+                headers=headers,
+                allow_redirects=False,
             ) as resp:
                 await resp.read()
                 return resp.status, None

@@ -23,7 +23,7 @@ from typing import Any, Self, TypeVar
 import structlog
 from aiohttp import web
 
-from gatewayd import segments
+from gatewayd import listener, segments
 from gatewayd.errors import GatewaydError, InvalidBodyError, TokenRejectedError
 from gatewayd.msgin5g import (
     Address,
@@ -145,20 +145,31 @@ class SimServer:
         """Listen; with mutual TLS required, no peer without a trusted certificate gets in."""
         ctx = tls.server_context(self.settings.identity, self.settings.trust)
         await self._client.start()
-        self._runner = web.AppRunner(self._app(), access_log=None)
+        limits = self.settings.limits
+        self._runner = listener.runner(self._app(), limits, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(
-            self._runner, self.settings.host, self.settings.port, ssl_context=ctx
+        await listener.GuardedSite(
+            self._runner,
+            self.settings.host,
+            self.settings.port,
+            limits=limits,
+            ssl_context=ctx,
+            label="sim.api",
         ).start()
         self.port = _bound_port(self._runner)
         if self.tokens is not None:
             # private_key_jwt assertions must name this URL as their audience.
             self.tokens.token_url = f"{self.api_root}{TOKEN_PATH}"
         if self.settings.operator_port is not None:
-            self._operator_runner = web.AppRunner(operator_app(self), access_log=None)
+            op_limits = self.settings.operator_limits
+            self._operator_runner = listener.runner(operator_app(self), op_limits, access_log=None)
             await self._operator_runner.setup()
-            await web.TCPSite(
-                self._operator_runner, self.settings.operator_host, self.settings.operator_port
+            await listener.GuardedSite(
+                self._operator_runner,
+                self.settings.operator_host,
+                self.settings.operator_port,
+                limits=op_limits,
+                label="sim.operator",
             ).start()
             self.operator_port = _bound_port(self._operator_runner)
         log.info(
@@ -231,7 +242,7 @@ class SimServer:
             self._changed.notify_all()
 
     def route(self, service_id: str) -> Registration | None:
-        """The live registration serving ``service_id`` (the most recent one wins)."""
+        """The live registration serving ``service_id`` (one at most: see _check_not_claimed)."""
         found = [r for r in self.registrations if service_id in r.ue_svc_ids]
         return max(found, key=lambda r: r.expiry) if found else None
 
@@ -464,7 +475,8 @@ class SimServer:
                 cause=exc.cause,
                 path=request.path,
             )
-            return self._problem(exc.status, "Forbidden", cause=exc.cause, detail=exc.detail)
+            title = "Conflict" if exc.status == 409 else "Forbidden"
+            return self._problem(exc.status, title, cause=exc.cause, detail=exc.detail)
         except InvalidBodyError as exc:
             return self._problem(
                 400,
@@ -547,6 +559,7 @@ class SimServer:
         self.settings.allow.check_registration(
             _peer(request), body.gw_id, body.gw_type, body.ue_svc_ids
         )
+        self._check_not_claimed(body)
         # One registration per gateway: a gateway that registers again (after a restart)
         # replaces what it registered before.
         for rid, old in list(self._registrations.items()):
@@ -575,6 +588,7 @@ class SimServer:
             _peer(request), body.gw_id, body.gw_type, body.ue_svc_ids
         )
         self._owned(request, rid)
+        self._check_not_claimed(body)
         registration = self._grant(rid, body, raw)
         log.info(
             "sim.registration.updated",
@@ -592,6 +606,21 @@ class SimServer:
         log.info("sim.registration.deleted", gw_id=registration.gw_id, registration_id=rid)
         await self._notify()
         return web.Response(status=204)
+
+    def _check_not_claimed(self, body: GatewayRegistration) -> None:
+        """Refuse Service IDs another gateway holds a live registration for.
+
+        Letting the latest registration win silently sent one gateway's downlink to
+        another gateway. The count only: the ids would tell who serves what.
+        """
+        taken = {sid for r in self.registrations if r.gw_id != body.gw_id for sid in r.ue_svc_ids}
+        clash = sum(1 for service_id in body.ue_svc_ids if service_id in taken)
+        if clash:
+            raise Refused(
+                "SERVICE_ID_CONFLICT",
+                f"{clash} UE service id(s) are registered by another gateway",
+                status=409,
+            )
 
     def _owned(self, request: web.Request, rid: str) -> Registration:
         entry = self.settings.allow.for_peer(_peer(request))

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 
 from gatewayd.api import TlsIdentity, TrustAnchors
 from gatewayd.errors import ConfigError, CredentialError
+from gatewayd.listener import ListenerLimits, read_limits
 from gatewayd.msgin5g import GatewayType
 from gatewayd.options import Options, is_loopback
 from gatewayd.security.tokens import TokenIssuer
@@ -22,6 +23,11 @@ from gatewayd.sim.policy import AllowList, GatewayPolicy, ServiceIdPattern
 from gatewayd.sim.tokens import GATEWAY_SCOPES, SimTokens, TokenClient
 
 DEFAULT_AS_ADDRESS = "as.sim.msgin5g"
+
+
+# The operator interface serves a person or a test script on this host.
+API_LIMITS = ListenerLimits()
+OPERATOR_LIMITS = ListenerLimits(max_connections=64)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,6 +50,9 @@ class SimSettings:
     as_address: str = DEFAULT_AS_ADDRESS
     report_delay: float = 0.0
     tokens: SimTokens | None = None  # None: no token endpoint, MSGS calls need no token
+    # idle/header timeouts and connection caps of the API and the operator interface
+    limits: ListenerLimits = API_LIMITS
+    operator_limits: ListenerLimits = OPERATOR_LIMITS
 
 
 def gateway(identity: str, gw_type: str, service_ids: tuple[str, ...]) -> GatewayPolicy:
@@ -70,6 +79,7 @@ def load(path: Path) -> SimSettings:
     host = listen.get_str("host", "127.0.0.1")
     port = listen.get_int("port", 0)
     api_root = listen.get_str("api_root", None)
+    limits = read_limits(listen, API_LIMITS)
     listen.check_unknown()
 
     tls = root.table("tls", required=True)
@@ -91,6 +101,7 @@ def load(path: Path) -> SimSettings:
     operator_port: int | None = operator.get_int("port", 0)
     if not operator.get_bool("enabled", True):
         operator_port = None
+    operator_limits = read_limits(operator, OPERATOR_LIMITS)
     operator.check_unknown()
 
     downlink = root.table("downlink")
@@ -125,6 +136,8 @@ def load(path: Path) -> SimSettings:
         as_address=as_address,
         report_delay=report_delay,
         tokens=tokens,
+        limits=limits,
+        operator_limits=operator_limits,
     )
 
 

@@ -36,7 +36,7 @@ from gatewayd.errors import TokenRejectedError
 from gatewayd.msgin5g.registration import API_NAME
 from gatewayd.options import SecretRef
 from gatewayd.security.tls import PeerIdentity
-from gatewayd.security.tokens import TokenGate, TokenIssuer, TokenPolicy
+from gatewayd.security.tokens import TokenGate, TokenIssuer, TokenPolicy, numeric_date
 
 log = structlog.get_logger(__name__)
 
@@ -280,19 +280,21 @@ class AuthorizationServer:
                 issuer=client.client_id,
                 options={"require": ["iss", "sub", "aud", "exp", "jti"]},
             )
-        except jwt.InvalidTokenError:
+            # PyJWT lets "1234" through as exp (it checks int(exp)): a JSON number only.
+            expires = numeric_date(claims["exp"], "exp").timestamp()
+        except (jwt.InvalidTokenError, TokenRejectedError, TypeError, ValueError, OverflowError):
             raise OAuthError(401, "invalid_client", "client authentication failed") from None
         now = time.time()
         self._seen_assertions = {j: e for j, e in self._seen_assertions.items() if e > now}
         jti = str(claims["jti"])
         if (
             claims["sub"] != client.client_id
-            or claims["exp"] - now > MAX_ASSERTION_LIFETIME
+            or expires - now > MAX_ASSERTION_LIFETIME
             or jti in self._seen_assertions
         ):
             # A replayed or over-long assertion is as good as a stolen one.
             raise OAuthError(401, "invalid_client", "client authentication failed")
-        self._seen_assertions[jti] = float(claims["exp"])
+        self._seen_assertions[jti] = expires
         return client.client_id
 
     def _scope(self, requested: str, client_id: str) -> str:

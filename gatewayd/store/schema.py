@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 from gatewayd.store.model import Item, Queue, StoreSettings
@@ -69,6 +72,8 @@ def connect(settings: StoreSettings) -> sqlite3.Connection:
     is then skipped when it exists, so the caller learns of read-only storage on its
     first write, where it is refused like a full disk.
     """
+    private_dir(Path(settings.path).parent)
+    _private_file(Path(settings.path))
     conn = sqlite3.connect(
         settings.path, isolation_level=None, timeout=settings.busy_timeout, cached_statements=64
     )
@@ -85,6 +90,42 @@ def connect(settings: StoreSettings) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def private_dir(path: Path) -> None:
+    """Create ``path`` (and missing parents) mode 0700, whatever the umask.
+
+    Message bodies, Service IDs and reply routes live here. A directory that already
+    exists keeps its mode: it may be shared (a systemd StateDirectory is already 0700).
+    """
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for created in missing:
+        # mkdir's mode is masked by the umask; the directories we made are ours to fix.
+        with contextlib.suppress(OSError):
+            os.chmod(created, 0o700)
+
+
+def _private_file(path: Path) -> None:
+    """The database file, and its -wal/-shm siblings if any, owner-only.
+
+    Created 0600 before SQLite opens it, so no umask can make it readable by others;
+    SQLite gives the -wal and -shm files the database file's mode.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        os.fchmod(fd, 0o600)
+        os.close(fd)
+    for name in (str(path), f"{path}-wal", f"{path}-shm"):
+        # An existing file loses group and other access only: a read-only database
+        # stays read-only (SQLite then refuses writes like a full disk).
+        with contextlib.suppress(OSError):
+            mode = os.stat(name).st_mode & 0o777
+            if mode & 0o077:
+                os.chmod(name, mode & 0o700)
 
 
 def encode_body(body: dict[str, Any]) -> str:

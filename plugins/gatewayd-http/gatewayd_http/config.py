@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from gatewayd.api import Options, SecretRef, TransportSettings
+from gatewayd.api import ListenerLimits, Options, SecretRef, TransportSettings, read_listener_limits
 
 BEARER = "bearer"
 CLIENT_CERT = "client_cert"
@@ -41,6 +41,7 @@ class HttpConfig:
     max_body: int
     delivery_timeout: float
     devices: tuple[DeviceConfig, ...]
+    limits: ListenerLimits  # idle/header timeouts and the connection cap of the listener
 
     @classmethod
     def from_settings(cls, settings: TransportSettings) -> HttpConfig:
@@ -53,6 +54,7 @@ class HttpConfig:
         device_auth = opts.get_choice("device_auth", _AUTH_MODES, BEARER)
         max_body = opts.get_int("max_body", 65536, minimum=1)
         delivery_timeout = opts.get_float("delivery_timeout", 10.0, minimum=0.001)
+        limits = read_listener_limits(opts)
         opts.check_unknown()
         if device_auth == CLIENT_CERT and tls is None:
             # Client certificates only exist inside TLS: without a listener identity there
@@ -76,6 +78,7 @@ class HttpConfig:
             max_body=max_body,
             delivery_timeout=delivery_timeout,
             devices=devices,
+            limits=limits,
         )
 
 

@@ -12,6 +12,7 @@ from gatewayd.api import (
     DeliveryOutcome,
     Downlink,
     GatewaydError,
+    GuardedSite,
     TlsIdentity,
     Transport,
     TransportContext,
@@ -20,6 +21,7 @@ from gatewayd.api import (
     UplinkReport,
     client_context,
     is_loopback,
+    listener_runner,
     server_context,
 )
 from gatewayd_http.config import BEARER, CLIENT_CERT, DeviceConfig, HttpConfig
@@ -44,7 +46,7 @@ class HttpTransport(Transport):
         _check_unique_identities(self.config)
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._site: GuardedSite | None = None
         self._webhooks: dict[str, Webhook] = {}
 
     @property
@@ -78,10 +80,20 @@ class HttpTransport(Transport):
             timeout=aiohttp.ClientTimeout(total=self.config.delivery_timeout)
         )
         app = Intake(self.config, credentials, self.context).app()
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT)
+        limits = self.config.limits
+        self._runner = listener_runner(
+            app, limits, access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT
+        )
         await self._runner.setup()
-        self._site = web.TCPSite(
-            self._runner, self.config.host, self.config.port, ssl_context=server_ssl
+        # Idle and slow-header devices are cut and the connection count capped
+        # (idle_timeout, header_timeout, max_connections): see gatewayd.listener.
+        self._site = GuardedSite(
+            self._runner,
+            self.config.host,
+            self.config.port,
+            limits=limits,
+            ssl_context=server_ssl,
+            label=f"transports.{self.settings.name}",
         )
         try:
             await self._site.start()

@@ -194,7 +194,11 @@ class OAuth2Backend(CredentialBackend):
         session = await self._http()
         started = time.monotonic()
         try:
-            async with session.post(cfg.token_url, data=form, headers=headers) as response:
+            # Never follow a redirect: it would carry the client's credentials (a
+            # secret, an assertion) to another host, or into cleartext.
+            async with session.post(
+                cfg.token_url, data=form, headers=headers, allow_redirects=False
+            ) as response:
                 status = response.status
                 body: Any = await _json(response)
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -37,6 +37,7 @@ class TokenEndpoint:
     lifetime: int = 300
     delay: float = 0.0
     fail: tuple[int, dict[str, Any]] | None = None
+    redirect: str | None = None  # answer 307 to this Location
     assertion_keys: dict[str, bytes] = field(default_factory=dict)
     requests: int = 0
     forms: list[dict[str, str]] = field(default_factory=list)
@@ -48,6 +49,8 @@ class TokenEndpoint:
         self.forms.append(form)
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.redirect is not None:
+            return web.Response(status=307, headers={"Location": self.redirect})
         if self.fail is not None:
             status, body = self.fail
             return web.json_response(body, status=status)

@@ -8,6 +8,7 @@ from typing import Any
 
 import jwt
 import pytest
+from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from gatewayd_oauth2.backend import OAuth2Backend
 from structlog.testing import capture_logs
@@ -251,3 +252,34 @@ def test_config_errors(make: Any, options: dict[str, Any], key: str, problem: st
     with pytest.raises(ConfigError, match=problem) as info:
         make(options)
     assert info.value.key == f"credentials.tokens.{key}"
+
+
+async def test_a_redirect_is_not_followed(
+    make: Any, endpoint: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 8 finding 4: a 307 to http:// must not re-send the client secret in clear."""
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization", ""))
+        return web.json_response({"access_token": "x", "token_type": "Bearer", "expires_in": 60})
+
+    app = web.Application()
+    app.router.add_post("/stolen", record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        endpoint.redirect = f"http://127.0.0.1:{runner.addresses[0][1]}/stolen"
+        monkeypatch.setenv("OAUTH_SECRET", "client-secret-value-42")
+        backend = make(
+            {"auth_method": "client_secret_basic", "client_secret": {"env": "OAUTH_SECRET"}}
+        )
+        await backend.load()
+        with pytest.raises(CredentialError) as info:
+            await backend.access_token(audience=AUDIENCE, scope=SCOPE)
+    finally:
+        await runner.cleanup()
+    assert "HTTP 307" in str(info.value)
+    assert seen == [], "the redirect was followed"
