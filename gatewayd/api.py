@@ -41,6 +41,8 @@ from gatewayd.security.material import TlsIdentity, TrustAnchors
 from gatewayd.security.tls import PeerIdentity, client_context, peer_identity, server_context
 
 __all__ = [
+    "API_VERSION",
+    "API_VERSION_ATTRIBUTE",
     "MISSING",
     "Acceptance",
     "Address",
@@ -81,6 +83,15 @@ __all__ = [
     "peer_identity",
     "server_context",
 ]
+
+API_VERSION = "1.0"
+"""The plugin API this gatewayd offers, ``MAJOR.MINOR``. A minor release only adds; a
+major one may change or remove. A plugin is loaded when it was written for the same
+major version and a minor version no newer than this one."""
+
+API_VERSION_ATTRIBUTE = "GATEWAYD_API_VERSION"
+"""What a plugin's entry-point module sets to the API version it was written for, as a
+literal (``GATEWAYD_API_VERSION = "1.0"``), not by importing :data:`API_VERSION`."""
 
 hookimpl = pluggy.HookimplMarker("gatewayd")
 """Marks a plugin function as the implementation of a ``gatewayd_*`` hook."""

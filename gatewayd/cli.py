@@ -107,15 +107,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(_args: argparse.Namespace) -> int:
+    """List every plugin; a broken one is listed with its error instead of failing here."""
+    from gatewayd.api import API_VERSION
     from gatewayd.plugins import Plugins
 
-    plugins = Plugins()
+    plugins = Plugins(strict=False)
+    print(f"plugin API {API_VERSION}\n")
     for info in plugins.info():
         dist = f"{info.distribution} {info.version}" if info.distribution else "(built in)"
-        print(f"{info.name:<12} {dist:<28} {', '.join(info.hooks)}")
+        detail = f"BROKEN: {info.error}" if info.error else ", ".join(info.hooks) or "(no hooks)"
+        print(f"{info.name:<12} {dist:<28} {detail}")
     print(f"\ntransports:          {', '.join(plugins.transports.names()) or 'none'}")
     print(f"credential backends: {', '.join(plugins.credential_backends.names()) or 'none'}")
-    return int(ExitCode.OK)
+    return int(ExitCode.CONFIG if plugins.broken() else ExitCode.OK)
 
 
 def cmd_pki_init(args: argparse.Namespace) -> int:
