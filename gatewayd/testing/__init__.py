@@ -21,11 +21,13 @@ intake that records uplinks and reports, and can hold, slow down or refuse accep
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
+from structlog.testing import capture_logs
 
 from gatewayd import config, harness
 from gatewayd.harness import Pki
@@ -36,6 +38,7 @@ from gatewayd.testing.contexts import (
     MemoryTransportContext,
     StaticCredentials,
     plugin_settings,
+    transport_settings,
 )
 
 __all__ = [
@@ -45,6 +48,7 @@ __all__ = [
     "StaticCredentials",
     "plugin_settings",
     "running_gateway",
+    "transport_settings",
 ]
 
 
@@ -84,3 +88,14 @@ def gateway_config(
         )
 
     return make
+
+
+@pytest.fixture
+def gateway_logs() -> Iterator[list[MutableMapping[str, Any]]]:
+    """Every structlog event of the test, as dicts (``event``, ``log_level``, the keys).
+
+    Assert on stable event names (docs/logging.md), e.g.
+    ``assert any(e["event"] == "transport.stopped" for e in gateway_logs)``.
+    """
+    with capture_logs() as logs:
+        yield logs
