@@ -125,6 +125,12 @@ class DeviceSide(ABC):
     carries_reports: ClassVar[bool] = True
     """Whether the protocol can carry the server's report on an uplink to the device."""
 
+    backpressure: ClassVar[str] = "refuse"
+    """How the protocol pushes back when the store is full: ``"refuse"`` (the device is
+    told to try later: HTTP 503, CoAP 5.03, SMPP ESME_RTHROTTLED) or ``"hold"`` (the
+    message stays unacknowledged upstream, e.g. with an MQTT broker, and arrives once
+    there is room). Either way nothing is lost."""
+
     config: str = ""
 
     @abstractmethod
@@ -144,7 +150,8 @@ class DeviceSide(ABC):
     @abstractmethod
     async def send_malformed(self, gateway: Gateway) -> str:
         """Send something the transport must refuse as invalid; return its refusal, in
-        the protocol's terms (a status code, a reason code), for the test's message.
+        the protocol's terms (a status code, a reason code; where the protocol has no
+        way to answer, such as MQTT, the transport's log event naming the reason).
 
         Raise ``AssertionError`` when the transport did not refuse it precisely."""
 
@@ -309,12 +316,19 @@ class TransportConformance:
                 answer = await device_side.send_uplink(gw, f"conformance-bp-{n}", msg_id=f"bp{n}")
                 assert answer.accepted, answer.detail
             full = await device_side.send_uplink(gw, "conformance-bp-3", msg_id="bp3")
-            assert not full.accepted, "a message the store has no room for must be refused"
-            assert full.retry_later, f"a full store is 'try later', not a refusal: {full.detail}"
+            if device_side.backpressure == "hold":
+                await asyncio.sleep(1.0)
+                assert not any(u.message.payload == "conformance-bp-3" for u in sim.uplinks)
+            else:
+                assert not full.accepted, "a message the store has no room for must be refused"
+                assert full.retry_later, f"a full store is 'try later', not a loss: {full.detail}"
             sim.faults.clear()
             for n in (1, 2):
                 await self._arrived(sim, f"conformance-bp-{n}")
-        assert not any(u.message.payload == "conformance-bp-3" for u in sim.uplinks)
+            if device_side.backpressure == "hold":
+                await self._arrived(sim, "conformance-bp-3")  # held, not lost
+        if device_side.backpressure == "refuse":
+            assert not any(u.message.payload == "conformance-bp-3" for u in sim.uplinks)
 
     # --- bad input --------------------------------------------------------------------
 
