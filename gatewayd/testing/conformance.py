@@ -17,8 +17,9 @@ TLS, the store on disk) with that table and checks the contract of
 - **uplink**: a device message reaches the server, once, acknowledged only when stored;
 - **downlink**: a server message reaches the device, and the transport's evidence
   becomes the server's delivery report;
-- **reports**: the server's report on an uplink reaches the device (when the protocol
-  carries reports: ``DeviceSide.carries_reports``);
+- **reports**: the server's report on an uplink reaches the device, or, when the
+  protocol has no way to carry it (``DeviceSide.carries_reports = False``, SMS), the
+  uplink does not ask for one, or the core logs ``report.not_carried``;
 - **backpressure**: with the store full, the device is refused in its protocol's terms
   (a "try later", not a loss), and the messages already taken still arrive;
 - **bad input**: a malformed message is refused precisely, nothing reaches the server,
@@ -37,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import textwrap
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,7 @@ from gatewayd.api import (
     hookimpl,
 )
 from gatewayd.daemon import Gateway
-from gatewayd.harness import Pki, gateway_toml, running, write_config
+from gatewayd.harness import Pki, gateway_toml, running, sim_settings, write_config
 from gatewayd.plugins import Plugins
 from gatewayd.sim.server import SimServer
 
@@ -209,6 +210,16 @@ class TransportConformance:
     timeout: ClassVar[float] = 20.0
     """Seconds any one expected event may take (generous: CI machines are shared)."""
 
+    gateway_type: ClassVar[str] = "N3G"
+    """The gateway's role for this transport: ``"N3G"`` or ``"L3G"`` (SMS)."""
+
+    @pytest.fixture
+    async def sim(self, loopback_pki: Pki) -> AsyncIterator[SimServer]:
+        """The kit's reference server, allowing a gateway of :attr:`gateway_type`."""
+        settings = sim_settings(loopback_pki, gateway_type=self.gateway_type)
+        async with SimServer(settings, schema_check=True) as server:
+            yield server
+
     @pytest.fixture
     def conformance_env(self, loopback_pki: Pki, tmp_path: Path, sim: SimServer) -> ConformanceEnv:
         return ConformanceEnv(pki=loopback_pki, tmp_path=tmp_path, sim=sim)
@@ -230,6 +241,7 @@ class TransportConformance:
                 api_root=env.sim.api_root,
                 state_dir=env.tmp_path / "state",
                 transports=textwrap.dedent(device_side.config),
+                gateway_type=self.gateway_type,
                 extra=extra,
             )
             settings: config.Settings = write_config(
@@ -290,18 +302,34 @@ class TransportConformance:
     async def test_server_report_reaches_the_device(
         self, run_gateway: RunGateway, device_side: DeviceSide, conformance_env: ConformanceEnv
     ) -> None:
-        if not device_side.carries_reports:
-            pytest.skip(f"{type(device_side).__name__}: the protocol carries no reports")
+        """Carried to the device, or (``carries_reports = False``) declined by the
+        transport and logged by the core as ``report.not_carried``: never lost silently."""
         sim = conformance_env.sim
-        async with run_gateway() as gw:
-            await self._registered(sim)
-            answer = await device_side.send_uplink(
-                gw, "conformance-report-me", msg_id="c-rep-1", report=True
-            )
-            assert answer.accepted, answer.detail
-            seen = await device_side.next_report(self.timeout)
-        assert seen.delivered
-        assert seen.msg_id in (answer.msg_id, "c-rep-1", None)
+        with capture_logs() as logs:
+            async with run_gateway() as gw:
+                await self._registered(sim)
+                answer = await device_side.send_uplink(
+                    gw, "conformance-report-me", msg_id="c-rep-1", report=True
+                )
+                assert answer.accepted, answer.detail
+                if device_side.carries_reports:
+                    seen = await device_side.next_report(self.timeout)
+                    assert seen.delivered
+                    assert seen.msg_id in (answer.msg_id, "c-rep-1", None)
+                else:
+                    await self._arrived(sim, "conformance-report-me")
+                    up = next(
+                        u for u in sim.uplinks if u.message.payload == "conformance-report-me"
+                    )
+                    # A protocol that cannot carry reports may not even ask for one (SMS
+                    # MO has no such flag); if it did ask, the core must say it was dropped.
+                    if up.message.deliv_st_req_ind:
+                        async with asyncio.timeout(self.timeout):
+                            # capture_logs offers nothing to wait on: poll its list.
+                            while not any(e["event"] == "report.not_carried" for e in logs):  # noqa: ASYNC110
+                                await asyncio.sleep(0.05)
+        if device_side.carries_reports:
+            assert not any(e["event"] == "report.not_carried" for e in logs)
 
     # --- backpressure -----------------------------------------------------------------
 
