@@ -104,9 +104,9 @@ def test_valid_config_checks_ok(tmp_path: Path, loopback_pki: Pki) -> None:
         ),
         (lambda t: t.replace("[retry]", "[retry]\ninitail = 1.0"), "retry.initail", "unknown key"),
         (
-            lambda t: t.replace('plugin = "http"', 'plugin = "coap"'),
+            lambda t: t.replace('plugin = "http"', 'plugin = "lorawan"'),
             "transports.web.plugin",
-            "no transport 'coap' is installed (installed: http, mqtt, smpp)",
+            "no transport 'lorawan' is installed (installed: coap, http, mqtt, smpp)",
         ),
     ],
     ids=["missing key", "wrong type", "inline secret", "misspelt key", "plugin not installed"],
