@@ -1,7 +1,7 @@
 """The public plugin API: everything a transport or credential plugin may import.
 
 Plugins import from here and nowhere else in ``gatewayd`` (tests may also use
-``gatewayd.testing``). What is not re-exported here may change without notice.
+``gatewayd_testing``). What is not re-exported here may change without notice.
 
 TLS contexts for device-side links are built with :func:`client_context` and
 :func:`server_context`, so every plugin gets the same profile as the core (TLS 1.2+,

@@ -9,8 +9,9 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -20,6 +21,8 @@ from gatewayd.errors import ExitCode, GatewaydError
 
 if TYPE_CHECKING:
     from gatewayd.daemon import Gateway
+
+COMMANDS_GROUP = "gatewayd.commands"
 
 EPILOG = """exit codes:
   0   success
@@ -68,16 +71,24 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--gateway-id", default=pki.DEMO_GATEWAY_ID, help="URI SAN of the gateway")
     init.set_defaults(func=cmd_pki_init)
 
-    demo = sub.add_parser("demo", help="run a self-contained demo over mutual TLS on loopback")
-    demo.add_argument("--keep", type=Path, help="keep the demo's files in this folder")
-    demo.set_defaults(func=cmd_demo)
-
     from gatewayd import queue_cli
-    from gatewayd.sim import cli as sim_cli
 
-    sim_cli.add_parser(sub)
     queue_cli.add_parser(sub)
+    _add_commands(sub)
     return parser
+
+
+def _add_commands(sub: Any) -> None:
+    """Commands that other distributions add through the ``gatewayd.commands`` entry-point
+    group (``gatewayd-sim``: ``sim`` and ``demo``), so the daemon depends on none of them."""
+    for entry_point in sorted(metadata.entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        try:
+            entry_point.load()(sub)
+        except Exception as exc:  # a broken add-on must not take the daemon's CLI down
+            print(
+                f"gatewayd: warning: command {entry_point.name!r} is unavailable: {exc}",
+                file=sys.stderr,
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,12 +144,6 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
     for name, path in files.items():
         print(f"{name:<12} {path}")
     return int(ExitCode.OK)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from gatewayd import demo
-
-    return asyncio.run(demo.run(keep=args.keep))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

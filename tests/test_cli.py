@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from gatewayd_sim import harness
+from gatewayd_sim.harness import Pki
+from gatewayd_sim.server import SimServer
 
-from gatewayd import harness
 from gatewayd.errors import ExitCode
-from gatewayd.harness import Pki
-from gatewayd.sim.server import SimServer
 
 GATEWAYD = [sys.executable, "-m", "gatewayd.cli"]
 

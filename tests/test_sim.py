@@ -14,15 +14,14 @@ import aiohttp
 import pytest
 import structlog
 from aiohttp import web
+from gatewayd_sim import SimServer, SimSettings, gateway, load, schemas
+from gatewayd_sim.policy import AllowList, ServiceIdPattern
 
 from gatewayd import pki
 from gatewayd.api import TlsIdentity, TrustAnchors
 from gatewayd.errors import ConfigError
 from gatewayd.msgin5g import GatewayMessageDelivery
 from gatewayd.security import tls
-from gatewayd.sim import SimServer, SimSettings, gateway, load
-from gatewayd.sim.policy import AllowList, ServiceIdPattern
-from gatewayd.testing import schemas
 
 GW = pki.DEMO_GATEWAY_ID
 OTHER_GW = "urn:gatewayd:gateway:other-l3g"

@@ -12,7 +12,7 @@ gateway built from a config you write. A transport author's end-to-end test::
         async with running_gateway(settings) as gw:
             ...  # drive a device, then: await sim.wait_for(lambda: sim.uplinks)
 
-For unit tests without a gateway, :mod:`gatewayd.testing.contexts` has in-memory
+For unit tests without a gateway, :mod:`gatewayd_testing.contexts` has in-memory
 stand-ins for what the gateway hands a plugin: :class:`MemoryTransportContext` (an
 intake that records uplinks and reports, and can hold, slow down or refuse accept()),
 :class:`MemoryPluginContext` (a logger and the ``[credentials.NAME]`` backends) and
@@ -27,13 +27,14 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from gatewayd_sim import harness
+from gatewayd_sim.harness import Pki
+from gatewayd_sim.harness import running as running_gateway
+from gatewayd_sim.server import SimServer
 from structlog.testing import capture_logs
 
-from gatewayd import config, harness
-from gatewayd.harness import Pki
-from gatewayd.harness import running as running_gateway
-from gatewayd.sim.server import SimServer
-from gatewayd.testing.contexts import (
+from gatewayd import config
+from gatewayd_testing.contexts import (
     MemoryPluginContext,
     MemoryTransportContext,
     StaticCredentials,

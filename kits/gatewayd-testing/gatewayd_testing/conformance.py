@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from gatewayd_sim.harness import Pki, gateway_toml, running, sim_settings, write_config
+from gatewayd_sim.server import SimServer
 from structlog.testing import capture_logs
 
 from gatewayd import config
@@ -57,9 +59,7 @@ from gatewayd.api import (
     hookimpl,
 )
 from gatewayd.daemon import Gateway
-from gatewayd.harness import Pki, gateway_toml, running, sim_settings, write_config
 from gatewayd.plugins import Plugins
-from gatewayd.sim.server import SimServer
 
 __all__ = [
     "DEVICE",

@@ -11,10 +11,10 @@ import pytest
 from aiocoap import numbers
 from coap_device import Device
 from gatewayd_coap.transport import CoapTransport
+from gatewayd_testing import MemoryTransportContext, transport_settings
 
 from gatewayd.api import Address, ConfigError, Downlink, UplinkReport
 from gatewayd.api import Device as MappedDevice
-from gatewayd.testing import MemoryTransportContext, transport_settings
 
 
 def settings(options: dict[str, Any], endpoint: str | None = None) -> Any:

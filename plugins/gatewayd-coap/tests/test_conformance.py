@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 from aiocoap import error as coap_error
 from coap_device import Device
-
-from gatewayd.testing.conformance import (
+from gatewayd_testing.conformance import (
     DEVICE,
     SERVICE_ID,
     ConformanceEnv,

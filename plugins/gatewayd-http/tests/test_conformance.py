@@ -1,4 +1,4 @@
-"""The http transport against the transport conformance suite (gatewayd.testing)."""
+"""The http transport against the transport conformance suite (gatewayd_testing)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-
-from gatewayd.testing.conformance import (
+from gatewayd_testing.conformance import (
     DEVICE,
     SERVICE_ID,
     ConformanceEnv,

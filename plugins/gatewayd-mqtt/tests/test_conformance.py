@@ -1,4 +1,4 @@
-"""The mqtt transport against the transport conformance suite (gatewayd.testing).
+"""The mqtt transport against the transport conformance suite (gatewayd_testing).
 
 MQTT has no way to refuse a PUBLISH after the broker took it: backpressure is "hold"
 (the gateway withholds its PUBACK, the broker keeps the message) and bad input is acked
@@ -15,10 +15,7 @@ from typing import Any, ClassVar
 
 import aiomqtt
 import pytest
-from mosquitto import Mosquitto
-from mqtt_helpers import device_client, until
-
-from gatewayd.testing.conformance import (
+from gatewayd_testing.conformance import (
     DEVICE,
     SERVICE_ID,
     ConformanceEnv,
@@ -27,6 +24,8 @@ from gatewayd.testing.conformance import (
     TransportConformance,
     UplinkAnswer,
 )
+from mosquitto import Mosquitto
+from mqtt_helpers import device_client, until
 
 
 class MqttDevice(DeviceSide):

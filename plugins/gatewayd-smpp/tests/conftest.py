@@ -14,10 +14,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from gatewayd_smpp.transport import SmppTransport
+from gatewayd_testing import MemoryTransportContext
 from smsc_peer import Smsc
 
 from gatewayd.api import Device, DeviceReport, Options, TransportSettings
-from gatewayd.testing import MemoryTransportContext
 
 PASSWORD = "s3cret"
 DEVICE = "447700900001"

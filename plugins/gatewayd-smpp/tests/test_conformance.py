@@ -1,4 +1,4 @@
-"""The smpp transport against the transport conformance suite (gatewayd.testing).
+"""The smpp transport against the transport conformance suite (gatewayd_testing).
 
 The device side is the SMSC (npm ``smpp``) delivering MO messages from one MSISDN. SMS
 carries no server reports to the device; a full store is ``ESME_RMSGQFUL`` (the SMSC
@@ -11,15 +11,14 @@ import itertools
 from typing import Any, ClassVar
 
 import pytest
-from smsc_peer import Smsc
-
-from gatewayd.testing.conformance import (
+from gatewayd_testing.conformance import (
     SERVICE_ID,
     ConformanceEnv,
     DeviceSide,
     TransportConformance,
     UplinkAnswer,
 )
+from smsc_peer import Smsc
 
 MSISDN = "447700900077"
 ESME_RMSGQFUL = 0x14

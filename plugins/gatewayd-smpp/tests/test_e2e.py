@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import DEVICE, PASSWORD
+from gatewayd_sim import harness
+from gatewayd_sim.harness import Pki
+from gatewayd_sim.server import SimServer
+from gatewayd_testing import running_gateway
 from smsc_peer import Smsc
-
-from gatewayd import harness
-from gatewayd.harness import Pki
-from gatewayd.sim.server import SimServer
-from gatewayd.testing import running_gateway
 
 SERVICE_ID = "ue-sms-1@iot.example"
 
