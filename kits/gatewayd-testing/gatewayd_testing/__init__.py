@@ -12,6 +12,10 @@ gateway built from a config you write. A transport author's end-to-end test::
         async with running_gateway(settings) as gw:
             ...  # drive a device, then: await sim.wait_for(lambda: sim.uplinks)
 
+Every transport should also subclass the conformance suite,
+:class:`gatewayd_testing.conformance.TransportConformance` (see docs/plugins.md), and a
+test can look at the events logged with the ``gateway_logs`` fixture.
+
 For unit tests without a gateway, :mod:`gatewayd_testing.contexts` has in-memory
 stand-ins for what the gateway hands a plugin: :class:`MemoryTransportContext` (an
 intake that records uplinks and reports, and can hold, slow down or refuse accept()),
