@@ -110,10 +110,11 @@ def test_a_plugin_author_outside_the_repository() -> None:
             wheels,
             "gatewayd",
             "gatewayd-testing",
+            cwd=work,  # the author's own folder, far from this checkout
             env=env,
         )
         project = write_project(work / "author", "lines")
-        run(py, "-m", "pip", "install", "-q", project, env=env)
+        run(py, "-m", "pip", "install", "-q", project, cwd=work, env=env)
         out = run(py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", cwd=project, env=env)
         assert re.search(r"\b6 passed, 3 xfailed\b", out), out[-3000:]
         # Everything came from the wheels, nothing from this checkout.
@@ -122,6 +123,7 @@ def test_a_plugin_author_outside_the_repository() -> None:
             "-c",
             "import gatewayd, gatewayd_testing; "
             "print(gatewayd.__file__, gatewayd_testing.__file__)",
+            cwd=project,  # not this checkout's folder, which would shadow the install
             env=env,
         )
         assert str(ROOT) not in where, where
