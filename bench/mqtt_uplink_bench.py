@@ -39,15 +39,15 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "plugins" / "gatewayd-mqtt" / "tests"))
 
+from gatewayd_sim import harness  # noqa: E402
+from gatewayd_sim.server import SimServer  # noqa: E402
 from mosquitto import Mosquitto  # noqa: E402
 
-from gatewayd import harness  # noqa: E402
 from gatewayd import log as logmod  # noqa: E402
 from gatewayd.msgin5g import Address, GatewayRegistration, UEMessageDelivery  # noqa: E402
 from gatewayd.msgin5g.registration import API_NAME, API_VERSION  # noqa: E402
 from gatewayd.pki import DEMO_GATEWAY_ID  # noqa: E402
 from gatewayd.security.tls import client_context  # noqa: E402
-from gatewayd.sim.server import SimServer  # noqa: E402
 
 DEVICES = 100
 

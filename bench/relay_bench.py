@@ -29,6 +29,9 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from gatewayd_sim import harness
+from gatewayd_sim.harness import DEMO_AS
+from gatewayd_sim.server import SimServer
 from loadgen import (
     GatewayProcess,
     device_tokens,
@@ -36,12 +39,9 @@ from loadgen import (
     write_gateway_config,
 )
 
-from gatewayd import harness
-from gatewayd.harness import DEMO_AS
 from gatewayd.log import configure
 from gatewayd.msgin5g.model import Address, UEMessageDelivery
 from gatewayd.security import tls
-from gatewayd.sim.server import SimServer
 
 
 class _TimingSim(SimServer):

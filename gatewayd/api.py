@@ -1,7 +1,7 @@
 """The public plugin API: everything a transport or credential plugin may import.
 
 Plugins import from here and nowhere else in ``gatewayd`` (tests may also use
-``gatewayd.testing``). What is not re-exported here may change without notice.
+``gatewayd_testing``). What is not re-exported here may change without notice.
 
 TLS contexts for device-side links are built with :func:`client_context` and
 :func:`server_context`, so every plugin gets the same profile as the core (TLS 1.2+,
@@ -45,6 +45,8 @@ from gatewayd.security.material import TlsIdentity, TrustAnchors
 from gatewayd.security.tls import PeerIdentity, client_context, peer_identity, server_context
 
 __all__ = [
+    "API_VERSION",
+    "API_VERSION_ATTRIBUTE",
     "MISSING",
     "Acceptance",
     "Address",
@@ -92,6 +94,15 @@ __all__ = [
     "read_listener_limits",
     "server_context",
 ]
+
+API_VERSION = "1.0"
+"""The plugin API this gatewayd offers, ``MAJOR.MINOR``. A minor release only adds; a
+major one may change or remove. A plugin is loaded when it was written for the same
+major version and a minor version no newer than this one."""
+
+API_VERSION_ATTRIBUTE = "GATEWAYD_API_VERSION"
+"""What a plugin's entry-point module sets to the API version it was written for, as a
+literal (``GATEWAYD_API_VERSION = "1.0"``), not by importing :data:`API_VERSION`."""
 
 hookimpl = pluggy.HookimplMarker("gatewayd")
 """Marks a plugin function as the implementation of a ``gatewayd_*`` hook."""

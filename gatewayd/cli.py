@@ -10,8 +10,9 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -21,6 +22,8 @@ from gatewayd.errors import ConfigError, ExitCode, GatewaydError
 
 if TYPE_CHECKING:
     from gatewayd.daemon import Gateway
+
+COMMANDS_GROUP = "gatewayd.commands"
 
 EPILOG = """exit codes:
   0   success
@@ -89,16 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init.set_defaults(func=cmd_pki_init)
 
-    demo = sub.add_parser("demo", help="run a self-contained demo over mutual TLS on loopback")
-    demo.add_argument("--keep", type=Path, help="keep the demo's files in this folder")
-    demo.set_defaults(func=cmd_demo)
-
     from gatewayd import queue_cli
-    from gatewayd.sim import cli as sim_cli
 
-    sim_cli.add_parser(sub)
     queue_cli.add_parser(sub)
+    _add_commands(sub)
     return parser
+
+
+def _add_commands(sub: Any) -> None:
+    """Commands that other distributions add through the ``gatewayd.commands`` entry-point
+    group (``gatewayd-sim``: ``sim`` and ``demo``), so the daemon depends on none of them."""
+    for entry_point in sorted(metadata.entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        try:
+            entry_point.load()(sub)
+        except Exception as exc:  # a broken add-on must not take the daemon's CLI down
+            print(
+                f"gatewayd: warning: command {entry_point.name!r} is unavailable: {exc}",
+                file=sys.stderr,
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -166,15 +177,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(_args: argparse.Namespace) -> int:
+    """List every plugin; a broken one is listed with its error instead of failing here."""
+    from gatewayd.api import API_VERSION
     from gatewayd.plugins import Plugins
 
-    plugins = Plugins()
+    plugins = Plugins(strict=False)
+    print(f"plugin API {API_VERSION}\n")
     for info in plugins.info():
         dist = f"{info.distribution} {info.version}" if info.distribution else "(built in)"
-        print(f"{info.name:<12} {dist:<28} {', '.join(info.hooks)}")
+        detail = f"BROKEN: {info.error}" if info.error else ", ".join(info.hooks) or "(no hooks)"
+        print(f"{info.name:<12} {dist:<28} {detail}")
     print(f"\ntransports:          {', '.join(plugins.transports.names()) or 'none'}")
     print(f"credential backends: {', '.join(plugins.credential_backends.names()) or 'none'}")
-    return int(ExitCode.OK)
+    return int(ExitCode.CONFIG if plugins.broken() else ExitCode.OK)
 
 
 def cmd_pki_init(args: argparse.Namespace) -> int:
@@ -189,12 +204,6 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
     for name, path in files.items():
         print(f"{name:<12} {path}")
     return int(ExitCode.OK)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from gatewayd import demo
-
-    return asyncio.run(demo.run(keep=args.keep))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

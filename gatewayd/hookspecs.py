@@ -2,7 +2,11 @@
 
 Hooks only *register* things; pluggy cannot await, so anything on the message path is an
 async method of a registered class instead of a hook. Hooks are called through the
-typed facade in :mod:`gatewayd.plugins`, never ``pm.hook`` directly.
+typed facade in :mod:`gatewayd.plugins`, never ``pm.hook`` directly, and always through
+pluggy's own machinery: an implementation may take any subset of a spec's arguments,
+and ``wrapper=True`` implementations are honoured. The two ``register`` hooks are called
+one registering plugin at a time (so a registry knows who added what); a wrapper around
+one of them therefore runs once per registering plugin.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Shared fixtures come from the gatewayd test kit (gatewayd.testing, a pytest11 plugin)."""
+"""Shared fixtures come from the gatewayd test kit (gatewayd-testing under kits/, a pytest11
+plugin; installing gatewayd alone registers none)."""
 
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from gatewayd_sim.harness import Pki
 
-from gatewayd.harness import Pki
 from gatewayd.security import tls
 
 

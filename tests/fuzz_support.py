@@ -21,13 +21,13 @@ from typing import Any, TypeVar
 import hypothesis.strategies as st
 import requests
 import schemathesis
+from gatewayd_sim import harness, schemas
+from gatewayd_sim.harness import DEMO_SERVICE_ID, Pki
+from gatewayd_sim.server import SimServer
 from schemathesis import Case, CheckContext, HookContext, Response
 from schemathesis.schemas import BaseSchema
 
-from gatewayd import harness, pki
-from gatewayd.harness import DEMO_SERVICE_ID, Pki
-from gatewayd.sim.server import SimServer
-from gatewayd.testing import schemas
+from gatewayd import pki
 
 T = TypeVar("T")
 
@@ -41,7 +41,7 @@ PROBLEM_JSON = "application/problem+json"
 def load_api(api_file: str) -> BaseSchema:
     """An OpenAPI file as schemathesis sees it, with its cross-file ``$ref``s resolving.
 
-    The document is read from the 3GPP folder (or docs/openapi for our extension) and
+    The document is read from the 3GPP folder (or gatewayd-sim's package data for our extension) and
     given the address :func:`schemas.uri_of` gives it, inside the 3GPP folder: the
     relative ``$ref``s (``TS29571_CommonData.yaml#/...``) then land on the files next
     to it, without copying or linking anything.
@@ -108,7 +108,7 @@ def malformed_body_is_400(ctx: CheckContext, response: Response, case: Case) -> 
     """A JSON body the spec refuses gets 400 with ``invalidParams``; one it accepts never
     gets 400 for its shape (only for a rule the schema cannot say: see SEMANTIC_400).
 
-    The oracle is the official schema itself (gatewayd.testing.schemas), not the
+    The oracle is the official schema itself (gatewayd_sim.schemas), not the
     generation mode: schemathesis's "negative" cases are sometimes valid after all.
     """
     if case.media_type != "application/json" or "requestBody" not in case.operation.definition.raw:

@@ -30,10 +30,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from gatewayd_sim import harness
+from gatewayd_sim.harness import Pki
 from jsonlog import entries
-
-from gatewayd import harness
-from gatewayd.harness import Pki
 
 GATEWAYD = [sys.executable, "-m", "gatewayd.cli"]
 

@@ -28,6 +28,8 @@ from fuzz_support import (
     load_api,
     steer_toward,
 )
+from gatewayd_sim.harness import DEMO_SERVICE_ID
+from gatewayd_sim.schemas import validate_problem
 from hypothesis import HealthCheck, settings
 from schemathesis import Case
 from schemathesis.checks import not_a_server_error
@@ -38,9 +40,6 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-
-from gatewayd.harness import DEMO_SERVICE_ID
-from gatewayd.testing.schemas import validate_problem
 
 CHECKS = [
     not_a_server_error,

@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from gatewayd_sim import harness
+from gatewayd_sim.harness import Pki
+from gatewayd_sim.server import SimServer
 
-from gatewayd import harness
 from gatewayd.errors import ExitCode
-from gatewayd.harness import Pki
-from gatewayd.sim.server import SimServer
 
 GATEWAYD = [sys.executable, "-m", "gatewayd.cli"]
 
@@ -106,9 +106,9 @@ def test_valid_config_checks_ok(tmp_path: Path, loopback_pki: Pki) -> None:
         ),
         (lambda t: t.replace("[retry]", "[retry]\ninitail = 1.0"), "retry.initail", "unknown key"),
         (
-            lambda t: t.replace('plugin = "http"', 'plugin = "coap"'),
+            lambda t: t.replace('plugin = "http"', 'plugin = "lorawan"'),
             "transports.web.plugin",
-            "no transport 'coap' is installed (installed: http, mqtt, smpp)",
+            "no transport 'lorawan' is installed (installed: coap, http, mqtt, smpp)",
         ),
     ],
     ids=["missing key", "wrong type", "inline secret", "misspelt key", "plugin not installed"],

@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from e2e_device import Device
+from gatewayd_sim.harness import DEMO_AS, DEMO_SERVICE_ID, Pki, http_transport_mtls
+from gatewayd_sim.server import SimServer
+from gatewayd_testing import running_gateway
 
 from gatewayd import config
-from gatewayd.harness import DEMO_AS, DEMO_SERVICE_ID, Pki, http_transport_mtls
 from gatewayd.pki import DEMO_GATEWAY_ID
-from gatewayd.sim.server import SimServer
-from gatewayd.testing import running_gateway
 
 
 async def test_uplink_with_report_and_downlink_with_report(

@@ -18,12 +18,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from gatewayd_sim import harness
+from gatewayd_sim.harness import Pki
+from gatewayd_sim.server import SimServer
+from gatewayd_testing import running_gateway
 
-from gatewayd import harness
-from gatewayd.harness import Pki
 from gatewayd.listener import GuardedSite, ListenerLimits, runner
-from gatewayd.sim.server import SimServer
-from gatewayd.testing import running_gateway
 
 
 @contextlib.asynccontextmanager

@@ -14,11 +14,10 @@ import socket
 import sys
 from pathlib import Path
 
+from gatewayd_sim import harness
+from gatewayd_sim.harness import Pki
+from gatewayd_sim.server import SimServer
 from jsonlog import entries, wait_for_event
-
-from gatewayd import harness
-from gatewayd.harness import Pki
-from gatewayd.sim.server import SimServer
 
 GATEWAYD = [sys.executable, "-m", "gatewayd.cli"]
 DEVICE_TOKEN = "device-token-7f3a9c0e5b1d4e2f"  # a test secret to look for

@@ -21,13 +21,14 @@ from typing import Any
 
 import aiohttp
 from cryptography import x509
+from gatewayd_sim import harness
+from gatewayd_sim.harness import DEMO_SERVICE_ID, Pki
+from gatewayd_sim.server import SimServer
 from jsonlog import events, tail, wait_for_event
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from gatewayd import harness, metrics, pki
+from gatewayd import metrics, pki
 from gatewayd.errors import ExitCode
-from gatewayd.harness import DEMO_SERVICE_ID, Pki
-from gatewayd.sim.server import SimServer
 
 GATEWAYD = [sys.executable, "-m", "gatewayd.cli"]
 TOKEN = "metrics-test-token"

@@ -14,10 +14,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from gatewayd_sim import harness
+from gatewayd_sim.harness import DEMO_SERVICE_ID, Pki
+from gatewayd_sim.schemas import validate_problem
+from gatewayd_sim.server import SimServer
+from gatewayd_testing import running_gateway
 from impostor import Impostor
 from structlog.testing import capture_logs
 
-from gatewayd import config, harness, pki
+from gatewayd import config, pki
 from gatewayd.api import client_context, server_context
 from gatewayd.daemon import Gateway
 from gatewayd.errors import (
@@ -27,13 +32,9 @@ from gatewayd.errors import (
     PeerUnavailableError,
     RequestRejectedError,
 )
-from gatewayd.harness import DEMO_SERVICE_ID, Pki
 from gatewayd.msgin5g.registration import GatewayRegistration
 from gatewayd.northbound.client import MsgsClient
 from gatewayd.plugins import Plugins
-from gatewayd.sim.server import SimServer
-from gatewayd.testing import running_gateway
-from gatewayd.testing.schemas import validate_problem
 
 TRANSPORT = harness.http_transport_bearer()
 

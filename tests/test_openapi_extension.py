@@ -1,4 +1,4 @@
-"""docs/openapi/MSGS_GWRegistration.yaml: a valid OpenAPI 3.0 file that fits the wire types.
+"""gatewayd-sim's openapi/MSGS_GWRegistration.yaml: valid OpenAPI 3.0 that fits the wire types.
 
 The file $refs TS29571_CommonData.yaml by a relative name, so it is validated from a temp
 folder holding a copy of it next to symlinks of the 3GPP files (nothing is copied into
@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from gatewayd_sim import schemas
 from openapi_spec_validator import validate
 from openapi_spec_validator.validation.validators import OpenAPIV30SpecValidator
 
 from gatewayd.msgin5g import GatewayRegistration, GatewayRegistrationAck
 from gatewayd.msgin5g.registration import API_NAME, API_VERSION
-from gatewayd.testing import schemas
 
-OURS = Path(__file__).resolve().parents[1] / "docs" / "openapi" / schemas.EXTENSION_FILE
+OURS = schemas.file_path(schemas.EXTENSION_FILE)  # package data of gatewayd-sim
 
 
 def _spec() -> dict[str, Any]:

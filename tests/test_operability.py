@@ -22,13 +22,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from gatewayd_sim import harness
+from gatewayd_sim.harness import DEMO_SERVICE_ID, Pki
+from gatewayd_sim.server import SimServer
 from jsonlog import events, wait_for_event
 from test_metrics import TOKEN, gateway_process
 
-from gatewayd import harness, metrics
+from gatewayd import metrics
 from gatewayd.errors import ExitCode
-from gatewayd.harness import DEMO_SERVICE_ID, Pki
-from gatewayd.sim.server import SimServer
 
 GATEWAYD = [sys.executable, "-m", "gatewayd.cli"]
 ENV = {**os.environ, "GATEWAYD_TEST_TOKEN": TOKEN}

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from gatewayd_sim import harness
+from gatewayd_sim.harness import Pki
 
-from gatewayd import config, harness
+from gatewayd import config
 from gatewayd.errors import ConfigError
-from gatewayd.harness import Pki
 from gatewayd.options import ListenAddress, Options
 
 

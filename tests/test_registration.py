@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 from e2e_device import Device
-
-from gatewayd import harness
-from gatewayd.harness import DEMO_SERVICE_ID, Pki
-from gatewayd.sim.server import SimServer
-from gatewayd.testing import running_gateway
+from gatewayd_sim import harness
+from gatewayd_sim.harness import DEMO_SERVICE_ID, Pki
+from gatewayd_sim.server import SimServer
+from gatewayd_testing import running_gateway
 
 TRANSPORT = harness.http_transport_bearer(extra='webhook = "WEBHOOK"\nwebhook_ca = "CA"\n')
 

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from gatewayd_sim import harness
+from gatewayd_sim.harness import Pki
+from gatewayd_sim.server import SimServer
 from loadgen import GatewayProcess, LoadGen, device_tokens, percentile, write_gateway_config
-
-from gatewayd import harness
-from gatewayd.harness import Pki
-from gatewayd.sim.server import SimServer
 
 
 def _pending(db: Path) -> int:

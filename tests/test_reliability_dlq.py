@@ -20,6 +20,9 @@ from typing import Any
 import aiohttp
 import pytest
 from e2e_device import Device
+from gatewayd_sim.harness import Pki
+from gatewayd_sim.server import SimServer
+from gatewayd_testing import running_gateway
 from loadgen import (
     export_tokens,
     http_bearer_transport,
@@ -27,10 +30,7 @@ from loadgen import (
 )
 
 from gatewayd import config
-from gatewayd.harness import Pki
-from gatewayd.sim.server import SimServer
 from gatewayd.store import Queue
-from gatewayd.testing import running_gateway
 
 
 @pytest.fixture

@@ -9,12 +9,12 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 import pytest
 import structlog
+from gatewayd_sim.server import SimServer
+from gatewayd_testing import running_gateway
 from loadgen import device_url, export_tokens, http_bearer_transport
 
 from gatewayd import config, metrics
-from gatewayd.sim.server import SimServer
 from gatewayd.store import Queue
-from gatewayd.testing import running_gateway
 
 
 @pytest.fixture

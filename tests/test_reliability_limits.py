@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 
 import pytest
+from gatewayd_sim.server import SimServer
+from gatewayd_testing import running_gateway
 from loadgen import (
     LoadGen,
     Stats,
@@ -22,8 +24,6 @@ from loadgen import (
 )
 
 from gatewayd import config
-from gatewayd.sim.server import SimServer
-from gatewayd.testing import running_gateway
 
 
 @pytest.fixture

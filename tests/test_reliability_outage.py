@@ -14,6 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from gatewayd_sim.faults import Fault
+from gatewayd_sim.server import SimServer
+from gatewayd_testing import running_gateway
 from loadgen import (
     LoadGen,
     device_url,
@@ -22,10 +25,7 @@ from loadgen import (
 )
 
 from gatewayd import config
-from gatewayd.sim.faults import Fault
-from gatewayd.sim.server import SimServer
 from gatewayd.store import Queue
-from gatewayd.testing import running_gateway
 
 
 @pytest.fixture

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from gatewayd_sim import harness
+from gatewayd_sim.harness import Pki
+from gatewayd_sim.server import SimServer
+from gatewayd_testing import running_gateway
 from loadgen import LoadGen, device_url, export_tokens, http_bearer_transport
 
-from gatewayd import config, harness
-from gatewayd.harness import Pki
-from gatewayd.sim.server import SimServer
-from gatewayd.testing import running_gateway
+from gatewayd import config
 
 
 @pytest.fixture

@@ -28,13 +28,14 @@ import aiohttp
 import pytest_asyncio
 from aiohttp import web
 from cryptography import x509
+from gatewayd_sim import harness
+from gatewayd_sim.harness import Pki
+from gatewayd_sim.server import SimServer
 from jsonlog import events, wait_for_event
 
-from gatewayd import harness, pki
+from gatewayd import pki
 from gatewayd.api import TlsIdentity
-from gatewayd.harness import Pki
 from gatewayd.security import tls
-from gatewayd.sim.server import SimServer
 
 GATEWAYD = [sys.executable, "-m", "gatewayd.cli"]
 DEVICES = ("dev-a", "dev-b", "dev-c")

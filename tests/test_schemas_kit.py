@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from gatewayd_sim import schemas
 
 from gatewayd.msgin5g import Address, GatewayRegistration, UEMessageDelivery
-from gatewayd.testing import schemas
 
 MSGDELIVERY = "TS29538_MSGS_MSGDelivery.yaml"
 

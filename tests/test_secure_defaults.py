@@ -15,18 +15,19 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from gatewayd_sim import harness
+from gatewayd_sim.harness import Pki
+from gatewayd_sim.server import SimServer
+from gatewayd_testing import running_gateway
 from impostor import Impostor
 from structlog.testing import capture_logs
 from test_northbound_security import MESSAGE, _call_api
 
-from gatewayd import config, harness, pki
+from gatewayd import config, pki
 from gatewayd.api import TlsIdentity, client_context, server_context
 from gatewayd.daemon import Gateway
 from gatewayd.errors import ConfigError, ExitCode, PeerRefusedError
-from gatewayd.harness import Pki
 from gatewayd.plugins import Plugins
-from gatewayd.sim.server import SimServer
-from gatewayd.testing import running_gateway
 
 GATEWAYD = [sys.executable, "-m", "gatewayd.cli"]
 

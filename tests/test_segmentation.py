@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from gatewayd_sim import harness, schemas
+from gatewayd_sim.harness import Pki
 
-from gatewayd import config, harness, segments
+from gatewayd import config, segments
 from gatewayd.errors import BacklogFullError, ConfigError, InvalidBodyError, InvalidMessageError
-from gatewayd.harness import Pki
 from gatewayd.msgin5g.model import (
     Address,
     GatewayMessageDelivery,
@@ -23,7 +24,6 @@ from gatewayd.msgin5g.model import (
     UEMessageDelivery,
 )
 from gatewayd.store import PartResult, Queue, State, Store, StoreSettings
-from gatewayd.testing import schemas
 
 MSGS = "TS29538_MSGS_MSGDelivery.yaml"
 SERVICE_ID = "ue-1@iot.example"

@@ -16,14 +16,15 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from e2e_device import Device
+from gatewayd_sim import harness, schemas
+from gatewayd_sim.harness import DEMO_SERVICE_ID, Pki, http_transport_mtls
+from gatewayd_sim.server import SimServer
+from gatewayd_testing import running_gateway
 
-from gatewayd import config, harness
-from gatewayd.harness import DEMO_SERVICE_ID, Pki, http_transport_mtls
+from gatewayd import config
 from gatewayd.msgin5g.model import GatewayMessageDelivery
 from gatewayd.security import tls
-from gatewayd.sim.server import SimServer
 from gatewayd.store import Queue
-from gatewayd.testing import running_gateway, schemas
 
 RELAY = """
 [relay]

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-
-from gatewayd import harness
-from gatewayd.harness import Pki
-from gatewayd.sim.server import SimServer
-from gatewayd.testing import running_gateway
+from gatewayd_sim import harness
+from gatewayd_sim.harness import Pki
+from gatewayd_sim.server import SimServer
+from gatewayd_testing import running_gateway
 
 # The SMSC driver and the transport table live with the smpp plugin's tests (which
 # import them the same way); reused, not copied.

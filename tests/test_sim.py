@@ -14,15 +14,14 @@ import aiohttp
 import pytest
 import structlog
 from aiohttp import web
+from gatewayd_sim import SimServer, SimSettings, gateway, load, schemas
+from gatewayd_sim.policy import AllowList, ServiceIdPattern
 
 from gatewayd import pki
 from gatewayd.api import TlsIdentity, TrustAnchors
 from gatewayd.errors import ConfigError
 from gatewayd.msgin5g import GatewayMessageDelivery
 from gatewayd.security import tls
-from gatewayd.sim import SimServer, SimSettings, gateway, load
-from gatewayd.sim.policy import AllowList, ServiceIdPattern
-from gatewayd.testing import schemas
 
 GW = pki.DEMO_GATEWAY_ID
 OTHER_GW = "urn:gatewayd:gateway:other-l3g"
@@ -525,7 +524,7 @@ def test_config_errors_name_the_key(pki_dir: dict[str, Path], tmp_path: Path) ->
 
 async def test_push_client_does_not_follow_a_redirect(tmp_path: Path) -> None:
     """Issue 8 finding 4: a gateway answering 307 to http:// gets no second copy."""
-    from gatewayd.sim.push import GatewayClient
+    from gatewayd_sim.push import GatewayClient
 
     files = pki.init(tmp_path / "pki")
     seen: list[bytes] = []
@@ -579,9 +578,9 @@ async def test_client_assertion_with_a_malformed_exp_is_401_not_500(
     exp is "1234" or beyond any date is refused as a failed client authentication."""
     import jwt
     from cryptography.hazmat.primitives import serialization
+    from gatewayd_sim.tokens import TOKEN_PATH, SimTokens, TokenClient
 
     from gatewayd import harness
-    from gatewayd.sim.tokens import TOKEN_PATH, SimTokens, TokenClient
 
     tls_files = harness.make_pki(tmp_path / "pki")
     client_key = pki.new_key()

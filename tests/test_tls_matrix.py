@@ -22,6 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from gatewayd_sim import harness
+from gatewayd_sim.harness import DEMO_SERVICE_ID, Pki
+from gatewayd_sim.schemas import validate_problem
+from gatewayd_sim.server import SimServer
+from gatewayd_sim.settings import SimSettings
+from gatewayd_testing import running_gateway
 from structlog.testing import capture_logs
 from tls_cases import (
     CASES,
@@ -34,17 +40,12 @@ from tls_cases import (
     post,
 )
 
-from gatewayd import config, harness, pki
+from gatewayd import config, pki
 from gatewayd.api import TrustAnchors
 from gatewayd.daemon import Gateway
 from gatewayd.errors import ExitCode, PeerRefusedError
-from gatewayd.harness import DEMO_SERVICE_ID, Pki
 from gatewayd.northbound import paths
 from gatewayd.plugins import Plugins
-from gatewayd.sim.server import SimServer
-from gatewayd.sim.settings import SimSettings
-from gatewayd.testing import running_gateway
-from gatewayd.testing.schemas import validate_problem
 
 TRANSPORT = harness.http_transport_bearer()
 

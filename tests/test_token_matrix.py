@@ -31,18 +31,19 @@ import pytest
 import pytest_asyncio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from gatewayd_sim import harness
+from gatewayd_sim.harness import DEMO_SERVICE_ID, Pki
+from gatewayd_sim.schemas import validate_problem
+from gatewayd_sim.server import SimServer
+from gatewayd_sim.tokens import SimTokens
+from gatewayd_testing import running_gateway
 from structlog.testing import capture_logs
 
-from gatewayd import config, harness, pki
+from gatewayd import config, pki
 from gatewayd.daemon import Gateway
-from gatewayd.harness import DEMO_SERVICE_ID, Pki
 from gatewayd.msgin5g.registration import GatewayRegistration
 from gatewayd.security.tls import client_context
 from gatewayd.security.tokens import TokenIssuer
-from gatewayd.sim.server import SimServer
-from gatewayd.sim.tokens import SimTokens
-from gatewayd.testing import running_gateway
-from gatewayd.testing.schemas import validate_problem
 
 ISSUER = "https://nrf.sim.example/oauth2"
 SERVER_AUDIENCE = "127.0.0.1"  # the name the gateway calls the server by

@@ -18,19 +18,20 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from e2e_device import Device
+from gatewayd_sim import harness
+from gatewayd_sim.harness import DEMO_SERVICE_ID, Pki, http_transport_mtls
+from gatewayd_sim.schemas import validate
+from gatewayd_sim.server import SimServer
+from gatewayd_sim.settings import load as sim_load
+from gatewayd_sim.tokens import SimTokens, TokenClient
+from gatewayd_testing import running_gateway
 from structlog.testing import capture_logs
 
-from gatewayd import harness, pki
+from gatewayd import pki
 from gatewayd.errors import ConfigError
-from gatewayd.harness import DEMO_SERVICE_ID, Pki, http_transport_mtls
 from gatewayd.options import SecretRef
 from gatewayd.security.tls import client_context
 from gatewayd.security.tokens import cert_thumbprint
-from gatewayd.sim.server import SimServer
-from gatewayd.sim.settings import load as sim_load
-from gatewayd.sim.tokens import SimTokens, TokenClient
-from gatewayd.testing import running_gateway
-from gatewayd.testing.schemas import validate
 
 ISSUER = "https://nrf.sim.example/oauth2"
 CLIENT_SECRET = "sim-client-secret-7f3a"

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gatewayd_sim.harness import DEMO_SERVICE_ID, Pki
 from impostor import Impostor
 
 from gatewayd import pki
-from gatewayd.harness import DEMO_SERVICE_ID, Pki
 
 # Attackers' cipher string: everything OpenSSL can still do.
 ANY_CIPHER = "DEFAULT:@SECLEVEL=0"

@@ -3,7 +3,8 @@
 TS 23.554 clauses 8.2.3/8.2.4 describe Non-MSGin5G UE (de-)registration through a
 gateway, but TS 29.538 Rel-18 defines no resource for it. This is our extension,
 ``MSGS_GWRegistration`` (``{apiRoot}/msgs-gwregistration/v1``), modelled on
-``MSGS_ASRegistration``; docs/openapi/MSGS_GWRegistration.yaml is its contract.
+``MSGS_ASRegistration``; kits/gatewayd-sim/gatewayd_sim/openapi/MSGS_GWRegistration.yaml
+(package data of gatewayd-sim) is its contract.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from gatewayd_http.transport import HttpTransport
+from gatewayd_testing import MemoryTransportContext, StaticCredentials
 
 from gatewayd import pki
 from gatewayd.api import (
@@ -19,7 +20,6 @@ from gatewayd.api import (
     TransportSettings,
     TrustAnchors,
 )
-from gatewayd.testing import MemoryTransportContext, StaticCredentials
 
 TOKENS = {"sensor-1": "tok-sensor-1-secret", "sensor-2": "tok-sensor-2-secret"}
 

@@ -12,9 +12,8 @@ import pytest
 # --import-mode=importlib puts no test folder on sys.path; the helpers live next door.
 sys.path.insert(0, str(Path(__file__).parent))
 
+from gatewayd_testing import MemoryTransportContext
 from mosquitto import Mosquitto
-
-from gatewayd.testing import MemoryTransportContext
 
 
 @pytest.fixture

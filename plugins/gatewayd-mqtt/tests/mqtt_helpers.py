@@ -12,11 +12,11 @@ from typing import Any
 
 import aiomqtt
 from gatewayd_mqtt.transport import MqttTransport
+from gatewayd_testing import MemoryTransportContext, StaticCredentials
 from mosquitto import Mosquitto
 
 from gatewayd import pki
 from gatewayd.api import Device, Options, TlsIdentity, TransportSettings, TrustAnchors
-from gatewayd.testing import MemoryTransportContext, StaticCredentials
 
 # Burst sizes: the moderate one always runs; the long one only under @pytest.mark.slow.
 BURST = 1_000

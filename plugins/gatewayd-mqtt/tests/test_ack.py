@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 import structlog
+from gatewayd_testing import MemoryTransportContext
 from mosquitto import Mosquitto
 from mqtt_helpers import device_client, make_transport, running, until
-
-from gatewayd.testing import MemoryTransportContext
 
 CHILD = Path(__file__).with_name("child_gateway.py")
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import structlog
+from gatewayd_testing import MemoryTransportContext
 from mosquitto import PASSWORD, Mosquitto
 from mqtt_helpers import make_transport, running, tls_credentials
 
 from gatewayd.api import ConfigError, CredentialError
-from gatewayd.testing import MemoryTransportContext
 
 
 async def test_refused_client_certificate_is_an_auth_failure(

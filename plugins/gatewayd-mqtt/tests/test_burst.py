@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import pytest
+from gatewayd_testing import MemoryTransportContext
 from mosquitto import Mosquitto
 from mqtt_helpers import (
     BURST,
@@ -17,7 +18,6 @@ from mqtt_helpers import (
 )
 
 from gatewayd.api import Address, Device, Downlink
-from gatewayd.testing import MemoryTransportContext
 
 SIZES = [BURST, pytest.param(LONG_BURST, marks=pytest.mark.slow)]
 

@@ -7,11 +7,11 @@ import json
 
 import aiomqtt
 from gatewayd_mqtt.payloads import RAW_BASE64_PREFIX, decode_raw, encode_raw
+from gatewayd_testing import MemoryTransportContext
 from mosquitto import Mosquitto
 from mqtt_helpers import device_client, make_transport, running
 
 from gatewayd.api import Address, Device, Downlink, UplinkReport
-from gatewayd.testing import MemoryTransportContext
 
 DEVICE = Device(name="sensor-1", service_id="sensor-1@iot.example")
 

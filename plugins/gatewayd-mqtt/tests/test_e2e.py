@@ -18,14 +18,15 @@ import aiomqtt
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from gatewayd_sim import harness
+from gatewayd_sim.harness import DEMO_AS, Pki
+from gatewayd_sim.server import SimServer
+from gatewayd_testing import running_gateway
 from mosquitto import Mosquitto
 from mqtt_helpers import LONG_BURST, device_client, publish_all, publish_stubbornly, until
 
-from gatewayd import config, harness, pki
-from gatewayd.harness import DEMO_AS, Pki
+from gatewayd import config, pki
 from gatewayd.pki import DEMO_GATEWAY_ID
-from gatewayd.sim.server import SimServer
-from gatewayd.testing import running_gateway
 
 TEMPLATE = "ue-{device}@iot.example"
 SENSOR = "ue-sensor-1@iot.example"

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from gatewayd_mqtt.transport import MqttTransport
+from gatewayd_testing import MemoryTransportContext
 
 from gatewayd import config
-from gatewayd.testing import MemoryTransportContext
 
 
 def test_the_mqtt_example_config_is_valid() -> None:

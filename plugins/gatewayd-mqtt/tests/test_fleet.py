@@ -29,15 +29,16 @@ import aiohttp
 import pytest
 import pytest_asyncio
 import structlog
+from gatewayd_sim import harness
+from gatewayd_sim.harness import Pki
+from gatewayd_sim.server import SimServer
+from gatewayd_testing import running_gateway
 from loadgen import LoadGen, bearer_devices, device_url, export_tokens
 from mosquitto import Mosquitto
 from mqtt_helpers import device_client, until
 
-from gatewayd import config, harness, metrics
-from gatewayd.harness import Pki
-from gatewayd.sim.server import SimServer
+from gatewayd import config, metrics
 from gatewayd.store import Queue
-from gatewayd.testing import running_gateway
 
 PAST = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
 

@@ -6,11 +6,11 @@ import asyncio
 import json
 from pathlib import Path
 
+from gatewayd_testing import MemoryTransportContext
 from mosquitto import Mosquitto
 from mqtt_helpers import device_client, make_transport, publish_all, running
 
 from gatewayd.api import Address, Device, Downlink
-from gatewayd.testing import MemoryTransportContext
 
 
 async def test_downlink_respects_the_brokers_receive_maximum(

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import structlog
+from gatewayd_testing import MemoryTransportContext
 from mosquitto import Mosquitto
 from mqtt_helpers import device_client, make_transport, running, until
 
 from gatewayd.api import Device
-from gatewayd.testing import MemoryTransportContext
 
 
 async def test_bad_payloads_are_rejected_recorded_and_acked(broker: Mosquitto) -> None:

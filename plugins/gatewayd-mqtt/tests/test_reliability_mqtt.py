@@ -16,15 +16,16 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import structlog
+from gatewayd_sim import harness
+from gatewayd_sim.harness import Pki
+from gatewayd_sim.server import SimServer
+from gatewayd_testing import MemoryTransportContext, running_gateway
 from mosquitto import Mosquitto
 from mqtt_helpers import device_client, make_transport, publish_all, running, until
 
-from gatewayd import config, harness, metrics
+from gatewayd import config, metrics
 from gatewayd.api import Acceptance, Uplink
-from gatewayd.harness import Pki
-from gatewayd.sim.server import SimServer
 from gatewayd.store import Queue
-from gatewayd.testing import MemoryTransportContext, running_gateway
 
 TEMPLATE = "ue-{device}@iot.example"
 

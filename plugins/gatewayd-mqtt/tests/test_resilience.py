@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+from gatewayd_testing import MemoryTransportContext
 from mosquitto import Mosquitto
 from mqtt_helpers import make_transport, publish_stubbornly, running, until
-
-from gatewayd.testing import MemoryTransportContext
 
 N = 1000
 

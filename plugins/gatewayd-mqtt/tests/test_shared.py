@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
+from gatewayd_testing import MemoryTransportContext
 from mosquitto import Mosquitto
 from mqtt_helpers import device_client, make_transport, publish_all, running, until
-
-from gatewayd.testing import MemoryTransportContext
 
 N = 1000
 

@@ -6,11 +6,11 @@ import json
 from datetime import UTC, datetime
 
 from gatewayd_mqtt.payloads import RAW_BASE64_PREFIX, derived_msg_id
+from gatewayd_testing import MemoryTransportContext
 from mosquitto import Mosquitto
 from mqtt_helpers import device_client, make_transport, running
 
 from gatewayd.api import Address
-from gatewayd.testing import MemoryTransportContext
 
 
 async def test_json_envelope_over_plain_tcp(

@@ -17,12 +17,12 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from gatewayd_oauth2.backend import OAuth2Backend
+from gatewayd_testing import MemoryPluginContext, StaticCredentials, plugin_settings
 
 from gatewayd import pki
 from gatewayd.api import TlsIdentity, TrustAnchors
 from gatewayd.security import tls
 from gatewayd.security.tokens import TokenIssuer
-from gatewayd.testing import MemoryPluginContext, StaticCredentials, plugin_settings
 
 CLIENT_ID = "urn:gatewayd:gateway:demo-n3g"
 CLIENT_SECRET = "client-secret-value-42"

@@ -11,13 +11,13 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from gatewayd_oauth2.backend import OAuth2Backend
+from gatewayd_testing import StaticCredentials
 from structlog.testing import capture_logs
 
 from gatewayd import pki
 from gatewayd.api import ConfigError, CredentialError, TrustAnchors
 from gatewayd.plugins import Plugins
 from gatewayd.security.tokens import verify_token
-from gatewayd.testing import StaticCredentials
 
 AUDIENCE = "MSGS"
 SCOPE = "msgs-msgdelivery"

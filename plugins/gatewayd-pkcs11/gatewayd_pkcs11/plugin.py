@@ -5,6 +5,8 @@ from __future__ import annotations
 from gatewayd.api import CredentialFactory, Registry, hookimpl
 from gatewayd_pkcs11.backend import Pkcs11Backend
 
+GATEWAYD_API_VERSION = "1.0"
+
 
 @hookimpl
 def gatewayd_register_credential_backends(registry: Registry[CredentialFactory]) -> None:

@@ -11,12 +11,12 @@ import pkcs11
 import pytest
 from gatewayd_oauth2.backend import OAuth2Backend
 from gatewayd_pkcs11.backend import DEFAULT_MODULE, Pkcs11Backend
+from gatewayd_testing import MemoryPluginContext, StaticCredentials, plugin_settings
 from pkcs11 import Attribute, KeyType
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from gatewayd.api import TrustAnchors
 from gatewayd.pki import create_ca
-from gatewayd.testing import MemoryPluginContext, StaticCredentials, plugin_settings
 
 TOKEN = "gatewayd-test"
 PIN = "4711-user"

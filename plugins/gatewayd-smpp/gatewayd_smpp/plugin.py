@@ -5,6 +5,8 @@ from __future__ import annotations
 from gatewayd.api import Registry, TransportFactory, hookimpl
 from gatewayd_smpp.transport import SmppTransport
 
+GATEWAYD_API_VERSION = "1.0"
+
 
 @hookimpl
 def gatewayd_register_transports(registry: Registry[TransportFactory]) -> None:

@@ -15,11 +15,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from gatewayd_smpp.transport import SmppTransport
+from gatewayd_testing import MemoryKV, MemoryTransportContext
 from smsc_peer import Smsc
 from strict_smsc import StrictSmsc
 
 from gatewayd.api import Device, DeviceReport, Options, TransportSettings
-from gatewayd.testing import MemoryKV, MemoryTransportContext
 
 PASSWORD = "s3cret"
 DEVICE = "447700900001"

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import DEVICE, PASSWORD
+from gatewayd_sim import harness
+from gatewayd_sim.harness import Pki
+from gatewayd_sim.server import SimServer
+from gatewayd_testing import running_gateway
 from smsc_peer import Smsc
 from strict_smsc import StrictSmsc
 
-from gatewayd import harness
 from gatewayd.config import Settings
-from gatewayd.harness import Pki
-from gatewayd.sim.server import SimServer
-from gatewayd.testing import running_gateway
 
 SERVICE_ID = "ue-sms-1@iot.example"
 

@@ -7,15 +7,15 @@ import time
 from collections.abc import Mapping
 
 from conftest import SmsContext, Starter, base_options, make_settings
+from gatewayd_sim.harness import Pki
 from gatewayd_smpp.transport import SmppTransport
+from gatewayd_testing import MemoryKV, StaticCredentials
 from peer_events import Event
 from strict_smsc import StrictSmsc
 from structlog.testing import capture_logs
 from test_strict import downlink
 
 from gatewayd.api import server_context
-from gatewayd.harness import Pki
-from gatewayd.testing import MemoryKV, StaticCredentials
 
 
 class WatchedKV(MemoryKV):

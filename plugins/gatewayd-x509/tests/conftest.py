@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from gatewayd_testing import MemoryPluginContext, plugin_settings
 
 from gatewayd import pki
 from gatewayd.api import CredentialBackend
-from gatewayd.testing import MemoryPluginContext, plugin_settings
 
 Make = Callable[..., CredentialBackend]
 

@@ -12,7 +12,11 @@ gateway built from a config you write. A transport author's end-to-end test::
         async with running_gateway(settings) as gw:
             ...  # drive a device, then: await sim.wait_for(lambda: sim.uplinks)
 
-For unit tests without a gateway, :mod:`gatewayd.testing.contexts` has in-memory
+Every transport should also subclass the conformance suite,
+:class:`gatewayd_testing.conformance.TransportConformance` (see docs/plugins.md), and a
+test can look at the events logged with the ``gateway_logs`` fixture.
+
+For unit tests without a gateway, :mod:`gatewayd_testing.contexts` has in-memory
 stand-ins for what the gateway hands a plugin: :class:`MemoryTransportContext` (an
 intake that records uplinks and reports, and can hold, slow down or refuse accept()),
 :class:`MemoryKV` (its durable key/value table), :class:`MemoryPluginContext` (a
@@ -22,22 +26,26 @@ logger and the ``[credentials.NAME]`` backends) and
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
+from gatewayd_sim import harness
+from gatewayd_sim.harness import Pki
+from gatewayd_sim.harness import running as running_gateway
+from gatewayd_sim.server import SimServer
+from structlog.testing import capture_logs
 
-from gatewayd import config, harness
-from gatewayd.harness import Pki
-from gatewayd.harness import running as running_gateway
-from gatewayd.sim.server import SimServer
-from gatewayd.testing.contexts import (
+from gatewayd import config
+from gatewayd_testing.contexts import (
     MemoryKV,
     MemoryPluginContext,
     MemoryTransportContext,
     StaticCredentials,
     plugin_settings,
+    transport_settings,
 )
 
 __all__ = [
@@ -48,6 +56,7 @@ __all__ = [
     "StaticCredentials",
     "plugin_settings",
     "running_gateway",
+    "transport_settings",
 ]
 
 
@@ -87,3 +96,14 @@ def gateway_config(
         )
 
     return make
+
+
+@pytest.fixture
+def gateway_logs() -> Iterator[list[MutableMapping[str, Any]]]:
+    """Every structlog event of the test, as dicts (``event``, ``log_level``, the keys).
+
+    Assert on stable event names (docs/logging.md), e.g.
+    ``assert any(e["event"] == "transport.stopped" for e in gateway_logs)``.
+    """
+    with capture_logs() as logs:
+        yield logs

@@ -8,6 +8,7 @@ messages on its own HTTPS webhook.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -21,14 +22,27 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gatewayd import harness
 from gatewayd import log as logmod
 from gatewayd.errors import ExitCode
 from gatewayd.pki import DEMO_GATEWAY_ID
 from gatewayd.security import tls
-from gatewayd.sim.server import SimServer
+from gatewayd_sim import harness
+from gatewayd_sim.server import SimServer
 
 DEVICE = "sensor-1"
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add ``gatewayd demo`` to the main CLI (entry point group ``gatewayd.commands``)."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "demo", help="run a self-contained demo over mutual TLS on loopback"
+    )
+    parser.add_argument("--keep", type=Path, help="keep the demo's files in this folder")
+    parser.set_defaults(func=_command)
+
+
+def _command(args: argparse.Namespace) -> int:
+    return asyncio.run(run(keep=args.keep))
 
 
 class Transcript:

@@ -6,9 +6,9 @@ extension MSGS_GWRegistration, and pushes downlink messages to registered gatewa
 
 from __future__ import annotations
 
-from gatewayd.sim.records import PushResult, Registration, ReportRecord, UplinkRecord
-from gatewayd.sim.server import SimServer, SimTimeoutError
-from gatewayd.sim.settings import SimSettings, gateway, load
+from gatewayd_sim.records import PushResult, Registration, ReportRecord, UplinkRecord
+from gatewayd_sim.server import SimServer, SimTimeoutError
+from gatewayd_sim.settings import SimSettings, gateway, load
 
 __all__ = [
     "PushResult",

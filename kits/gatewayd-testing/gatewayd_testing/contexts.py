@@ -40,6 +40,7 @@ from gatewayd.api import (
     Rejection,
     TlsIdentity,
     TransportContext,
+    TransportSettings,
     TrustAnchors,
     Uplink,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "MemoryTransportContext",
     "StaticCredentials",
     "plugin_settings",
+    "transport_settings",
 ]
 
 
@@ -69,6 +71,40 @@ def plugin_settings(
         plugin=plugin,
         options=Options(options, f"credentials.{name}", source=source),
         base_dir=base_dir,
+    )
+
+
+def transport_settings(
+    name: str,
+    plugin: str,
+    options: Mapping[str, object],
+    devices: Iterable[Mapping[str, object]] = (),
+    base_dir: Path = Path(),
+    *,
+    service_id_template: str | None = None,
+    source: str = "gw.toml",
+) -> TransportSettings:
+    """What the gateway hands a ``[transports.NAME]`` transport.
+
+    ``devices`` are the ``[[transports.NAME.devices]]`` tables as the config has them:
+    ``device`` and ``service_id`` (default ``ue-<device>@iot.example``) are the core's,
+    every other key is the transport's own (read with ``settings.device_options(i)``).
+    """
+    mapped = tuple(
+        Device(
+            name=str(d["device"]),
+            service_id=str(d.get("service_id", f"ue-{d['device']}@iot.example")),
+            options={k: v for k, v in d.items() if k not in ("device", "service_id")},
+        )
+        for d in devices
+    )
+    return TransportSettings(
+        name=name,
+        plugin=plugin,
+        options=Options(options, f"transports.{name}", source=source),
+        base_dir=base_dir,
+        devices=mapped,
+        service_id_template=service_id_template,
     )
 
 

@@ -1,8 +1,8 @@
 """Validate JSON bodies against the official TS 29.538 OpenAPI files and our extension.
 
 The 3GPP files are reference data kept outside the repository (they must not be
-copied in): :func:`spec_dir` finds them. Our own ``MSGS_GWRegistration.yaml`` lives in
-``docs/openapi/`` and ``$ref``s ``TS29571_CommonData.yaml`` by a relative name, so it is
+copied in): :func:`spec_dir` finds them. Our own ``MSGS_GWRegistration.yaml`` ships in
+this package (``openapi/``) and ``$ref``s ``TS29571_CommonData.yaml`` by a relative name, so it is
 given a (virtual) address inside the 3GPP folder: its relative references then resolve
 there, exactly as they do for the 3GPP files themselves.
 
@@ -35,8 +35,12 @@ ENV_VAR = "GATEWAYD_3GPP_DIR"
 EXTENSION_FILE = "MSGS_GWRegistration.yaml"
 COMMON_DATA = "TS29571_CommonData.yaml"
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-_EXTENSIONS = {EXTENSION_FILE: _REPO_ROOT / "docs" / "openapi" / EXTENSION_FILE}
+_PACKAGE = Path(__file__).resolve().parent
+# Our extension ships inside this package; the 3GPP files are not ours to redistribute.
+_EXTENSIONS = {EXTENSION_FILE: _PACKAGE / "openapi" / EXTENSION_FILE}
+# In a checkout of the gatewayd repository (editable install), the 3GPP files sit in
+# ../shared/3gpp beside it; an installed wheel has no such fallback.
+_CHECKOUT_SPECS = _PACKAGE.parents[2].parent / "shared" / "3gpp"
 
 
 class SpecsMissingError(GatewaydError):
@@ -54,11 +58,20 @@ class SchemaMismatchError(GatewaydError):
 def spec_dir() -> Path:
     """The folder holding the 3GPP OpenAPI files.
 
-    ``$GATEWAYD_3GPP_DIR`` when set, else ``<repo>/../shared/3gpp``. A missing folder is
-    an error, never a reason to skip: a test that cannot check the wire must fail.
+    ``$GATEWAYD_3GPP_DIR`` when set; in a checkout of the repository, ``../shared/3gpp``
+    beside it. A missing folder or file is an error naming it, never a reason to skip:
+    a test that cannot check the wire must fail.
     """
     configured = os.environ.get(ENV_VAR)
-    path = Path(configured) if configured else _REPO_ROOT.parent / "shared" / "3gpp"
+    if configured:
+        path = Path(configured)
+    elif (_CHECKOUT_SPECS / COMMON_DATA).is_file():
+        path = _CHECKOUT_SPECS
+    else:
+        raise SpecsMissingError(
+            f"{ENV_VAR} is not set: set it to the folder holding TS29538_*.yaml and "
+            f"{COMMON_DATA} (the 3GPP OpenAPI files are not shipped with gatewayd-sim)"
+        )
     if not (path / COMMON_DATA).is_file():
         raise SpecsMissingError(
             f"3GPP OpenAPI files not found in {path} (no {COMMON_DATA}); "

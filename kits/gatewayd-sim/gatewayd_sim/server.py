@@ -6,7 +6,7 @@ It is strict on purpose: every body it receives is parsed by the wire types (and
 the same way, and every registration and message is authorized against the identity in
 the client certificate. With ``[tokens]`` it is also the OAuth 2.0 authorization server
 (``POST /oauth2/token``) and checks the bearer token of every MSGS call before it reads
-a body (:mod:`gatewayd.sim.tokens`).
+a body (:mod:`gatewayd_sim.tokens`).
 """
 
 from __future__ import annotations
@@ -41,13 +41,13 @@ from gatewayd.msgin5g import (
 from gatewayd.msgin5g.model import InvalidParam
 from gatewayd.msgin5g.registration import API_NAME, API_VERSION, CAUSE_NOT_REGISTERED
 from gatewayd.security import tls
-from gatewayd.sim.faults import Fault, Faults
-from gatewayd.sim.operator import operator_app
-from gatewayd.sim.policy import Refused
-from gatewayd.sim.push import GatewayClient
-from gatewayd.sim.records import PushResult, Registration, ReportRecord, UplinkRecord
-from gatewayd.sim.settings import SimSettings
-from gatewayd.sim.tokens import (
+from gatewayd_sim.faults import Fault, Faults
+from gatewayd_sim.operator import operator_app
+from gatewayd_sim.policy import Refused
+from gatewayd_sim.push import GatewayClient
+from gatewayd_sim.records import PushResult, Registration, ReportRecord, UplinkRecord
+from gatewayd_sim.settings import SimSettings
+from gatewayd_sim.tokens import (
     DELIVERY_SCOPE,
     REGISTRATION_SCOPE,
     TOKEN_PATH,
@@ -70,7 +70,7 @@ _DOWNLINK_SCHEMA = {
 # The sim segments whatever a test asks for; limits are the gateway's business.
 _SIM_MAX_SEGMENTS = 10_000
 
-# (api file, schema, body) -> violations; gatewayd.testing.schemas.problems fits.
+# (api file, schema, body) -> violations; gatewayd_sim.schemas.problems fits.
 SchemaCheck = Callable[[str, str, object], tuple[str, ...]]
 T = TypeVar("T")
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -96,7 +96,7 @@ class SimServer:
         self.settings = settings
         if schema_check is True:
             # Imported late: openapi-schema-validator is a test dependency only.
-            from gatewayd.testing.schemas import problems
+            from gatewayd_sim.schemas import problems
 
             schema_check = problems
         self._check: SchemaCheck | None = schema_check or None

@@ -16,7 +16,7 @@ import structlog
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from gatewayd.sim.server import SimServer
+    from gatewayd_sim.server import SimServer
 
 log = structlog.get_logger(__name__)
 

@@ -19,8 +19,8 @@ from gatewayd.listener import ListenerLimits, read_limits
 from gatewayd.msgin5g import GatewayType
 from gatewayd.options import Options, is_loopback
 from gatewayd.security.tokens import TokenIssuer
-from gatewayd.sim.policy import AllowList, GatewayPolicy, ServiceIdPattern
-from gatewayd.sim.tokens import GATEWAY_SCOPES, SimTokens, TokenClient
+from gatewayd_sim.policy import AllowList, GatewayPolicy, ServiceIdPattern
+from gatewayd_sim.tokens import GATEWAY_SCOPES, SimTokens, TokenClient
 
 DEFAULT_AS_ADDRESS = "as.sim.msgin5g"
 

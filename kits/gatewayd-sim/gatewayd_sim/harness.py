@@ -1,6 +1,6 @@
 """A throw-away deployment on loopback: PKI, reference server, gateway config.
 
-Shared by ``gatewayd demo`` and the test kit (:mod:`gatewayd.testing`), so the demo
+Shared by ``gatewayd demo`` and the test kit (:mod:`gatewayd_testing`), so the demo
 shows exactly what the tests check. Nothing here is for production use.
 """
 
@@ -17,8 +17,8 @@ from gatewayd import config, pki
 from gatewayd.api import TlsIdentity, TrustAnchors
 from gatewayd.daemon import Gateway
 from gatewayd.plugins import Plugins
-from gatewayd.sim.policy import AllowList
-from gatewayd.sim.settings import SimSettings, gateway
+from gatewayd_sim.policy import AllowList
+from gatewayd_sim.settings import SimSettings, gateway
 
 DEMO_SERVICE_ID = "ue-sensor-1@iot.example"
 DEMO_AS = "as-telemetry@m5s.example"

@@ -11,8 +11,8 @@ from typing import Any
 import structlog
 
 from gatewayd.errors import ExitCode, GatewaydError
-from gatewayd.sim.server import SimServer
-from gatewayd.sim.settings import SimSettings, load
+from gatewayd_sim.server import SimServer
+from gatewayd_sim.settings import SimSettings, load
 
 log = structlog.get_logger(__name__)
 

@@ -1,0 +1,1 @@
+"""gatewayd-coap: constrained devices over CoAP (RFC 7252) with JSON bodies, N3G role."""

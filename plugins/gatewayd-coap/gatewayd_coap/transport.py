@@ -1,0 +1,225 @@
+"""The coap transport: devices POST JSON to the gateway; the gateway POSTs to devices.
+
+Uplink: ``POST coap://GW/v1/devices/{device}/messages`` (and ``.../reports`` for a
+device's own report on a downlink). The response is sent only after the message is
+stored, so a 2.01 is the device's evidence that the gateway has it; refusals are CoAP
+codes (4.00, 4.04, 4.13, 4.15, 5.03 with Max-Age as the retry hint, RFC 7252
+5.9.3.4).
+
+Downlink and the server's reports: a confirmable ``POST`` to the device's
+``endpoint``. The device's response, piggybacked on the ACK or separate, is the delivery
+evidence: 2.xx delivered, 4.xx refused for good, 5.xx or no answer retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from typing import Any
+
+import aiocoap
+from aiocoap import error as coap_error
+from aiocoap import numbers, resource
+
+from gatewayd.api import (
+    DeliveryOutcome,
+    Downlink,
+    GatewaydError,
+    IntakeRefusedError,
+    Transport,
+    TransportContext,
+    TransportSettings,
+    UplinkReport,
+)
+from gatewayd_coap.config import CoapConfig, read_config
+from gatewayd_coap.messages import (
+    BadRequest,
+    downlink_body,
+    parse_report,
+    parse_uplink,
+    report_body,
+)
+
+JSON = numbers.ContentFormat.JSON
+_REFUSALS = {
+    "unknown_device": numbers.codes.NOT_FOUND,
+    "invalid_message": numbers.codes.BAD_REQUEST,
+}
+
+
+class CoapTransport(Transport):
+    """One UDP CoAP endpoint for the devices mapped in ``[transports.NAME]``."""
+
+    def __init__(self, settings: TransportSettings, context: TransportContext) -> None:
+        super().__init__(settings, context)
+        self.config: CoapConfig = read_config(settings)
+        self._context: Any = None  # aiocoap.Context, created in the running loop
+        self._address: tuple[str, int] | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where the endpoint is bound (the real port when ``listen`` asked for port 0)."""
+        if self._address is None:
+            raise RuntimeError("the CoAP transport is not listening")
+        return self._address
+
+    async def start(self) -> None:
+        site = _Site(self)
+        try:
+            # udp6 only: aiocoap's default set would also open TCP and TLS listeners.
+            self._context = await aiocoap.Context.create_server_context(
+                site, bind=(self.config.host, self.config.port), transports=["udp6"]
+            )
+        except OSError as exc:
+            raise GatewaydError(
+                f"transports.{self.name}: cannot listen on "
+                f"{self.config.host}:{self.config.port}: {exc.strerror}"
+            ) from None
+        self._address = (self.config.host, _bound_port(self._context))
+        self.context.log.info("coap.listening", host=self.config.host, port=self._address[1])
+
+    async def stop(self) -> None:
+        if self._context is not None:
+            context, self._context = self._context, None
+            await context.shutdown()
+
+    async def deliver(self, message: Downlink) -> DeliveryOutcome:
+        log = self.context.log.bind(msg_id=message.msg_id, device=message.device.name)
+        outcome = await self._post(message.device.name, downlink_body(message))
+        if outcome.delivered:
+            log.info("coap.delivery.succeeded")
+        else:
+            log.warning("coap.delivery.failed", cause=outcome.cause, permanent=outcome.permanent)
+        return outcome
+
+    async def deliver_report(self, report: UplinkReport) -> bool:
+        log = self.context.log.bind(msg_id=report.msg_id, device=report.device.name)
+        outcome = await self._post(report.device.name, report_body(report))
+        if outcome.delivered:
+            log.info("coap.report.delivered", delivered=report.delivered)
+        else:
+            log.warning("coap.report.not_delivered", cause=outcome.cause)
+        return outcome.delivered
+
+    async def _post(self, device: str, body: bytes) -> DeliveryOutcome:
+        endpoint = self.config.endpoints.get(device)
+        if endpoint is None:
+            return DeliveryOutcome.failure("no endpoint configured", permanent=True)
+        if self._context is None:
+            return DeliveryOutcome.failure("transport stopped")
+        request = aiocoap.Message(
+            code=numbers.codes.POST,
+            transport_tuning=aiocoap.Reliable,  # CON: the ACK carries the evidence
+            uri=endpoint,
+            payload=body,
+            content_format=JSON,
+        )
+        try:
+            async with asyncio.timeout(self.config.delivery_timeout):
+                response = await self._context.request(request).response
+        except TimeoutError:
+            return DeliveryOutcome.failure("no response from the device")
+        except coap_error.Error as exc:
+            # Retransmissions exhausted, ICMP unreachable, ...: the device may come back.
+            return DeliveryOutcome.failure(f"CoAP: {type(exc).__name__}: {exc}")
+        code = response.code
+        if code.is_successful():
+            return DeliveryOutcome.success()
+        cause = f"device answered {code.dotted}"
+        return DeliveryOutcome.failure(cause, permanent=code.class_ == 4)
+
+
+class _Site(resource.Resource, resource.PathCapable):  # type: ignore[misc]
+    """The whole endpoint: routes ``v1/devices/{device}/{messages|reports}`` itself."""
+
+    def __init__(self, transport: CoapTransport) -> None:
+        super().__init__()
+        self._transport = transport
+
+    async def render(self, request: aiocoap.Message) -> aiocoap.Message:
+        refused = _check_request(request, self._transport.config.max_body)
+        if refused is not None:
+            return refused
+        path = request.opt.uri_path
+        device, kind = path[2], path[3]
+        context = self._transport.context
+        log = context.log.bind(device=device, peer=str(request.remote.hostinfo))
+        try:
+            if kind == "messages":
+                uplink = parse_uplink(device, request.payload)
+                log = log.bind(msg_id=uplink.msg_id)
+                acceptance = await context.accept(uplink)
+            else:
+                report = parse_report(device, request.payload)
+                log = log.bind(msg_id=report.msg_id)
+                await context.accept_report(report)
+        except BadRequest as exc:
+            log.warning("coap.request.invalid", kind=kind, cause=str(exc))
+            return _answer(numbers.codes.BAD_REQUEST, str(exc))
+        except IntakeRefusedError as exc:
+            log.warning("coap.uplink.refused", kind=kind, reason=exc.reason, detail=exc.detail)
+            return _refusal(exc)
+        if kind == "reports":
+            log.info("coap.report.accepted")
+            return _json(numbers.codes.CHANGED, {"msgId": report.msg_id})
+        log.info("coap.uplink.accepted", msg_id=acceptance.msg_id, duplicate=acceptance.duplicate)
+        return _json(
+            numbers.codes.CREATED, {"msgId": acceptance.msg_id, "duplicate": acceptance.duplicate}
+        )
+
+
+_KINDS = ("messages", "reports")
+
+
+def _check_request(request: aiocoap.Message, limit: int) -> aiocoap.Message | None:
+    """The refusal of a request that is not a POST of JSON to a known resource, if any."""
+    path = request.opt.uri_path
+    if len(path) != 4 or path[:2] != ("v1", "devices") or path[3] not in _KINDS:
+        return _answer(numbers.codes.NOT_FOUND, "no such resource")
+    if request.code != numbers.codes.POST:
+        return _answer(numbers.codes.METHOD_NOT_ALLOWED, "POST only")
+    if request.opt.content_format not in (None, JSON):
+        return _answer(numbers.codes.UNSUPPORTED_CONTENT_FORMAT, "application/json only")
+    if len(request.payload) > limit:
+        answer = _answer(numbers.codes.REQUEST_ENTITY_TOO_LARGE, f"over {limit} bytes")
+        answer.opt.size1 = limit
+        return answer
+    return None
+
+
+def _answer(code: Any, diagnostic: str) -> aiocoap.Message:
+    # RFC 7252 5.5.2: an error response may carry a human-readable diagnostic payload.
+    return aiocoap.Message(code=code, payload=diagnostic.encode())
+
+
+def _json(code: Any, body: dict[str, Any]) -> aiocoap.Message:
+    return aiocoap.Message(
+        code=code, payload=json.dumps(body, separators=(",", ":")).encode(), content_format=JSON
+    )
+
+
+def _refusal(exc: IntakeRefusedError) -> aiocoap.Message:
+    code = _REFUSALS.get(exc.reason)
+    if code is not None:
+        return _answer(code, exc.detail)
+    # Backlog full (or another "not now"): 5.03 with Max-Age, the CoAP Retry-After.
+    answer = _answer(numbers.codes.SERVICE_UNAVAILABLE, exc.detail)
+    delay = exc.retry_after if exc.retry_after is not None else 1.0
+    answer.opt.max_age = max(1, math.ceil(delay))
+    return answer
+
+
+def _bound_port(context: Any) -> int:
+    """The UDP port aiocoap's udp6 endpoint is bound to.
+
+    aiocoap has no public accessor for it (needed with ``listen`` on port 0), so this is
+    the one place that walks its internals: token manager -> message manager -> socket.
+    """
+    for interface in context.request_interfaces:
+        messages = getattr(interface, "token_interface", None)
+        endpoint = getattr(messages, "message_interface", None)
+        transport = getattr(endpoint, "transport", None)
+        if transport is not None:
+            return int(transport.get_extra_info("socket").getsockname()[1])
+    raise RuntimeError("aiocoap opened no UDP endpoint")
