@@ -44,7 +44,8 @@ class _BadRequestExcerpts(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
             remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
-            record.msg, record.args = "http.bad_request", ()
+            event = "http.bad_request"  # a stable name, catalogued like a logger call's
+            record.msg, record.args = event, ()
             record.exc_info, record.exc_text = None, None
             if record.levelno > logging.WARNING:  # a caller's fault, not ours
                 record.levelno, record.levelname = logging.WARNING, "WARNING"

@@ -1,6 +1,6 @@
 """docs/logging.md lists every event the code emits, and no event the code does not.
 
-Emitted events are found in the source (gatewayd and the first-party plugins): the
+Emitted events are found in the source (gatewayd, the first-party plugins and kits): the
 first string argument of a logger call, an ``event = "..."`` name handed to one, and
 both names of a ``"a.b" if ... else "c.d"`` choice. The catalogue is every backticked
 name in the first column of docs/logging.md's tables; ``a.b`` / ``.c`` / ``.d`` rows
@@ -26,7 +26,13 @@ TEMPLATE = re.compile(
 
 
 def sources() -> list[Path]:
-    return sorted([*ROOT.glob("gatewayd/**/*.py"), *ROOT.glob("plugins/*/gatewayd_*/**/*.py")])
+    return sorted(
+        [
+            *ROOT.glob("gatewayd/**/*.py"),
+            *ROOT.glob("plugins/*/gatewayd_*/**/*.py"),
+            *ROOT.glob("kits/*/gatewayd_*/**/*.py"),
+        ]
+    )
 
 
 def emitted() -> dict[str, str]:

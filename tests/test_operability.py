@@ -30,6 +30,7 @@ from test_metrics import TOKEN, gateway_process
 
 from gatewayd import metrics
 from gatewayd.errors import ExitCode
+from gatewayd.store import Queue
 
 GATEWAYD = [sys.executable, "-m", "gatewayd.cli"]
 ENV = {**os.environ, "GATEWAYD_TEST_TOKEN": TOKEN}
@@ -168,7 +169,7 @@ async def test_ready_only_once_registered_and_readyz_follows_the_server(
             assert view["registration"]["state"] == "registered"
             assert view["transports"]["web"]["plugin"] == "http"
             assert view["transports"]["web"]["state"] == "listening"
-            assert set(view["queues"]) == {"uplink", "downlink", "report"}
+            assert set(view["queues"]) == {q.value for q in Queue}
             assert view["credentials_days_left"]["northbound"] > 300
             table = await asyncio.to_thread(
                 gatewayd, "status", "--url", f"http://127.0.0.1:{admin}"

@@ -253,6 +253,7 @@ type = "N3G"
 [northbound]
 api_root = "https://127.0.0.1:9"
 credentials = "nb"
+server_identity = "localhost"
 [api]
 listen = "127.0.0.1:0"
 [store]

@@ -165,6 +165,7 @@ def test_examples_check_with_the_credentials_the_unit_loads(example: Path, tmp_p
         "broker.pem": "gateway",
         "broker.key": "gateway_key",
         "broker-ca.pem": "ca",
+        "smsc-ca.pem": "ca",
     }
     for name, source in sources.items():
         shutil.copy(files[source], creds / name)

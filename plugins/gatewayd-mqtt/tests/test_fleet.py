@@ -249,7 +249,8 @@ async def run_fleet(
             device_client(broker, "bad") as bad,
         ):
             await sim.wait_for(lambda: bool(sim.registrations), timeout=20)
-            await until(lambda: gw.transports["field"].connected, timeout=10)  # type: ignore[attr-defined]
+            field = gw.transports["field"]  # read again after the stop, when it is gone
+            await until(lambda: field.connected, timeout=10)  # type: ignore[attr-defined]
             load = LoadGen(
                 device_url(gw),
                 tokens,
@@ -303,7 +304,7 @@ async def run_fleet(
     # Normal traffic flowed through every phase (each later mark saw more delivered),
     # and the full disk was felt (503s over HTTP, refusals held unacked over MQTT).
     assert all(b > a for (_, a), (_, b) in itertools.pairwise(flowing)), flowing
-    refusals = gw.transports["field"].stats.refusals  # type: ignore[attr-defined]
+    refusals = field.stats.refusals  # type: ignore[attr-defined]
     assert stats.statuses[503] + refusals > 0
     assert http_bad == [400, 400, 400, 400]
     check_rejections(logs, intake, dead_up, rejected_before)
