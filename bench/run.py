@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -45,6 +46,7 @@ DEST_AS = harness.DEMO_AS
 MQTT_SID = "ue-{device}@bench.example"
 HTTP_SID = "ue-{device}@bench-http.example"
 SMS_SID = "msisdn-{device}@sms.bench.example"
+DRIVER_TIMEOUT = 1800  # s; a run is bounded by its count, schedule and drain wait
 SMPP_PASSWORD_ENV = "GATEWAYD_BENCH_SMPP_PASSWORD"  # noqa: S105 - a variable's name
 
 
@@ -269,12 +271,15 @@ service_ids = ["msisdn-*"]
             f'identity = "urn:gatewayd:device:bench-h{i}"\n'
             for i in range(self.plan.http_devices)
         )
+        # One client id for every N3G gateway of the run: each resumes the last one's
+        # (drained) session instead of leaving a persistent session behind that the
+        # broker would keep queueing every later message for.
         transports = f"""
 [transports.field]
 plugin = "mqtt"
 host = "127.0.0.1"
 port = {self.broker_port}
-client_id = "bench-gw-{tag}"
+client_id = "bench-gw"
 tls = "northbound"
 uplink_qos = 1
 {mqtt_devices}
@@ -410,7 +415,11 @@ def drive(dep: Deployment, spec: dict[str, Any], measured: dict[str, Proc]) -> d
     argv = [sys.executable, str(HERE / "drivers.py"), json.dumps(spec)]
     log = dep.work / f"driver-{spec['tag']}.log"
     proc = Proc(f"driver-{spec['tag']}", argv, log)
-    proc.popen.wait()
+    try:
+        proc.popen.wait(DRIVER_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.stop()
+        raise SystemExit(f"bench: driver {spec['tag']} ran over {DRIVER_TIMEOUT} s") from None
     lines = [x for x in log.read_text(errors="replace").splitlines() if x.startswith("{")]
     if proc.popen.returncode != 0 or not lines:
         raise SystemExit(f"bench: driver {spec['tag']} failed:\n{proc.tail()}")
