@@ -97,8 +97,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         title="p50 (dashed) and p99 (solid)",
         yscale="log",
     )
-    ax_t.legend(fontsize=7)
-    ax_l.legend(fontsize=7)
+    for ax in (ax_t, ax_l):
+        if ax.get_legend_handles_labels()[0]:  # none in a backlog-only run
+            ax.legend(fontsize=7)
     fig.suptitle(f"gatewayd bench {result['mode']} {result['started']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
