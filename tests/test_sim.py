@@ -580,7 +580,7 @@ async def test_client_assertion_with_a_malformed_exp_is_401_not_500(
     from cryptography.hazmat.primitives import serialization
     from gatewayd_sim.tokens import TOKEN_PATH, SimTokens, TokenClient
 
-    from gatewayd import harness
+    from gatewayd_sim import harness
 
     tls_files = harness.make_pki(tmp_path / "pki")
     client_key = pki.new_key()
