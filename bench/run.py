@@ -35,10 +35,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from gatewayd_sim import harness  # noqa: E402
 from procs import Meter, Proc, free_port, loadavg  # noqa: E402
 
 from gatewayd import pki  # noqa: E402
-from gatewayd_sim import harness  # noqa: E402
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 SMSC_DIR = ROOT / "plugins" / "gatewayd-smpp" / "tests" / "smsc"

@@ -578,9 +578,8 @@ async def test_client_assertion_with_a_malformed_exp_is_401_not_500(
     exp is "1234" or beyond any date is refused as a failed client authentication."""
     import jwt
     from cryptography.hazmat.primitives import serialization
-    from gatewayd_sim.tokens import TOKEN_PATH, SimTokens, TokenClient
-
     from gatewayd_sim import harness
+    from gatewayd_sim.tokens import TOKEN_PATH, SimTokens, TokenClient
 
     tls_files = harness.make_pki(tmp_path / "pki")
     client_key = pki.new_key()
