@@ -5,13 +5,17 @@ with ESME_ROK only after ``context.accept()`` returned, i.e. after the store com
 A refusal maps to a status that tells the SMSC whether to retry:
 
 - store full (BacklogFullError) -> ESME_RMSGQFUL: the SMSC keeps the message, retries;
-- device not mapped (UnknownDeviceError) -> ESME_RINVSRCADR: a retry cannot help;
+- device not mapped (UnknownDeviceError) or refused by the server (DeviceRefusedError)
+  -> ESME_RINVSRCADR: a retry cannot help;
 - not a valid message (InvalidMessageError, undecodable coding) -> ESME_RX_P_APPN;
 - anything unexpected (store I/O) -> ESME_RX_T_APPN: temporary, retry later.
 
 A source_addr that is not an MSISDN (digits, at most 15, an optional leading "+") is
 refused with ESME_RINVSRCADR before anything is learned: the gateway could never send
-an SMS back to it. MO arrives in deliver_sm or data_sm; both are answered.
+an SMS back to it. What the transport refuses itself (that source, a bad UDH, a part
+number out of range, an undecodable coding) is kept in the gateway's dead-letter queue
+through ``context.reject`` before it is answered, like every permanent refusal. MO
+arrives in deliver_sm or data_sm; both are answered.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from dataclasses import dataclass, field
 
 from gatewayd.api import (
     BacklogFullError,
+    DeviceRefusedError,
     IntakeRefusedError,
     InvalidMessageError,
     Logger,
+    Rejection,
     TransportContext,
     UnknownDeviceError,
     Uplink,
@@ -52,8 +58,18 @@ from gatewayd_smpp.session import Session
 _REFUSAL_STATUS: dict[type[IntakeRefusedError], int] = {
     BacklogFullError: Status.RMSGQFUL,
     UnknownDeviceError: Status.RINVSRCADR,
+    DeviceRefusedError: Status.RINVSRCADR,
     InvalidMessageError: Status.RX_P_APPN,
 }
+
+
+def refusal_status(exc: IntakeRefusedError) -> int:
+    """The SMPP status for a refusal: a final one the SMSC will not resend for a permanent
+    refusal, a temporary one (the SMSC retries) otherwise."""
+    for cls, status in _REFUSAL_STATUS.items():
+        if isinstance(exc, cls):
+            return status
+    return Status.RX_P_APPN if exc.permanent else Status.RX_T_APPN
 
 
 MAX_MSISDN = 15  # digits of an E.164 number
@@ -154,14 +170,18 @@ class Intake:
                 source=sm.source_addr.encode("latin-1").hex(),
                 status=status_name(Status.RINVSRCADR),
             )
-            await held.answer(Status.RINVSRCADR)
+            status = await self._reject(
+                sm.source_addr, "invalid_source", "source_addr is not an MSISDN", raw
+            )
+            await held.answer(status or Status.RINVSRCADR)
             return
         device = sm.source_addr.removeprefix("+")
         try:
             udh, octets = codec.split_udh(raw, udhi)
         except ValueError:
             self._log.warning("smpp.mo.refused", device=device, reason="bad UDH")
-            await held.answer(Status.RX_P_APPN)
+            status = await self._reject(device, "bad_udh", "the user data header is malformed", raw)
+            await held.answer(status or Status.RX_P_APPN)
             return
         concat = codec.concat_from_udh(udh) or _sar(sm)
         if concat is None or concat.total <= 1:
@@ -170,7 +190,9 @@ class Intake:
             return
         if not 1 <= concat.seq <= concat.total:
             self._log.warning("smpp.mo.refused", device=device, reason="part number out of range")
-            await held.answer(Status.RX_P_APPN)
+            detail = f"part {concat.seq} of {concat.total}"
+            status = await self._reject(device, "bad_part_number", detail, raw)
+            await held.answer(status or Status.RX_P_APPN)
             return
         complete, replaced = self._parts.add(
             source=device,
@@ -224,11 +246,25 @@ class Intake:
             text = codec.decode_parts(texts)
         except codec.CodingError as exc:
             log.warning("smpp.mo.refused", reason=str(exc), status=status_name(Status.RX_P_APPN))
-            status = Status.RX_P_APPN
+            refused = await self._reject(device, "bad_coding", str(exc), octets, msg_id)
+            status = refused or Status.RX_P_APPN
         else:
             status = await self._store(log, device, text, msg_id)
         await asyncio.gather(*(h.answer(status) for h in holders))
         return status
+
+    async def _reject(
+        self, device: str, reason: str, detail: str, raw: bytes, msg_id: str | None = None
+    ) -> int | None:
+        """Keep input refused for good in the dead-letter queue; ``None`` once kept, else
+        the status that withholds the acknowledgement (even the record found no room)."""
+        try:
+            await self._context.reject(
+                Rejection(device=device, reason=reason, detail=detail, content=raw, msg_id=msg_id)
+            )
+        except IntakeRefusedError as exc:
+            return refusal_status(exc)
+        return None
 
     async def _store(self, log: Logger, device: str, text: str, msg_id: str | None) -> int:
         try:
@@ -236,10 +272,7 @@ class Intake:
                 Uplink(device=device, payload=text, msg_id=msg_id)
             )
         except IntakeRefusedError as exc:
-            status = next(
-                (st for cls, st in _REFUSAL_STATUS.items() if isinstance(exc, cls)),
-                Status.RX_T_APPN,
-            )
+            status = refusal_status(exc)
             log.warning(
                 "smpp.mo.refused",
                 reason=exc.reason,

@@ -115,6 +115,8 @@ async def test_mo_from_an_invalid_source_is_refused(
     resp = await strict.deliver(source=raw, short_message=b"hi")  # type: ignore[arg-type]
     assert resp.status.name == "ESME_RINVSRCADR"
     assert context.calls == 0
+    # Kept for the operator (the gateway's dead-letter queue `intake`) before the answer.
+    assert context.rejected == [(source, "invalid_source", None)]
 
 
 async def test_mo_from_a_60_digit_source_is_refused(
