@@ -17,6 +17,7 @@ import structlog
 from gatewayd import __version__, config, pki
 from gatewayd import log as logmod
 from gatewayd.errors import ExitCode, GatewaydError
+from gatewayd.tasks import TaskSet
 
 if TYPE_CHECKING:
     from gatewayd.daemon import Gateway
@@ -167,12 +168,10 @@ async def _serve(gateway: Gateway) -> None:
         log.info("signal.received", signal="SIGINT", hint="press Ctrl-C again to force")
         gateway.request_stop()
 
-    reloads: set[asyncio.Task[None]] = set()
+    reloads = TaskSet()
 
     def on_hup() -> None:
-        task = loop.create_task(gateway.reload(), name="reload")
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
+        reloads.spawn("reload", gateway.reload())
 
     loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGINT, on_int)

@@ -20,6 +20,7 @@ from gatewayd.errors import StoreError
 from gatewayd.log import bound_message
 from gatewayd.retry import CircuitBreaker, RetryPolicy
 from gatewayd.store import Item, Queue, Store
+from gatewayd.tasks import TaskSet
 
 log = structlog.get_logger(__name__)
 
@@ -74,6 +75,7 @@ class QueueWorker:
         self._breaker = breaker
         self._ready = ready
         self._busy: dict[str, asyncio.Task[None]] = {}  # lane -> its item in flight
+        self._tasks = TaskSet()
         self._stopping = asyncio.Event()
 
     @property
@@ -107,7 +109,7 @@ class QueueWorker:
                 await self._pause(min(self._breaker.next_probe_in(), 1.0))
                 continue
             for item in items:
-                task = asyncio.create_task(self._handle(item), name=f"{self._queue}:{item.msg_id}")
+                task = self._tasks.spawn(f"{self._queue}:{item.msg_id}", self._handle(item))
                 self._busy[item.lane] = task
                 task.add_done_callback(self._freer(item.lane))
 
