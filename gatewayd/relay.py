@@ -10,6 +10,8 @@ segments are delivered once whole: both in :mod:`gatewayd.segments`.
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from gatewayd.api import (
     UplinkReport,
 )
 from gatewayd.config import RelaySettings
+from gatewayd.errors import StoreError
 from gatewayd.log import bound_message
 from gatewayd.msgin5g.model import (
     Address,
@@ -50,6 +53,8 @@ from gatewayd.store import Item, PutRequest, Queue, Store
 from gatewayd.worker import Dead, Done, Outcome, Retry
 
 log = structlog.get_logger(__name__)
+
+EXPIRY_SWEEP_SECONDS = 2.0
 
 # Downlink queue bodies carry one of two things for a device, in one ordered lane.
 KIND_MESSAGE = "message"
@@ -422,7 +427,10 @@ class Dispatcher:
         endpoint = self._directory.endpoint(message.dest_addr.addr)
         if endpoint is None:
             return Dead(f"UE Service ID {message.dest_addr.addr} is no longer mapped")
-        outcome = await self._transports[endpoint.transport].deliver(
+        transport = self._transports.get(endpoint.transport)
+        if transport is None:
+            return _transport_down(endpoint.transport)
+        outcome = await transport.deliver(
             Downlink(
                 msg_id=message.msg_id,
                 device=endpoint.device,
@@ -459,7 +467,10 @@ class Dispatcher:
         endpoint = self._directory.endpoint(report.dest_addr.addr)
         if endpoint is None:
             return Dead(f"UE Service ID {report.dest_addr.addr} is no longer mapped")
-        passed = await self._transports[endpoint.transport].deliver_report(
+        transport = self._transports.get(endpoint.transport)
+        if transport is None:
+            return _transport_down(endpoint.transport)
+        passed = await transport.deliver_report(
             UplinkReport(
                 device=endpoint.device,
                 msg_id=report.msg_id,
@@ -490,6 +501,11 @@ class Dispatcher:
             delivered=False,
             cause="SEGMENTS_MISSING" if item.queue == Queue.SEGMENT else "EXPIRED",
         )
+
+
+def _transport_down(name: str) -> Outcome:
+    # Restarting after a failure (see gatewayd.lifecycle): the item waits in the store.
+    return Retry(f"transport {name} is restarting", peer_down=False)
 
 
 def expiry_report(dispatcher: Dispatcher, item: Item) -> tuple[Queue, PutRequest] | None:
@@ -532,3 +548,63 @@ async def put_device_report(store: Store, message: UEMessageDelivery, cause: str
     request = device_report_request(message, cause)
     if request is not None:
         await store.put_many(Queue.DOWNLINK, [request])
+
+
+class ExpirySweep:
+    """Moves expired items to the DLQ and stores the failure reports they call for.
+
+    The failure report of an expired item is stored in the same transaction as the
+    expiry: a full disk delays both (the items stay pending), a crash loses neither.
+    ``clock`` is the wall clock the store compares ``expires_at`` with (injectable).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        dispatcher: Dispatcher,
+        *,
+        interval: float = EXPIRY_SWEEP_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._dispatcher = dispatcher
+        self.interval = interval
+        self._clock = clock
+        self.deferred = False  # the last sweep could not write (a full or failing disk)
+
+    async def sweep(self, now: float | None = None) -> list[Item]:
+        """One pass as of ``now`` (the clock's time by default); a full or failing disk
+        defers it (logged once) instead of raising."""
+        at = self._clock() if now is None else now
+        try:
+            expired = await self._store.expire(
+                at, report=lambda item: expiry_report(self._dispatcher, item)
+            )
+            for item in expired:
+                with bound_message(item.msg_id, queue=str(item.queue)):
+                    log.warning("message.expired", to="dead-letter queue")
+                    if self._queued_report(item):
+                        log.info("report.queued", delivered=False, cause="EXPIRED")
+            await self._store.prune(at)
+        except (IntakeRefusedError, StoreError) as exc:
+            # A full or failing disk must not stop the gateway: sweep again later.
+            if not self.deferred:
+                log.warning("expiry.deferred", error=str(exc))
+            self.deferred = True
+            return []
+        self.deferred = False
+        return expired
+
+    async def run(self) -> None:
+        while True:
+            await self.sweep()
+            await asyncio.sleep(self.interval)
+
+    def _queued_report(self, item: Item) -> bool:
+        """Whether the expiry of ``item`` stored a report for the server (``expiry_report``
+        is pure, so asking again tells what the store did)."""
+        try:
+            report = expiry_report(self._dispatcher, item)
+        except Exception:  # an unreadable body: the store logged it, and stored no report
+            return False
+        return report is not None and report[0] == Queue.REPORT

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -12,8 +14,8 @@ from gatewayd.api import (
     DeliveryOutcome,
     Downlink,
     GatewaydError,
+    ManagedTransport,
     TlsIdentity,
-    Transport,
     TransportContext,
     TransportSettings,
     TrustAnchors,
@@ -31,11 +33,12 @@ from gatewayd_http.webhook import Webhook, post
 _SHUTDOWN_TIMEOUT = 10.0
 
 
-class HttpTransport(Transport):
+class HttpTransport(ManagedTransport):
     """Devices on HTTP: an uplink listener and a webhook client for downlinks.
 
     The whole config is read in the constructor (errors name the key path); secrets and
-    credential material are read in :meth:`start`.
+    credential material are read in :meth:`lifespan` (the context-manager form of a
+    transport: see :class:`~gatewayd.api.ManagedTransport`).
     """
 
     def __init__(self, settings: TransportSettings, context: TransportContext) -> None:
@@ -55,8 +58,10 @@ class HttpTransport(Transport):
         host, port = self._runner.addresses[0][:2]
         return str(host), int(port)
 
-    async def start(self) -> None:
-        """Read tokens and TLS material, open the webhook client, then start listening."""
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        """Read tokens and TLS material, open the webhook client, listen; on the way out
+        stop taking new connections first, let in-flight requests finish, then close."""
         credentials = _read_credentials(self.config)
         server_ssl = self._server_ssl()
         identity = None
@@ -72,25 +77,37 @@ class HttpTransport(Transport):
             for device in self.config.devices
             if device.webhook
         }
-        # One pooled session for every webhook: keep-alive spares a TLS handshake per
-        # message (about 2.5 ms of CPU each side).
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.config.delivery_timeout)
-        )
-        app = Intake(self.config, credentials, self.context).app()
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT)
-        await self._runner.setup()
-        self._site = web.TCPSite(
-            self._runner, self.config.host, self.config.port, ssl_context=server_ssl
-        )
         try:
-            await self._site.start()
-        except OSError as exc:
+            # One pooled session for every webhook: keep-alive spares a TLS handshake per
+            # message (about 2.5 ms of CPU each side).
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.config.delivery_timeout)
+            )
+            app = Intake(self.config, credentials, self.context).app()
+            self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT)
+            await self._runner.setup()
+            site = web.TCPSite(
+                self._runner, self.config.host, self.config.port, ssl_context=server_ssl
+            )
+            try:
+                await site.start()
+            except OSError as exc:
+                raise GatewaydError(
+                    f"{self.settings.options.key('listen')}: cannot listen on "
+                    f"{self.config.host}:{self.config.port}: {exc.strerror or exc}"
+                ) from None
+            self._site = site
+            self._listening(server_ssl)
+            yield
+        finally:
+            listened, self._site = self._site, None
+            if listened is not None:
+                await listened.stop()
             await self._close()
-            raise GatewaydError(
-                f"{self.settings.options.key('listen')}: cannot listen on "
-                f"{self.config.host}:{self.config.port}: {exc.strerror or exc}"
-            ) from None
+            if listened is not None:
+                self.context.log.info("http.stopped")
+
+    def _listening(self, server_ssl: ssl.SSLContext | None) -> None:
         host, port = self.address
         if server_ssl is None and not is_loopback(self.config.host):
             # TS 33.501 Annex Y.3: TLS protects MSGin5G-4 unless the network does; bearer
@@ -103,14 +120,6 @@ class HttpTransport(Transport):
             tls=server_ssl is not None,
             device_auth=self.config.device_auth,
         )
-
-    async def stop(self) -> None:
-        """Stop taking new connections first, let in-flight requests finish, then close."""
-        if self._site is not None:
-            await self._site.stop()
-            self._site = None
-        await self._close()
-        self.context.log.info("http.stopped")
 
     async def _close(self) -> None:
         if self._runner is not None:
