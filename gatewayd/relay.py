@@ -16,7 +16,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import structlog
 
@@ -39,13 +38,20 @@ from gatewayd.api import (
     UplinkReport,
 )
 from gatewayd.config import RelaySettings
+from gatewayd.envelope import (
+    KIND_MESSAGE,
+    KIND_REPORT,
+    device_report_request,
+    rejected_key,
+    report_request,
+    uplink_key,
+)
 from gatewayd.errors import StoreError
 from gatewayd.log import bound_message
 from gatewayd.msgin5g.model import (
     Address,
     DeliveryStatusReport,
     GatewayMessageDelivery,
-    ReportDeliveryStatus,
     UEMessageDelivery,
 )
 from gatewayd.plugins import Plugins
@@ -55,10 +61,6 @@ from gatewayd.worker import Dead, Done, Outcome, Retry
 log = structlog.get_logger(__name__)
 
 EXPIRY_SWEEP_SECONDS = 2.0
-
-# Downlink queue bodies carry one of two things for a device, in one ordered lane.
-KIND_MESSAGE = "message"
-KIND_REPORT = "report"
 
 # How much of a rejected input the dead-letter record keeps: enough to diagnose it,
 # not enough for a misbehaving device to fill the disk through the DLQ.
@@ -219,7 +221,7 @@ class TransportIntake:
             # put_many stores all segments or none.
             requests = segments.uplink_requests(
                 message,
-                dedup_key=f"up:{device.service_id}:{msg_id}",
+                dedup_key=uplink_key(device.service_id, msg_id),
                 lane=device.service_id,
                 expires_at=uplink.expiry.timestamp() if uplink.expiry else None,
                 size=self._relay.max_payload,
@@ -258,7 +260,7 @@ class TransportIntake:
         }
         recorded = await self._store.put_rejected(
             msg_id=record_id,
-            dedup_key=f"rejected:{self._name}:{safe_device}:{key_id}",
+            dedup_key=rejected_key(self._name, safe_device, key_id),
             lane=f"{self._name}:{safe_device}",
             reason=f"{reason}: {body['detail']}",
             body=body,
@@ -355,37 +357,6 @@ def _printable(value: bytes | str | None) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "backslashreplace")
     return value.encode("utf-8", "backslashreplace").decode()
-
-
-def downlink_body(kind: str, wire: dict[str, Any]) -> dict[str, Any]:
-    return {"kind": kind, "wire": wire}
-
-
-def report_request(
-    *,
-    device: Device,
-    origin: Address,
-    msg_id: str,
-    delivered: bool,
-    cause: str | None,
-) -> PutRequest:
-    """A DeliveryStatusReport from a device about a message ``origin`` sent it, for the
-    report queue."""
-    report = DeliveryStatusReport(
-        ori_addr=Address.ue(device.service_id),
-        dest_addr=origin,
-        msg_id=msg_id,
-        deliv_st=ReportDeliveryStatus.REPT_DELY_SUCCESS
-        if delivered
-        else ReportDeliveryStatus.REPT_DELY_FAILED,
-        failure_cause=None if delivered else (cause or "delivery failed"),
-    )
-    return PutRequest(
-        msg_id=msg_id,
-        dedup_key=f"report:{device.service_id}:{origin}:{msg_id}",
-        lane=device.service_id,
-        body=report.to_json(),
-    )
 
 
 async def put_report(
@@ -516,31 +487,6 @@ def expiry_report(dispatcher: Dispatcher, item: Item) -> tuple[Queue, PutRequest
     if item.queue in (Queue.DOWNLINK, Queue.SEGMENT):
         return dispatcher.expired_report(item)
     return None
-
-
-def device_report_request(message: UEMessageDelivery, cause: str) -> PutRequest | None:
-    """The failure report for a device's uplink message, if it asked to know.
-
-    The report travels the device's downlink lane, so it is as durable as a message and
-    arrives in order with them.
-    """
-    if not message.deliv_st_req_ind:
-        return None
-    # A failed segment fails its whole message: the device hears of the msgId it sent.
-    msg_id = segments.whole_msg_id(message)
-    report = DeliveryStatusReport(
-        ori_addr=message.dest_addr,
-        dest_addr=message.ori_addr,
-        msg_id=msg_id,
-        deliv_st=ReportDeliveryStatus.REPT_DELY_FAILED,
-        failure_cause=cause,
-    )
-    return PutRequest(
-        msg_id=msg_id,
-        dedup_key=f"report-local:{message.ori_addr}:{msg_id}",
-        lane=message.ori_addr.addr,
-        body=downlink_body(KIND_REPORT, report.to_json()),
-    )
 
 
 async def put_device_report(store: Store, message: UEMessageDelivery, cause: str) -> None:

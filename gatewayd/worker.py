@@ -66,6 +66,7 @@ class QueueWorker:
         concurrency: int,
         breaker: CircuitBreaker | None = None,
         ready: asyncio.Event | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._queue = queue
@@ -74,6 +75,7 @@ class QueueWorker:
         self._concurrency = concurrency
         self._breaker = breaker
         self._ready = ready
+        self._clock = clock  # the wall clock of not_before (injectable for tests)
         self._busy: dict[str, asyncio.Task[None]] = {}  # lane -> its item in flight
         self._tasks = TaskSet()
         self._stopping = asyncio.Event()
@@ -97,7 +99,9 @@ class QueueWorker:
                 if room == 0:
                     await asyncio.wait(list(self._busy.values()))
                     continue
-            items = await self._store.due(self._queue, limit=room, busy_lanes=self._busy.keys())
+            items = await self._store.due(
+                self._queue, limit=room, now=self._clock(), busy_lanes=self._busy.keys()
+            )
             if not items:
                 await self._idle()
                 continue
@@ -162,7 +166,7 @@ class QueueWorker:
         else:
             delay = self._policy.delay(item.attempts + 1, retry_after=outcome.after)
             await self._store.retry_later(
-                item.id, not_before=time.time() + delay, error=outcome.error
+                item.id, not_before=self._clock() + delay, error=outcome.error
             )
             log.info("message.retry_scheduled", delay=round(delay, 3), error=outcome.error)
             if self._breaker is not None and outcome.answered:
