@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from types import TracebackType
+from typing import Any, Generic, Protocol, Self, TypeVar
 
 import pluggy
 import structlog
@@ -68,6 +70,7 @@ __all__ = [
     "ListenAddress",
     "ListenerLimits",
     "Logger",
+    "ManagedTransport",
     "Options",
     "PeerIdentity",
     "PluginContext",
@@ -435,11 +438,14 @@ class Transport(ABC):
 
     @abstractmethod
     async def start(self) -> None:
-        """Connect or listen. Raise :class:`GatewaydError` when that is impossible."""
+        """Connect or listen. Raise :class:`GatewaydError` when that is impossible: at
+        the gateway's start that refuses the start; any other exception (or any failure
+        at a restart) is logged and retried after a backoff."""
 
     async def run(self) -> None:  # noqa: B027 - a listener-based transport needs no loop
         """The intake loop; return when stopped. It owns its reconnects; an exception here
-        is a crash that stops the gateway."""
+        is logged (``transport.failed``) and the gateway stops this instance and starts a
+        new one after a backoff, leaving the other transports alone."""
 
     @abstractmethod
     async def stop(self) -> None:
@@ -459,6 +465,55 @@ class Transport(ABC):
 
         Return ``False`` when it cannot (the report is then only logged)."""
         return False
+
+    # Every transport is an async context manager: ``async with transport:`` is start()
+    # and stop(), whichever form it is written in.
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+class ManagedTransport(Transport):
+    """The context-manager form of a transport: one :meth:`lifespan` instead of a
+    ``start``/``stop`` pair, so a resource is released by the same code that took it.
+
+    ``lifespan`` sets up (connect, listen; raise :class:`GatewaydError` when that is
+    impossible), yields while the transport serves (the gateway runs :meth:`run` in its
+    task group meanwhile) and tears down in its ``finally``. The gateway enters it with
+    :meth:`start` and leaves it with :meth:`stop`, bounded by the stop deadline::
+
+        @contextlib.asynccontextmanager
+        async def lifespan(self) -> AsyncIterator[None]:
+            server = await open_listener()
+            try:
+                yield
+            finally:
+                await server.close()
+    """
+
+    _lifespan: AbstractAsyncContextManager[None] | None = None
+
+    @abstractmethod
+    def lifespan(self) -> AbstractAsyncContextManager[None]:
+        """Set up, yield while serving, tear down in ``finally``."""
+
+    async def start(self) -> None:
+        cm = self.lifespan()
+        await cm.__aenter__()
+        self._lifespan = cm
+
+    async def stop(self) -> None:
+        cm, self._lifespan = self._lifespan, None
+        if cm is not None:
+            await cm.__aexit__(None, None, None)
 
 
 # --- registration ---------------------------------------------------------------------

@@ -19,6 +19,7 @@ import structlog
 from gatewayd import __version__, config, pki
 from gatewayd import log as logmod
 from gatewayd.errors import ConfigError, ExitCode, GatewaydError
+from gatewayd.tasks import TaskSet
 
 if TYPE_CHECKING:
     from gatewayd.daemon import Gateway
@@ -245,13 +246,11 @@ async def _serve(gateway: Gateway) -> None:
         log.info("signal.received", signal="SIGINT", hint="press Ctrl-C again to force")
         gateway.request_stop()
 
-    reloads: set[asyncio.Task[None]] = set()
+    reloads = TaskSet()
 
     def on_hup() -> None:
         log.info("signal.received", signal="SIGHUP")
-        task = loop.create_task(gateway.reload(reread_config=True), name="reload")
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
+        reloads.spawn("reload", gateway.reload(reread_config=True))
 
     loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGINT, on_int)

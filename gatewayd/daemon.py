@@ -18,14 +18,13 @@ import functools
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable
 from contextlib import AsyncExitStack
 from typing import Any
 
 import structlog
 
 from gatewayd import config, metrics, status
-from gatewayd import log as logmod
 from gatewayd.admin import AdminServer
 from gatewayd.api import (
     Acceptance,
@@ -46,25 +45,35 @@ from gatewayd.errors import (
     StoreError,
     TransportStartError,
 )
+from gatewayd.lifecycle import (
+    DEREGISTER_MIN_SECONDS,
+    TRANSPORT_STOP_SECONDS,
+    StopDeadline,
+    TransportSupervisor,
+    stop_within,
+)
 from gatewayd.northbound.client import MsgsClient
 from gatewayd.northbound.registration import Registrar
 from gatewayd.northbound.senders import Senders
 from gatewayd.northbound.server import GatewayApi
 from gatewayd.plugins import Plugins
-from gatewayd.relay import Directory, Dispatcher, TransportIntake, expiry_report
+from gatewayd.relay import (
+    EXPIRY_SWEEP_SECONDS,
+    Directory,
+    Dispatcher,
+    ExpirySweep,
+    TransportIntake,
+)
 from gatewayd.retry import CircuitBreaker
 from gatewayd.security import tls
-from gatewayd.store import Item, Queue, Store
+from gatewayd.store import Queue, Store
 from gatewayd.store.kv import MemoryKV
 from gatewayd.store.schema import private_dir
 from gatewayd.systemd import Notifier
+from gatewayd.tasks import TaskSet
 from gatewayd.worker import Handler, QueueWorker
 
 log = structlog.get_logger(__name__)
-
-EXPIRY_SWEEP_SECONDS = 2.0
-# Even with the drain budget spent, a live server gets this long to drop our registration.
-DEREGISTER_MIN_SECONDS = 0.5
 
 
 class _CheckOnlyContext(PluginContext):
@@ -94,7 +103,12 @@ class Gateway:
     """One gateway process. ``run`` returns after a clean stop; errors propagate."""
 
     def __init__(
-        self, settings: Settings, plugins: Plugins, *, notifier: Notifier | None = None
+        self,
+        settings: Settings,
+        plugins: Plugins,
+        *,
+        notifier: Notifier | None = None,
+        expiry_sweep: float = EXPIRY_SWEEP_SECONDS,
     ) -> None:
         self.settings = settings
         self.plugins = plugins
@@ -104,14 +118,18 @@ class Gateway:
         self.transports: dict[str, Transport] = {}
         self.api_port: int | None = None
         self.started = asyncio.Event()
-        self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self._tasks = TaskSet()
+        self.supervisors: dict[str, TransportSupervisor] = {}
+        self._supervised: dict[str, asyncio.Task[Any]] = {}
+        self._expiry_sweep = expiry_sweep
+        self.expiry: ExpirySweep | None = None
         self._crash: BaseException | None = None
         self._stop = asyncio.Event()
         self._store: Store | None = None
         self._client: MsgsClient | None = None
         self._server_tls: ssl.SSLContext | None = None
         self._registrar: Registrar | None = None
-        self._stop_deadline: float | None = None
+        self._stop_deadline: StopDeadline | None = None
         self.metrics_port: int | None = None
         self.live = status.LiveState(self)
         # The file as it was when these settings were read: SIGHUP names what changed.
@@ -184,71 +202,91 @@ class Gateway:
                 on_registered=breaker.success,
             )
             stack.push_async_callback(self._deregister)
+            # Transports stop after every task of the group has ended (their runs too).
+            stack.push_async_callback(self._stop_transports)
 
-            await self._start_transports(stack)
-
-            store, registrar = self._store, self._registrar
-            senders = Senders(self._client, registrar, store)
-            dispatcher = Dispatcher(
-                store=self._store, directory=self.directory, transports=self.transports
-            )
-
-            def northbound(queue: Queue, handler: Handler) -> QueueWorker:
-                return QueueWorker(
-                    store,
-                    queue,
-                    handler,
-                    policy=s.retry,
-                    concurrency=s.northbound.concurrency,
-                    breaker=breaker,
-                    ready=registrar.ready,
-                )
-
-            workers = {
-                "uplink": northbound(Queue.UPLINK, senders.uplink),
-                "reports": northbound(Queue.REPORT, senders.report),
-                "downlink": QueueWorker(
-                    store,
-                    Queue.DOWNLINK,
-                    dispatcher.handle,
-                    policy=s.retry,
-                    concurrency=s.northbound.concurrency,
-                ),
-            }
-            self.live.workers = workers
-            self._spawn("registration", self._registrar.run())
-            for name, worker in workers.items():
-                self._spawn(f"worker:{name}", worker.run())
-            self._spawn("expiry", self._expiry_loop(dispatcher))
-            self._spawn("credentials:watch", self.credentials.watch(self.reload))
-            self._spawn("credentials:expiry", self.credentials.expiry_loop())
-            if self.notifier.watchdog_interval:
-                self._spawn("watchdog", self._watchdog(self.notifier.watchdog_interval))
-
-            self._spawn("readiness", self._announce_ready())
-            self._spawn("stats", self.live.stats_loop(s.stats_interval))
-            log.info(
-                "gateway.started",
-                gateway_id=s.gateway_id,
-                role=str(s.gateway_type),
-                transports=sorted(self.transports),
-                service_ids=len(self.directory.service_ids()),
-            )
-            self.started.set()
-            await self._wait(shutdown)
-
-            # --- orderly stop ------------------------------------------------------------
-            self.notifier.stopping("draining")
-            log.info("gateway.stopping", drain_timeout=s.drain_timeout)
-            self._stop_deadline = time.monotonic() + s.drain_timeout
-            await api.stop_intake()  # 1. no new downlink from the server
-            deadline = s.drain_timeout
-            await asyncio.gather(*(w.stop(deadline) for w in workers.values()))  # 2. drain
-            await self._cancel_tasks()
-            # 3-6: transports, registration, client, store close in reverse (exit stack).
+            # Every background task runs in this group: leaving it, by a stop or by a
+            # cancelled run(), ends them all before anything above closes.
+            failure: Exception | None = None
+            async with asyncio.TaskGroup() as group:
+                self._tasks = TaskSet(group=group, on_crash=self._task_crashed)
+                try:
+                    await self._serve(api, breaker, shutdown)
+                except Exception as exc:  # raised as itself, not in the group's ExceptionGroup
+                    failure = exc
+                finally:
+                    self._tasks.cancel()
+            if failure is not None:
+                raise failure
+            # Transports, registration, client, store close in reverse (the exit stack).
         if self._crash is not None:
             raise self._crash
         log.info("gateway.stopped")
+
+    async def _serve(
+        self, api: GatewayApi, breaker: CircuitBreaker, shutdown: Awaitable[Any] | None
+    ) -> None:
+        s = self.settings
+        assert self._client is not None
+        assert self._registrar is not None
+        await self._start_transports()
+
+        store, registrar = self.store, self._registrar
+        senders = Senders(self._client, registrar, store)
+        dispatcher = Dispatcher(store=store, directory=self.directory, transports=self.transports)
+        self.expiry = ExpirySweep(store, dispatcher, interval=self._expiry_sweep)
+
+        def northbound(queue: Queue, handler: Handler) -> QueueWorker:
+            return QueueWorker(
+                store,
+                queue,
+                handler,
+                policy=s.retry,
+                concurrency=s.northbound.concurrency,
+                breaker=breaker,
+                ready=registrar.ready,
+            )
+
+        workers = {
+            "uplink": northbound(Queue.UPLINK, senders.uplink),
+            "reports": northbound(Queue.REPORT, senders.report),
+            "downlink": QueueWorker(
+                store,
+                Queue.DOWNLINK,
+                dispatcher.handle,
+                policy=s.retry,
+                concurrency=s.northbound.concurrency,
+            ),
+        }
+        self.live.workers = workers
+        self._tasks.spawn("registration", self._registration())
+        for name, worker in workers.items():
+            self._tasks.spawn(f"worker:{name}", worker.run())
+        self._tasks.spawn("expiry", self.expiry.run())
+        self._tasks.spawn("credentials:watch", self.credentials.watch(self.reload))
+        self._tasks.spawn("credentials:expiry", self.credentials.expiry_loop())
+        if self.notifier.watchdog_interval:
+            self._tasks.spawn("watchdog", self._watchdog(self.notifier.watchdog_interval))
+        # READY=1 waits for the registration and a store write (see _announce_ready).
+        self._tasks.spawn("readiness", self._announce_ready())
+        self._tasks.spawn("stats", self.live.stats_loop(s.stats_interval))
+        log.info(
+            "gateway.started",
+            gateway_id=s.gateway_id,
+            role=str(s.gateway_type),
+            transports=sorted(self.transports),
+            service_ids=len(self.directory.service_ids()),
+        )
+        self.started.set()
+        await self._wait(shutdown)
+
+        # --- orderly stop ----------------------------------------------------------------
+        self.notifier.stopping("draining")
+        log.info("gateway.stopping", drain_timeout=s.drain_timeout)
+        self._stop_deadline = StopDeadline(s.drain_timeout)
+        await api.stop_intake()  # 1. no new downlink from the server
+        left = self._stop_deadline.left()
+        await asyncio.gather(*(w.stop(left) for w in workers.values()))  # 2. drain
 
     async def _wait(self, shutdown: Awaitable[Any] | None) -> None:
         waiters = [asyncio.ensure_future(self._stop.wait())]
@@ -265,27 +303,15 @@ class Gateway:
 
     # --- parts ---------------------------------------------------------------------------
 
-    def _spawn(self, name: str, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks[name] = task
-        task.add_done_callback(self._task_done)
+    def _task_crashed(self, task: asyncio.Task[Any], exc: BaseException) -> None:
+        self._crash = self._crash or exc
+        self._stop.set()
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
-            log.error("task.crashed", task=task.get_name(), error=repr(exc), exc_info=exc)
-            self._crash = self._crash or exc
+    async def _registration(self) -> None:
+        assert self._registrar is not None
+        await self._registrar.run()
+        if self._registrar.refused:
             self._stop.set()
-        elif task.get_name() == "registration" and self._registrar and self._registrar.refused:
-            self._stop.set()
-
-    async def _cancel_tasks(self) -> None:
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def check(self) -> None:
         """Everything a start checks short of serving: credentials (loaded and matched to
@@ -341,9 +367,10 @@ class Gateway:
             self.directory.learn(transport, Device(name=device, service_id=service_id))
         return store
 
-    async def _start_transports(self, stack: AsyncExitStack) -> None:
-        # One callback for all: a SIGHUP may add or remove transports meanwhile.
-        stack.push_async_callback(self._stop_transports)
+    async def _start_transports(self) -> None:
+        """Start each transport before READY. One that fails with a GatewaydError (it
+        cannot listen, its material is missing) stops the start, named by the core; any
+        other failure is contained: logged and retried in the background."""
         for ts in self.settings.transports:
             self.plugins.transports.require(ts)
         # As check-config does, after the plugins are known to exist.
@@ -353,7 +380,6 @@ class Gateway:
             await self._start_transport(ts)
 
     async def _start_transport(self, ts: TransportSettings) -> None:
-        factory = self.plugins.transports.require(ts)
         intake = TransportIntake(
             name=ts.name,
             store=self.store,
@@ -363,19 +389,33 @@ class Gateway:
             credentials=self.credentials.get,
             on_learned=self._learned,
         )
+        supervisor = TransportSupervisor(
+            ts, self.plugins.transports.require(ts), intake, self.transports
+        )
+        self.supervisors[ts.name] = supervisor
+        started: Transport | None = None
         try:
-            transport = factory(ts, intake)
-            await transport.start()
-        except Exception as exc:
-            # Whatever the plugin raised, the operator learns which transport failed.
+            started = await supervisor.start()
+        except GatewaydError as exc:
+            # The operator learns which transport failed, with the plugin's exit code.
             raise TransportStartError(ts.name, ts.plugin, exc) from exc
-        self.transports[ts.name] = transport
-        self._spawn(f"transport:{ts.name}", transport.run())
-        log.info("transport.started", transport=ts.name, plugin=ts.plugin)
+        except Exception as exc:
+            supervisor.failed("start", exc)
+        self._supervised[ts.name] = self._tasks.spawn(
+            f"transport:{ts.name}", supervisor.run(started)
+        )
 
-    async def _stop_transports(self) -> None:
-        for name in reversed(list(self.transports)):
-            await self._stop_transport(self.transports.pop(name))
+    async def _stop_transport(self, name: str) -> None:
+        """One transport, for a SIGHUP that changed or removed it: its supervisor first
+        (no restart behind our back), then the instance, within the transport bound."""
+        task = self._supervised.pop(name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self.supervisors.pop(name, None)
+        transport = self.transports.pop(name, None)
+        if transport is not None:
+            await stop_within(transport, TRANSPORT_STOP_SECONDS)
 
     async def _start_metrics(self, stack: AsyncExitStack) -> None:
         """The optional admin listener (metrics, probes, status); metrics exist without it."""
@@ -395,17 +435,14 @@ class Gateway:
             probes=["/healthz", "/readyz", "/status"],
         )
 
-    async def _stop_transport(self, transport: Transport) -> None:
-        # Its intake loop first, as at shutdown: a loop must not see its link vanish.
-        task = self._tasks.pop(f"transport:{transport.name}", None)
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        try:
-            await transport.stop()
-            log.info("transport.stopped", transport=transport.name)
-        except Exception as exc:
-            log.exception("transport.stop_failed", transport=transport.name, error=repr(exc))
+    async def _stop_transports(self) -> None:
+        """Stop every running transport at once, within what is left of the deadline
+        (at least TRANSPORT_STOP_SECONDS); one that hangs is abandoned."""
+        left = TRANSPORT_STOP_SECONDS
+        if self._stop_deadline is not None:
+            left = self._stop_deadline.left(TRANSPORT_STOP_SECONDS)
+        # The instances stay in self.transports: tests and the stop log look at them after.
+        await asyncio.gather(*(stop_within(t, left) for t in self.transports.values()))
 
     async def _deregister(self) -> None:
         """Deregister within what is left of ``drain_timeout``: a server that does not
@@ -413,8 +450,7 @@ class Gateway:
         assert self._registrar is not None
         timeout = self.settings.northbound.timeout
         if self._stop_deadline is not None:
-            left = self._stop_deadline - time.monotonic()
-            timeout = min(timeout, max(left, DEREGISTER_MIN_SECONDS))
+            timeout = min(timeout, self._stop_deadline.left(DEREGISTER_MIN_SECONDS))
         await self._registrar.deregister(timeout)
 
     async def _learned(self, device: Device) -> None:
@@ -440,30 +476,6 @@ class Gateway:
 
     # --- background loops ----------------------------------------------------------------
 
-    async def _expiry_loop(self, dispatcher: Dispatcher) -> None:
-        # The failure report of an expired item is stored in the same transaction as the
-        # expiry: a full disk delays both (the items stay pending), a crash loses neither.
-        deferred = False
-        while True:
-            try:
-                for item in await self.store.expire(
-                    report=lambda item: expiry_report(dispatcher, item)
-                ):
-                    metrics.expired(item)
-                    with logmod.bound_message(item.msg_id, queue=str(item.queue)):
-                        log.warning("message.expired", to="dead-letter queue")
-                        if _queued_report(dispatcher, item):
-                            metrics.report("queued")
-                            log.info("report.queued", delivered=False, cause="EXPIRED")
-                await self.store.prune()
-                deferred = False
-            except (IntakeRefusedError, StoreError) as exc:
-                # A full or failing disk must not stop the gateway: sweep again later.
-                if not deferred:
-                    log.warning("expiry.deferred", error=str(exc))
-                deferred = True
-            await asyncio.sleep(EXPIRY_SWEEP_SECONDS)
-
     async def reload(self, *, reread_config: bool = False) -> None:
         """SIGHUP, or a credential file changed: new connections use the new material.
 
@@ -473,20 +485,23 @@ class Gateway:
         """
         async with self._reload_lock:
             self.notifier.reloading()
-            if reread_config:
-                await self._reread_config()
-            rotation = await self.credentials.rotate()
-            if rotation is not None:
-                assert self._client is not None
-                assert self._server_tls is not None
-                self._client.use_tls(rotation.client_tls)
-                # The listening socket keeps its context: load the new chain into it, and
-                # add the new CAs and CRLs (a newer CRL wins for new handshakes; a CA taken
-                # out of the bundle stays trusted by the API until a restart).
-                tls.load_identity(self._server_tls, rotation.api_identity)
-                tls.load_trust(self._server_tls, rotation.api_trust)
-                log.info("credentials.reloaded")
-            self.notifier.ready("reloaded")
+            # Whatever fails below, systemd must not be left "reloading".
+            try:
+                if reread_config:
+                    await self._reread_config()
+                rotation = await self.credentials.rotate()
+                if rotation is not None:
+                    assert self._client is not None
+                    assert self._server_tls is not None
+                    self._client.use_tls(rotation.client_tls)
+                    # The listening socket keeps its context: load the new chain into it, and
+                    # add the new CAs and CRLs (a newer CRL wins for new handshakes; a CA taken
+                    # out of the bundle stays trusted by the API until a restart).
+                    tls.load_identity(self._server_tls, rotation.api_identity)
+                    tls.load_trust(self._server_tls, rotation.api_trust)
+                    log.info("credentials.reloaded")
+            finally:
+                self.notifier.ready("reloaded")
 
     async def _reread_config(self) -> None:
         """Apply changed transport tables (devices included); name anything else."""
@@ -510,8 +525,7 @@ class Gateway:
         or added ones; the registration follows the new set of UE Service IDs."""
         wanted = {ts.name: ts for ts in fresh.transports}
         for name in names:
-            if name in self.transports:
-                await self._stop_transport(self.transports.pop(name))
+            await self._stop_transport(name)
         self.settings = dataclasses.replace(self.settings, transports=fresh.transports)
         self.directory.reconfigure(fresh.transports)
         for transport, device, service_id in await self.store.learned_devices():
@@ -524,7 +538,7 @@ class Gateway:
                 try:
                     await self._start_transport(wanted[name])
                     started.append(name)
-                except TransportStartError as exc:
+                except GatewaydError as exc:  # not started, no plugin: the rest still apply
                     log.error("config.reload_failed", path=str(fresh.source), error=str(exc))
         if self._registrar is not None:
             self._registrar.changed()
@@ -579,16 +593,6 @@ class Gateway:
                 self.notifier.watchdog()
             else:
                 log.warning("watchdog.loop_lagging", lag=round(lag, 3))
-
-
-def _queued_report(dispatcher: Dispatcher, item: Item) -> bool:
-    """Whether the expiry of ``item`` stored a report for the server (``expiry_report``
-    is pure, so asking again tells what the store did)."""
-    try:
-        report = expiry_report(dispatcher, item)
-    except Exception:  # an unreadable body: the store logged it, and stored no report
-        return False
-    return report is not None and report[0] == Queue.REPORT
 
 
 def _check_bindable(key: str, host: str, port: int) -> None:

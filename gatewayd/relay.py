@@ -10,11 +10,12 @@ segments are delivered once whole: both in :mod:`gatewayd.segments`.
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import structlog
 
@@ -37,12 +38,20 @@ from gatewayd.api import (
     UplinkReport,
 )
 from gatewayd.config import RelaySettings
+from gatewayd.envelope import (
+    KIND_MESSAGE,
+    KIND_REPORT,
+    device_report_request,
+    rejected_key,
+    report_request,
+    uplink_key,
+)
+from gatewayd.errors import StoreError
 from gatewayd.log import bound_message
 from gatewayd.msgin5g.model import (
     Address,
     DeliveryStatusReport,
     GatewayMessageDelivery,
-    ReportDeliveryStatus,
     UEMessageDelivery,
 )
 from gatewayd.plugins import Plugins
@@ -52,9 +61,7 @@ from gatewayd.worker import Dead, Done, Outcome, Retry
 
 log = structlog.get_logger(__name__)
 
-# Downlink queue bodies carry one of two things for a device, in one ordered lane.
-KIND_MESSAGE = "message"
-KIND_REPORT = "report"
+EXPIRY_SWEEP_SECONDS = 2.0
 
 # How much of a rejected input the dead-letter record keeps: enough to diagnose it,
 # not enough for a misbehaving device to fill the disk through the DLQ.
@@ -223,7 +230,7 @@ class TransportIntake:
             # put_many stores all segments or none.
             requests = segments.uplink_requests(
                 message,
-                dedup_key=f"up:{device.service_id}:{msg_id}",
+                dedup_key=uplink_key(device.service_id, msg_id),
                 lane=device.service_id,
                 expires_at=uplink.expiry.timestamp() if uplink.expiry else None,
                 size=self._relay.max_payload,
@@ -263,7 +270,7 @@ class TransportIntake:
         }
         recorded = await self._store.put_rejected(
             msg_id=record_id,
-            dedup_key=f"rejected:{self._name}:{safe_device}:{key_id}",
+            dedup_key=rejected_key(self._name, safe_device, key_id),
             lane=f"{self._name}:{safe_device}",
             reason=f"{reason}: {body['detail']}",
             body=body,
@@ -362,37 +369,6 @@ def _printable(value: bytes | str | None) -> str:
     return value.encode("utf-8", "backslashreplace").decode()
 
 
-def downlink_body(kind: str, wire: dict[str, Any]) -> dict[str, Any]:
-    return {"kind": kind, "wire": wire}
-
-
-def report_request(
-    *,
-    device: Device,
-    origin: Address,
-    msg_id: str,
-    delivered: bool,
-    cause: str | None,
-) -> PutRequest:
-    """A DeliveryStatusReport from a device about a message ``origin`` sent it, for the
-    report queue."""
-    report = DeliveryStatusReport(
-        ori_addr=Address.ue(device.service_id),
-        dest_addr=origin,
-        msg_id=msg_id,
-        deliv_st=ReportDeliveryStatus.REPT_DELY_SUCCESS
-        if delivered
-        else ReportDeliveryStatus.REPT_DELY_FAILED,
-        failure_cause=None if delivered else (cause or "delivery failed"),
-    )
-    return PutRequest(
-        msg_id=msg_id,
-        dedup_key=f"report:{device.service_id}:{origin}:{msg_id}",
-        lane=device.service_id,
-        body=report.to_json(),
-    )
-
-
 async def put_report(
     store: Store,
     *,
@@ -433,7 +409,10 @@ class Dispatcher:
         endpoint = self._directory.endpoint(message.dest_addr.addr)
         if endpoint is None:
             return Dead(f"UE Service ID {message.dest_addr.addr} is no longer mapped")
-        outcome = await self._transports[endpoint.transport].deliver(
+        transport = self._transports.get(endpoint.transport)
+        if transport is None:
+            return _transport_down(endpoint.transport)
+        outcome = await transport.deliver(
             Downlink(
                 msg_id=message.msg_id,
                 device=endpoint.device,
@@ -470,7 +449,10 @@ class Dispatcher:
         endpoint = self._directory.endpoint(report.dest_addr.addr)
         if endpoint is None:
             return Dead(f"UE Service ID {report.dest_addr.addr} is no longer mapped")
-        passed = await self._transports[endpoint.transport].deliver_report(
+        transport = self._transports.get(endpoint.transport)
+        if transport is None:
+            return _transport_down(endpoint.transport)
+        passed = await transport.deliver_report(
             UplinkReport(
                 device=endpoint.device,
                 msg_id=report.msg_id,
@@ -504,6 +486,11 @@ class Dispatcher:
         )
 
 
+def _transport_down(name: str) -> Outcome:
+    # Restarting after a failure (see gatewayd.lifecycle): the item waits in the store.
+    return Retry(f"transport {name} is restarting", peer_down=False)
+
+
 def expiry_report(dispatcher: Dispatcher, item: Item) -> tuple[Queue, PutRequest] | None:
     """The failure report for any expired item (see :meth:`Store.expire`), or ``None``."""
     if item.queue == Queue.UPLINK:
@@ -514,33 +501,70 @@ def expiry_report(dispatcher: Dispatcher, item: Item) -> tuple[Queue, PutRequest
     return None
 
 
-def device_report_request(message: UEMessageDelivery, cause: str) -> PutRequest | None:
-    """The failure report for a device's uplink message, if it asked to know.
-
-    The report travels the device's downlink lane, so it is as durable as a message and
-    arrives in order with them.
-    """
-    if not message.deliv_st_req_ind:
-        return None
-    # A failed segment fails its whole message: the device hears of the msgId it sent.
-    msg_id = segments.whole_msg_id(message)
-    report = DeliveryStatusReport(
-        ori_addr=message.dest_addr,
-        dest_addr=message.ori_addr,
-        msg_id=msg_id,
-        deliv_st=ReportDeliveryStatus.REPT_DELY_FAILED,
-        failure_cause=cause,
-    )
-    return PutRequest(
-        msg_id=msg_id,
-        dedup_key=f"report-local:{message.ori_addr}:{msg_id}",
-        lane=message.ori_addr.addr,
-        body=downlink_body(KIND_REPORT, report.to_json()),
-    )
-
-
 async def put_device_report(store: Store, message: UEMessageDelivery, cause: str) -> None:
     """Tell a device that its uplink message failed for good, if it asked to know."""
     request = device_report_request(message, cause)
     if request is not None:
         await store.put_many(Queue.DOWNLINK, [request])
+
+
+class ExpirySweep:
+    """Moves expired items to the DLQ and stores the failure reports they call for.
+
+    The failure report of an expired item is stored in the same transaction as the
+    expiry: a full disk delays both (the items stay pending), a crash loses neither.
+    ``clock`` is the wall clock the store compares ``expires_at`` with (injectable).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        dispatcher: Dispatcher,
+        *,
+        interval: float = EXPIRY_SWEEP_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._dispatcher = dispatcher
+        self.interval = interval
+        self._clock = clock
+        self.deferred = False  # the last sweep could not write (a full or failing disk)
+
+    async def sweep(self, now: float | None = None) -> list[Item]:
+        """One pass as of ``now`` (the clock's time by default); a full or failing disk
+        defers it (logged once) instead of raising."""
+        at = self._clock() if now is None else now
+        try:
+            expired = await self._store.expire(
+                at, report=lambda item: expiry_report(self._dispatcher, item)
+            )
+            for item in expired:
+                metrics.expired(item)
+                with bound_message(item.msg_id, queue=str(item.queue)):
+                    log.warning("message.expired", to="dead-letter queue")
+                    if self._queued_report(item):
+                        metrics.report("queued")
+                        log.info("report.queued", delivered=False, cause="EXPIRED")
+            await self._store.prune(at)
+        except (IntakeRefusedError, StoreError) as exc:
+            # A full or failing disk must not stop the gateway: sweep again later.
+            if not self.deferred:
+                log.warning("expiry.deferred", error=str(exc))
+            self.deferred = True
+            return []
+        self.deferred = False
+        return expired
+
+    async def run(self) -> None:
+        while True:
+            await self.sweep()
+            await asyncio.sleep(self.interval)
+
+    def _queued_report(self, item: Item) -> bool:
+        """Whether the expiry of ``item`` stored a report for the server (``expiry_report``
+        is pure, so asking again tells what the store did)."""
+        try:
+            report = expiry_report(self._dispatcher, item)
+        except Exception:  # an unreadable body: the store logged it, and stored no report
+            return False
+        return report is not None and report[0] == Queue.REPORT

@@ -21,6 +21,7 @@ from gatewayd.errors import StoreError
 from gatewayd.log import bound_message
 from gatewayd.retry import CircuitBreaker, RetryPolicy
 from gatewayd.store import Item, Queue, Store
+from gatewayd.tasks import TaskSet
 
 log = structlog.get_logger(__name__)
 
@@ -66,6 +67,7 @@ class QueueWorker:
         concurrency: int,
         breaker: CircuitBreaker | None = None,
         ready: asyncio.Event | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._queue = queue
@@ -74,7 +76,9 @@ class QueueWorker:
         self._concurrency = concurrency
         self._breaker = breaker
         self._ready = ready
+        self._clock = clock  # the wall clock of not_before (injectable for tests)
         self._busy: dict[str, asyncio.Task[None]] = {}  # lane -> its item in flight
+        self._tasks = TaskSet()
         self._stopping = asyncio.Event()
 
     @property
@@ -96,7 +100,9 @@ class QueueWorker:
                 if room == 0:
                     await asyncio.wait(list(self._busy.values()))
                     continue
-            items = await self._store.due(self._queue, limit=room, busy_lanes=self._busy.keys())
+            items = await self._store.due(
+                self._queue, limit=room, now=self._clock(), busy_lanes=self._busy.keys()
+            )
             if not items:
                 await self._idle()
                 continue
@@ -108,7 +114,7 @@ class QueueWorker:
                 await self._pause(min(self._breaker.next_probe_in(), 1.0))
                 continue
             for item in items:
-                task = asyncio.create_task(self._handle(item), name=f"{self._queue}:{item.msg_id}")
+                task = self._tasks.spawn(f"{self._queue}:{item.msg_id}", self._handle(item))
                 self._busy[item.lane] = task
                 task.add_done_callback(self._freer(item.lane))
 
@@ -162,7 +168,7 @@ class QueueWorker:
         else:
             delay = self._policy.delay(item.attempts + 1, retry_after=outcome.after)
             await self._store.retry_later(
-                item.id, not_before=time.time() + delay, error=outcome.error
+                item.id, not_before=self._clock() + delay, error=outcome.error
             )
             log.info("message.retry_scheduled", delay=round(delay, 3), error=outcome.error)
             if self._breaker is not None and outcome.answered:

@@ -46,6 +46,7 @@ from gatewayd.msgin5g.registration import GatewayRegistration, GatewayRegistrati
 from gatewayd.northbound import paths
 from gatewayd.retry import is_permanent, parse_retry_after
 from gatewayd.security.tls import CIPHERS, handshake_reason
+from gatewayd.tasks import TaskSet
 
 log = structlog.get_logger(__name__)
 
@@ -109,7 +110,7 @@ class MsgsClient:
         self._max_connections = max_connections
         self._token = token
         self._session = self._new_session(tls)
-        self._retired: set[asyncio.Task[None]] = set()
+        self._retired = TaskSet()
 
     def _new_session(self, tls: ssl.SSLContext) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
@@ -132,9 +133,7 @@ class MsgsClient:
         Requests already on the old pool finish there; the old pool closes afterwards.
         """
         old, self._session = self._session, self._new_session(tls)
-        task = asyncio.create_task(self._retire(old), name="northbound:retire-pool")
-        self._retired.add(task)
-        task.add_done_callback(self._retired.discard)
+        self._retired.spawn("northbound:retire-pool", self._retire(old))
 
     async def _retire(self, session: aiohttp.ClientSession) -> None:
         # Give requests in flight on the old pool their full timeout to finish.
@@ -142,9 +141,7 @@ class MsgsClient:
         await session.close()
 
     async def aclose(self) -> None:
-        for task in list(self._retired):
-            task.cancel()
-        await asyncio.gather(*self._retired, return_exceptions=True)
+        await self._retired.aclose()
         await self._session.close()
 
     # --- MSGS_MSGDelivery ---------------------------------------------------------------

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from gatewayd import metrics, segments
 from gatewayd.config import RelaySettings
+from gatewayd.envelope import downlink_request, report_in_request
 from gatewayd.errors import BacklogFullError, InvalidBodyError, TokenRejectedError
 from gatewayd.listener import GuardedSite, ListenerLimits
 from gatewayd.listener import runner as guarded_runner
@@ -34,10 +35,10 @@ from gatewayd.msgin5g.model import (
     ProblemDetails,
 )
 from gatewayd.northbound.paths import gateway_api_prefix
-from gatewayd.relay import KIND_MESSAGE, KIND_REPORT, Directory, downlink_body
+from gatewayd.relay import Directory
 from gatewayd.security.tls import PeerIdentity, peer_identity
 from gatewayd.security.tokens import TokenGate
-from gatewayd.store import Queue, Store
+from gatewayd.store import Queue, Route, Store
 
 log = structlog.get_logger(__name__)
 
@@ -250,15 +251,12 @@ class GatewayApi:
             if segments.is_segment(message):
                 await self._segment(message, service_id)
                 return web.Response(status=204)
-            result = await self._store.put(
+            # The message and its reply route in one transaction: a reply from the device
+            # can never find the message stored but the route missing (or the reverse).
+            (result,) = await self._store.put_many(
                 Queue.DOWNLINK,
-                msg_id=message.msg_id,
-                dedup_key=f"down:{message.ori_addr}:{message.msg_id}",
-                lane=service_id,
-                body=downlink_body(KIND_MESSAGE, message.to_json()),
-            )
-            await self._store.remember_route(
-                service_id, message.ori_addr.to_json(), self._route_ttl
+                [downlink_request(message, service_id)],
+                route=Route(service_id, message.ori_addr.to_json(), self._route_ttl),
             )
             metrics.accepted(
                 "downlink", metrics.transport_of(service_id), duplicate=result.duplicate
@@ -299,13 +297,7 @@ class GatewayApi:
         report = DeliveryStatusReport.from_json(await self._json(request))
         with bound_message(report.msg_id, peer=request[PEER]):
             service_id = self._served(report.dest_addr, "report")
-            await self._store.put(
-                Queue.DOWNLINK,
-                msg_id=report.msg_id,
-                dedup_key=f"report-in:{report.ori_addr}:{report.msg_id}",
-                lane=service_id,
-                body=downlink_body(KIND_REPORT, report.to_json()),
-            )
+            await self._store.put_many(Queue.DOWNLINK, [report_in_request(report, service_id)])
             metrics.report("received")
             log.info("report.received", delivered=report.delivered)
         return web.Response(status=204)

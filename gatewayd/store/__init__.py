@@ -12,6 +12,7 @@ from gatewayd.store.model import (
     PutRequest,
     PutResult,
     Queue,
+    Route,
     State,
     StoreSettings,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "PutRequest",
     "PutResult",
     "Queue",
+    "Route",
     "State",
     "Store",
     "StoreSettings",

@@ -78,6 +78,15 @@ class PutResult:
     duplicate: bool  # the dedup key was already stored (pending, done or dead): nothing new
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A reply route (see :meth:`Store.remember_route`) to write with a put."""
+
+    service_id: str
+    origin: dict[str, Any]
+    ttl: float
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PutRequest:
     """One message for :meth:`Store.put_many`, with the same fields as :meth:`Store.put`."""

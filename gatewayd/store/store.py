@@ -23,6 +23,7 @@ from gatewayd.store.model import (
     PutRequest,
     PutResult,
     Queue,
+    Route,
     State,
     StoreSettings,
 )
@@ -113,16 +114,27 @@ class Store:
         (result,) = await self.put_many(queue, [request])
         return result
 
-    async def put_many(self, queue: Queue, requests: Sequence[PutRequest]) -> list[PutResult]:
+    async def put_many(
+        self, queue: Queue, requests: Sequence[PutRequest], *, route: Route | None = None
+    ) -> list[PutResult]:
         """Store several messages atomically: all of them (or their duplicates), or none.
 
         Useful for the segments of one message: a refusal never leaves half of them.
+        ``route``, when given, is remembered in the same transaction (not when refused).
         """
         encoded = [(r, encode_body(r.body)) for r in requests]
         now = time.time()
-        results: list[PutResult] = await self._writer.call(
-            lambda txn: _put_all(txn, queue, encoded, now), intake=True
-        )
+        remember = None
+        if route is not None:
+            remember = (route.service_id, encode_body(route.origin), now + route.ttl)
+
+        def job(txn: Txn) -> list[PutResult]:
+            results = _put_all(txn, queue, encoded, now)
+            if remember is not None:
+                _remember_route(txn, *remember)
+            return results
+
+        results: list[PutResult] = await self._writer.call(job, intake=True)
         for request, result in zip(requests, results, strict=True):
             if result.duplicate:
                 log.debug("store.duplicate", msg_id=request.msg_id, queue=str(queue), id=result.id)
@@ -551,15 +563,7 @@ class Store:
         expires = time.time() + ttl
         encoded = encode_body(origin)
 
-        def job(txn: Txn) -> None:
-            txn.conn.execute(
-                "INSERT INTO routes (service_id, origin, expires) VALUES (?, ?, ?)"
-                " ON CONFLICT (service_id) DO UPDATE SET origin = excluded.origin,"
-                " expires = excluded.expires",
-                (service_id, encoded, expires),
-            )
-
-        await self._writer.call(job)
+        await self._writer.call(lambda txn: _remember_route(txn, service_id, encoded, expires))
 
     async def route(self, service_id: str, now: float | None = None) -> dict[str, Any] | None:
         """The originator to send a reply from ``service_id`` to, if still remembered."""
@@ -666,6 +670,15 @@ class Store:
 
 
 # --- jobs shared by several methods (they run on the writer thread) ---------------------
+
+
+def _remember_route(txn: Txn, service_id: str, origin: str, expires: float) -> None:
+    txn.conn.execute(
+        "INSERT INTO routes (service_id, origin, expires) VALUES (?, ?, ?)"
+        " ON CONFLICT (service_id) DO UPDATE SET origin = excluded.origin,"
+        " expires = excluded.expires",
+        (service_id, origin, expires),
+    )
 
 
 def _put_all(

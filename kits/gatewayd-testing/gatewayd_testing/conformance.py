@@ -27,10 +27,8 @@ TLS, the store on disk) with that table and checks the contract of
 - **clean shutdown**: stopping the gateway stops the transport (``transport.stopped``),
   leaves no task behind and closes its endpoint;
 - **fault containment**: another transport that fails at start, crashes in ``run()`` or
-  hangs in ``stop()`` does not take this one (or the gateway) down. Today's core does
-  not contain these faults; the three tests are ``xfail(strict=True)`` until the
-  lifecycle step (issue 11, "Lifecycle: structured concurrency") lands, and then pass
-  unchanged.
+  hangs in ``stop()`` does not take this one (or the gateway) down: the core restarts
+  a failing transport with backoff and abandons a hung ``stop()`` at its deadline.
 """
 
 from __future__ import annotations
@@ -75,10 +73,6 @@ DEVICE = "conf-dev-1"
 """The one device every conformance config maps (its transport-local name)."""
 SERVICE_ID = "ue-conformance-1@iot.example"
 """Its UE Service ID (the reference server lets the test gateway serve ``ue-*``)."""
-LIFECYCLE_STEP = (
-    "fault containment needs the lifecycle step of issue 11 (structured concurrency: "
-    "transports restarted with backoff, one bounded stop); today's core does not contain it"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,22 +393,19 @@ class TransportConformance:
     # --- fault containment (expected contract; the lifecycle step makes these pass) ---
 
     async def _still_serving(self, gw: Gateway, device_side: DeviceSide, sim: SimServer) -> None:
-        # Bounded at 10 s: a contained fault costs the healthy transport nothing, and
-        # the expected failures today should not cost CI the full timeout each.
+        # Bounded at 10 s: a contained fault costs the healthy transport nothing.
         async with asyncio.timeout(min(self.timeout, 10.0)):
             await self._registered(sim)
             answer = await device_side.send_uplink(gw, "conformance-contained", msg_id="c-cont")
             assert answer.accepted, answer.detail
             await self._arrived(sim, "conformance-contained")
 
-    @pytest.mark.xfail(strict=True, reason=LIFECYCLE_STEP)
     async def test_another_transport_failing_at_start_is_contained(
         self, run_gateway: RunGateway, device_side: DeviceSide, conformance_env: ConformanceEnv
     ) -> None:
         async with run_gateway(extra=_faulty_table("start"), faulty=True) as gw:
             await self._still_serving(gw, device_side, conformance_env.sim)
 
-    @pytest.mark.xfail(strict=True, reason=LIFECYCLE_STEP)
     async def test_another_transport_crashing_in_run_is_contained(
         self, run_gateway: RunGateway, device_side: DeviceSide, conformance_env: ConformanceEnv
     ) -> None:
@@ -422,7 +413,6 @@ class TransportConformance:
             await asyncio.sleep(1.0)  # the faulty transport has crashed by now
             await self._still_serving(gw, device_side, conformance_env.sim)
 
-    @pytest.mark.xfail(strict=True, reason=LIFECYCLE_STEP)
     async def test_another_transport_hanging_in_stop_is_bounded(
         self, run_gateway: RunGateway, device_side: DeviceSide, conformance_env: ConformanceEnv
     ) -> None:

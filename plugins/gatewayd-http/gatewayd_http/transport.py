@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -13,8 +15,8 @@ from gatewayd.api import (
     Downlink,
     GatewaydError,
     GuardedSite,
+    ManagedTransport,
     TlsIdentity,
-    Transport,
     TransportContext,
     TransportSettings,
     TrustAnchors,
@@ -33,11 +35,12 @@ from gatewayd_http.webhook import Webhook, post
 _SHUTDOWN_TIMEOUT = 10.0
 
 
-class HttpTransport(Transport):
+class HttpTransport(ManagedTransport):
     """Devices on HTTP: an uplink listener and a webhook client for downlinks.
 
     The whole config is read in the constructor (errors name the key path); secrets and
-    credential material are read in :meth:`start`.
+    credential material are read in :meth:`lifespan` (the context-manager form of a
+    transport: see :class:`~gatewayd.api.ManagedTransport`).
     """
 
     def __init__(self, settings: TransportSettings, context: TransportContext) -> None:
@@ -57,8 +60,10 @@ class HttpTransport(Transport):
         host, port = self._runner.addresses[0][:2]
         return str(host), int(port)
 
-    async def start(self) -> None:
-        """Read tokens and TLS material, open the webhook client, then start listening."""
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        """Read tokens and TLS material, open the webhook client, listen; on the way out
+        stop taking new connections first, let in-flight requests finish, then close."""
         credentials = _read_credentials(self.config)
         server_ssl = self._server_ssl()
         identity = None
@@ -74,35 +79,47 @@ class HttpTransport(Transport):
             for device in self.config.devices
             if device.webhook
         }
-        # One pooled session for every webhook: keep-alive spares a TLS handshake per
-        # message (about 2.5 ms of CPU each side).
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.config.delivery_timeout)
-        )
-        app = Intake(self.config, credentials, self.context).app()
-        limits = self.config.limits
-        self._runner = listener_runner(
-            app, limits, access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT
-        )
-        await self._runner.setup()
-        # Idle and slow-header devices are cut and the connection count capped
-        # (idle_timeout, header_timeout, max_connections): see gatewayd.listener.
-        self._site = GuardedSite(
-            self._runner,
-            self.config.host,
-            self.config.port,
-            limits=limits,
-            ssl_context=server_ssl,
-            label=f"transports.{self.settings.name}",
-        )
         try:
-            await self._site.start()
-        except OSError as exc:
+            # One pooled session for every webhook: keep-alive spares a TLS handshake per
+            # message (about 2.5 ms of CPU each side).
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.config.delivery_timeout)
+            )
+            app = Intake(self.config, credentials, self.context).app()
+            limits = self.config.limits
+            self._runner = listener_runner(
+                app, limits, access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT
+            )
+            await self._runner.setup()
+            # Idle and slow-header devices are cut and the connection count capped
+            # (idle_timeout, header_timeout, max_connections): see gatewayd.listener.
+            site = GuardedSite(
+                self._runner,
+                self.config.host,
+                self.config.port,
+                limits=limits,
+                ssl_context=server_ssl,
+                label=f"transports.{self.settings.name}",
+            )
+            try:
+                await site.start()
+            except OSError as exc:
+                raise GatewaydError(
+                    f"{self.settings.options.key('listen')}: cannot listen on "
+                    f"{self.config.host}:{self.config.port}: {exc.strerror or exc}"
+                ) from None
+            self._site = site
+            self._listening(server_ssl)
+            yield
+        finally:
+            listened, self._site = self._site, None
+            if listened is not None:
+                await listened.stop()
             await self._close()
-            raise GatewaydError(
-                f"{self.settings.options.key('listen')}: cannot listen on "
-                f"{self.config.host}:{self.config.port}: {exc.strerror or exc}"
-            ) from None
+            if listened is not None:
+                self.context.log.info("http.stopped")
+
+    def _listening(self, server_ssl: ssl.SSLContext | None) -> None:
         host, port = self.address
         if server_ssl is None and not is_loopback(self.config.host):
             # TS 33.501 Annex Y.3: TLS protects MSGin5G-4 unless the network does; bearer
@@ -122,14 +139,6 @@ class HttpTransport(Transport):
             return {"state": "stopped"}
         host, port = self.address
         return {"state": "listening", "address": f"{host}:{port}"}
-
-    async def stop(self) -> None:
-        """Stop taking new connections first, let in-flight requests finish, then close."""
-        if self._site is not None:
-            await self._site.stop()
-            self._site = None
-        await self._close()
-        self.context.log.info("http.stopped")
 
     async def _close(self) -> None:
         if self._runner is not None:

@@ -1,0 +1,399 @@
+"""The inner ring around the end-to-end tests: the relay's parts, in one process.
+
+A real store in a temporary directory, a recording transport, and an injected clock
+where time matters; no network, no gateway, no waiting out an interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from gatewayd.sim.server import SimServer
+from gatewayd.testing import MemoryTransportContext
+
+from gatewayd import config, harness
+from gatewayd.api import (
+    CredentialBackend,
+    DeliveryOutcome,
+    Device,
+    Downlink,
+    InvalidMessageError,
+    Options,
+    Transport,
+    TransportSettings,
+    UnknownDeviceError,
+    Uplink,
+    UplinkReport,
+)
+from gatewayd.config import RelaySettings
+from gatewayd.credentials import Credentials
+from gatewayd.envelope import downlink_request
+from gatewayd.errors import BacklogFullError
+from gatewayd.msgin5g.model import Address, GatewayMessageDelivery
+from gatewayd.northbound.client import MsgsClient
+from gatewayd.northbound.registration import Registrar
+from gatewayd.plugins import Plugins
+from gatewayd.relay import Directory, Dispatcher, ExpirySweep, TransportIntake
+from gatewayd.retry import RetryPolicy
+from gatewayd.store import Item, PutRequest, Queue, Route, Store, StoreSettings
+from gatewayd.worker import Dead, Done, Outcome, QueueWorker, Retry
+
+SENSOR = Device(name="sensor-1", service_id="ue-sensor-1@iot.example")
+AS = Address.from_json({"addrType": "AS", "addr": "as-1"})
+T0 = time.time()  # the store's max_age counts from the real creation time
+
+
+def _no_credentials(name: str) -> CredentialBackend:
+    raise AssertionError(f"no credentials expected: {name}")
+
+
+async def _nothing(device: Device) -> None:
+    pass
+
+
+async def _until(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+class Clock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _transport_settings(name: str = "t", template: str | None = None) -> TransportSettings:
+    return TransportSettings(
+        name=name,
+        plugin="recording",
+        options=Options({}, f"transports.{name}"),
+        base_dir=Path(),
+        devices=(SENSOR,),
+        service_id_template=template,
+    )
+
+
+class Recording(Transport):
+    def __init__(self, outcome: DeliveryOutcome | None = None) -> None:
+        super().__init__(_transport_settings(), MemoryTransportContext())
+        self.outcome = outcome or DeliveryOutcome.success()
+        self.delivered: list[Downlink] = []
+        self.reports: list[UplinkReport] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def deliver(self, message: Downlink) -> DeliveryOutcome:
+        self.delivered.append(message)
+        return self.outcome
+
+    async def deliver_report(self, report: UplinkReport) -> bool:
+        self.reports.append(report)
+        return True
+
+
+@pytest_asyncio.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    store = await Store.open(StoreSettings(path=tmp_path / "gw.db"))
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def _downlink(msg_id: str = "m1", *, report: bool = False) -> GatewayMessageDelivery:
+    return GatewayMessageDelivery.from_json(
+        {
+            "oriAddr": {"addrType": "AS", "addr": "as-1"},
+            "destAddr": {"addrType": "UE", "addr": SENSOR.service_id},
+            "msgId": msg_id,
+            "payload": "hello",
+            **({"delivStReqInd": True} if report else {}),
+        }
+    )
+
+
+async def _pending(store: Store, queue: Queue) -> list[Item]:
+    return await store.list_items(queue=queue, state="pending", limit=100)
+
+
+# --- Directory -------------------------------------------------------------------------
+
+
+def test_directory_maps_learns_and_refuses_only_learned_devices() -> None:
+    directory = Directory((_transport_settings("t", "{device}@learned"),))
+    assert directory.device("t", "sensor-1") == SENSOR
+    assert directory.endpoint(SENSOR.service_id) is not None
+    learnable = directory.learnable("t", "new")
+    assert learnable == Device(name="new", service_id="new@learned")
+    directory.learn("t", learnable)
+    assert directory.learned() == frozenset({"new@learned"})
+    # A configured device is never refused by the server's say-so; a learned one is.
+    assert directory.refuse(SENSOR.service_id, "NOT_ALLOWED") is None
+    assert directory.refuse("new@learned", "NOT_ALLOWED") is not None
+    assert directory.refused("t", "new") == "NOT_ALLOWED"
+    assert directory.device("t", "new") is None
+    assert directory.service_ids() == (SENSOR.service_id,)
+    assert Directory((_transport_settings("u"),)).learnable("u", "x") is None
+
+
+# --- TransportIntake -------------------------------------------------------------------
+
+
+def _intake(store: Store, learned: list[Device] | None = None) -> TransportIntake:
+    async def on_learned(device: Device) -> None:
+        (learned if learned is not None else []).append(device)
+
+    return TransportIntake(
+        name="t",
+        store=store,
+        directory=Directory((_transport_settings("t", "{device}@learned"),)),
+        relay=RelaySettings(
+            default_destination=AS,
+            reply_route_ttl=60.0,
+            max_payload=2048,
+            max_segments=16,
+            reassembly_timeout=60.0,
+        ),
+        plugins=Plugins(autoload=False),
+        credentials=_no_credentials,
+        on_learned=on_learned,
+    )
+
+
+async def test_intake_stores_once_per_msg_id_and_learns_by_template(store: Store) -> None:
+    learned: list[Device] = []
+    intake = _intake(store, learned)
+    first = await intake.accept(Uplink(device="sensor-1", payload="p", msg_id="u1"))
+    again = await intake.accept(Uplink(device="sensor-1", payload="p", msg_id="u1"))
+    assert (first.duplicate, again.duplicate) == (False, True)
+    (item,) = await _pending(store, Queue.UPLINK)
+    assert item.lane == SENSOR.service_id
+    assert item.body["destAddr"] == AS.to_json()  # no route yet: the default destination
+    await intake.accept(Uplink(device="newcomer", payload="p", msg_id="u2"))
+    assert learned == [Device(name="newcomer", service_id="newcomer@learned")]
+
+
+async def test_intake_uses_the_reply_route_written_with_the_downlink(store: Store) -> None:
+    origin = {"addrType": "AS", "addr": "as-replying"}
+    await store.put_many(
+        Queue.DOWNLINK,
+        [downlink_request(_downlink(), SENSOR.service_id)],
+        route=Route(SENSOR.service_id, origin, 60.0),
+    )
+    await _intake(store).accept(Uplink(device="sensor-1", payload="reply", msg_id="r1"))
+    (item,) = await _pending(store, Queue.UPLINK)
+    assert item.body["destAddr"] == origin
+
+
+async def test_intake_refusals_are_precise_and_kept(store: Store) -> None:
+    intake = _intake(store)
+    with pytest.raises(InvalidMessageError):
+        await intake.accept(Uplink(device="sensor-1", payload="\ud800", msg_id="bad"))
+    intake_without_template = TransportIntake(
+        name="u",
+        store=store,
+        directory=Directory((_transport_settings("u"),)),
+        relay=intake._relay,
+        plugins=Plugins(autoload=False),
+        credentials=_no_credentials,
+        on_learned=_nothing,
+    )
+    with pytest.raises(UnknownDeviceError):
+        await intake_without_template.accept(Uplink(device="stranger", payload="p", msg_id="x"))
+    dead = await store.list_items(queue=Queue.INTAKE, state="dead", limit=10)
+    assert sorted(item.body["reason"] for item in dead) == ["invalid_message", "unknown_device"]
+    assert await _pending(store, Queue.UPLINK) == []
+
+
+# --- the reply route and its downlink in one transaction ---------------------------
+
+
+async def test_a_refused_downlink_leaves_no_reply_route(tmp_path: Path) -> None:
+    """Regression: the downlink and its reply route were two transactions."""
+    store = await Store.open(StoreSettings(path=tmp_path / "full.db", max_messages=1))
+    try:
+        route = Route(SENSOR.service_id, {"addrType": "AS", "addr": "as-9"}, 60.0)
+        await store.put_many(Queue.DOWNLINK, [downlink_request(_downlink("a"), "ue-x")])
+        with pytest.raises(BacklogFullError):
+            await store.put_many(
+                Queue.DOWNLINK, [downlink_request(_downlink("b"), SENSOR.service_id)], route=route
+            )
+        assert await store.route(SENSOR.service_id) is None
+    finally:
+        await store.close()
+
+
+# --- Dispatcher --------------------------------------------------------------------
+
+
+async def _dispatch(
+    store: Store, transports: dict[str, Transport], message: GatewayMessageDelivery
+) -> Outcome:
+    await store.put_many(Queue.DOWNLINK, [downlink_request(message, SENSOR.service_id)])
+    (item,) = [i for i in await _pending(store, Queue.DOWNLINK) if i.msg_id == message.msg_id]
+    dispatcher = Dispatcher(
+        store=store, directory=Directory((_transport_settings(),)), transports=transports
+    )
+    return await dispatcher.handle(item)
+
+
+async def test_dispatcher_delivers_through_the_devices_transport(store: Store) -> None:
+    transport = Recording()
+    assert await _dispatch(store, {"t": transport}, _downlink()) == Done()
+    (sent,) = transport.delivered
+    assert (sent.msg_id, sent.device, sent.payload) == ("m1", SENSOR, "hello")
+
+
+async def test_dispatcher_turns_evidence_into_outcomes_and_reports(store: Store) -> None:
+    transient = Recording(DeliveryOutcome.failure("busy"))
+    assert await _dispatch(store, {"t": transient}, _downlink("m1")) == Retry(
+        "busy", peer_down=False
+    )
+    refused = Recording(DeliveryOutcome.failure("gone", permanent=True))
+    outcome = await _dispatch(store, {"t": refused}, _downlink("m2", report=True))
+    assert outcome == Dead("gone")
+    (report,) = await _pending(store, Queue.REPORT)
+    assert (report.msg_id, report.body["delivSt"]) == ("m2", "REPT_DELY_FAILED")
+
+
+async def test_dispatcher_waits_while_the_transport_restarts(store: Store) -> None:
+    outcome = await _dispatch(store, {}, _downlink())
+    assert isinstance(outcome, Retry)
+    assert "restarting" in outcome.error
+
+
+# --- QueueWorker -------------------------------------------------------------------
+
+
+async def test_worker_settles_outcomes_on_an_injected_clock(store: Store) -> None:
+    clock = Clock()
+    seen: list[str] = []
+    outcomes = {"a": Done(), "b": Retry("later", peer_down=False), "c": Dead("no")}
+
+    async def handler(item: Item) -> Outcome:
+        seen.append(item.msg_id)
+        return outcomes[item.msg_id]
+
+    for msg_id in "abc":
+        await store.put_many(
+            Queue.UPLINK,
+            [PutRequest(msg_id=msg_id, dedup_key=msg_id, lane=msg_id, body={"m": msg_id})],
+        )
+    worker = QueueWorker(
+        store,
+        Queue.UPLINK,
+        handler,
+        policy=RetryPolicy(initial=5.0, maximum=5.0, jitter=0.0),
+        concurrency=4,
+        clock=clock,
+    )
+    run = asyncio.create_task(worker.run(), name="worker:test")
+    try:
+        await _until(lambda: len(seen) == 3 and not worker.in_flight)
+        (waiting,) = await _pending(store, Queue.UPLINK)
+        assert waiting.msg_id == "b"
+        assert waiting.not_before == pytest.approx(T0 + 5.0)
+        dead = await store.list_items(queue=Queue.UPLINK, state="dead", limit=10)
+        assert [i.msg_id for i in dead] == ["c"]
+        clock.now += 5.0  # the backoff has passed on the worker's clock
+        outcomes["b"] = Done()
+        await _until(lambda: len(seen) == 4 and not worker.in_flight)
+        assert await _pending(store, Queue.UPLINK) == []
+        assert sorted(seen) == ["a", "b", "b", "c"]
+        assert seen[-1] == "b"
+    finally:
+        await worker.stop(1.0)
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+
+
+# --- ExpirySweep -------------------------------------------------------------------
+
+
+async def test_expiry_sweep_runs_on_its_clock_and_stores_the_report(store: Store) -> None:
+    clock = Clock()
+    message = _downlink("e1", report=True)
+    request = downlink_request(message, SENSOR.service_id)
+    await store.put_many(
+        Queue.DOWNLINK,
+        [
+            PutRequest(
+                msg_id=request.msg_id,
+                dedup_key=request.dedup_key,
+                lane=request.lane,
+                body=request.body,
+                expires_at=T0 + 30,
+            )
+        ],
+    )
+    dispatcher = Dispatcher(
+        store=store, directory=Directory((_transport_settings(),)), transports={}
+    )
+    sweep = ExpirySweep(store, dispatcher, interval=0.01, clock=clock)
+    assert await sweep.sweep() == []
+    clock.now += 31
+    (expired,) = await sweep.sweep()
+    assert expired.msg_id == "e1"
+    (report,) = await _pending(store, Queue.REPORT)
+    assert (report.msg_id, report.body["failureCause"]) == ("e1", "EXPIRED")
+
+
+# --- Registrar -----------------------------------------------------------------------
+
+
+async def test_registrar_registers_updates_on_a_learned_device_and_deregisters(
+    sim: SimServer, gateway_config: Callable[..., config.Settings]
+) -> None:
+    """Against the reference server (loopback, in this process): the registration holds
+    the served ids, a learned device is added by an update in place, the stop deletes it."""
+    settings = gateway_config(harness.http_transport_bearer())
+    credentials = Credentials(settings, Plugins())
+    await credentials.load()
+    client = MsgsClient(
+        settings.northbound.api_root,
+        credentials.client_tls(),
+        server_name=settings.northbound.server_name,
+        timeout=5.0,
+        max_connections=2,
+    )
+    ids = ["ue-a@iot.example"]
+    registrar = Registrar(
+        client,
+        gateway_id=settings.gateway_id,
+        gateway_type="N3G",
+        target_uri="https://127.0.0.1:1",
+        service_ids=lambda: tuple(ids),
+        ttl=600.0,
+        policy=RetryPolicy(initial=0.1, maximum=0.5),
+    )
+    run = asyncio.create_task(registrar.run(), name="registration:test")
+    try:
+        await asyncio.wait_for(registrar.ready.wait(), timeout=10)
+        (held,) = sim.registrations
+        assert tuple(held.ue_svc_ids) == ("ue-a@iot.example",)
+        ids.append("ue-b@iot.example")
+        registrar.changed()
+        await sim.wait_for(
+            lambda: "ue-b@iot.example" in sim.registrations[0].ue_svc_ids, timeout=10
+        )
+        assert len(sim.registrations) == 1  # updated in place
+    finally:
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        await registrar.deregister(5.0)
+        await client.aclose()
+        await credentials.aclose()
+    assert sim.registrations == []
