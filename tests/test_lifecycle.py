@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gatewayd.sim.server import SimServer
-from gatewayd.testing import MemoryTransportContext
+from gatewayd_sim import harness
+from gatewayd_sim.server import SimServer
+from gatewayd_testing import MemoryTransportContext
 from structlog.testing import capture_logs
 
-from gatewayd import config, harness
+from gatewayd import config
 from gatewayd.api import (
     DeliveryOutcome,
     Downlink,

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from gatewayd.sim.server import SimServer
-from gatewayd.testing import MemoryTransportContext
+from gatewayd_sim import harness
+from gatewayd_sim.server import SimServer
+from gatewayd_testing import MemoryTransportContext
 
-from gatewayd import config, harness
+from gatewayd import config
 from gatewayd.api import (
     CredentialBackend,
     DeliveryOutcome,
