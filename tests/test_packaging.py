@@ -21,6 +21,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = sorted(p for p in (ROOT / "plugins").iterdir() if (p / "pyproject.toml").is_file())
+# The reference server and the test kit: versioned with gatewayd, but not extras of it.
+KITS = sorted(p for p in (ROOT / "kits").iterdir() if (p / "pyproject.toml").is_file())
 BUILD = """
 import sys
 from setuptools import build_meta
@@ -60,8 +62,8 @@ def test_license_file_is_the_apache_2_text() -> None:
     assert "Apache License" in text
     assert "Version 2.0, January 2004" in text
     assert "END OF TERMS AND CONDITIONS" in text
-    for plugin in PLUGINS:
-        assert (plugin / "LICENSE").read_text() == text, plugin.name
+    for dist in [*PLUGINS, *KITS]:
+        assert (dist / "LICENSE").read_text() == text, dist.name
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,7 @@ def build(source: Path, copy: Path, backend: Path) -> tuple[Path, Path]:
     return out / sdist_name, out / wheel_name
 
 
-@pytest.mark.parametrize("source", [ROOT, *PLUGINS], ids=lambda p: p.name)
+@pytest.mark.parametrize("source", [ROOT, *PLUGINS, *KITS], ids=lambda p: p.name)
 def test_sdist_and_wheel_carry_the_license(source: Path, tmp_path: Path, backend: Path) -> None:
     if source == ROOT:
         # The root distribution needs only its package, README and LICENSE.
