@@ -10,6 +10,7 @@ from typing import Any
 
 import structlog
 
+from gatewayd import log as logmod
 from gatewayd.errors import ExitCode, GatewaydError
 from gatewayd_sim.server import SimServer
 from gatewayd_sim.settings import SimSettings, load
@@ -25,11 +26,22 @@ def add_parser(subparsers: Any) -> None:
         description="Run the reference MSGin5G Server (see docs/sim.md).",
     )
     parser.add_argument("--config", required=True, type=Path, help="settings file (TOML)")
+    parser.add_argument(
+        "--log-level", default="info", help="debug, info (default), warning or error"
+    )
+    parser.add_argument(
+        "--log-format",
+        default="auto",
+        choices=("auto", "json", "console"),
+        help="auto (default): console on a terminal, JSON lines otherwise",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the settings and serve; the exit code follows gatewayd.errors.ExitCode."""
+    # A server logs what it serves (the CLI's default for short commands is warning).
+    logmod.configure(args.log_level, args.log_format)
     try:
         settings = load(args.config)
         asyncio.run(_serve(settings))
