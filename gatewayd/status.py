@@ -84,8 +84,11 @@ class LiveState:
         registrar = gw._registrar
         if registrar is None or not registrar.ready.is_set():
             reasons.append(f"not registered with {gw.settings.northbound.api_root}")
+        refusing = gw._store.refusing if gw._store is not None else None
         if not self.store_writable:
             reasons.append("the store has not taken a write yet")
+        elif refusing is not None:
+            reasons.append(f"the store refuses writes ({refusing})")
         if self.breaker is not None and self.breaker.state == BreakerState.OPEN:
             reasons.append("the circuit to the MSGin5G Server is open (server unreachable)")
         return reasons

@@ -81,6 +81,8 @@ async def test_disk_full_refuses_then_recovers(
         held = len(load.stats.acked)
         assert 0 < held < 150
         assert 30.0 in load.stats.retry_after_seen  # a storage failure says "much later"
+        # /readyz tells a load balancer to send its devices elsewhere meanwhile.
+        assert "the store refuses writes (disk)" in gw.live.not_ready()
 
         # A sweep of the expiry loop runs meanwhile (every 2 s): the gateway must stay up.
         await asyncio.sleep(2.5)
@@ -88,6 +90,7 @@ async def test_disk_full_refuses_then_recovers(
 
         await gw.store.limit_size(None)  # space returns
         await _until(lambda: len(load.stats.acked) > held, 30, "intake to resume")
+        assert not any("store" in reason for reason in gw.live.not_ready())
         sim.faults.clear()
         final = await asyncio.wait_for(running, 120)
         assert len(final.acked) == 150

@@ -60,6 +60,12 @@ class Store:
         # being sent right now is never also expired (delivered *and* dead).
         self._claimed: set[int] = set()
 
+    @property
+    def refusing(self) -> str | None:
+        """Why the store refuses writes right now (a full disk, read-only), else ``None``;
+        cleared by the next write that succeeds."""
+        return self._writer.refusing
+
     @classmethod
     async def open(cls, settings: StoreSettings) -> Store:
         """Open (creating if needed) the database and start the writer thread."""

@@ -287,6 +287,11 @@ class Writer:
         else:
             self._resolve(job.future, StoreError(failure.detail))
 
+    @property
+    def refusing(self) -> str | None:
+        """Why writes are refused now (``readonly``, ``disk``, ...), until one succeeds."""
+        return self._episode
+
     def refused(self, kind: str, detail: str) -> None:
         """Log the start of a refusal episode once, not once per refused message."""
         if self._episode == kind:
