@@ -1,4 +1,4 @@
-"""Process metrics on prometheus-client, and the listener that serves them.
+"""Process metrics on prometheus-client (served by :mod:`gatewayd.admin`).
 
 Counters are incremented where a message is accepted (stored) and where it is settled
 (the queue worker's outcome), never from log events: a log level filter must not change
@@ -264,6 +264,8 @@ def settled(item: Item, outcome: Outcome) -> None:
         return
     if item.body.get("kind") == "report":
         return  # a report for a device: the dispatcher counts delivered / not_carried
+    if _later_segment(item):
+        return  # a segmented message counts once, by its first segment
     transport = _transport_of(item.lane)
     if verdict == "Done":
         result = "forwarded" if queue == "uplink" else "delivered"
@@ -280,10 +282,22 @@ def settled(item: Item, outcome: Outcome) -> None:
 
 
 def expired(item: Item) -> None:
-    # A segment counts under its own direction: a set of n expires as n items.
+    # A message counts once, by its first segment; a downlink segment's lane is its set
+    # ("service id|origin|segId"), served by the transport of its service id.
     queue = item.queue.value
-    if queue in ("uplink", "downlink", "segment") and item.body.get("kind") != "report":
-        _count(queue, _transport_of(item.lane), "expired")
+    if queue not in ("uplink", "downlink", "segment") or item.body.get("kind") == "report":
+        return
+    if _later_segment(item):
+        return
+    _count(queue, _transport_of(item.lane.split("|", 1)[0]), "expired")
+
+
+def _later_segment(item: Item) -> bool:
+    """Segment 2..n of a segmented message (uplink bodies are the wire message itself,
+    downlink bodies wrap it in ``wire``)."""
+    wire = item.body.get("wire", item.body)
+    params = wire.get("segParams") if isinstance(wire, dict) else None
+    return isinstance(params, dict) and params.get("segNumb", 1) != 1
 
 
 def rejected(transport: str, reason: str) -> None:
