@@ -63,7 +63,7 @@ def test_entry_point_health_check_and_signal() -> None:
     assert stage["STOPSIGNAL"] == "SIGTERM"  # drains, as under systemd
     example = tomllib.loads((ROOT / "conf" / "gatewayd.example.toml").read_text())
     admin = example["metrics"]["listen"]
-    assert f"http://{admin}/readyz" in stage["HEALTHCHECK"]
+    assert f"http://{admin}/healthz" in stage["HEALTHCHECK"]
     assert "CREDENTIALS_DIRECTORY=/run/secrets" in stage["ENV"]
     port = example["api"]["listen"].rpartition(":")[2]
     assert stage["EXPOSE"].split() == [port]
