@@ -321,17 +321,23 @@ async def _devices(store: Store, args: argparse.Namespace) -> dict[str, str]:
 def _kind(item: Item) -> str:
     if item.queue == Queue.REPORT:
         return "report"
+    if item.queue == Queue.INTAKE:
+        return "rejected"  # device input refused for good: kept, never replayed
+    if item.queue == Queue.SEGMENT:
+        return "segment"
     if item.queue == Queue.DOWNLINK:
         return str(item.body.get("kind") or "message")
     return "message"
 
 
 def _preview(item: Item, width: int) -> str | None:
-    """The start of the payload (a report: its status), on one line."""
+    """The start of the payload (a report: its status; a rejected input: its content),
+    on one line."""
     wire = item.body.get("wire", item.body) if isinstance(item.body, dict) else {}
     if not isinstance(wire, dict):
         return None
-    text = wire.get("payload")
+    # A rejected input keeps its raw content; a message its payload.
+    text = wire.get("payload", wire.get("content"))
     if text is None and ("status" in wire or "delivSt" in wire):
         text = " ".join(str(wire[k]) for k in ("status", "delivSt", "failureCause") if wire.get(k))
     if not text:

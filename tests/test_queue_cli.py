@@ -222,6 +222,13 @@ async def test_json_on_stdout_only_kind_device_and_preview(
         lane="ue-sensor-1",
         body={"kind": "report", "wire": {"msgId": "m-rep", "status": "REPT_DELY_SUCCESS"}},
     )
+    await live.put_rejected(
+        msg_id="m-bad",
+        dedup_key="bad",
+        lane="web:sensor-1",
+        reason="not_json: expected a JSON object",
+        body={"transport": "web", "device": "sensor-1", "content": "{not json"},
+    )
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -243,6 +250,7 @@ async def test_json_on_stdout_only_kind_device_and_preview(
     assert rows["m-up"]["preview"] == "temperature=21.5 humidity=40"
     assert rows["m-rep"]["kind"] == "report"
     assert rows["m-rep"]["preview"] == "REPT_DELY_SUCCESS"
+    assert (rows["m-bad"]["kind"], rows["m-bad"]["preview"]) == ("rejected", "{not json")
     assert dt.datetime.fromisoformat(rows["m-up"]["created"]).tzinfo is not None
 
     config = tmp_path / "gw.toml"
