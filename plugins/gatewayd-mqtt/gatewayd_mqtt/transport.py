@@ -145,6 +145,10 @@ class MqttTransport(Transport):
         self._password: str | None = None
         self._link: _Link | None = None
         self._stopping = asyncio.Event()
+        # What ``gatewayd status`` shows: "connecting" while an attempt (CONNECT, CONNACK,
+        # SUBSCRIBE) is under way; "disconnected" while waiting out the backoff or stopped.
+        # "connected" is read from ``_link`` itself, never from here.
+        self._phase = "disconnected"
         self._first: asyncio.Future[None] | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
@@ -188,6 +192,15 @@ class MqttTransport(Transport):
     @property
     def connected(self) -> bool:
         return self._link is not None
+
+    def link_state(self) -> dict[str, str | int]:
+        """For ``gatewayd status``: connected / connecting / disconnected, the reconnects
+        since start, and our QoS > 0 publishes the broker has not acknowledged yet."""
+        return {
+            "state": "connected" if self._link is not None else self._phase,
+            "reconnects": max(0, self.stats.connects - 1),
+            "unacked": self.stats.inflight,
+        }
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -293,6 +306,7 @@ class MqttTransport(Transport):
             linked = False
             client: GatewayClient | None = None
             delay: float | None = None
+            self._phase = "connecting"
             try:
                 client = self._new_client()
                 async with client:
@@ -314,6 +328,8 @@ class MqttTransport(Transport):
                 delay = self._auth_failed(str(exc), definite=True)
             except GatewaydError as exc:
                 self._log.error("mqtt.session_failed", error=str(exc))
+            finally:
+                self._phase = "disconnected"
             if self._stopping.is_set():
                 break
             self._first_done()

@@ -69,9 +69,23 @@ class Link:
         self.window = asyncio.Semaphore(config.window)
         self.inflight = 0  # submits holding or waiting for this link's window
         self.binds = 0
+        # For ``gatewayd status``: "binding" while connecting and awaiting the bind
+        # response, "unbound" while waiting out the backoff or stopped; "bound" is read
+        # from ``session`` (see :attr:`state`).
+        self._phase = "unbound"
         self.stopping = False
         # Jitter only spreads reconnects over time; it protects nothing.
         self._jitter = random.Random()  # noqa: S311
+
+    @property
+    def state(self) -> str:
+        """bound / binding / unbound, as ``gatewayd status`` shows it."""
+        return "bound" if self.session is not None else self._phase
+
+    @property
+    def rebinds(self) -> int:
+        """Successful binds after the first: each one followed a lost session."""
+        return max(0, self.binds - 1)
 
     @property
     def sends(self) -> bool:
@@ -87,6 +101,7 @@ class Link:
         cfg = self.config
         delay = cfg.reconnect_initial
         while not self.stopping:
+            self._phase = "binding"
             try:
                 session = await self._connect()
             except BindRefusedError as exc:
@@ -115,6 +130,8 @@ class Link:
                 if time.monotonic() - started >= cfg.reconnect_max:
                     delay = cfg.reconnect_initial
                 wait = self._backoff(delay)
+            finally:
+                self._phase = "unbound"
             if self.stopping:
                 return
             await asyncio.sleep(wait)
@@ -181,6 +198,7 @@ class Link:
         finally:
             self.bound.clear()
             self.session = None
+            self._phase = "unbound"
             if not self.stopping:
                 await session.aclose(session.close_reason or "session ended")
             self.log.info(

@@ -139,6 +139,24 @@ class SmppTransport(Transport):
         """Successful binds so far, over all links (for operators' metrics and tests)."""
         return sum(link.binds for link in self.links)
 
+    def link_state(self) -> dict[str, str | int]:
+        """For ``gatewayd status``: bound when every configured bind is up, binding while
+        some are up or an attempt is under way, unbound when none is and none is tried
+        right now (waiting out the backoff, or stopped). ``binds`` is up/configured."""
+        states = [link.state for link in self.links]
+        up = states.count("bound")
+        if up == len(states):
+            state = "bound"
+        elif up or "binding" in states:
+            state = "binding"
+        else:
+            state = "unbound"
+        return {
+            "state": state,
+            "binds": f"{up}/{len(states)}",
+            "rebinds": sum(link.rebinds for link in self.links),
+        }
+
     # --- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
