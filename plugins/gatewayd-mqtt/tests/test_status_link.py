@@ -10,11 +10,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from gatewayd_testing import running_gateway
 from mosquitto import Mosquitto, free_port
 from mqtt_helpers import until
 
 from gatewayd import config
-from gatewayd.testing import running_gateway
 
 
 def status_json(admin: int) -> dict[str, Any]:
