@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,7 @@ import structlog
 from gatewayd.errors import BacklogFullError
 from gatewayd.store import PutRequest, Queue, Store, StoreSettings
 from gatewayd.store.kv import StoreKV
+from gatewayd.store.writer import Txn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,6 +175,36 @@ async def test_backlog_full_by_count_refuses_and_stores_nothing(db: Path) -> Non
         assert (await store.stats())["backlog"]["messages"] == 3
     finally:
         await store.close()
+
+
+async def test_a_refusal_after_a_write_commits_none_of_that_job(store: Store) -> None:
+    """A job that writes and then refuses (a GatewaydError) leaves nothing behind, while
+    the jobs that shared its transaction still commit."""
+    def write(key: str, refuse: bool) -> Callable[[Txn], str]:
+        def job(txn: Txn) -> str:
+            txn.conn.execute(
+                "INSERT INTO kv (transport, key, value, expires) VALUES ('t', ?, 'v', 1e12)",
+                (key,),
+            )
+            if refuse:
+                raise BacklogFullError("refused after writing", retry_after=1.0)
+            return key
+
+        return job
+
+    writer = store._writer  # the unit under test: one writer, jobs sharing a transaction
+    results = await asyncio.gather(
+        writer.call(write("a", False)),
+        writer.call(write("b", True)),
+        writer.call(write("c", False)),
+        return_exceptions=True,
+    )
+    assert (results[0], results[2]) == ("a", "c")
+    assert isinstance(results[1], BacklogFullError)
+    keys = await writer.call(
+        lambda txn: [row[0] for row in txn.conn.execute("SELECT key FROM kv ORDER BY key")]
+    )
+    assert keys == ["a", "c"]
 
 
 async def test_backlog_full_by_bytes(db: Path) -> None:

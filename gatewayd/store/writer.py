@@ -227,10 +227,16 @@ class Writer:
         txn = Txn(conn, Backlog(self.backlog.messages, self.backlog.bytes), self)
         outcomes: list[tuple[_Job, Any]] = []
         for job in batch:
+            changes = conn.total_changes
             try:
                 outcomes.append((job, job.fn(txn)))
             except GatewaydError as exc:
-                # Our own refusals (a full backlog) are raised before the job writes.
+                if conn.total_changes != changes:
+                    # A refusal after the job wrote: none of it may commit. The batch is
+                    # rolled back and rerun job by job, where this one fails alone.
+                    raise
+                # Our own refusals (a full backlog) usually come before the job writes:
+                # the others in the batch commit as if it had not run.
                 outcomes.append((job, exc))
         conn.execute("COMMIT")
         return outcomes, txn
