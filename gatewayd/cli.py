@@ -18,7 +18,7 @@ import structlog
 
 from gatewayd import __version__, config, pki
 from gatewayd import log as logmod
-from gatewayd.errors import ConfigError, ExitCode, GatewaydError
+from gatewayd.errors import ConfigError, ExitCode, GatewaydError, ListenError
 from gatewayd.tasks import TaskSet
 
 if TYPE_CHECKING:
@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file and its credentials")
     check.add_argument("config", type=Path)
+    check.add_argument(
+        "--no-bind",
+        dest="bind",
+        action="store_false",
+        help="skip binding the listen addresses: checking a change beside a running "
+        "gateway, which holds them",
+    )
     check.set_defaults(func=cmd_check_config)
 
     status = sub.add_parser(
@@ -133,7 +140,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     settings = config.load(args.config)
     logmod.configure("warning", settings.log.format)
-    asyncio.run(Gateway(settings, Plugins()).check())
+    try:
+        asyncio.run(Gateway(settings, Plugins()).check(bind=args.bind))
+    except ListenError as exc:
+        if exc.in_use:
+            # Most often the gateway itself, running with this config: say how to check
+            # a change beside it.
+            hint = f"{exc.reason}; beside a running gateway, check with --no-bind"
+            raise ListenError(exc.key, exc.host, exc.port, hint, in_use=True) from None
+        raise
     print(
         f"{args.config}: OK ({settings.gateway_type} gateway {settings.gateway_id}, "
         f"{len(settings.transports)} transport(s), {len(settings.credentials)} credential set(s))"
@@ -146,6 +161,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         "(northbound.server_identity)"
     )
     print(f"  API callers allowed (api.allowed_peers): {', '.join(api.allowed_peers)}")
+    if not args.bind:
+        print("  listen addresses: not bound (--no-bind)")
     return int(ExitCode.OK)
 
 

@@ -313,11 +313,12 @@ class Gateway:
         if self._registrar.refused:
             self._stop.set()
 
-    async def check(self) -> None:
+    async def check(self, *, bind: bool = True) -> None:
         """Everything a start checks short of serving: credentials (loaded and matched to
         gateway.id), TLS contexts, plugins and their options, then that every secret
-        reference resolves (even one read only later, per device) and every listen
-        address can be bound."""
+        reference resolves (even one read only later, per device) and, with ``bind``,
+        that every listen address can be bound (not beside a running gateway, which
+        holds them)."""
         try:
             await self.credentials.load()
             self.credentials.client_tls()
@@ -329,8 +330,9 @@ class Gateway:
         finally:
             await self.credentials.aclose()
         self._resolve_references()
-        for key, address in config.listen_addresses(self.settings):
-            _check_bindable(key, address.host, address.port)
+        if bind:
+            for key, address in config.listen_addresses(self.settings):
+                _check_bindable(key, address.host, address.port)
 
     async def _load_credentials(
         self, stack: AsyncExitStack

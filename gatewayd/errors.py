@@ -68,8 +68,11 @@ class ListenError(GatewaydError):
 
     exit_code = ExitCode.UNAVAILABLE
 
-    def __init__(self, key: str, host: str, port: int, reason: str) -> None:
-        self.key = key
+    def __init__(
+        self, key: str, host: str, port: int, reason: str, *, in_use: bool = False
+    ) -> None:
+        self.key, self.host, self.port, self.reason = key, host, port, reason
+        self.in_use = in_use
         shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         super().__init__(f"{key}: cannot listen on {shown}: {reason}")
 
@@ -81,9 +84,10 @@ class ListenError(GatewaydError):
             yield
         except OSError as exc:
             reason = exc.strerror or str(exc)
-            if exc.errno == errno.EADDRINUSE:
+            in_use = exc.errno == errno.EADDRINUSE
+            if in_use:
                 reason = "the address is already in use by another process"
-            raise ListenError(key, host, port, reason) from None
+            raise ListenError(key, host, port, reason, in_use=in_use) from None
 
 
 class TransportStartError(GatewaydError):

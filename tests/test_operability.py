@@ -210,6 +210,28 @@ def check_and_run_with_port_taken(
         )
 
 
+def test_check_config_beside_a_running_gateway_skips_binding_with_no_bind(
+    tmp_path: Path, loopback_pki: Pki
+) -> None:
+    """The gateway holds its ports: a plain check says how to check beside it; --no-bind
+    checks everything else and says the addresses were not bound."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        config = write_config(
+            tmp_path, loopback_pki, "https://127.0.0.1:9", device_port=taken, admin_port=taken
+        )
+        plain = gatewayd("check-config", str(config))
+        beside = gatewayd("check-config", "--no-bind", str(config))
+    assert plain.returncode == ExitCode.UNAVAILABLE
+    assert "already in use by another process; beside a running gateway, check with --no-bind" in (
+        plain.stderr
+    )
+    assert beside.returncode == ExitCode.OK, beside.stderr
+    assert "listen addresses: not bound (--no-bind)" in beside.stdout
+
+
 def test_port_in_use_is_one_line_naming_the_key_and_exit_69(
     tmp_path: Path, loopback_pki: Pki
 ) -> None:
