@@ -42,7 +42,7 @@ from gatewayd.msgin5g.registration import GatewayRegistration
 from gatewayd.northbound.client import MsgsClient, Registered
 from gatewayd.northbound.registration import Registrar
 from gatewayd.plugins import Plugins
-from gatewayd.relay import Directory, Dispatcher, ExpirySweep, TransportIntake
+from gatewayd.relay import Directory, Dispatcher, ExpirySweep, TransportIntake, forget_devices
 from gatewayd.retry import RetryPolicy
 from gatewayd.store import Item, PutRequest, Queue, Route, Store, StoreSettings
 from gatewayd.worker import Dead, Done, Outcome, QueueWorker, Retry
@@ -167,6 +167,65 @@ def test_directory_maps_learns_and_refuses_only_learned_devices() -> None:
     assert directory.device("t", "new") is None
     assert directory.service_ids() == (SENSOR.service_id,)
     assert Directory((_transport_settings("u"),)).learnable("u", "x") is None
+
+
+def test_directory_reconfigure_keeps_only_learned_devices_the_new_config_produces() -> None:
+    """SIGHUP: a learned device stays only while its transport's template gives it the
+    same UE Service ID; those of a removed transport or a changed template are dropped
+    (returned for the store to forget), and so is a refusal under the old template."""
+    directory = Directory(
+        (
+            _transport_settings("kept", "{device}@kept"),
+            _transport_settings("renamed", "{device}@old"),
+            _transport_settings("gone", "{device}@gone"),
+        )
+    )
+    for transport, name in [("kept", "k"), ("renamed", "r"), ("gone", "g"), ("renamed", "x")]:
+        device = directory.learnable(transport, name)
+        assert device is not None
+        directory.learn(transport, device)
+    directory.refuse("x@old", "NOT_ALLOWED")
+    directory.refuse("k@kept", "NOT_ALLOWED")
+    directory.learn("kept", Device(name="k2", service_id="k2@kept"))
+
+    dropped = directory.reconfigure(
+        (
+            _transport_settings("kept", "{device}@kept"),
+            _transport_settings("renamed", "{device}@new"),
+        )
+    )
+
+    assert sorted((e.transport, e.device.service_id) for e in dropped) == [
+        ("gone", "g@gone"),
+        ("renamed", "r@old"),
+    ]
+    assert directory.learned() == frozenset({"k2@kept"})
+    assert directory.service_ids() == tuple(sorted({SENSOR.service_id, "k2@kept"}))
+    assert directory.endpoint("r@old") is None
+    assert directory.device("renamed", "r") is None  # learned again by its next message
+    assert directory.refused("kept", "k") == "NOT_ALLOWED"
+    assert directory.refused("renamed", "x") is None  # a new template: a new chance
+
+
+async def test_learned_devices_the_config_no_longer_produces_are_forgotten(
+    store: Store,
+) -> None:
+    """What the gateway does at start and on SIGHUP: restore the store's learned devices,
+    forget in the store those the (new) config drops."""
+    await store.learn_device("t", "a", "a@old")
+    await store.learn_device("u", "b", "b@u")
+    await store.learn_device("t", SENSOR.name, "sensor-1@old")  # now configured
+    directory = Directory((_transport_settings("t", "{device}@old"), _transport_settings("u")))
+    dropped = directory.restore(await store.learned_devices())
+    await forget_devices(store, dropped, reason="not produced by the config")
+    assert await store.learned_devices() == [("t", "a", "a@old")]
+    assert directory.learned() == frozenset({"a@old"})
+
+    dropped = directory.reconfigure((_transport_settings("t", "{device}@new"),))
+    await forget_devices(store, dropped, reason="not produced by the config")
+    assert await store.learned_devices() == []
+    assert directory.learned() == frozenset()
+    assert directory.service_ids() == (SENSOR.service_id,)
 
 
 # --- TransportIntake -------------------------------------------------------------------
