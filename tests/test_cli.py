@@ -28,6 +28,35 @@ def gatewayd(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
     )
 
 
+def _write_config(path: Path, tls: Pki, sim: SimServer, transports: str = TRANSPORT) -> Path:
+    """A gateway config for ``sim`` with JSON logs, its state next to it."""
+    path.write_text(
+        harness.gateway_toml(
+            tls,
+            api_root=sim.api_root,
+            state_dir=path.parent / "state",
+            transports=transports,
+            extra='[log]\nformat = "json"\n',
+        )
+    )
+    return path
+
+
+async def _start_run(
+    path: Path, *, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *GATEWAYD,
+        "run",
+        "--config",
+        str(path),
+        env=env,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
 @pytest.mark.parametrize(
     "command",
     [
@@ -137,30 +166,13 @@ async def test_run_under_a_notify_socket_ready_then_stopping(
 ) -> None:
     """systemd's view: STATUS= while starting, READY=1 once registered, STOPPING=1 on
     SIGTERM, then exit 0."""
-    path = tmp_path / "gw.toml"
-    path.write_text(
-        harness.gateway_toml(
-            loopback_pki,
-            api_root=sim.api_root,
-            state_dir=tmp_path / "state",
-            transports=TRANSPORT,
-            extra='[log]\nformat = "json"\n',
-        )
-    )
+    path = _write_config(tmp_path / "gw.toml", loopback_pki, sim)
     notify = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(notify))
     sock.setblocking(False)
     env = {**os.environ, "NOTIFY_SOCKET": str(notify), "GATEWAYD_TEST_TOKEN": "t0ken-1"}
-    proc = await asyncio.create_subprocess_exec(
-        *GATEWAYD,
-        "run",
-        "--config",
-        str(path),
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await _start_run(path, env=env)
     loop = asyncio.get_running_loop()
     try:
         before = []
@@ -187,3 +199,41 @@ async def test_run_under_a_notify_socket_ready_then_stopping(
     assert '"event": "gateway.stopped"' in log
     assert "t0ken-1" not in log
     assert sim.registrations == []  # deregistered on the way out
+
+
+async def test_check_config_and_run_read_a_relative_secret_file_from_the_configs_folder(
+    tmp_path: Path, loopback_pki: Pki, sim: SimServer
+) -> None:
+    """A relative ``{ file = ... }`` is taken from the config file's folder by both
+    commands, whatever the working directory: run read it from the working directory
+    (its transport failed to start) while check-config said OK."""
+    folder, elsewhere = tmp_path / "conf", tmp_path / "elsewhere"
+    (folder / "secrets").mkdir(parents=True)
+    elsewhere.mkdir()
+    (folder / "secrets" / "token").write_text("t0ken-from-file\n")
+    transport = TRANSPORT.replace('{ env = "GATEWAYD_TEST_TOKEN" }', '{ file = "secrets/token" }')
+    assert 'file = "secrets/token"' in transport
+    path = _write_config(folder / "gw.toml", loopback_pki, sim, transport)
+    checked = await asyncio.create_subprocess_exec(
+        *GATEWAYD, "check-config", str(path), cwd=elsewhere, stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await asyncio.wait_for(checked.communicate(), 60)
+    assert checked.returncode == 0, stderr.decode()
+    proc = await _start_run(path, cwd=elsewhere)
+    try:
+        # Transports start before the registration: registered means the token was read.
+        registered = asyncio.ensure_future(sim.wait_for(lambda: bool(sim.registrations), 30))
+        exited = asyncio.ensure_future(proc.wait())
+        await asyncio.wait({registered, exited}, return_when=asyncio.FIRST_COMPLETED)
+        for waiting in (registered, exited):
+            waiting.cancel()
+        started = bool(sim.registrations)
+        if started:
+            proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert started, stderr.decode()
+    assert proc.returncode == 0, stderr.decode()
