@@ -547,16 +547,21 @@ def _transport_down(name: str) -> Outcome:
 def expiry_report(dispatcher: Dispatcher, item: Item) -> tuple[Queue, PutRequest] | None:
     """The failure report for any expired item (see :meth:`Store.expire`), or ``None``."""
     if item.queue == Queue.UPLINK:
-        request = device_report_request(UEMessageDelivery.from_json(item.body), "EXPIRED")
+        request = _device_report(UEMessageDelivery.from_json(item.body), "EXPIRED")
         return None if request is None else (Queue.DOWNLINK, request)
     if item.queue in (Queue.DOWNLINK, Queue.SEGMENT):
         return dispatcher.expired_report(item)
     return None
 
 
+def _device_report(message: UEMessageDelivery, cause: str) -> PutRequest | None:
+    # A failed segment fails its whole message: the device hears of the msgId it sent.
+    return device_report_request(message, cause, msg_id=segments.whole_msg_id(message))
+
+
 async def put_device_report(store: Store, message: UEMessageDelivery, cause: str) -> None:
     """Tell a device that its uplink message failed for good, if it asked to know."""
-    request = device_report_request(message, cause)
+    request = _device_report(message, cause)
     if request is not None:
         await store.put_many(Queue.DOWNLINK, [request])
 
