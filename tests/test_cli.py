@@ -20,26 +20,13 @@ from gatewayd.errors import ExitCode
 GATEWAYD = [sys.executable, "-m", "gatewayd.cli"]
 
 TRANSPORT = harness.http_transport_bearer()
+JSON_LOGS = '[log]\nformat = "json"\n'
 
 
 def gatewayd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*GATEWAYD, *args], capture_output=True, text=True, timeout=60, env=env, check=False
     )
-
-
-def _write_config(path: Path, tls: Pki, sim: SimServer, transports: str = TRANSPORT) -> Path:
-    """A gateway config for ``sim`` with JSON logs, its state next to it."""
-    path.write_text(
-        harness.gateway_toml(
-            tls,
-            api_root=sim.api_root,
-            state_dir=path.parent / "state",
-            transports=transports,
-            extra='[log]\nformat = "json"\n',
-        )
-    )
-    return path
 
 
 async def _start_run(
@@ -93,13 +80,21 @@ def test_autoload_switch_blocks_entry_points() -> None:
     assert "transports:          none" in result.stdout
 
 
-def _config(tmp_path: Path, tls: Pki, *, extra: str = "", transports: str = TRANSPORT) -> Path:
-    path = tmp_path / "gw.toml"
+def _config(
+    folder: Path,
+    tls: Pki,
+    *,
+    api_root: str = "https://127.0.0.1:9",
+    extra: str = "",
+    transports: str = TRANSPORT,
+) -> Path:
+    """``folder``/gw.toml, its state next to it; by default no server answers."""
+    path = folder / "gw.toml"
     path.write_text(
         harness.gateway_toml(
             tls,
-            api_root="https://127.0.0.1:9",
-            state_dir=tmp_path / "state",
+            api_root=api_root,
+            state_dir=folder / "state",
             transports=transports,
             extra=extra,
         )
@@ -166,7 +161,7 @@ async def test_run_under_a_notify_socket_ready_then_stopping(
 ) -> None:
     """systemd's view: STATUS= while starting, READY=1 once registered, STOPPING=1 on
     SIGTERM, then exit 0."""
-    path = _write_config(tmp_path / "gw.toml", loopback_pki, sim)
+    path = _config(tmp_path, loopback_pki, api_root=sim.api_root, extra=JSON_LOGS)
     notify = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(notify))
@@ -213,7 +208,9 @@ async def test_check_config_and_run_read_a_relative_secret_file_from_the_configs
     (folder / "secrets" / "token").write_text("t0ken-from-file\n")
     transport = TRANSPORT.replace('{ env = "GATEWAYD_TEST_TOKEN" }', '{ file = "secrets/token" }')
     assert 'file = "secrets/token"' in transport
-    path = _write_config(folder / "gw.toml", loopback_pki, sim, transport)
+    path = _config(
+        folder, loopback_pki, api_root=sim.api_root, extra=JSON_LOGS, transports=transport
+    )
     checked = await asyncio.create_subprocess_exec(
         *GATEWAYD, "check-config", str(path), cwd=elsewhere, stderr=asyncio.subprocess.PIPE
     )
@@ -237,3 +234,49 @@ async def test_check_config_and_run_read_a_relative_secret_file_from_the_configs
             await proc.wait()
     assert started, stderr.decode()
     assert proc.returncode == 0, stderr.decode()
+
+
+# Runs `gatewayd run` in a fresh interpreter, counting what gatewayd.log builds.
+_COUNT_LOGGING_SETUP = """
+import sys
+import structlog
+from gatewayd import cli
+
+built = {"chain": 0, "formatter": 0}
+configure = structlog.configure
+
+def counting_configure(*args, **kwargs):
+    built["chain"] += 1
+    configure(*args, **kwargs)
+
+class CountingFormatter(structlog.stdlib.ProcessorFormatter):
+    def __init__(self, *args, **kwargs):
+        built["formatter"] += 1
+        super().__init__(*args, **kwargs)
+
+structlog.configure = counting_configure
+structlog.stdlib.ProcessorFormatter = CountingFormatter
+code = cli.main(sys.argv[1:])
+print(built["chain"], built["formatter"], code)
+"""
+
+
+def test_run_configures_logging_once(tmp_path: Path, loopback_pki: Pki) -> None:
+    """``main`` sets a default before the config is read, ``run`` then the config's
+    level: structlog's processor chain and the JSON formatter are built once, and the
+    start's failure is logged once (one handler)."""
+    path = _config(tmp_path, loopback_pki)
+    missing = tmp_path / "gone.pem"
+    path.write_text(path.read_text().replace(str(loopback_pki["gateway"]), str(missing)))
+    result = subprocess.run(
+        [sys.executable, "-c", _COUNT_LOGGING_SETUP, "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "GATEWAYD_TEST_TOKEN": "t0ken-1"},
+        check=False,
+    )
+    chains, formatters, code = result.stdout.split()
+    assert int(code) == ExitCode.CREDENTIALS, result.stderr
+    assert (chains, formatters) == ("1", "1"), result.stderr
+    assert result.stderr.count('"event": "gateway.failed"') == 1, result.stderr
