@@ -63,6 +63,7 @@ from gatewayd.relay import (
     Dispatcher,
     ExpirySweep,
     TransportIntake,
+    forget_devices,
 )
 from gatewayd.retry import CircuitBreaker
 from gatewayd.security import tls
@@ -365,8 +366,8 @@ class Gateway:
         private_dir(self.settings.state_dir)  # 0700: the store holds bodies and Service IDs
         store = await Store.open(self.settings.store)
         stack.push_async_callback(store.close)
-        for transport, device, service_id in await store.learned_devices():
-            self.directory.learn(transport, Device(name=device, service_id=service_id))
+        dropped = self.directory.restore(await store.learned_devices())
+        await forget_devices(store, dropped, reason="not produced by the config")
         return store
 
     async def _start_transports(self) -> None:
@@ -471,10 +472,8 @@ class Gateway:
             service_id=service_id,
             cause=cause,
         )
-        try:
-            await self.store.forget_device(endpoint.transport, endpoint.device.name)
-        except StoreError as exc:  # it is refused again after a restart: no harm
-            log.warning("device.forget_failed", error=str(exc))
+        # Forgotten: a restart tries it again, once.
+        await forget_devices(self.store, [endpoint], reason="refused by the server")
 
     # --- background loops ----------------------------------------------------------------
 
@@ -529,10 +528,10 @@ class Gateway:
         for name in names:
             await self._stop_transport(name)
         self.settings = dataclasses.replace(self.settings, transports=fresh.transports)
-        self.directory.reconfigure(fresh.transports)
-        for transport, device, service_id in await self.store.learned_devices():
-            if self.directory.learnable(transport, device) is not None:
-                self.directory.learn(transport, Device(name=device, service_id=service_id))
+        # Learned devices of a removed transport, or one whose template now gives
+        # another id, are dropped: neither registered nor routed, nor loaded at start.
+        dropped = self.directory.reconfigure(fresh.transports)
+        await forget_devices(self.store, dropped, reason="not produced by the config")
         metrics.declare_transports(wanted)
         started = []
         for name in names:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -88,12 +88,44 @@ class Directory:
             for d in t.devices:
                 self._add(t.name, d)
 
-    def reconfigure(self, transports: tuple[TransportSettings, ...]) -> None:
-        """New transport tables (SIGHUP): the configured devices only; the caller
-        learns the learned ones again."""
+    def reconfigure(self, transports: tuple[TransportSettings, ...]) -> list[Endpoint]:
+        """New transport tables (SIGHUP). Learned devices the new tables still produce
+        stay; the others are dropped and returned, for the caller to forget in the store
+        (see :meth:`restore`). A refusal stays while its transport's template does."""
+        learned = [self._by_service[service_id] for service_id in sorted(self._learned)]
         fresh = Directory(transports)
+        self._refused = {
+            (transport, name): cause
+            for (transport, name), cause in self._refused.items()
+            if fresh._templates.get(transport) == self._templates.get(transport)
+        }
         self._by_device, self._by_service = fresh._by_device, fresh._by_service
-        self._templates = fresh._templates
+        self._templates, self._learned = fresh._templates, set()
+        # In one go, no await: no moment in which a kept learned device is unknown.
+        return self.restore((e.transport, e.device.name, e.device.service_id) for e in learned)
+
+    def restore(self, learned: Iterable[tuple[str, str, str]]) -> list[Endpoint]:
+        """Learn again devices learned before, as ``(transport, device, service_id)``
+        (the store's rows at start, the directory's own on reconfigure).
+
+        A device is learned again only if the config would learn it now the same way:
+        its transport has a ``service_id_template`` that gives the same UE Service ID,
+        and no configured device has its name or that id. The others are returned: the
+        caller forgets them in the store, or they would be registered and routed again.
+        """
+        dropped = []
+        for transport, name, service_id in learned:
+            device = self.learnable(transport, name)
+            if (
+                device is None
+                or device.service_id != service_id
+                or self.device(transport, name) is not None
+                or self.endpoint(service_id) is not None
+            ):
+                dropped.append(Endpoint(transport, Device(name=name, service_id=service_id)))
+            else:
+                self.learn(transport, device)
+        return dropped
 
     def _add(self, transport: str, device: Device) -> None:
         self._by_device[(transport, device.name)] = device
@@ -136,6 +168,27 @@ class Directory:
 
     def service_ids(self) -> tuple[str, ...]:
         return tuple(sorted(self._by_service))
+
+
+async def forget_devices(store: Store, endpoints: Iterable[Endpoint], *, reason: str) -> None:
+    """Remove learned devices from the store, so a restart does not learn them again.
+
+    A store that fails is logged and passed over: the device is out of the directory
+    already, and :meth:`Directory.restore` drops it again at the next start.
+    """
+    for endpoint in endpoints:
+        try:
+            await store.forget_device(endpoint.transport, endpoint.device.name)
+        except StoreError as exc:
+            log.warning("device.forget_failed", device=endpoint.device.name, error=str(exc))
+            continue
+        log.info(
+            "device.forgotten",
+            transport=endpoint.transport,
+            device=endpoint.device.name,
+            service_id=endpoint.device.service_id,
+            reason=reason,
+        )
 
 
 class TransportIntake:
@@ -494,16 +547,21 @@ def _transport_down(name: str) -> Outcome:
 def expiry_report(dispatcher: Dispatcher, item: Item) -> tuple[Queue, PutRequest] | None:
     """The failure report for any expired item (see :meth:`Store.expire`), or ``None``."""
     if item.queue == Queue.UPLINK:
-        request = device_report_request(UEMessageDelivery.from_json(item.body), "EXPIRED")
+        request = _device_report(UEMessageDelivery.from_json(item.body), "EXPIRED")
         return None if request is None else (Queue.DOWNLINK, request)
     if item.queue in (Queue.DOWNLINK, Queue.SEGMENT):
         return dispatcher.expired_report(item)
     return None
 
 
+def _device_report(message: UEMessageDelivery, cause: str) -> PutRequest | None:
+    # A failed segment fails its whole message: the device hears of the msgId it sent.
+    return device_report_request(message, cause, msg_id=segments.whole_msg_id(message))
+
+
 async def put_device_report(store: Store, message: UEMessageDelivery, cause: str) -> None:
     """Tell a device that its uplink message failed for good, if it asked to know."""
-    request = device_report_request(message, cause)
+    request = _device_report(message, cause)
     if request is not None:
         await store.put_many(Queue.DOWNLINK, [request])
 

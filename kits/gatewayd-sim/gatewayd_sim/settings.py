@@ -72,8 +72,8 @@ def load(path: Path) -> SimSettings:
         raise ConfigError("-", f"cannot read {path}: {exc.strerror}", source=str(path)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("-", f"not valid TOML: {exc}", source=str(path)) from None
-    root = Options(data, "", source=str(path))
     base = path.parent
+    root = Options(data, "", source=str(path), base=base)
 
     listen = root.table("listen")
     host = listen.get_str("host", "127.0.0.1")
