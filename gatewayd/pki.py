@@ -189,8 +189,8 @@ def init(
     Each certificate is fit for its role only (docs/security.md, "pki init"), so that
     one party's certificate cannot stand in for another's:
 
-    - server: its URN and host name; serverAuth for its API (clientAuth too, until the
-      reference server presents ``server_client`` on its calls).
+    - server: its URN and host name; serverAuth only, for its API: a gateway refuses it
+      as a caller in the handshake.
     - server_client: the same URN, nothing else; clientAuth only. The server is the
       client of every gateway's MSGG API, and presents this one there. Only the server's
       two certificates carry its URN.
@@ -210,6 +210,7 @@ def init(
             dns=(server_name,),
             uris=(server_id,),
             ips=_loopback(server_name),
+            client=False,
         ),
         # Its calls to gateways: the URN is all a gateway checks (api.allowed_peers), and a
         # client needs no host name, so the certificate carries none.

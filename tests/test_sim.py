@@ -557,6 +557,22 @@ def test_missing_client_identity_is_a_config_error(
     assert "server-client.pem" in refused.value.problem
 
 
+def test_serving_certificate_as_client_certificate_is_a_config_error(
+    pki_dir: dict[str, Path], tmp_path: Path
+) -> None:
+    """Gateways would refuse it in every handshake (no clientAuth): say so at load."""
+    conf = tmp_path / "sim.toml"
+    conf.write_text(
+        f'[tls]\ncert = "{pki_dir["server"]}"\nkey = "{pki_dir["server_key"]}"\n'
+        f'client_cert = "{pki_dir["server"]}"\nclient_key = "{pki_dir["server_key"]}"\n'
+        f'ca = "{pki_dir["ca"]}"\n'
+    )
+    with pytest.raises(ConfigError) as refused:
+        load(conf)
+    assert refused.value.key == "tls.client_cert"
+    assert "no clientAuth" in refused.value.problem
+
+
 async def test_push_client_does_not_follow_a_redirect(tmp_path: Path) -> None:
     """Issue 8 finding 4: a gateway answering 307 to http:// gets no second copy."""
     from gatewayd_sim.push import GatewayClient
