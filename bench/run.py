@@ -214,6 +214,8 @@ port = {self.sim_port}
 [tls]
 cert = "{t["server"]}"
 key = "{t["server_key"]}"
+client_cert = "{t["server_client"]}"
+client_key = "{t["server_client_key"]}"
 ca = "{t["ca"]}"
 [operator]
 host = "127.0.0.1"

@@ -220,7 +220,7 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
         device_names=tuple(args.device_name),
     )
     for name, path in files.items():
-        print(f"{name:<12} {path}")
+        print(f"{name:<18} {path}")
     return int(ExitCode.OK)
 
 
