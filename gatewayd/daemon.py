@@ -145,6 +145,16 @@ class Gateway:
         assert self._store is not None, "the gateway has not started"
         return self._store
 
+    @property
+    def store_if_open(self) -> Store | None:
+        """The store while it is open (the status view asks before and after too)."""
+        return self._store
+
+    @property
+    def registrar(self) -> Registrar | None:
+        """The registration with the server, once :meth:`run` has created it."""
+        return self._registrar
+
     def request_stop(self) -> None:
         self._stop.set()
 
