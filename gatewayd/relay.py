@@ -592,15 +592,22 @@ class ExpirySweep:
         """One pass as of ``now`` (the clock's time by default); a full or failing disk
         defers it (logged once) instead of raising."""
         at = self._clock() if now is None else now
+        # Which expiries queued a report for the server, noted as the store builds them
+        # (in its transaction, on the writer thread; read here once it committed).
+        for_server: dict[int, bool] = {}
+
+        def report(item: Item) -> tuple[Queue, PutRequest] | None:
+            built = expiry_report(self._dispatcher, item)
+            for_server[item.id] = built is not None and built[0] == Queue.REPORT
+            return built
+
         try:
-            expired = await self._store.expire(
-                at, report=lambda item: expiry_report(self._dispatcher, item)
-            )
+            expired = await self._store.expire(at, report=report)
             for item in expired:
                 metrics.expired(item)
                 with bound_message(item.msg_id, queue=str(item.queue)):
                     log.warning("message.expired", to="dead-letter queue")
-                    if self._queued_report(item):
+                    if for_server.get(item.id, False):
                         metrics.report("queued")
                         log.info("report.queued", delivered=False, cause="EXPIRED")
             await self._store.prune(at)
@@ -617,12 +624,3 @@ class ExpirySweep:
         while True:
             await self.sweep()
             await asyncio.sleep(self.interval)
-
-    def _queued_report(self, item: Item) -> bool:
-        """Whether the expiry of ``item`` stored a report for the server (``expiry_report``
-        is pure, so asking again tells what the store did)."""
-        try:
-            report = expiry_report(self._dispatcher, item)
-        except Exception:  # an unreadable body: the store logged it, and stored no report
-            return False
-        return report is not None and report[0] == Queue.REPORT
