@@ -567,11 +567,7 @@ class Gateway:
         self.live.set_gauges()
         if self._store is None:
             return
-        stats = await self._store.stats()
-        for queue, counts in stats["queues"].items():
-            metrics.STORE_BACKLOG.labels(queue=queue).set(counts["pending"])
-            metrics.STORE_DEAD.labels(queue=queue).set(counts["dead"])
-            metrics.STORE_OLDEST_AGE.labels(queue=queue).set(counts["oldest_age"] or 0)
+        metrics.set_store(await self._store.stats())
 
     def _transport_of(self, lane: str) -> str:
         endpoint = self.directory.endpoint(lane)

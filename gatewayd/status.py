@@ -108,13 +108,15 @@ class LiveState:
     async def status(self) -> dict[str, Any]:
         gw = self._gw
         self.set_gauges()
+        gw.credentials.set_expiry_gauges()  # days left as of now
         registrar = gw.registrar
         expires = registrar.expires if registrar is not None else None
         refused = registrar.refused if registrar is not None else None
         queues: dict[str, Any] = {}
         store = gw.store_if_open
         if store is not None:
-            stats = await store.stats()
+            stats = await store.stats()  # one scan, shared with the store gauges
+            metrics.set_store(stats)
             for name, counts in stats["queues"].items():
                 worker = next((w for q, w in self.workers.items() if _store_queue(q) == name), None)
                 age = counts["oldest_age"]
