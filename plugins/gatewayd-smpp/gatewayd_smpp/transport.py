@@ -98,7 +98,10 @@ class SmppTransport(Transport):
         self.config = cfg = SmppConfig.from_settings(settings)
         self._log: Logger = context.log.bind(smsc=f"{cfg.host}:{cfg.port}")
         self._book = receipts.ReceiptBook(
-            submit_format=cfg.submit_id_format, receipt_format=cfg.receipt_id_format
+            submit_format=cfg.submit_id_format,
+            receipt_format=cfg.receipt_id_format,
+            log=self._log,
+            transport=self.name,
         )
         self._intake = Intake(cfg, context, self._book, self._log, self._unclaimed)
         self._password = ""
@@ -326,10 +329,20 @@ class SmppTransport(Transport):
                 "smpp.receipt.unmatched", smsc_message_id=receipt.message_id, stat=receipt.stat
             )
             return
+        named = sorted(set(known.values()))
+        if len(named) > 1:
+            # Submitted messages it could name under different readings ("auto"): the
+            # same rule as in the book, nobody guesses (and nothing is stored for them).
+            self._book.ambiguous([receipt.message_id], named)
+            return
+        matched = [k for k in keys if f"id:{k}" in known]
+        self._book.learn(receipt.message_id, matched)
         value = json.dumps({"state": receipt.state, "err": receipt.error})
         ttl = self.config.receipt_timeout + _KEEP_AFTER
-        await self.context.kv.put_many({f"receipt:{k}": value for k in keys}, ttl=ttl)
-        msg_id = next(iter(known.values()))
+        # Only under the keys that matched: another reading of the id may be another
+        # message's, whose retry must not take this receipt.
+        await self.context.kv.put_many({f"receipt:{k}": value for k in matched}, ttl=ttl)
+        msg_id = named[0]
         self._log.info(
             "smpp.receipt.held",
             msg_id=msg_id,
