@@ -6,7 +6,8 @@ that never completed. Each session owns its reader and its deliver_sm handlers
 (:mod:`gatewayd_smpp.session`).
 
 MT submits are written down in the transport's durable key/value table
-(``context.kv``): which SMSC message ids each downlink got, per part. A retry of the
+(``context.kv``): which SMSC message ids each downlink got, per part (without receipts,
+only while parts remain to be sent: the outcome follows at once). A retry of the
 same downlink after a restart submits only the parts that never got an id, and waits
 for the receipts of the others; a receipt that arrives while nobody waits is stored
 under its id until its message asks for it.
@@ -237,6 +238,9 @@ class SmppTransport(Transport):
         elif record.ids:
             log.info("smpp.submit.resumed", smsc_message_ids=list(record.ids.values()))
         futures: dict[int, asyncio.Future[receipts.Receipt]] = {}
+        # Whether the table holds rows of this message that the end must remove: a
+        # message that never wrote any (and found none) costs no delete.
+        written = stored is not None
         try:
             for seq, part in enumerate(parts):
                 if seq not in record.ids:
@@ -246,7 +250,12 @@ class SmppTransport(Transport):
                         # Registered before any await: a receipt read right after the
                         # submit_sm_resp finds its waiter.
                         futures[seq] = self._book.expect(smsc_id)
-                    await self._remember(key, message.msg_id, record)
+                    if self.config.receipts or len(record.ids) < len(parts):
+                        # Without receipts, the outcome follows the last part at once:
+                        # its record would be deleted right after the commit. Only a
+                        # part still to send needs the ones before written down.
+                        await self._remember(key, message.msg_id, record)
+                        written = True
                 elif self.config.receipts:
                     futures[seq] = await self._expect_stored(record.ids[seq])
             ids = [record.ids[i] for i in range(len(parts))]
@@ -257,7 +266,8 @@ class SmppTransport(Transport):
                 smsc_message_ids=ids,
             )
             if not self.config.receipts:
-                await self._forget(key, record)
+                if written:
+                    await self._forget(key, record)
                 return DeliveryOutcome.success()
             outcome = await self._await_receipts(log, record, list(futures.values()))
             await self._forget(key, record)
@@ -271,7 +281,7 @@ class SmppTransport(Transport):
                 permanent=outcome.permanent,
                 parts_sent=len(record.ids),
             )
-            if failed.forget:
+            if failed.forget and written:
                 await self._forget(key, record)
             return outcome
 
