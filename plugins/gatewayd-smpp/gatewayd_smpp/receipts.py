@@ -224,7 +224,7 @@ class ReceiptBook:
     def submit_keys(self, message_id: str) -> tuple[str, ...]:
         """Every key a submit id may be found under (all readings the formats allow):
         what the durable table is written with, learned reading or not."""
-        return tuple(dict.fromkeys(k for k in self._keys(message_id, self._all, True).values()))
+        return tuple(self._keys(message_id, self._all, True).values())
 
     def receipt_keys(self, message_id: str) -> tuple[str, ...]:
         """The keys a receipt id is looked up under: the readings still in use."""
