@@ -283,3 +283,35 @@ async def test_a_refused_mt_that_wrote_nothing_deletes_nothing(
     strict.submit_statuses = ["ESME_RINVDSTADR"]
     assert (await transport.deliver(downlink("refused", msg_id="mt-8"))).permanent
     assert [call for call, _ in kv.calls] == ["get"]
+
+
+class GatedKV(MemoryKV):
+    """A MemoryKV whose writes wait for ``opened``: a test acts between two parts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened = asyncio.Event()
+        self.writing = asyncio.Event()
+
+    async def put_many(self, items: Mapping[str, str], *, ttl: float) -> None:
+        self.writing.set()
+        await self.opened.wait()
+        await super().put_many(items, ttl=ttl)
+
+
+async def test_without_receipts_a_retry_sends_only_the_parts_never_sent(
+    strict: StrictSmsc, start_strict: Starter
+) -> None:
+    kv = GatedKV()
+    transport, _ = await start_strict(kv=kv, receipts=False)
+    first = asyncio.create_task(transport.deliver(downlink("y" * 200, msg_id="mt-9")))
+    await asyncio.wait_for(kv.writing.wait(), 5)  # part 1 is in, its id being written
+    strict.submit_statuses = ["ESME_RX_T_APPN"]  # part 2 is refused, for now
+    kv.opened.set()
+    outcome = await asyncio.wait_for(first, 5)
+    assert not outcome.delivered
+    assert not outcome.permanent
+    assert (await transport.deliver(downlink("y" * 200, msg_id="mt-9"))).delivered
+    seqs = [bytes.fromhex(e["short_message"])[5] for e in strict.of("submit_sm")]
+    assert seqs == [1, 2, 2]  # part 1 once; part 2 refused, then sent on the retry
+    assert kv.rows == {}
