@@ -295,6 +295,14 @@ class ReceiptBook:
             return Match.AMBIGUOUS
         return Match.UNCLAIMED
 
+    def is_kept(self, receipt: Receipt) -> bool:
+        """Whether ``receipt`` (as :meth:`resolve` kept it) still waits for a submit."""
+        for reading, key in self._keys(receipt.message_id, self._readings, False).items():
+            serial = self._kept_at[reading].get(key)
+            if serial is not None and self._kept[serial].receipt is receipt:
+                return True
+        return False
+
     def learn(self, message_id: str, matched: Iterable[str]) -> None:
         """A receipt matched elsewhere (in the durable table) under the keys
         ``matched`` (of :meth:`receipt_keys`): learn from it as from one matched here."""

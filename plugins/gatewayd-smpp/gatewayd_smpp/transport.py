@@ -111,6 +111,8 @@ class SmppTransport(Transport):
         self._next_slot = 0.0  # max_rate pacing: monotonic time of the next free slot
         self._refs = itertools.cycle(range(256))
         self._tasks: list[asyncio.Task[None]] = []
+        # One future per submit_sm waiting for its response, done once it is answered.
+        self._submitting: set[asyncio.Future[None]] = set()
         self._stopped = asyncio.Event()
         self.links = self._make_links()
 
@@ -331,7 +333,16 @@ class SmppTransport(Transport):
 
         Called before the receipt is acknowledged to the SMSC. A receipt that names no
         message we submitted (its id unknown under every reading) is a warning.
+
+        Most often it merely overtook its own submit_sm_resp (read on another bind, or
+        just behind it on this one): so it first waits for the submits answered by then
+        (bounded by response_timeout). If one of them took it, nothing is looked up or
+        written.
         """
+        if self._submitting:
+            await asyncio.wait(set(self._submitting), timeout=self.config.response_timeout)
+            if not self._book.is_kept(receipt):
+                return
         keys = self._book.receipt_keys(receipt.message_id)
         known = await self.context.kv.get_many(f"id:{k}" for k in keys)
         if not known:
@@ -395,12 +406,14 @@ class SmppTransport(Transport):
     async def _submit_once(self, link: Link, body: bytes) -> tuple[int, str]:
         """One submit_sm through ``link``: (status, SMSC message id or the cause)."""
         link.inflight += 1
+        answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
             async with link.window:
                 await self._pace()
                 session = link.session
                 if session is None:
                     raise _Failed(DeliveryOutcome.failure("SMSC not bound"))
+                self._submitting.add(answered)  # from here on, the SMSC may answer it
                 resp = await session.request(
                     Command.SUBMIT_SM, body, timeout=self.config.response_timeout
                 )
@@ -412,6 +425,10 @@ class SmppTransport(Transport):
             return exc.status, str(exc)
         finally:
             link.inflight -= 1
+            # Whoever waits on this resumes after deliver() registered the id with the
+            # book: nothing between here and ReceiptBook.expect() awaits.
+            self._submitting.discard(answered)
+            answered.set_result(None)
         if resp.status == Status.ROK:
             return Status.ROK, message_id(resp.body)
         return resp.status, status_name(resp.status)

@@ -315,3 +315,25 @@ async def test_without_receipts_a_retry_sends_only_the_parts_never_sent(
     seqs = [bytes.fromhex(e["short_message"])[5] for e in strict.of("submit_sm")]
     assert seqs == [1, 2, 2]  # part 1 once; part 2 refused, then sent on the retry
     assert kv.rows == {}
+
+
+async def test_a_receipt_that_overtakes_its_submit_on_another_bind_is_not_looked_up(
+    strict: StrictSmsc, start_strict: Starter
+) -> None:
+    """Split binds: the receipt comes on the receiver, its submit_sm_resp on a
+    transmitter, and is often read first. It used to be looked up in the store (a
+    transaction) and logged as unmatched, then matched all the same."""
+    strict.auto_receipt = "DELIVRD"
+    kv = CountingKV()
+    transport, _ = await start_strict(kv=kv, binds=2, bind_mode="split", receipt_timeout=5.0)
+    await strict.wait_for(lambda e: e["event"] == "bind", count=3)
+    for link in transport.links:
+        await asyncio.wait_for(link.bound.wait(), 5)
+    with capture_logs() as logs:
+        outcomes = await asyncio.gather(
+            *(transport.deliver(downlink("x", msg_id=f"o{i}")) for i in range(100))
+        )
+    assert all(o.delivered for o in outcomes)
+    assert [e for e in logs if e["event"] == "smpp.receipt.unmatched"] == []
+    assert [call for call, _ in kv.calls].count("get") == 100  # the records' look-ups only
+    assert kv.rows == {}
