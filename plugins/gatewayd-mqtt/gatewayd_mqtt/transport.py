@@ -550,9 +550,9 @@ class MqttTransport(Transport):
         self, link: _Link, log: Logger, *, device: str, error: PayloadError, payload: bytes
     ) -> Verdict:
         """Input that cannot become a message: recorded by the gateway (dead-letter
-        queue, log, metric), then refused to the device for good."""
+        queue, metric, and the refusal's one log line, ``intake.rejected``), then
+        refused to the device for good."""
         reason, detail = error.reason, error.detail
-        log.warning("mqtt.payload.invalid", device=device, reason=reason, detail=detail)
 
         async def record() -> None:
             rejection = Rejection(device=device, reason=reason, detail=detail, content=payload)
@@ -619,8 +619,8 @@ class MqttTransport(Transport):
         """Hand a message to the core until it is stored or refused for good.
 
         A permanent refusal (invalid, unknown or refused device) was recorded by the core
-        (dead-letter queue, log, metric): it is acknowledged, with an MQTT 5 reason code,
-        so the broker never redelivers it. A storage refusal (backlog or disk full) is
+        (dead-letter queue, log line, metric): it is acknowledged, with an MQTT 5 reason
+        code, so the broker never redelivers it. A storage refusal (backlog or disk full) is
         retried after its ``retry_after`` (or a backoff) while the message stays
         unacked, so the broker's in-flight window fills and holds the device traffic
         back. Should the connection drop or the transport stop meanwhile, it is given up
@@ -635,8 +635,12 @@ class MqttTransport(Transport):
             except IntakeRefusedError as exc:
                 if exc.permanent:
                     self.stats.rejected += 1
-                    log.warning("mqtt.uplink.rejected", reason=exc.reason, detail=exc.detail)
-                    return _REASON_CODES.get(exc.reason, UNSPECIFIED_ERROR)
+                    code = _REASON_CODES.get(exc.reason, UNSPECIFIED_ERROR)
+                    # The core logged the refusal (intake.rejected): one line per refusal,
+                    # so ours, with the answer we give, is debug only.
+                    if self._debug(log):
+                        log.debug("mqtt.uplink.rejected", reason=exc.reason, code=code)
+                    return code
                 self.stats.refusals += 1
                 # retry_after is advice for devices (a full disk says 30 s). Trying the
                 # local store again is cheap, and only each device's head message does:
