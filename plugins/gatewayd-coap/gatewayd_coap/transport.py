@@ -158,7 +158,11 @@ class _Site(resource.Resource, resource.PathCapable):  # type: ignore[misc]
             log.warning("coap.request.invalid", kind=kind, cause=str(exc))
             return _answer(numbers.codes.BAD_REQUEST, str(exc))
         except IntakeRefusedError as exc:
-            log.warning("coap.uplink.refused", kind=kind, reason=exc.reason, detail=exc.detail)
+            # One line per refusal: a permanent one was logged by the core
+            # (intake.rejected), so only a refusal for now (5.03) is ours above debug.
+            event = "coap.uplink.refused"
+            emit = log.debug if exc.permanent else log.warning
+            emit(event, kind=kind, reason=exc.reason, detail=exc.detail)
             return _refusal(exc)
         if kind == "reports":
             log.info("coap.report.accepted")
