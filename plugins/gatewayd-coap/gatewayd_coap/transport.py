@@ -27,6 +27,8 @@ from gatewayd.api import (
     Downlink,
     GatewaydError,
     IntakeRefusedError,
+    Logger,
+    Rejection,
     Transport,
     TransportContext,
     TransportSettings,
@@ -155,8 +157,7 @@ class _Site(resource.Resource, resource.PathCapable):  # type: ignore[misc]
                 log = log.bind(msg_id=report.msg_id)
                 await context.accept_report(report)
         except BadRequest as exc:
-            log.warning("coap.request.invalid", kind=kind, cause=str(exc))
-            return _answer(numbers.codes.BAD_REQUEST, str(exc))
+            return await self._bad_request(device, kind, request.payload, exc, log)
         except IntakeRefusedError as exc:
             # One line per refusal: a permanent one was logged by the core
             # (intake.rejected), so only a refusal for now (5.03) is ours above debug.
@@ -171,6 +172,26 @@ class _Site(resource.Resource, resource.PathCapable):  # type: ignore[misc]
         return _json(
             numbers.codes.CREATED, {"msgId": acceptance.msg_id, "duplicate": acceptance.duplicate}
         )
+
+    async def _bad_request(
+        self, device: str, kind: str, raw: bytes, exc: BadRequest, log: Logger
+    ) -> aiocoap.Message:
+        """A body that is no message. A listed device's uplink is kept in the gateway's
+        dead-letter queue (``context.reject``, which logs and counts it); anything else
+        is answered and logged here. Without device authentication on this transport,
+        junk from unlisted names is not stored: it would let anyone fill the store."""
+        context = self._transport.context
+        if kind != "messages" or context.device(device) is None:
+            log.warning("coap.request.invalid", kind=kind, cause=str(exc))
+            return _answer(numbers.codes.BAD_REQUEST, str(exc))
+        try:
+            await context.reject(
+                Rejection(device=device, reason="invalid_body", detail=str(exc), content=raw)
+            )
+        except IntakeRefusedError as refused:  # not even the record fits: 5.03, retry
+            log.warning("coap.uplink.refused", kind=kind, reason=refused.reason)
+            return _refusal(refused)
+        return _answer(numbers.codes.BAD_REQUEST, str(exc))
 
 
 _KINDS = ("messages", "reports")
