@@ -9,9 +9,11 @@ from typing import Any
 
 import aiocoap
 import pytest
-from aiocoap import numbers
+from aiocoap import numbers, oscore
 from aiocoap.message import UndecidedRemote
 from coap_device import SALT, SECRET, Device, oscore_folder
+from gatewayd_coap.config import read_config
+from gatewayd_coap.security import BLOCK, LOW_WATER, DeviceContext
 from gatewayd_coap.transport import CoapTransport
 from gatewayd_testing import MemoryKV, MemoryTransportContext, transport_settings
 from structlog.testing import capture_logs
@@ -353,3 +355,34 @@ async def test_a_bad_secret_fails_the_start_naming_the_key(
     ) as err:
         await transport.start()
     assert "00ff" not in str(err.value)  # the secret is never shown
+
+
+async def test_sequence_numbers_are_durably_reserved_before_use() -> None:
+    s = settings([{"device": "d1", "oscore": oscore_table("d1", {"env": "UNUSED"})}])
+    config = read_config(s).oscore["d1"]
+    kv = MemoryKV()
+    log = MemoryTransportContext().log
+
+    def reserved() -> int:
+        ((value, _),) = kv.rows.values()
+        return int(value)
+
+    first = DeviceContext("d1", config, bytes.fromhex(SECRET), kv, log)
+    await first.load()
+    assert (first.sender_sequence_number, reserved()) == (0, BLOCK)
+    for _ in range(BLOCK - LOW_WATER + 1):  # into the low-water mark: a block is added
+        first.new_sequence_number()
+    await first.ensure_headroom()
+    assert reserved() == 2 * BLOCK
+    # Never a number beyond what is stored, even if the store lags behind.
+    first.sender_sequence_number = 2 * BLOCK
+    with pytest.raises(oscore.ContextUnavailable):
+        first.new_sequence_number()
+    await first.aclose()
+    # A restart (even after a crash: nothing is written at stop) continues after the
+    # last reserved block, whatever was used of it.
+    again = DeviceContext("d1", config, bytes.fromhex(SECRET), kv, log)
+    await again.load()
+    assert again.sender_sequence_number >= 2 * BLOCK
+    assert reserved() >= again.sender_sequence_number + BLOCK
+    assert "0102" not in repr(again)  # no key material in aiocoap's logs
