@@ -113,6 +113,8 @@ class DeviceContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityConte
             self._reserve()  # in the background; ensure_headroom awaits it if needed
 
     def unprotect(self, protected_message: Any, request_id: Any = None) -> Any:
+        if request_id is not None:  # a device's response: its failure is the delivery's
+            return super().unprotect(protected_message, request_id)
         try:
             return super().unprotect(protected_message, request_id)
         except oscore.ReplayErrorWithEcho:

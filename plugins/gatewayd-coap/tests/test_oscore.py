@@ -171,6 +171,42 @@ async def test_a_replayed_request_is_401_and_stored_once(
     assert [(e["reason"], e["device"]) for e in refused] == [("replay", "d1")]
 
 
+async def test_an_unknown_or_forged_context_is_refused(
+    gateway: Gateway, d1: Device, device: Device, tmp_path: Path
+) -> None:
+    host, port = gateway.transport.address
+    # A device ID the gateway has no context for: 4.01.
+    stranger = Device(oscore_folder(tmp_path / "x", device_id="09", gateway_id="a9"))
+    await stranger.start()
+    try:
+        with capture_logs() as logs:
+            try:
+                await stranger.post((host, port), "v1/devices/d1/messages", uplink("x"))
+            except oscore.NotAProtectedMessage as exc:  # the 4.01 cannot be protected
+                unknown = exc.plain_message
+            # d1's ID with a tampered ciphertext: 4.00 (RFC 8613 8.2), as aiocoap answers.
+            request = aiocoap.Message(
+                code=numbers.codes.POST,
+                uri=f"coap://{host}:{port}/v1/devices/d1/messages",
+                payload=uplink("y"),
+            )
+            protected, _ = d1.security.protect(request)
+            forged = protected.copy(
+                remote=UndecidedRemote("coap", f"{host}:{port}"),
+                payload=protected.payload[:-1] + bytes([protected.payload[-1] ^ 1]),
+            )
+            tampered = await device.context.request(forged).response
+    finally:
+        await stranger.close()
+    assert (unknown.code.dotted, tampered.code.dotted) == ("4.01", "4.00")
+    assert gateway.context.accepted == []
+    refused = [e for e in logs if e["event"] == "coap.auth.refused"]
+    assert [(e["reason"], e.get("kid"), e.get("device")) for e in refused] == [
+        ("unknown_context", "09", None),
+        ("not_decryptable", None, "d1"),
+    ]
+
+
 def downlink(msg_id: str) -> Downlink:
     return Downlink(
         msg_id=msg_id,
