@@ -23,7 +23,7 @@ from typing import Any
 
 from aiocoap import oscore
 
-from gatewayd.api import KeyValueStore, Logger
+from gatewayd.api import ConfigError, KeyValueStore, Logger
 from gatewayd_coap.config import OscoreConfig, read_master_secret
 
 # Sequence numbers are reserved this many at a time; a restart skips the rest of a block
@@ -172,8 +172,20 @@ async def load_contexts(
 ) -> ServerContexts:
     """Read every master secret and each context's sequence-number state."""
     contexts = ServerContexts(log)
+    keys: dict[bytes, str] = {}
     for device, config in configs.items():
         context = DeviceContext(device, config, read_master_secret(config), kv, log)
+        # Two contexts deriving one key (a shared secret and salt with a repeated ID)
+        # would encrypt under the same key and nonces with separate counters: nonce
+        # reuse (RFC 8613 3.3 asks for IDs unique per master secret).
+        for key in (context.sender_key, context.recipient_key):
+            other = keys.setdefault(key, device)
+            if other != device:
+                raise ConfigError(
+                    config.master_secret.key,
+                    f"derives the same key as device {other!r}'s context; give each a "
+                    "different secret, or IDs unique among devices that share one",
+                )
         await context.load()
         contexts.add(context)
     return contexts

@@ -422,3 +422,16 @@ async def test_sequence_numbers_are_durably_reserved_before_use() -> None:
     assert again.sender_sequence_number >= 2 * BLOCK
     assert reserved() >= again.sender_sequence_number + BLOCK
     assert "0102" not in repr(again)  # no key material in aiocoap's logs
+
+
+async def test_two_contexts_with_one_key_fail_the_start(secret_env: dict[str, str]) -> None:
+    # Same secret and salt, and the gateway's ID reused as the other device's: d2's
+    # recipient key is d1's sender key.
+    devices: list[dict[str, object]] = [
+        {"device": "d1", "oscore": oscore_table("d1", secret_env)},
+        {"device": "d2", "oscore": {**oscore_table("d2", secret_env), "recipient_id": "a1"}},
+    ]
+    s = settings(devices)
+    transport = CoapTransport(s, MemoryTransportContext(s.devices))
+    with pytest.raises(ConfigError, match=r"devices\[1\]\.oscore\.master_secret.*'d1'"):
+        await transport.start()
