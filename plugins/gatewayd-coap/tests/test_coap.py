@@ -25,14 +25,6 @@ def settings(options: dict[str, Any], endpoint: str | None = None) -> Any:
 
 
 @pytest.fixture
-async def device() -> AsyncIterator[Device]:
-    dev = Device()
-    await dev.start()
-    yield dev
-    await dev.close()
-
-
-@pytest.fixture
 async def started(device: Device) -> AsyncIterator[tuple[CoapTransport, MemoryTransportContext]]:
     s = settings({"max_body": 200, "delivery_timeout": 5.0}, device.endpoint)
     context = MemoryTransportContext(s.devices, transport="co")
