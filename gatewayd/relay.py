@@ -329,15 +329,18 @@ class TransportIntake:
             body=body,
         )
         metrics.rejected(self._name, reason)
-        with bound_message(record_id):
-            log.warning(
-                "intake.rejected",
-                transport=self._name,
-                device=safe_device,
-                reason=reason,
-                detail=body["detail"],
-                recorded=recorded,
-            )
+        # The one line per refused input: monitoring counts lines, so the transport that
+        # answers the device logs the same refusal at debug at most. ``msg_id`` is the DLQ
+        # record's: the input's own id when it had one.
+        log.warning(
+            "intake.rejected",
+            transport=self._name,
+            device=safe_device,
+            msg_id=record_id,
+            reason=reason,
+            detail=body["detail"],
+            recorded=recorded,
+        )
 
     def peer_dropped(self, count: int, detail: str) -> None:
         metrics.peer_dropped(self._name, count)
@@ -364,13 +367,15 @@ class TransportIntake:
                     raise InvalidMessageError(f"{name} is not valid Unicode text")
             device = await self._resolve(report.device)
         except IntakeRefusedError as exc:
-            # A report is no message: logged and counted, not kept in the DLQ.
+            # A report is no message: logged (the one line, as for a message) and
+            # counted, not kept in the DLQ.
             if exc.permanent:
                 metrics.rejected(self._name, exc.reason)
                 log.warning(
                     "intake.rejected",
                     transport=self._name,
                     device=_printable(report.device),
+                    msg_id=_printable(report.msg_id),
                     reason=exc.reason,
                     detail=exc.detail,
                     kind="report",
