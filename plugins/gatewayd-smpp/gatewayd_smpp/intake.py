@@ -145,10 +145,11 @@ class Intake:
         receipt = receipts.parse(sm)
         if receipt is None:
             self._log.warning("smpp.receipt.unreadable", source=sm.source_addr)
-        elif receipt.final and not self._book.resolve(receipt):
+        elif receipt.final and self._book.resolve(receipt) is receipts.Match.UNCLAIMED:
             # Nobody here waits for it: it overtook its submit's task, or it belongs to a
             # message submitted before a restart. Either way it is written down (kept
-            # until receipt_timeout) before the SMSC hears we have it.
+            # until receipt_timeout) before the SMSC hears we have it. An ambiguous one
+            # (it could name several submits) is not: the book keeps it, nobody guesses.
             try:
                 await self._on_unclaimed(receipt)
             except Exception as exc:
