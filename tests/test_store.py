@@ -180,6 +180,7 @@ async def test_backlog_full_by_count_refuses_and_stores_nothing(db: Path) -> Non
 async def test_a_refusal_after_a_write_commits_none_of_that_job(store: Store) -> None:
     """A job that writes and then refuses (a GatewaydError) leaves nothing behind, while
     the jobs that shared its transaction still commit."""
+
     def write(key: str, refuse: bool) -> Callable[[Txn], str]:
         def job(txn: Txn) -> str:
             txn.conn.execute(
