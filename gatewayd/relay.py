@@ -607,6 +607,8 @@ class ExpirySweep:
             return built
 
         try:
+            if self._store.refusing is not None:
+                await self._store.probe()  # ends the refusal once space is back
             expired = await self._store.expire(at, report=report)
             for item in expired:
                 metrics.expired(item)

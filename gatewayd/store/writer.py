@@ -66,6 +66,7 @@ class Txn:
     writer: Writer
     woken: set[Queue] = field(default_factory=set)
     puts: int = 0
+    proven: bool = False  # a probe allocated space: the store writes again
 
 
 @dataclass(slots=True)
@@ -203,7 +204,7 @@ class Writer:
         self.commits += 1
         self.rows_put += txn.puts
         self.backlog = txn.backlog
-        if txn.puts and self._episode is not None:
+        if (txn.puts or txn.proven) and self._episode is not None:
             log.info("store.recovered", after=self._episode, path=str(self.settings.path))
             self._episode = None
         # One hand-over to the loop per transaction, not one per job: each
