@@ -82,17 +82,14 @@ class DeviceContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityConte
             self._reserving = asyncio.get_running_loop().create_task(
                 self._write_block(), name=f"coap:oscore-reserve:{self.device}"
             )
-            # Logged in _write_block; whoever needs the block awaits it and sees it fail.
+            # Not logged: whoever needs the block awaits it and reports the failure once
+            # (a start that fails, a downlink that fails for now and is retried).
             self._reserving.add_done_callback(lambda t: t.cancelled() or t.exception())
         return self._reserving
 
     async def _write_block(self) -> None:
         limit = max(self._reserved, self.sender_sequence_number) + BLOCK
-        try:
-            await self._kv.put(self._kv_key, str(limit), ttl=KV_TTL)
-        except Exception:
-            self._log.exception("coap.oscore.reserve_failed", device=self.device)
-            raise
+        await self._kv.put(self._kv_key, str(limit), ttl=KV_TTL)
         self._reserved = limit
 
     # --- aiocoap's hooks (synchronous: called while protecting a message) -------------

@@ -18,7 +18,7 @@ from gatewayd_coap.transport import CoapTransport
 from gatewayd_testing import MemoryKV, MemoryTransportContext, transport_settings
 from structlog.testing import capture_logs
 
-from gatewayd.api import Address, ConfigError, Downlink
+from gatewayd.api import Address, BacklogFullError, ConfigError, Downlink, GatewaydError
 from gatewayd.api import Device as MappedDevice
 
 # The gateway's and each device's OSCORE IDs (hex); one master secret, distinct IDs.
@@ -247,6 +247,41 @@ async def test_a_restart_does_not_reuse_sequence_numbers(gateway: Gateway, d1: D
     assert not replayed.delivered
     assert replayed.cause.startswith("the device answered 4.01 unprotected"), replayed
     assert d1.inbox.messages.empty()
+
+
+@pytest.mark.parametrize(
+    "failure",
+    # The store's disk is full; or it failed otherwise (a StoreError, which plugins see
+    # as the GatewaydError it is).
+    [BacklogFullError("the store's disk is full"), GatewaydError("the store is closed")],
+)
+async def test_a_store_that_cannot_reserve_sequence_numbers_fails_the_downlink_for_now(
+    gateway: Gateway, d1: Device, monkeypatch: pytest.MonkeyPatch, failure: GatewaydError
+) -> None:
+    """Reserving numbers is a kv write: when the store refuses it, nothing is sent and
+    the downlink fails for now (the worker retries it), in one warning, no traceback."""
+    secctx = gateway.transport._oscore.by_device["d1"]
+    # Into the low-water mark: the next protected request must reserve a block first.
+    secctx.sender_sequence_number = BLOCK - LOW_WATER + 1
+
+    async def refuse(key: str, value: str, *, ttl: float) -> None:
+        raise failure
+
+    monkeypatch.setattr(gateway.kv, "put", refuse)
+    with capture_logs() as logs:
+        outcome = await gateway.transport.deliver(downlink("dl-1"))
+    assert (outcome.delivered, outcome.permanent, outcome.cause) == (
+        False,
+        False,
+        f"no OSCORE sequence number could be reserved: {failure}",
+    )
+    assert [(e["event"], e["log_level"]) for e in logs] == [("coap.delivery.failed", "warning")]
+    assert "exc_info" not in logs[0]
+    assert secctx.sender_sequence_number == BLOCK - LOW_WATER + 1  # none was used
+    assert d1.inbox.messages.empty()
+    monkeypatch.undo()  # the store is back: the retry goes out
+    assert (await gateway.transport.deliver(downlink("dl-1"))).delivered
+    assert (await d1.inbox.messages.get())["msgId"] == "dl-1"
 
 
 async def test_mixed_devices_plain_one_on_loopback(
