@@ -149,6 +149,64 @@ def test_config_errors_name_the_key(
         assert "hunter2" not in result.stderr  # a secret is never echoed back
 
 
+# Two OSCORE devices of the coap transport, their master secrets in files next to the
+# config; each case fills in the gateway's ID in d2's context (a1 is d1's).
+COAP_OSCORE = """
+[transports.co]
+plugin = "coap"
+listen = "127.0.0.1:0"
+[[transports.co.devices]]
+device = "d1"
+service_id = "ue-d1@iot.example"
+[transports.co.devices.oscore]
+master_secret = { file = "d1.key" }
+sender_id = "a1"
+recipient_id = "01"
+[[transports.co.devices]]
+device = "d2"
+service_id = "ue-d2@iot.example"
+[transports.co.devices.oscore]
+master_secret = { file = "d2.key" }
+sender_id = "D2_SENDER"
+recipient_id = "02"
+"""
+SECRET = "0102030405060708090a0b0c0d0e0f10"
+
+
+@pytest.mark.parametrize(
+    ("d1_secret", "d2_sender", "error"),
+    [
+        (SECRET, "a2", None),
+        ("00ff", "a2", "devices[0].oscore.master_secret: the secret is 2 bytes; at least 16"),
+        ("hunter2", "a2", "devices[0].oscore.master_secret: the secret is not hex digits"),
+        # d2's secret is d1's, and so is the gateway's ID: both derive one sender key.
+        (SECRET, "a1", "devices[1].oscore.master_secret: derives the same key as device 'd1'"),
+    ],
+    ids=["valid", "short secret", "not hex", "one key twice"],
+)
+def test_check_config_refuses_an_oscore_secret_that_start_refuses(
+    tmp_path: Path,
+    loopback_pki: Pki,
+    d1_secret: str,
+    d2_sender: str,
+    error: str | None,
+) -> None:
+    """check-config constructs the coap transport but never starts it: the secret's
+    format and a key derived twice are checked there, with start's verdict and code."""
+    (tmp_path / "d1.key").write_text(d1_secret + "\n")
+    (tmp_path / "d2.key").write_text(SECRET + "\n")
+    path = _config(tmp_path, loopback_pki, transports=COAP_OSCORE.replace("D2_SENDER", d2_sender))
+    if error is None:
+        result = gatewayd("check-config", str(path))
+        assert result.returncode == ExitCode.OK, result.stderr
+        return
+    for command in (["check-config", str(path)], ["run", "--config", str(path)]):
+        result = gatewayd(*command)
+        assert result.returncode == ExitCode.CONFIG, result.stderr
+        assert f"{path}: transports.co.{error}" in result.stderr, result.stderr
+        assert d1_secret not in result.stderr  # a secret is never echoed back
+
+
 def test_pki_init_writes_private_keys_0600(tmp_path: Path) -> None:
     result = gatewayd("pki", "init", str(tmp_path / "pki"))
     assert result.returncode == 0, result.stderr

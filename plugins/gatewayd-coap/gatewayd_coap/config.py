@@ -1,6 +1,8 @@
 """The ``[transports.NAME]`` keys of the coap transport, read once at construction.
 
-Secrets (OSCORE master secrets) stay :class:`SecretRef` until the transport starts.
+OSCORE master secrets are read here too, through their references: ``check-config``
+constructs the transport without starting it, so a secret that is no valid key, or two
+contexts that would share a key, must fail here to get the verdict a start gets.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class OscoreConfig:
     """One device's OSCORE security context parameters (RFC 8613 3.2), as the gateway
     sees them: ``sender_id`` is the gateway's ID, ``recipient_id`` the device's."""
 
-    master_secret: SecretRef = field(repr=False)
+    master_secret: bytes = field(repr=False)
     master_salt: bytes
     sender_id: bytes
     recipient_id: bytes
@@ -74,6 +76,15 @@ def read_config(settings: TransportSettings) -> CoapConfig:
             other = kids.setdefault(context.recipient_id, device.name)
             if other != device.name:
                 raise sub.error("recipient_id", f"the same as device {other!r}'s")
+            for name, earlier in oscore.items():
+                if _share_a_key(context, earlier):
+                    # One key under two contexts with separate sequence numbers would
+                    # reuse nonces (RFC 8613 3.3 asks for IDs unique per master secret).
+                    raise sub.error(
+                        "master_secret",
+                        f"derives the same key as device {name!r}'s context; give each a "
+                        "different secret, or IDs unique among devices that share one",
+                    )
             oscore[device.name] = context
         endpoint = dopts.get_str("endpoint", None)
         if endpoint is not None:
@@ -123,25 +134,29 @@ def _endpoint(opts: Options, uri: str, protected: bool) -> str:
 
 
 def _oscore(opts: Options) -> OscoreConfig:
-    secret = opts.secret("master_secret")
-    assert secret is not None  # required=True
+    ref = opts.secret("master_secret")
+    assert ref is not None  # required=True
     algorithm = opts.get_choice("algorithm", ALGORITHMS, ALGORITHMS[0])
     hkdf = opts.get_choice("hkdf", tuple(HKDF), "SHA-256")
-    config = OscoreConfig(
-        master_secret=secret,
-        master_salt=_hex(opts, "master_salt", "", limit=64),
-        sender_id=_hex(opts, "sender_id", None, limit=NONCE_BYTES[algorithm] - 6),
-        recipient_id=_hex(opts, "recipient_id", None, limit=NONCE_BYTES[algorithm] - 6),
-        algorithm=algorithm,
-        hkdf=HKDF[hkdf],
-        replay_window=opts.get_int("replay_window", 32, minimum=1),
-    )
-    if config.sender_id == config.recipient_id:
+    salt = _hex(opts, "master_salt", "", limit=64)
+    sender_id = _hex(opts, "sender_id", None, limit=NONCE_BYTES[algorithm] - 6)
+    recipient_id = _hex(opts, "recipient_id", None, limit=NONCE_BYTES[algorithm] - 6)
+    replay_window = opts.get_int("replay_window", 32, minimum=1)
+    if sender_id == recipient_id:
         # RFC 8613 3.3: the two IDs of one context must differ, or the two directions
         # would share a key and a nonce space.
         raise opts.error("recipient_id", "must differ from sender_id")
     opts.check_unknown()
-    return config
+    # The secret last: a mistake in the table is reported even where it is not set.
+    return OscoreConfig(
+        master_secret=_master_secret(opts, ref),
+        master_salt=salt,
+        sender_id=sender_id,
+        recipient_id=recipient_id,
+        algorithm=algorithm,
+        hkdf=HKDF[hkdf],
+        replay_window=replay_window,
+    )
 
 
 def _hex(opts: Options, name: str, default: str | None, *, limit: int) -> bytes:
@@ -156,17 +171,34 @@ def _hex(opts: Options, name: str, default: str | None, *, limit: int) -> bytes:
     return value
 
 
-def read_master_secret(config: OscoreConfig) -> bytes:
-    """The master secret its reference points to, given as hex (like RFC 8613's test
-    vectors and aiocoap's ``secret_hex``); read at start, never logged."""
-    text = config.master_secret.read_text().strip()
+def _master_secret(opts: Options, ref: SecretRef) -> bytes:
+    """The master secret ``ref`` points to, given as hex (like RFC 8613's test vectors
+    and aiocoap's ``secret_hex``); never logged, nor shown in an error."""
+    try:
+        # Not read_text(): a secret file that is no UTF-8 is "not hex", not a crash.
+        text = ref.read_bytes().decode("ascii", "replace").strip()
+    except ConfigError as exc:  # unset, unreadable: named with the config file
+        raise opts.error("master_secret", exc.problem) from None
     try:
         secret = bytes.fromhex(text)
     except ValueError:
-        raise ConfigError(config.master_secret.key, "the secret is not hex digits") from None
+        raise opts.error("master_secret", "the secret is not hex digits") from None
     if len(secret) < MIN_SECRET_BYTES:
-        raise ConfigError(
-            config.master_secret.key,
+        raise opts.error(
+            "master_secret",
             f"the secret is {len(secret)} bytes; at least {MIN_SECRET_BYTES} are required",
         )
     return secret
+
+
+def _share_a_key(a: OscoreConfig, b: OscoreConfig) -> bool:
+    """Whether two contexts derive a common sender or recipient key.
+
+    RFC 8613 3.2.1: each key is HKDF(salt, secret, info = [ID, ID Context, algorithm,
+    "Key", length]), and no context here has an ID Context; so two contexts share a key
+    exactly when they share the secret, the salt, both algorithms and one ID.
+    """
+    material = (a.master_secret, a.master_salt, a.algorithm, a.hkdf)
+    if material != (b.master_secret, b.master_salt, b.algorithm, b.hkdf):
+        return False
+    return bool({a.sender_id, a.recipient_id} & {b.sender_id, b.recipient_id})

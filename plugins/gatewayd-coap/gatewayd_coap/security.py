@@ -3,9 +3,9 @@
 aiocoap encrypts, decrypts and keeps the replay window; what this module adds is where
 the material comes from and where the state lives:
 
-- the master secret is read through its ``{ env | file | credential }`` reference at
-  start (aiocoap's own :class:`~aiocoap.oscore.FilesystemSecurityContext` would need it
-  in a plain ``secret.json``);
+- the master secret is read through its ``{ env | file | credential }`` reference when
+  the config is read (aiocoap's own :class:`~aiocoap.oscore.FilesystemSecurityContext`
+  would need it in a plain ``secret.json``);
 - the sender sequence number is reserved in blocks in the transport's durable
   ``context.kv`` (RFC 8613 B.1.1) *before* any number of the block is used, so a restart
   or a crash never reuses a nonce with the same key;
@@ -23,8 +23,8 @@ from typing import Any
 
 from aiocoap import oscore
 
-from gatewayd.api import ConfigError, KeyValueStore, Logger
-from gatewayd_coap.config import OscoreConfig, read_master_secret
+from gatewayd.api import KeyValueStore, Logger
+from gatewayd_coap.config import OscoreConfig
 
 # Sequence numbers are reserved this many at a time; a restart skips the rest of a block
 # (of 2**40 numbers per key). A new block is reserved when fewer than LOW_WATER remain.
@@ -37,16 +37,14 @@ KV_TTL = 10 * 365 * 86400.0
 class DeviceContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityContextUtils):  # type: ignore[misc]
     """The gateway's side of one device's OSCORE context."""
 
-    def __init__(
-        self, device: str, config: OscoreConfig, secret: bytes, kv: KeyValueStore, log: Logger
-    ) -> None:
+    def __init__(self, device: str, config: OscoreConfig, kv: KeyValueStore, log: Logger) -> None:
         self.device = device
         self.alg_aead = oscore.algorithms[config.algorithm]
         self.hashfun = oscore.hashfunctions[config.hkdf]
         self.sender_id = config.sender_id
         self.recipient_id = config.recipient_id
         self.id_context = None
-        self.derive_keys(config.master_salt, secret)
+        self.derive_keys(config.master_salt, config.master_secret)
         # Uninitialised: the first request after a start gets a 4.01 Echo (B.1.2).
         self.recipient_replay_window = oscore.ReplayWindow(config.replay_window, lambda: None)
         self.echo_recovery = secrets.token_bytes(8)
@@ -84,17 +82,14 @@ class DeviceContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityConte
             self._reserving = asyncio.get_running_loop().create_task(
                 self._write_block(), name=f"coap:oscore-reserve:{self.device}"
             )
-            # Logged in _write_block; whoever needs the block awaits it and sees it fail.
+            # Not logged: whoever needs the block awaits it and reports the failure once
+            # (a start that fails, a downlink that fails for now and is retried).
             self._reserving.add_done_callback(lambda t: t.cancelled() or t.exception())
         return self._reserving
 
     async def _write_block(self) -> None:
         limit = max(self._reserved, self.sender_sequence_number) + BLOCK
-        try:
-            await self._kv.put(self._kv_key, str(limit), ttl=KV_TTL)
-        except Exception:
-            self._log.exception("coap.oscore.reserve_failed", device=self.device)
-            raise
+        await self._kv.put(self._kv_key, str(limit), ttl=KV_TTL)
         self._reserved = limit
 
     # --- aiocoap's hooks (synchronous: called while protecting a message) -------------
@@ -170,22 +165,11 @@ def _refused(log: Logger, reason: str, message: Any, **fields: Any) -> None:
 async def load_contexts(
     configs: dict[str, OscoreConfig], kv: KeyValueStore, log: Logger
 ) -> ServerContexts:
-    """Read every master secret and each context's sequence-number state."""
+    """Each context's keys and sequence-number state (the configs were checked when
+    read: valid secrets, no key derived twice)."""
     contexts = ServerContexts(log)
-    keys: dict[bytes, str] = {}
     for device, config in configs.items():
-        context = DeviceContext(device, config, read_master_secret(config), kv, log)
-        # Two contexts deriving one key (a shared secret and salt with a repeated ID)
-        # would encrypt under the same key and nonces with separate counters: nonce
-        # reuse (RFC 8613 3.3 asks for IDs unique per master secret).
-        for key in (context.sender_key, context.recipient_key):
-            other = keys.setdefault(key, device)
-            if other != device:
-                raise ConfigError(
-                    config.master_secret.key,
-                    f"derives the same key as device {other!r}'s context; give each a "
-                    "different secret, or IDs unique among devices that share one",
-                )
+        context = DeviceContext(device, config, kv, log)
         await context.load()
         contexts.add(context)
     return contexts

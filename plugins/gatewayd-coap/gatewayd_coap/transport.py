@@ -138,28 +138,37 @@ class CoapTransport(Transport):
                 if secctx is not None:
                     await self._ready_to_protect(request, secctx)
                 response = await self._context.request(request).response
-        except TimeoutError:
-            return DeliveryOutcome.failure("no response from the device")
-        except oscore.NotAProtectedMessage as exc:
-            # The device's OSCORE layer refused the request (a replay, an unknown
-            # context, a lost replay window): not evidence from the device's resource.
-            plain = exc.plain_message
-            detail = plain.payload.decode("utf-8", "replace")[:80]
-            return DeliveryOutcome.failure(
-                f"the device answered {plain.code.dotted} unprotected: {detail}"
-            )
-        except coap_error.Error as exc:
-            # Retransmissions exhausted, ICMP unreachable, a response that does not
-            # unprotect, no sequence number reserved yet...: the device may come back.
-            return DeliveryOutcome.failure(f"CoAP: {type(exc).__name__}: {exc}")
+        except (TimeoutError, coap_error.Error, GatewaydError) as exc:
+            # Each of these may pass: a failure for now, retried.
+            return DeliveryOutcome.failure(_cause(exc))
         return _outcome(response, secctx)
 
     async def _ready_to_protect(self, request: aiocoap.Message, secctx: DeviceContext) -> None:
         """A device with a context never gets a plain request: check that aiocoap will
-        protect this one, and wait until a sequence number is durably reserved for it."""
+        protect this one, and wait until a sequence number is durably reserved for it
+        (a :class:`GatewaydError` when the store cannot reserve one)."""
         if self._context.client_credentials.get(request.get_request_uri()) is not secctx:
             raise oscore.ContextUnavailable("no OSCORE context for the endpoint")
         await secctx.ensure_headroom()
+
+
+def _cause(exc: Exception) -> str:
+    """Why a request got no response to count as evidence."""
+    if isinstance(exc, TimeoutError):
+        return "no response from the device"
+    if isinstance(exc, oscore.NotAProtectedMessage):
+        # The device's OSCORE layer refused the request (a replay, an unknown context, a
+        # lost replay window): not evidence from the device's resource.
+        plain = exc.plain_message
+        detail = plain.payload.decode("utf-8", "replace")[:80]
+        return f"the device answered {plain.code.dotted} unprotected: {detail}"
+    if isinstance(exc, GatewaydError):
+        # Only the sequence-number reservation (a kv write) raises ours: the store
+        # failed, and nothing was sent.
+        return f"no OSCORE sequence number could be reserved: {exc}"
+    # Retransmissions exhausted, ICMP unreachable, a response that does not unprotect,
+    # no sequence number reserved yet...: the device may come back.
+    return f"CoAP: {type(exc).__name__}: {exc}"
 
 
 def _outcome(response: aiocoap.Message, secctx: DeviceContext | None) -> DeliveryOutcome:

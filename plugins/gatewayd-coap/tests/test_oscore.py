@@ -18,7 +18,7 @@ from gatewayd_coap.transport import CoapTransport
 from gatewayd_testing import MemoryKV, MemoryTransportContext, transport_settings
 from structlog.testing import capture_logs
 
-from gatewayd.api import Address, ConfigError, Downlink
+from gatewayd.api import Address, BacklogFullError, ConfigError, Downlink, GatewaydError
 from gatewayd.api import Device as MappedDevice
 
 # The gateway's and each device's OSCORE IDs (hex); one master secret, distinct IDs.
@@ -249,6 +249,41 @@ async def test_a_restart_does_not_reuse_sequence_numbers(gateway: Gateway, d1: D
     assert d1.inbox.messages.empty()
 
 
+@pytest.mark.parametrize(
+    "failure",
+    # The store's disk is full; or it failed otherwise (a StoreError, which plugins see
+    # as the GatewaydError it is).
+    [BacklogFullError("the store's disk is full"), GatewaydError("the store is closed")],
+)
+async def test_a_store_that_cannot_reserve_sequence_numbers_fails_the_downlink_for_now(
+    gateway: Gateway, d1: Device, monkeypatch: pytest.MonkeyPatch, failure: GatewaydError
+) -> None:
+    """Reserving numbers is a kv write: when the store refuses it, nothing is sent and
+    the downlink fails for now (the worker retries it), in one warning, no traceback."""
+    secctx = gateway.transport._oscore.by_device["d1"]
+    # Into the low-water mark: the next protected request must reserve a block first.
+    secctx.sender_sequence_number = BLOCK - LOW_WATER + 1
+
+    async def refuse(key: str, value: str, *, ttl: float) -> None:
+        raise failure
+
+    monkeypatch.setattr(gateway.kv, "put", refuse)
+    with capture_logs() as logs:
+        outcome = await gateway.transport.deliver(downlink("dl-1"))
+    assert (outcome.delivered, outcome.permanent, outcome.cause) == (
+        False,
+        False,
+        f"no OSCORE sequence number could be reserved: {failure}",
+    )
+    assert [(e["event"], e["log_level"]) for e in logs] == [("coap.delivery.failed", "warning")]
+    assert "exc_info" not in logs[0]
+    assert secctx.sender_sequence_number == BLOCK - LOW_WATER + 1  # none was used
+    assert d1.inbox.messages.empty()
+    monkeypatch.undo()  # the store is back: the retry goes out
+    assert (await gateway.transport.deliver(downlink("dl-1"))).delivered
+    assert (await d1.inbox.messages.get())["msgId"] == "dl-1"
+
+
 async def test_mixed_devices_plain_one_on_loopback(
     d1: Device, device: Device, secret_env: dict[str, str]
 ) -> None:
@@ -275,10 +310,15 @@ async def test_mixed_devices_plain_one_on_loopback(
         await gw.stop()
 
 
-def test_every_device_with_oscore_may_listen_beyond_loopback() -> None:
-    secret = {"env": "UNUSED"}
+def test_every_device_with_oscore_may_listen_beyond_loopback(
+    secret_env: dict[str, str],
+) -> None:
     devices: list[dict[str, object]] = [
-        {"device": "d1", "endpoint": "coap://192.0.2.7/inbox", "oscore": oscore_table("d1", secret)}
+        {
+            "device": "d1",
+            "endpoint": "coap://192.0.2.7/inbox",
+            "oscore": oscore_table("d1", secret_env),
+        }
     ]
     s = settings(devices, listen="0.0.0.0:5683")
     transport = CoapTransport(s, MemoryTransportContext(s.devices))
@@ -361,17 +401,19 @@ def test_every_device_with_oscore_may_listen_beyond_loopback() -> None:
     ],
 )
 def test_config_errors_name_the_key(
-    devices: list[dict[str, object]], options: dict[str, object], key: str
+    devices: list[dict[str, object]],
+    options: dict[str, object],
+    key: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("X", SECRET)  # a valid secret: the error is the table's
     s = settings(devices, **options)
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
         CoapTransport(s, MemoryTransportContext(s.devices))
 
 
-def test_unlisted_devices_keep_the_transport_on_loopback() -> None:
-    devices: list[dict[str, object]] = [
-        {"device": "d1", "oscore": oscore_table("d1", {"env": "X"})}
-    ]
+def test_unlisted_devices_keep_the_transport_on_loopback(secret_env: dict[str, str]) -> None:
+    devices: list[dict[str, object]] = [{"device": "d1", "oscore": oscore_table("d1", secret_env)}]
     s = transport_settings(
         "co", "coap", {"listen": "0.0.0.0:0"}, devices, service_id_template="{device}@iot.example"
     )
@@ -379,22 +421,34 @@ def test_unlisted_devices_keep_the_transport_on_loopback() -> None:
         CoapTransport(s, MemoryTransportContext(s.devices))
 
 
-@pytest.mark.parametrize(("value", "problem"), [("not hex", "not hex"), ("00ff", "at least 16")])
-async def test_a_bad_secret_fails_the_start_naming_the_key(
-    monkeypatch: pytest.MonkeyPatch, value: str, problem: str
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("not hex", "the secret is not hex digits"),
+        ("00ff", "the secret is 2 bytes; at least 16 are required"),
+        ("\xff\xfe", "the secret is not hex digits"),  # not even text
+        (None, "environment variable COAP_TEST_OSCORE is not set"),
+    ],
+)
+def test_a_bad_secret_fails_the_construction_naming_the_file_and_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, value: str | None, problem: str
 ) -> None:
-    monkeypatch.setenv("COAP_TEST_OSCORE", value)
+    """Construction, not start: check-config constructs the transport, never starts it."""
+    if value is not None:
+        monkeypatch.setenv("COAP_TEST_OSCORE", value)
+    else:
+        monkeypatch.delenv("COAP_TEST_OSCORE", raising=False)
     s = settings([{"device": "d1", "oscore": oscore_table("d1", {"env": "COAP_TEST_OSCORE"})}])
-    transport = CoapTransport(s, MemoryTransportContext(s.devices))
-    with pytest.raises(
-        ConfigError, match=rf"devices\[0\]\.oscore\.master_secret.*{problem}"
-    ) as err:
-        await transport.start()
+    with pytest.raises(ConfigError) as err:
+        CoapTransport(s, MemoryTransportContext(s.devices))
+    assert str(err.value) == f"gw.toml: transports.co.devices[0].oscore.master_secret: {problem}"
     assert "00ff" not in str(err.value)  # the secret is never shown
 
 
-async def test_sequence_numbers_are_durably_reserved_before_use() -> None:
-    s = settings([{"device": "d1", "oscore": oscore_table("d1", {"env": "UNUSED"})}])
+async def test_sequence_numbers_are_durably_reserved_before_use(
+    secret_env: dict[str, str],
+) -> None:
+    s = settings([{"device": "d1", "oscore": oscore_table("d1", secret_env)}])
     config = read_config(s).oscore["d1"]
     kv = MemoryKV()
     log = MemoryTransportContext().log
@@ -403,7 +457,7 @@ async def test_sequence_numbers_are_durably_reserved_before_use() -> None:
         ((value, _),) = kv.rows.values()
         return int(value)
 
-    first = DeviceContext("d1", config, bytes.fromhex(SECRET), kv, log)
+    first = DeviceContext("d1", config, kv, log)
     await first.load()
     assert (first.sender_sequence_number, reserved()) == (0, BLOCK)
     for _ in range(BLOCK - LOW_WATER + 1):  # into the low-water mark: a block is added
@@ -417,21 +471,56 @@ async def test_sequence_numbers_are_durably_reserved_before_use() -> None:
     await first.aclose()
     # A restart (even after a crash: nothing is written at stop) continues after the
     # last reserved block, whatever was used of it.
-    again = DeviceContext("d1", config, bytes.fromhex(SECRET), kv, log)
+    again = DeviceContext("d1", config, kv, log)
     await again.load()
     assert again.sender_sequence_number >= 2 * BLOCK
     assert reserved() >= again.sender_sequence_number + BLOCK
     assert "0102" not in repr(again)  # no key material in aiocoap's logs
 
 
-async def test_two_contexts_with_one_key_fail_the_start(secret_env: dict[str, str]) -> None:
-    # Same secret and salt, and the gateway's ID reused as the other device's: d2's
-    # recipient key is d1's sender key.
+@pytest.mark.parametrize(
+    ("d2", "error"),
+    [
+        # The gateway's ID in d1's context reused as d2's device ID: d2's recipient key
+        # is d1's sender key.
+        ({"recipient_id": "a1"}, True),
+        # One gateway ID for both devices: one sender key, two sequence number counts.
+        ({"sender_id": "a1"}, True),
+        # Each of these derives other keys from the same IDs.
+        ({"sender_id": "a1", "master_salt": "00"}, False),
+        ({"sender_id": "a1", "algorithm": "A128GCM"}, False),
+        ({"sender_id": "a1", "hkdf": "SHA-512"}, False),
+        ({"sender_id": "a1", "master_secret": {"env": "COAP_TEST_OTHER"}}, False),
+    ],
+)
+def test_two_contexts_with_one_key_fail_the_construction(
+    secret_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    d2: dict[str, object],
+    error: bool,
+) -> None:
+    monkeypatch.setenv("COAP_TEST_OTHER", "ff" * 16)
     devices: list[dict[str, object]] = [
         {"device": "d1", "oscore": oscore_table("d1", secret_env)},
-        {"device": "d2", "oscore": {**oscore_table("d2", secret_env), "recipient_id": "a1"}},
+        {"device": "d2", "oscore": {**oscore_table("d2", secret_env), **d2}},
     ]
+    # The rule compares what keys are derived from: it agrees with the keys themselves.
+    log = MemoryTransportContext().log
+    alone = [read_config(settings([d])).oscore[str(d["device"])] for d in devices]
+    keys = [
+        {c.sender_key, c.recipient_key}
+        for c in (DeviceContext("-", a, MemoryKV(), log) for a in alone)
+    ]
+    assert bool(keys[0] & keys[1]) is error
     s = settings(devices)
-    transport = CoapTransport(s, MemoryTransportContext(s.devices))
-    with pytest.raises(ConfigError, match=r"devices\[1\]\.oscore\.master_secret.*'d1'"):
-        await transport.start()
+    if error:
+        with pytest.raises(
+            ConfigError,
+            match=r"^gw\.toml: transports\.co\.devices\[1\]\.oscore\.master_secret: .*'d1'",
+        ):
+            CoapTransport(s, MemoryTransportContext(s.devices))
+    else:
+        assert list(CoapTransport(s, MemoryTransportContext(s.devices)).config.oscore) == [
+            "d1",
+            "d2",
+        ]
