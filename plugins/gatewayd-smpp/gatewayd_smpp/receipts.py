@@ -207,6 +207,9 @@ class ReceiptBook:
             r: {} for r in self._all
         }
         self._pending: dict[asyncio.Future[Receipt], _Pending] = {}
+        # By submit id too: forget() must find a future whatever keys it got.
+        self._by_id: dict[str, asyncio.Future[Receipt]] = {}
+        self._unread_logged = False
         self._kept: OrderedDict[int, _Kept] = OrderedDict()
         self._kept_at: dict[Reading, dict[str, int]] = {r: {} for r in self._all}
         self._serials = itertools.count()
@@ -245,7 +248,7 @@ class ReceiptBook:
         """A future for the receipt of ``message_id``; done at once when a receipt that
         overtook it names it, and nothing else that waits."""
         future: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
-        keys = self._keys(message_id, self._readings, True)
+        keys = self._submit_keys(message_id)
         found: dict[int, set[Reading]] = {}
         for reading, key in keys.items():
             serial = self._kept_at[reading].get(key)
@@ -267,23 +270,49 @@ class ReceiptBook:
         for reading, key in keys.items():
             self._waiting[reading].setdefault(key, future)
         self._pending[future] = _Pending(message_id, keys)
+        self._by_id[message_id] = future
         return future
 
     def forget(self, message_ids: Iterable[str]) -> None:
         """Stop waiting for these submits' receipts (their futures are cancelled)."""
         for message_id in message_ids:
-            for reading, key in self._keys(message_id, self._readings, True).items():
-                future = self._waiting[reading].get(key)
-                if future is not None:
-                    future.cancel()
-                    self._drop(future)
+            future = self._by_id.get(message_id)
+            if future is not None:
+                future.cancel()
+                self._drop(future)
+
+    def _submit_keys(self, message_id: str) -> dict[Reading, str]:
+        """The keys a new submit waits under: those of the readings in use. An id the
+        learned reading cannot read (the SMSC changed its format, or the pair was
+        learned wrong) waits under its text, as a "string" id would: a receipt with the
+        same text still finds it, and nothing is registered under no key."""
+        keys = self._keys(message_id, self._readings, True)
+        if keys or SAME not in self._all:
+            return keys
+        if not self._unread_logged:
+            self._unread_logged = True
+            self._log.warning(
+                "smpp.receipt.id_unread",
+                transport=self._transport,
+                message_id=message_id,
+                submit_id_format=self._readings[0].submit,
+            )
+        return {SAME: SAME.submit_key(message_id) or ""}
+
+    def _receipt_keys(self, message_id: str) -> dict[Reading, str]:
+        """The keys a receipt is looked up under: those of the readings in use, and its
+        text while submits wait under theirs (:meth:`_submit_keys`)."""
+        keys = self._keys(message_id, self._readings, False)
+        if SAME not in self._readings and self._waiting.get(SAME):
+            keys[SAME] = SAME.receipt_key(message_id) or ""
+        return keys
 
     # --- receipts ---------------------------------------------------------------------
 
     def resolve(self, receipt: Receipt) -> Match:
         """Hand a final receipt to the one submit it names. Otherwise keep it a while:
         a submit may still come for it, or a learned reading may settle it."""
-        keys = self._keys(receipt.message_id, self._readings, False)
+        keys = self._receipt_keys(receipt.message_id)
         hits = self._hits(keys)
         if len(hits) == 1:
             ((future, how),) = hits.items()
@@ -328,6 +357,8 @@ class ReceiptBook:
         pending = self._pending.pop(future, None)
         if pending is None:
             return
+        if self._by_id.get(pending.message_id) is future:
+            del self._by_id[pending.message_id]
         for reading, key in pending.keys.items():
             index = self._waiting[reading]
             if index.get(key) is future:
@@ -360,6 +391,13 @@ class ReceiptBook:
                 self._waiting[dropped].clear()
                 self._kept_at[dropped].clear()
         self._readings = narrowed
+        # A submit waiting under dropped readings only now waits under its text.
+        for future, pending in self._pending.items():
+            pending.keys = {r: k for r, k in pending.keys.items() if r in narrowed}
+            if not pending.keys:
+                pending.keys = self._submit_keys(pending.message_id)
+                for reading, key in pending.keys.items():
+                    self._waiting[reading].setdefault(key, future)
         if len(narrowed) == 1:
             self._log.info(
                 "smpp.receipt.format_learned",

@@ -193,3 +193,29 @@ async def test_the_durable_table_does_not_guess_either() -> None:
     with capture_logs() as logs:
         await transport._unclaimed(delivered("10"))
     assert [e["msg_id"] for e in events(logs, "smpp.receipt.held")] == ["mt-b"]
+
+
+async def test_a_submit_id_the_learned_reading_cannot_read_is_still_forgotten() -> None:
+    """Decimal-then-hex learned, the SMSC answers a submit with "abc": no decimal key.
+    It was registered under no key: forget() could not find it, its entry leaked."""
+    book = ReceiptBook()
+    await learned_dec_hex(book)
+    with capture_logs() as logs:
+        odd = book.expect("abc")
+        other = book.expect("xyz")
+    assert [e["message_id"] for e in events(logs, "smpp.receipt.id_unread")] == ["abc"]
+    book.forget(["abc"])
+    assert odd.cancelled()
+    # Waited for under its text, like any id read as a string.
+    assert book.resolve(delivered("XYZ")) is Match.MATCHED
+    assert other.done()
+    assert book._pending == {}
+    assert book._by_id == {}
+
+
+async def test_a_waiting_submit_the_learned_reading_cannot_read_keeps_its_text() -> None:
+    book = ReceiptBook()
+    odd = book.expect("abc")  # hex or text; not decimal
+    await learned_dec_hex(book)
+    assert book.resolve(delivered("abc")) is Match.MATCHED
+    assert odd.done()
