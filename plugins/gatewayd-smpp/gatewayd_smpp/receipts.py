@@ -168,9 +168,13 @@ class _Pending:
 
 
 @dataclass(slots=True)
-class _Kept:
+class Kept:
+    """A receipt :meth:`ReceiptBook.resolve` kept for a submit that may still come."""
+
     receipt: Receipt
     keys: dict[Reading, str]
+    serial: int
+    claimed: bool = False  # a submit took it: it settled that submit
 
 
 class ReceiptBook:
@@ -210,7 +214,7 @@ class ReceiptBook:
         # By submit id too: forget() must find a future whatever keys it got.
         self._by_id: dict[str, asyncio.Future[Receipt]] = {}
         self._unread_logged = False
-        self._kept: OrderedDict[int, _Kept] = OrderedDict()
+        self._kept: OrderedDict[int, Kept] = OrderedDict()
         self._kept_at: dict[Reading, dict[str, int]] = {r: {} for r in self._all}
         self._serials = itertools.count()
         self._keep = keep
@@ -260,6 +264,7 @@ class ReceiptBook:
             others = self._hits(kept.keys)
             if not others:
                 self._unkeep(serial)
+                kept.claimed = True
                 future.set_result(kept.receipt)
                 self._learn(how)
                 return future
@@ -324,13 +329,15 @@ class ReceiptBook:
             return Match.AMBIGUOUS
         return Match.UNCLAIMED
 
-    def is_kept(self, receipt: Receipt) -> bool:
-        """Whether ``receipt`` (as :meth:`resolve` kept it) still waits for a submit."""
-        for reading, key in self._keys(receipt.message_id, self._readings, False).items():
-            serial = self._kept_at[reading].get(key)
-            if serial is not None and self._kept[serial].receipt is receipt:
-                return True
-        return False
+    def kept(self, receipt: Receipt) -> Kept | None:
+        """How :meth:`resolve` kept ``receipt`` (``None`` if it did not): its ``claimed``
+        says later whether a submit took it. Not being kept any more does not say so:
+        the oldest are pushed out, and a learned reading may leave it no key."""
+        # Just kept, so last: found at once.
+        for kept in reversed(self._kept.values()):
+            if kept.receipt is receipt:
+                return kept
+        return None
 
     def learn(self, message_id: str, matched: Iterable[str]) -> None:
         """A receipt matched elsewhere (in the durable table) under the keys
@@ -366,7 +373,7 @@ class ReceiptBook:
 
     def _store(self, receipt: Receipt, keys: dict[Reading, str]) -> None:
         serial = next(self._serials)
-        self._kept[serial] = _Kept(receipt, keys)
+        self._kept[serial] = Kept(receipt, keys, serial)
         for reading, key in keys.items():
             self._kept_at[reading][key] = serial
         while len(self._kept) > self._keep:
@@ -415,6 +422,7 @@ class ReceiptBook:
             if len(hits) == 1:
                 ((future, _),) = hits.items()
                 self._unkeep(serial)
+                kept.claimed = True
                 future.set_result(kept.receipt)
                 self._drop(future)
 

@@ -337,11 +337,13 @@ class SmppTransport(Transport):
         Most often it merely overtook its own submit_sm_resp (read on another bind, or
         just behind it on this one): so it first waits for the submits answered by then
         (bounded by response_timeout). If one of them took it, nothing is looked up or
-        written.
+        written. Only that: a receipt no longer kept may as well have been pushed out
+        of the bounded book, or left without a key by a learned reading.
         """
+        kept = self._book.kept(receipt)
         if self._submitting:
             await asyncio.wait(set(self._submitting), timeout=self.config.response_timeout)
-            if not self._book.is_kept(receipt):
+            if kept is not None and kept.claimed:
                 return
         keys = self._book.receipt_keys(receipt.message_id)
         known = await self.context.kv.get_many(f"id:{k}" for k in keys)

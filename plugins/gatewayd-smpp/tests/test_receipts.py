@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -219,3 +220,51 @@ async def test_a_waiting_submit_the_learned_reading_cannot_read_keeps_its_text()
     await learned_dec_hex(book)
     assert book.resolve(delivered("abc")) is Match.MATCHED
     assert odd.done()
+
+
+def transport_with(kv: MemoryKV) -> SmppTransport:
+    settings = make_settings(base_options(2775))
+    return SmppTransport(settings, SmsContext(settings.devices, kv))
+
+
+async def overtaken(transport: SmppTransport, receipt: Receipt) -> tuple[Any, Any]:
+    """``receipt`` read while a submit waits for its submit_sm_resp: what the intake
+    does (resolve, then _unclaimed, which waits for that submit), and that submit."""
+    answered: Any = asyncio.get_running_loop().create_future()
+    transport._submitting.add(answered)
+    assert transport._book.resolve(receipt) is Match.UNCLAIMED
+    task = asyncio.create_task(transport._unclaimed(receipt))
+    await asyncio.sleep(0)
+    return task, answered
+
+
+def answer(transport: SmppTransport, answered: Any) -> None:
+    transport._submitting.discard(answered)
+    answered.set_result(None)
+
+
+async def test_a_receipt_evicted_while_it_waited_is_still_written_down() -> None:
+    """The kept receipts are bounded: one pushed out while it waited for the submits in
+    flight was taken for claimed (no longer kept), acked, and written nowhere."""
+    kv = MemoryKV()
+    transport = transport_with(kv)
+    transport._book._keep = 1
+    await transport._remember("mt:mt-a", "mt-a", record("1000"))
+    task, answered = await overtaken(transport, delivered("1000"))
+    transport._book.resolve(delivered("77"))  # pushes "1000" out
+    with capture_logs() as logs:
+        answer(transport, answered)
+        await task
+    assert [e["msg_id"] for e in events(logs, "smpp.receipt.held")] == ["mt-a"]
+    assert "receipt:s:1000" in kv.rows
+
+
+async def test_a_receipt_the_learned_reading_cannot_read_is_not_taken_for_claimed() -> None:
+    """It waited; meanwhile the pair was learned, and "xyz" has no key under it."""
+    transport = transport_with(MemoryKV())
+    task, answered = await overtaken(transport, delivered("xyz"))
+    await learned_dec_hex(transport._book)
+    with capture_logs() as logs:
+        answer(transport, answered)
+        await task
+    assert [e["smsc_message_id"] for e in events(logs, "smpp.receipt.unmatched")] == ["xyz"]
