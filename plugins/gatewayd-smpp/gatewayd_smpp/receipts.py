@@ -64,7 +64,7 @@ class Match(enum.Enum):
     """What :meth:`ReceiptBook.resolve` did with a receipt."""
 
     MATCHED = "matched"  # handed to the one submit it names
-    AMBIGUOUS = "ambiguous"  # it could name several submits: kept, nobody guessed
+    AMBIGUOUS = "ambiguous"  # it could name several submits: not kept, nobody guessed
     UNCLAIMED = "unclaimed"  # it names no submit waiting here: kept a while
 
 
@@ -185,8 +185,9 @@ class ReceiptBook:
     for a submit whose task it overtook.
 
     With ``"auto"`` on either side a receipt may name several waiting submits ("10" is
-    ten, or sixteen in hex). Such a receipt is matched to none: it is kept and logged
-    (``smpp.receipt.ambiguous``), and its submits keep waiting. A receipt that names
+    ten, or sixteen in hex). Such a receipt is matched to none and not kept: it is
+    logged (``smpp.receipt.ambiguous``) and left with the SMSC, which delivers it again
+    later (``ESME_RX_T_APPN``); its submits keep waiting. A receipt that names
     exactly one submit is matched, and teaches the book which readings the SMSC uses:
     those that linked the two ids. Once one reading is left it is logged
     (``smpp.receipt.format_learned``) and is the only one used from then on; the kept
@@ -323,10 +324,11 @@ class ReceiptBook:
             ((future, how),) = hits.items()
             self._settle(future, receipt, how)
             return Match.MATCHED
-        self._store(receipt, keys)
         if hits:
+            # Not kept: it is answered ESME_RX_T_APPN, and the SMSC delivers it again.
             self.ambiguous([receipt.message_id], [self._pending[f].message_id for f in hits])
             return Match.AMBIGUOUS
+        self._store(receipt, keys)
         return Match.UNCLAIMED
 
     def kept(self, receipt: Receipt) -> Kept | None:

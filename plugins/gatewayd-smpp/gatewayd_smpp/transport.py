@@ -328,11 +328,13 @@ class SmppTransport(Transport):
                     )
         return future
 
-    async def _unclaimed(self, receipt: receipts.Receipt) -> None:
+    async def _unclaimed(self, receipt: receipts.Receipt) -> bool:
         """A final receipt nobody waits for: keep it durably for the message it names.
 
-        Called before the receipt is acknowledged to the SMSC. A receipt that names no
-        message we submitted (its id unknown under every reading) is a warning.
+        Called before the receipt is acknowledged to the SMSC; whether it may be (a
+        receipt that could name several messages is not written down: it is left
+        with the SMSC). A receipt that names no message we submitted (its id unknown
+        under every reading) is a warning, and acknowledged: no redelivery helps it.
 
         Most often it merely overtook its own submit_sm_resp (read on another bind, or
         just behind it on this one): so it first waits for the submits answered by then
@@ -344,20 +346,20 @@ class SmppTransport(Transport):
         if self._submitting:
             await asyncio.wait(set(self._submitting), timeout=self.config.response_timeout)
             if kept is not None and kept.claimed:
-                return
+                return True
         keys = self._book.receipt_keys(receipt.message_id)
         known = await self.context.kv.get_many(f"id:{k}" for k in keys)
         if not known:
             self._log.warning(
                 "smpp.receipt.unmatched", smsc_message_id=receipt.message_id, stat=receipt.stat
             )
-            return
+            return True
         named = sorted(set(known.values()))
         if len(named) > 1:
             # Submitted messages it could name under different readings ("auto"): the
             # same rule as in the book, nobody guesses (and nothing is stored for them).
             self._book.ambiguous([receipt.message_id], named)
-            return
+            return False
         matched = [k for k in keys if f"id:{k}" in known]
         self._book.learn(receipt.message_id, matched)
         value = json.dumps({"state": receipt.state, "err": receipt.error})
@@ -372,6 +374,7 @@ class SmppTransport(Transport):
             smsc_message_id=receipt.message_id,
             stat=receipt.stat,
         )
+        return True
 
     def _pick(self) -> Link | None:
         """The bound sending link with the fewest submits in flight."""

@@ -76,11 +76,16 @@ async def test_after_learning_a_colliding_receipt_goes_by_the_learned_reading() 
     assert ten.result().state == 5
 
 
-async def test_an_ambiguous_receipt_settles_once_the_format_is_learned() -> None:
+async def test_an_ambiguous_receipt_settles_when_delivered_again_after_learning() -> None:
+    """It is left with the SMSC (answered ESME_RX_T_APPN), not kept: only in memory, a
+    restart would lose it after the SMSC heard we had it."""
     book = ReceiptBook()
     ten, sixteen = book.expect("10"), book.expect("16")
     assert book.resolve(delivered("10")) is Match.AMBIGUOUS
+    assert book._kept == {}
     await learned_dec_hex(book)
+    assert not sixteen.done()
+    assert book.resolve(delivered("10")) is Match.MATCHED
     assert sixteen.done()
     assert not ten.done()
 
@@ -158,6 +163,7 @@ async def test_one_declared_side_limits_the_readings() -> None:
     future = book.expect("1000")
     book.resolve(delivered("3e8"))
     assert future.done()
+    book.resolve(delivered("10"))  # the SMSC delivers it again
     assert sixteen.done()
     assert not ten.done()
 
@@ -180,7 +186,8 @@ async def test_the_durable_table_does_not_guess_either() -> None:
     for msg_id, smsc_id in (("mt-a", "10"), ("mt-b", "16")):
         await transport._remember(f"mt:{msg_id}", msg_id, record(smsc_id))
     with capture_logs() as logs:
-        await transport._unclaimed(delivered("10"))
+        # Not acknowledged: nothing keeps it here, the SMSC must.
+        assert await transport._unclaimed(delivered("10")) is False
     (event,) = events(logs, "smpp.receipt.ambiguous")
     assert event["candidates"] == ["mt-a", "mt-b"]
     assert not [k for k in kv.rows if k.startswith("receipt:")]

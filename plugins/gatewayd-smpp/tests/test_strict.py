@@ -377,3 +377,24 @@ async def test_ids_that_collide_across_bases_each_get_their_own_receipt(
     ]
     assert [e for e in logs if e["event"] == "smpp.receipt.ambiguous"] == []
     assert [e["message_id"] for e in strict.of("submit_sm")] == ["999", "1000", "4096"]
+
+
+async def test_an_ambiguous_receipt_is_refused_for_now(
+    strict: StrictSmsc, start_strict: Starter
+) -> None:
+    """Submits 10 and 16 wait; the receipt "id:10" could be either's. It was acked
+    ESME_ROK while held only in memory: a restart lost it. The SMSC keeps it now."""
+    strict.submit_ids = [10, 16]
+    transport, _ = await start_strict(receipt_timeout=5.0)
+    a = asyncio.create_task(transport.deliver(downlink("to 10", msg_id="mt-a")))
+    b = asyncio.create_task(transport.deliver(downlink("to 16", msg_id="mt-b")))
+    await strict.wait_for(lambda e: e["event"] == "submit_sm", count=2)
+    await asyncio.sleep(0.1)  # both submit_sm_resp read
+    await strict.receipt(16, "DELIVRD")  # "id:10"
+    resp = await strict.next("deliver_sm_resp")
+    assert resp["status"] == "ESME_RX_T_APPN"
+    assert not a.done()
+    assert not b.done()
+    for task in (a, b):
+        task.cancel()
+    await asyncio.gather(a, b, return_exceptions=True)
