@@ -13,7 +13,7 @@ import enum
 import itertools
 import re
 import string
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -39,6 +39,10 @@ _BY_WORD = {word: state for state, word in STATES.items()}
 NOT_FINAL = frozenset({1, 6})
 
 ID_FORMATS = ("auto", "string", "decimal", "hex")
+# Unambiguous matches that must agree on the readings before "auto" settles on them:
+# one could be a receipt of a message from before a restart meeting a waiting submit
+# it happens to read as under another reading.
+LEARN_AFTER = 3
 _HEX = frozenset(string.hexdigits)
 
 
@@ -188,11 +192,13 @@ class ReceiptBook:
     ten, or sixteen in hex). Such a receipt is matched to none and not kept: it is
     logged (``smpp.receipt.ambiguous``) and left with the SMSC, which delivers it again
     later (``ESME_RX_T_APPN``); its submits keep waiting. A receipt that names
-    exactly one submit is matched, and teaches the book which readings the SMSC uses:
-    those that linked the two ids. Once one reading is left it is logged
-    (``smpp.receipt.format_learned``) and is the only one used from then on; the kept
-    receipts are tried again under it. The same rule holds when the submit comes
-    second (a receipt that overtook its submit's task).
+    exactly one submit is matched, unless a submit still awaiting its submit_sm_resp
+    (``in_flight``) could own it too: then it is kept, and :meth:`recheck` matches it
+    once those are answered. Each match votes for the readings that linked the two
+    ids; :data:`LEARN_AFTER` agreeing votes narrow the book to them. Once one reading
+    is left it is logged (``smpp.receipt.format_learned``) and is the only one used
+    from then on; the kept receipts are tried again under it. The same rule holds
+    when the submit comes second (a receipt that overtook its submit's task).
     """
 
     def __init__(
@@ -215,12 +221,22 @@ class ReceiptBook:
         # By submit id too: forget() must find a future whatever keys it got.
         self._by_id: dict[str, asyncio.Future[Receipt]] = {}
         self._unread_logged = False
+        self._votes: Counter[frozenset[Reading]] = Counter()
+        # One future per submit_sm awaiting its response, done once it is answered
+        # (and its id registered here): until then, any of them may own a receipt.
+        self.in_flight: set[asyncio.Future[None]] = set()
         self._kept: OrderedDict[int, Kept] = OrderedDict()
         self._kept_at: dict[Reading, dict[str, int]] = {r: {} for r in self._all}
         self._serials = itertools.count()
         self._keep = keep
         self._log: Logger = log if log is not None else structlog.get_logger("gatewayd_smpp")
         self._transport = transport
+
+    @property
+    def _certain(self) -> bool:
+        """Whether an id reads one way only: no submit in flight can own a receipt
+        that names a waiting one (barring an SMSC that hands out an id twice)."""
+        return len(self._readings) == 1
 
     @property
     def learned(self) -> Reading | None:
@@ -251,7 +267,8 @@ class ReceiptBook:
 
     def expect(self, message_id: str) -> asyncio.Future[Receipt]:
         """A future for the receipt of ``message_id``; done at once when a receipt that
-        overtook it names it, and nothing else that waits."""
+        overtook it names it, and nothing else that waits (nor, while ids read several
+        ways, anything still in flight)."""
         future: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
         keys = self._submit_keys(message_id)
         found: dict[int, set[Reading]] = {}
@@ -263,7 +280,9 @@ class ReceiptBook:
             ((serial, how),) = found.items()
             kept = self._kept[serial]
             others = self._hits(kept.keys)
-            if not others:
+            # Another submit still unanswered could own it under another reading:
+            # left kept for the recheck that follows their answers.
+            if not others and (self._certain or not self.in_flight):
                 self._unkeep(serial)
                 kept.claimed = True
                 future.set_result(kept.receipt)
@@ -317,14 +336,15 @@ class ReceiptBook:
 
     def resolve(self, receipt: Receipt) -> Match:
         """Hand a final receipt to the one submit it names. Otherwise keep it a while:
-        a submit may still come for it, or a learned reading may settle it."""
+        a submit may still come for it, or a learned reading may settle it. Kept too
+        while a submit in flight could own it (:meth:`recheck` decides later)."""
         keys = self._receipt_keys(receipt.message_id)
         hits = self._hits(keys)
-        if len(hits) == 1:
+        if len(hits) == 1 and (self._certain or not self.in_flight):
             ((future, how),) = hits.items()
             self._settle(future, receipt, how)
             return Match.MATCHED
-        if hits:
+        if len(hits) > 1:
             # Not kept: it is answered ESME_RX_T_APPN, and the SMSC delivers it again.
             self.ambiguous([receipt.message_id], [self._pending[f].message_id for f in hits])
             return Match.AMBIGUOUS
@@ -340,6 +360,30 @@ class ReceiptBook:
             if kept.receipt is receipt:
                 return kept
         return None
+
+    def recheck(self, kept: Kept) -> Match:
+        """``kept`` once the submits in flight when it came are answered (their ids
+        registered): no other submit can own it now. Claimed meanwhile, or matched now
+        to the one submit it names: MATCHED. Naming several: AMBIGUOUS, and no longer
+        kept (it goes back to the SMSC). Otherwise (also when it is no longer kept, its
+        key gone or pushed out) UNCLAIMED."""
+        if kept.claimed:
+            return Match.MATCHED
+        if self._kept.get(kept.serial) is not kept:
+            return Match.UNCLAIMED
+        hits = self._hits(kept.keys)
+        if len(hits) == 1:
+            ((future, how),) = hits.items()
+            self._unkeep(kept.serial)
+            kept.claimed = True
+            self._settle(future, kept.receipt, how)
+            return Match.MATCHED
+        if hits:
+            self._unkeep(kept.serial)
+            named = [self._pending[f].message_id for f in hits]
+            self.ambiguous([kept.receipt.message_id], named)
+            return Match.AMBIGUOUS
+        return Match.UNCLAIMED
 
     def learn(self, message_id: str, matched: Iterable[str]) -> None:
         """A receipt matched elsewhere (in the durable table) under the keys
@@ -391,10 +435,16 @@ class ReceiptBook:
     # --- learning the SMSC's formats --------------------------------------------------
 
     def _learn(self, how: set[Reading]) -> None:
-        """Keep only the readings that linked an unambiguous match."""
+        """Count an unambiguous match for the readings that linked it; once
+        :data:`LEARN_AFTER` agree, keep only those."""
         narrowed = tuple(r for r in self._readings if r in how)
         if len(self._readings) == 1 or narrowed == self._readings or not narrowed:
             return
+        vote = frozenset(narrowed)
+        self._votes[vote] += 1
+        if self._votes[vote] < LEARN_AFTER:
+            return
+        self._votes.clear()
         for dropped in self._readings:
             if dropped not in narrowed:
                 self._waiting[dropped].clear()
