@@ -112,7 +112,7 @@ class Intake:
         context: TransportContext,
         book: receipts.ReceiptBook,
         log: Logger,
-        on_unclaimed: Callable[[receipts.Receipt], Awaitable[None]],
+        on_unclaimed: Callable[[receipts.Receipt], Awaitable[bool]],
     ) -> None:
         self._config = config
         self._context = context
@@ -145,17 +145,29 @@ class Intake:
         receipt = receipts.parse(sm)
         if receipt is None:
             self._log.warning("smpp.receipt.unreadable", source=sm.source_addr)
-        elif receipt.final and self._book.resolve(receipt) is receipts.Match.UNCLAIMED:
-            # Nobody here waits for it: it overtook its submit's task, or it belongs to a
-            # message submitted before a restart. Either way it is written down (kept
-            # until receipt_timeout) before the SMSC hears we have it. An ambiguous one
-            # (it could name several submits) is not: the book keeps it, nobody guesses.
-            try:
-                await self._on_unclaimed(receipt)
-            except Exception as exc:
-                self._log.warning(
-                    "smpp.receipt.unmatched", smsc_message_id=receipt.message_id, error=repr(exc)
-                )
+        elif receipt.final:
+            # ESME_ROK only for a receipt that settled its submit or is written down:
+            # the SMSC forgets what it hears we have.
+            match = self._book.resolve(receipt)
+            if match is receipts.Match.UNCLAIMED:
+                # Nobody here waits for it: it overtook its submit's task, or it belongs
+                # to a message submitted before a restart. Either way it is written down
+                # (kept until receipt_timeout) before the SMSC hears we have it.
+                try:
+                    taken = await self._on_unclaimed(receipt)
+                except Exception as exc:
+                    self._log.warning(
+                        "smpp.receipt.unmatched",
+                        smsc_message_id=receipt.message_id,
+                        error=repr(exc),
+                    )
+                    taken = False
+            else:
+                taken = match is receipts.Match.MATCHED
+            if not taken:
+                # Ambiguous (it could name several messages; nobody guesses), or not
+                # written down: the SMSC keeps it and delivers it again later, when the
+                # id pair may be learned, or the store may take it.
                 await held.answer(Status.RX_T_APPN)
                 return
         # A receipt is only information for us; acking it at once stops SMSC resends.

@@ -13,7 +13,7 @@ import enum
 import itertools
 import re
 import string
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -39,6 +39,10 @@ _BY_WORD = {word: state for state, word in STATES.items()}
 NOT_FINAL = frozenset({1, 6})
 
 ID_FORMATS = ("auto", "string", "decimal", "hex")
+# Unambiguous matches that must agree on the readings before "auto" settles on them:
+# one could be a receipt of a message from before a restart meeting a waiting submit
+# it happens to read as under another reading.
+LEARN_AFTER = 3
 _HEX = frozenset(string.hexdigits)
 
 
@@ -64,7 +68,7 @@ class Match(enum.Enum):
     """What :meth:`ReceiptBook.resolve` did with a receipt."""
 
     MATCHED = "matched"  # handed to the one submit it names
-    AMBIGUOUS = "ambiguous"  # it could name several submits: kept, nobody guessed
+    AMBIGUOUS = "ambiguous"  # it could name several submits: not kept, nobody guessed
     UNCLAIMED = "unclaimed"  # it names no submit waiting here: kept a while
 
 
@@ -168,9 +172,13 @@ class _Pending:
 
 
 @dataclass(slots=True)
-class _Kept:
+class Kept:
+    """A receipt :meth:`ReceiptBook.resolve` kept for a submit that may still come."""
+
     receipt: Receipt
     keys: dict[Reading, str]
+    serial: int
+    claimed: bool = False  # a submit took it: it settled that submit
 
 
 class ReceiptBook:
@@ -181,13 +189,16 @@ class ReceiptBook:
     for a submit whose task it overtook.
 
     With ``"auto"`` on either side a receipt may name several waiting submits ("10" is
-    ten, or sixteen in hex). Such a receipt is matched to none: it is kept and logged
-    (``smpp.receipt.ambiguous``), and its submits keep waiting. A receipt that names
-    exactly one submit is matched, and teaches the book which readings the SMSC uses:
-    those that linked the two ids. Once one reading is left it is logged
-    (``smpp.receipt.format_learned``) and is the only one used from then on; the kept
-    receipts are tried again under it. The same rule holds when the submit comes
-    second (a receipt that overtook its submit's task).
+    ten, or sixteen in hex). Such a receipt is matched to none and not kept: it is
+    logged (``smpp.receipt.ambiguous``) and left with the SMSC, which delivers it again
+    later (``ESME_RX_T_APPN``); its submits keep waiting. A receipt that names
+    exactly one submit is matched, unless a submit still awaiting its submit_sm_resp
+    (``in_flight``) could own it too: then it is kept, and :meth:`recheck` matches it
+    once those are answered. Each match votes for the readings that linked the two
+    ids; :data:`LEARN_AFTER` agreeing votes narrow the book to them. Once one reading
+    is left it is logged (``smpp.receipt.format_learned``) and is the only one used
+    from then on; the kept receipts are tried again under it. The same rule holds
+    when the submit comes second (a receipt that overtook its submit's task).
     """
 
     def __init__(
@@ -207,12 +218,25 @@ class ReceiptBook:
             r: {} for r in self._all
         }
         self._pending: dict[asyncio.Future[Receipt], _Pending] = {}
-        self._kept: OrderedDict[int, _Kept] = OrderedDict()
+        # By submit id too: forget() must find a future whatever keys it got.
+        self._by_id: dict[str, asyncio.Future[Receipt]] = {}
+        self._unread_logged = False
+        self._votes: Counter[frozenset[Reading]] = Counter()
+        # One future per submit_sm awaiting its response, done once it is answered
+        # (and its id registered here): until then, any of them may own a receipt.
+        self.in_flight: set[asyncio.Future[None]] = set()
+        self._kept: OrderedDict[int, Kept] = OrderedDict()
         self._kept_at: dict[Reading, dict[str, int]] = {r: {} for r in self._all}
         self._serials = itertools.count()
         self._keep = keep
         self._log: Logger = log if log is not None else structlog.get_logger("gatewayd_smpp")
         self._transport = transport
+
+    @property
+    def _certain(self) -> bool:
+        """Whether an id reads one way only: no submit in flight can own a receipt
+        that names a waiting one (barring an SMSC that hands out an id twice)."""
+        return len(self._readings) == 1
 
     @property
     def learned(self) -> Reading | None:
@@ -243,9 +267,10 @@ class ReceiptBook:
 
     def expect(self, message_id: str) -> asyncio.Future[Receipt]:
         """A future for the receipt of ``message_id``; done at once when a receipt that
-        overtook it names it, and nothing else that waits."""
+        overtook it names it, and nothing else that waits (nor, while ids read several
+        ways, anything still in flight)."""
         future: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
-        keys = self._keys(message_id, self._readings, True)
+        keys = self._submit_keys(message_id)
         found: dict[int, set[Reading]] = {}
         for reading, key in keys.items():
             serial = self._kept_at[reading].get(key)
@@ -255,8 +280,11 @@ class ReceiptBook:
             ((serial, how),) = found.items()
             kept = self._kept[serial]
             others = self._hits(kept.keys)
-            if not others:
+            # Another submit still unanswered could own it under another reading:
+            # left kept for the recheck that follows their answers.
+            if not others and (self._certain or not self.in_flight):
                 self._unkeep(serial)
+                kept.claimed = True
                 future.set_result(kept.receipt)
                 self._learn(how)
                 return future
@@ -267,41 +295,95 @@ class ReceiptBook:
         for reading, key in keys.items():
             self._waiting[reading].setdefault(key, future)
         self._pending[future] = _Pending(message_id, keys)
+        self._by_id[message_id] = future
         return future
 
     def forget(self, message_ids: Iterable[str]) -> None:
         """Stop waiting for these submits' receipts (their futures are cancelled)."""
         for message_id in message_ids:
-            for reading, key in self._keys(message_id, self._readings, True).items():
-                future = self._waiting[reading].get(key)
-                if future is not None:
-                    future.cancel()
-                    self._drop(future)
+            future = self._by_id.get(message_id)
+            if future is not None:
+                future.cancel()
+                self._drop(future)
+
+    def _submit_keys(self, message_id: str) -> dict[Reading, str]:
+        """The keys a new submit waits under: those of the readings in use. An id the
+        learned reading cannot read (the SMSC changed its format, or the pair was
+        learned wrong) waits under its text, as a "string" id would: a receipt with the
+        same text still finds it, and nothing is registered under no key."""
+        keys = self._keys(message_id, self._readings, True)
+        if keys or SAME not in self._all:
+            return keys
+        if not self._unread_logged:
+            self._unread_logged = True
+            self._log.warning(
+                "smpp.receipt.id_unread",
+                transport=self._transport,
+                message_id=message_id,
+                submit_id_format=self._readings[0].submit,
+            )
+        return {SAME: SAME.submit_key(message_id) or ""}
+
+    def _receipt_keys(self, message_id: str) -> dict[Reading, str]:
+        """The keys a receipt is looked up under: those of the readings in use, and its
+        text while submits wait under theirs (:meth:`_submit_keys`)."""
+        keys = self._keys(message_id, self._readings, False)
+        if SAME not in self._readings and self._waiting.get(SAME):
+            keys[SAME] = SAME.receipt_key(message_id) or ""
+        return keys
 
     # --- receipts ---------------------------------------------------------------------
 
     def resolve(self, receipt: Receipt) -> Match:
         """Hand a final receipt to the one submit it names. Otherwise keep it a while:
-        a submit may still come for it, or a learned reading may settle it."""
-        keys = self._keys(receipt.message_id, self._readings, False)
+        a submit may still come for it, or a learned reading may settle it. Kept too
+        while a submit in flight could own it (:meth:`recheck` decides later)."""
+        keys = self._receipt_keys(receipt.message_id)
         hits = self._hits(keys)
-        if len(hits) == 1:
+        if len(hits) == 1 and (self._certain or not self.in_flight):
             ((future, how),) = hits.items()
             self._settle(future, receipt, how)
             return Match.MATCHED
-        self._store(receipt, keys)
-        if hits:
+        if len(hits) > 1:
+            # Not kept: it is answered ESME_RX_T_APPN, and the SMSC delivers it again.
             self.ambiguous([receipt.message_id], [self._pending[f].message_id for f in hits])
             return Match.AMBIGUOUS
+        self._store(receipt, keys)
         return Match.UNCLAIMED
 
-    def is_kept(self, receipt: Receipt) -> bool:
-        """Whether ``receipt`` (as :meth:`resolve` kept it) still waits for a submit."""
-        for reading, key in self._keys(receipt.message_id, self._readings, False).items():
-            serial = self._kept_at[reading].get(key)
-            if serial is not None and self._kept[serial].receipt is receipt:
-                return True
-        return False
+    def kept(self, receipt: Receipt) -> Kept | None:
+        """How :meth:`resolve` kept ``receipt`` (``None`` if it did not): its ``claimed``
+        says later whether a submit took it. Not being kept any more does not say so:
+        the oldest are pushed out, and a learned reading may leave it no key."""
+        # Just kept, so last: found at once.
+        for kept in reversed(self._kept.values()):
+            if kept.receipt is receipt:
+                return kept
+        return None
+
+    def recheck(self, kept: Kept) -> Match:
+        """``kept`` once the submits in flight when it came are answered (their ids
+        registered): no other submit can own it now. Claimed meanwhile, or matched now
+        to the one submit it names: MATCHED. Naming several: AMBIGUOUS, and no longer
+        kept (it goes back to the SMSC). Otherwise (also when it is no longer kept, its
+        key gone or pushed out) UNCLAIMED."""
+        if kept.claimed:
+            return Match.MATCHED
+        if self._kept.get(kept.serial) is not kept:
+            return Match.UNCLAIMED
+        hits = self._hits(kept.keys)
+        if len(hits) == 1:
+            ((future, how),) = hits.items()
+            self._unkeep(kept.serial)
+            kept.claimed = True
+            self._settle(future, kept.receipt, how)
+            return Match.MATCHED
+        if hits:
+            self._unkeep(kept.serial)
+            named = [self._pending[f].message_id for f in hits]
+            self.ambiguous([kept.receipt.message_id], named)
+            return Match.AMBIGUOUS
+        return Match.UNCLAIMED
 
     def learn(self, message_id: str, matched: Iterable[str]) -> None:
         """A receipt matched elsewhere (in the durable table) under the keys
@@ -328,6 +410,8 @@ class ReceiptBook:
         pending = self._pending.pop(future, None)
         if pending is None:
             return
+        if self._by_id.get(pending.message_id) is future:
+            del self._by_id[pending.message_id]
         for reading, key in pending.keys.items():
             index = self._waiting[reading]
             if index.get(key) is future:
@@ -335,7 +419,7 @@ class ReceiptBook:
 
     def _store(self, receipt: Receipt, keys: dict[Reading, str]) -> None:
         serial = next(self._serials)
-        self._kept[serial] = _Kept(receipt, keys)
+        self._kept[serial] = Kept(receipt, keys, serial)
         for reading, key in keys.items():
             self._kept_at[reading][key] = serial
         while len(self._kept) > self._keep:
@@ -351,15 +435,28 @@ class ReceiptBook:
     # --- learning the SMSC's formats --------------------------------------------------
 
     def _learn(self, how: set[Reading]) -> None:
-        """Keep only the readings that linked an unambiguous match."""
+        """Count an unambiguous match for the readings that linked it; once
+        :data:`LEARN_AFTER` agree, keep only those."""
         narrowed = tuple(r for r in self._readings if r in how)
         if len(self._readings) == 1 or narrowed == self._readings or not narrowed:
             return
+        vote = frozenset(narrowed)
+        self._votes[vote] += 1
+        if self._votes[vote] < LEARN_AFTER:
+            return
+        self._votes.clear()
         for dropped in self._readings:
             if dropped not in narrowed:
                 self._waiting[dropped].clear()
                 self._kept_at[dropped].clear()
         self._readings = narrowed
+        # A submit waiting under dropped readings only now waits under its text.
+        for future, pending in self._pending.items():
+            pending.keys = {r: k for r, k in pending.keys.items() if r in narrowed}
+            if not pending.keys:
+                pending.keys = self._submit_keys(pending.message_id)
+                for reading, key in pending.keys.items():
+                    self._waiting[reading].setdefault(key, future)
         if len(narrowed) == 1:
             self._log.info(
                 "smpp.receipt.format_learned",
@@ -377,6 +474,7 @@ class ReceiptBook:
             if len(hits) == 1:
                 ((future, _),) = hits.items()
                 self._unkeep(serial)
+                kept.claimed = True
                 future.set_result(kept.receipt)
                 self._drop(future)
 

@@ -111,8 +111,6 @@ class SmppTransport(Transport):
         self._next_slot = 0.0  # max_rate pacing: monotonic time of the next free slot
         self._refs = itertools.cycle(range(256))
         self._tasks: list[asyncio.Task[None]] = []
-        # One future per submit_sm waiting for its response, done once it is answered.
-        self._submitting: set[asyncio.Future[None]] = set()
         self._stopped = asyncio.Event()
         self.links = self._make_links()
 
@@ -328,34 +326,42 @@ class SmppTransport(Transport):
                     )
         return future
 
-    async def _unclaimed(self, receipt: receipts.Receipt) -> None:
+    async def _unclaimed(self, receipt: receipts.Receipt) -> bool:
         """A final receipt nobody waits for: keep it durably for the message it names.
 
-        Called before the receipt is acknowledged to the SMSC. A receipt that names no
-        message we submitted (its id unknown under every reading) is a warning.
+        Called before the receipt is acknowledged to the SMSC; whether it may be (a
+        receipt that could name several messages is not written down: it is left
+        with the SMSC). A receipt that names no message we submitted (its id unknown
+        under every reading) is a warning, and acknowledged: no redelivery helps it.
 
         Most often it merely overtook its own submit_sm_resp (read on another bind, or
-        just behind it on this one): so it first waits for the submits answered by then
-        (bounded by response_timeout). If one of them took it, nothing is looked up or
-        written.
+        just behind it on this one): so it first waits for the submits in flight by then
+        (bounded by response_timeout), which may own it (the book did not settle a
+        receipt one of them could own). If one of them took it, or it now names one
+        waiting submit, nothing is looked up or written. Only that: a receipt no longer
+        kept may as well have been pushed out of the bounded book, or left without a
+        key by a learned reading. One that names several is left with the SMSC.
         """
-        if self._submitting:
-            await asyncio.wait(set(self._submitting), timeout=self.config.response_timeout)
-            if not self._book.is_kept(receipt):
-                return
+        kept = self._book.kept(receipt)
+        if self._book.in_flight:
+            await asyncio.wait(set(self._book.in_flight), timeout=self.config.response_timeout)
+        if kept is not None:
+            match = self._book.recheck(kept)
+            if match is not receipts.Match.UNCLAIMED:
+                return match is receipts.Match.MATCHED
         keys = self._book.receipt_keys(receipt.message_id)
         known = await self.context.kv.get_many(f"id:{k}" for k in keys)
         if not known:
             self._log.warning(
                 "smpp.receipt.unmatched", smsc_message_id=receipt.message_id, stat=receipt.stat
             )
-            return
+            return True
         named = sorted(set(known.values()))
         if len(named) > 1:
             # Submitted messages it could name under different readings ("auto"): the
             # same rule as in the book, nobody guesses (and nothing is stored for them).
             self._book.ambiguous([receipt.message_id], named)
-            return
+            return False
         matched = [k for k in keys if f"id:{k}" in known]
         self._book.learn(receipt.message_id, matched)
         value = json.dumps({"state": receipt.state, "err": receipt.error})
@@ -370,6 +376,7 @@ class SmppTransport(Transport):
             smsc_message_id=receipt.message_id,
             stat=receipt.stat,
         )
+        return True
 
     def _pick(self) -> Link | None:
         """The bound sending link with the fewest submits in flight."""
@@ -413,7 +420,7 @@ class SmppTransport(Transport):
                 session = link.session
                 if session is None:
                     raise _Failed(DeliveryOutcome.failure("SMSC not bound"))
-                self._submitting.add(answered)  # from here on, the SMSC may answer it
+                self._book.in_flight.add(answered)  # from here on, the SMSC may answer it
                 resp = await session.request(
                     Command.SUBMIT_SM, body, timeout=self.config.response_timeout
                 )
@@ -427,7 +434,7 @@ class SmppTransport(Transport):
             link.inflight -= 1
             # Whoever waits on this resumes after deliver() registered the id with the
             # book: nothing between here and ReceiptBook.expect() awaits.
-            self._submitting.discard(answered)
+            self._book.in_flight.discard(answered)
             answered.set_result(None)
         if resp.status == Status.ROK:
             return Status.ROK, message_id(resp.body)

@@ -9,8 +9,9 @@ Knobs (attributes a test sets): ``id_format`` of the submit_sm_resp ids ("decima
 "hex"), ``receipt_id_format`` of the ids in receipt texts, ``auto_receipt`` (a stat word
 or ``None``), ``receipt_tlvs`` (also send receipted_message_id/message_state),
 ``submit_statuses`` (statuses to answer the next submits with, consumed in order),
-``submit_ids`` (the numbers the next accepted submits get, consumed in order; else
-they count up from 1000),
+``receipt_first`` (the auto receipt before the submit_sm_resp), ``submit_ids`` (the
+numbers the next accepted submits get, consumed in order; else they count up from
+1000),
 ``bind_status``, ``drop_after_bind`` (close right after a successful bind: a flapping
 SMSC) and ``answer_bind_with_nack``.
 """
@@ -73,6 +74,7 @@ class StrictSmsc(EventLog):
         self.receipt_id_format = "hex"
         self.auto_receipt: str | None = None
         self.receipt_tlvs = False
+        self.receipt_first = False  # the auto receipt goes out before the submit_sm_resp
         self.submit_statuses: list[str] = []
         self.submit_ids: list[int] = []
         self.bind_status = "ESME_ROK"
@@ -206,9 +208,12 @@ class StrictSmsc(EventLog):
             await self._send(conn, op.SubmitSMResp(seqNum=pdu.seqNum, status=status(refused)))
             return
         await self._record("submit_sm", status="ESME_ROK", message_id=smsc_id, **event)
+        receipt = self.auto_receipt is not None and event["registered_delivery"] & 1
+        if receipt and self.receipt_first:
+            await self.receipt(number, self.auto_receipt or "", dest=event["destination_addr"])
         await self._send(conn, op.SubmitSMResp(seqNum=pdu.seqNum, message_id=smsc_id))
-        if self.auto_receipt is not None and event["registered_delivery"] & 1:
-            await self.receipt(number, self.auto_receipt, dest=event["destination_addr"])
+        if receipt and not self.receipt_first:
+            await self.receipt(number, self.auto_receipt or "", dest=event["destination_addr"])
 
     # --- what a test makes the SMSC send ----------------------------------------------
 

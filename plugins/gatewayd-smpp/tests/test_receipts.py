@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -32,10 +33,11 @@ def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
 
 
 async def learned_dec_hex(book: ReceiptBook) -> None:
-    """A first submit and receipt that only decimal-then-hex links: "1000" is "3e8"."""
-    first = book.expect("1000")
-    assert book.resolve(delivered("3e8")) is Match.MATCHED
-    assert first.done()
+    """Three submits and receipts that only decimal-then-hex links: "1000" is "3e8"."""
+    for n in (1000, 2000, 3000):
+        first = book.expect(str(n))
+        assert book.resolve(delivered(f"{n:x}")) is Match.MATCHED
+        assert first.done()
 
 
 async def test_a_receipt_in_the_other_base_finds_its_submit() -> None:
@@ -75,11 +77,16 @@ async def test_after_learning_a_colliding_receipt_goes_by_the_learned_reading() 
     assert ten.result().state == 5
 
 
-async def test_an_ambiguous_receipt_settles_once_the_format_is_learned() -> None:
+async def test_an_ambiguous_receipt_settles_when_delivered_again_after_learning() -> None:
+    """It is left with the SMSC (answered ESME_RX_T_APPN), not kept: only in memory, a
+    restart would lose it after the SMSC heard we had it."""
     book = ReceiptBook()
     ten, sixteen = book.expect("10"), book.expect("16")
     assert book.resolve(delivered("10")) is Match.AMBIGUOUS
+    assert book._kept == {}
     await learned_dec_hex(book)
+    assert not sixteen.done()
+    assert book.resolve(delivered("10")) is Match.MATCHED
     assert sixteen.done()
     assert not ten.done()
 
@@ -88,7 +95,7 @@ async def test_the_learned_pair_is_logged_once() -> None:
     book = ReceiptBook()
     with capture_logs() as logs:
         await learned_dec_hex(book)
-        for n in (2000, 3000):
+        for n in (4000, 5000):
             future = book.expect(str(n))
             book.resolve(delivered(f"{n:x}"))
             assert future.done()
@@ -102,9 +109,10 @@ async def test_same_text_ids_learn_the_string_reading() -> None:
     book.resolve(delivered("7"))
     assert seven.done()
     assert book.learned is None
-    future = book.expect("00001234")
-    book.resolve(delivered("1234"))
-    assert future.done()
+    for n in (1234, 2345, 3456):
+        future = book.expect(f"0000{n}")
+        book.resolve(delivered(str(n)))
+        assert future.done()
     assert book.learned == SAME
 
 
@@ -113,7 +121,6 @@ async def test_an_early_receipt_is_taken_by_the_one_submit_it_names() -> None:
     assert book.resolve(delivered("3e8")) is Match.UNCLAIMED
     future = book.expect("1000")
     assert future.done()
-    assert book.learned == DEC_HEX
 
 
 async def test_early_receipts_follow_the_same_rule() -> None:
@@ -154,9 +161,9 @@ async def test_one_declared_side_limits_the_readings() -> None:
     book = ReceiptBook(receipt_format="hex")
     ten, sixteen = book.expect("10"), book.expect("16")
     assert book.resolve(delivered("10")) is Match.AMBIGUOUS
-    future = book.expect("1000")
-    book.resolve(delivered("3e8"))
-    assert future.done()
+    await learned_dec_hex(book)
+    assert book.learned == DEC_HEX
+    book.resolve(delivered("10"))  # the SMSC delivers it again
     assert sixteen.done()
     assert not ten.done()
 
@@ -179,17 +186,161 @@ async def test_the_durable_table_does_not_guess_either() -> None:
     for msg_id, smsc_id in (("mt-a", "10"), ("mt-b", "16")):
         await transport._remember(f"mt:{msg_id}", msg_id, record(smsc_id))
     with capture_logs() as logs:
-        await transport._unclaimed(delivered("10"))
+        # Not acknowledged: nothing keeps it here, the SMSC must.
+        assert await transport._unclaimed(delivered("10")) is False
     (event,) = events(logs, "smpp.receipt.ambiguous")
     assert event["candidates"] == ["mt-a", "mt-b"]
     assert not [k for k in kv.rows if k.startswith("receipt:")]
     # "3e8" names one message only (as 1000 in hex): stored under its reading alone.
-    await transport._remember("mt:mt-c", "mt-c", record("1000"))
+    for msg_id, n in (("mt-c", 1000), ("mt-d", 2000), ("mt-e", 3000)):
+        await transport._remember(f"mt:{msg_id}", msg_id, record(str(n)))
     with capture_logs() as logs:
-        await transport._unclaimed(delivered("3e8"))
-    assert [e["msg_id"] for e in events(logs, "smpp.receipt.held")] == ["mt-c"]
-    assert [k for k in kv.rows if k.startswith("receipt:")] == ["receipt:dh:1000"]
-    # ... and that taught the book: "10" now names 16 only.
+        for n in (1000, 2000, 3000):
+            await transport._unclaimed(delivered(f"{n:x}"))
+    assert [e["msg_id"] for e in events(logs, "smpp.receipt.held")] == ["mt-c", "mt-d", "mt-e"]
+    stored = [k for k in kv.rows if k.startswith("receipt:")]
+    assert stored == ["receipt:dh:1000", "receipt:dh:2000", "receipt:dh:3000"]
+    # ... and those taught the book: "10" now names 16 only.
     with capture_logs() as logs:
         await transport._unclaimed(delivered("10"))
     assert [e["msg_id"] for e in events(logs, "smpp.receipt.held")] == ["mt-b"]
+
+
+async def test_a_submit_id_the_learned_reading_cannot_read_is_still_forgotten() -> None:
+    """Decimal-then-hex learned, the SMSC answers a submit with "abc": no decimal key.
+    It was registered under no key: forget() could not find it, its entry leaked."""
+    book = ReceiptBook()
+    await learned_dec_hex(book)
+    with capture_logs() as logs:
+        odd = book.expect("abc")
+        other = book.expect("xyz")
+    assert [e["message_id"] for e in events(logs, "smpp.receipt.id_unread")] == ["abc"]
+    book.forget(["abc"])
+    assert odd.cancelled()
+    # Waited for under its text, like any id read as a string.
+    assert book.resolve(delivered("XYZ")) is Match.MATCHED
+    assert other.done()
+    assert book._pending == {}
+    assert book._by_id == {}
+
+
+async def test_a_waiting_submit_the_learned_reading_cannot_read_keeps_its_text() -> None:
+    book = ReceiptBook()
+    odd = book.expect("abc")  # hex or text; not decimal
+    await learned_dec_hex(book)
+    assert book.resolve(delivered("abc")) is Match.MATCHED
+    assert odd.done()
+
+
+def transport_with(kv: MemoryKV) -> SmppTransport:
+    settings = make_settings(base_options(2775))
+    return SmppTransport(settings, SmsContext(settings.devices, kv))
+
+
+async def overtaken(transport: SmppTransport, receipt: Receipt) -> tuple[Any, Any]:
+    """``receipt`` read while a submit waits for its submit_sm_resp: what the intake
+    does (resolve, then _unclaimed, which waits for that submit), and that submit."""
+    answered: Any = asyncio.get_running_loop().create_future()
+    transport._book.in_flight.add(answered)
+    assert transport._book.resolve(receipt) is Match.UNCLAIMED
+    task = asyncio.create_task(transport._unclaimed(receipt))
+    await asyncio.sleep(0)
+    return task, answered
+
+
+def answer(transport: SmppTransport, answered: Any) -> None:
+    transport._book.in_flight.discard(answered)
+    answered.set_result(None)
+
+
+async def test_a_receipt_evicted_while_it_waited_is_still_written_down() -> None:
+    """The kept receipts are bounded: one pushed out while it waited for the submits in
+    flight was taken for claimed (no longer kept), acked, and written nowhere."""
+    kv = MemoryKV()
+    transport = transport_with(kv)
+    transport._book._keep = 1
+    await transport._remember("mt:mt-a", "mt-a", record("1000"))
+    task, answered = await overtaken(transport, delivered("1000"))
+    transport._book.resolve(delivered("77"))  # pushes "1000" out
+    with capture_logs() as logs:
+        answer(transport, answered)
+        await task
+    assert [e["msg_id"] for e in events(logs, "smpp.receipt.held")] == ["mt-a"]
+    assert "receipt:s:1000" in kv.rows
+
+
+async def test_a_receipt_the_learned_reading_cannot_read_is_not_taken_for_claimed() -> None:
+    """It waited; meanwhile the pair was learned, and "xyz" has no key under it."""
+    transport = transport_with(MemoryKV())
+    task, answered = await overtaken(transport, delivered("xyz"))
+    for n in (1000, 2000, 3000):  # receipts matched in the durable table meanwhile
+        transport._book.learn(f"{n:x}", [f"dh:{n}"])
+    assert transport._book.learned == DEC_HEX
+    with capture_logs() as logs:
+        answer(transport, answered)
+        await task
+    assert [e["smsc_message_id"] for e in events(logs, "smpp.receipt.unmatched")] == ["xyz"]
+
+
+async def test_a_receipt_a_submit_in_flight_could_own_waits_for_it() -> None:
+    """Submit "10" waits; another submit awaits its submit_sm_resp ("16", we will learn).
+    The hex receipt "10" (16) named "10" alone: it settled the wrong message, and
+    locked the wrong reading."""
+    book = ReceiptBook()
+    ten = book.expect("10")
+    answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    book.in_flight.add(answered)
+    receipt = delivered("10")
+    assert book.resolve(receipt) is Match.UNCLAIMED  # not yet
+    kept = book.kept(receipt)
+    assert kept is not None
+    book.in_flight.discard(answered)
+    sixteen = book.expect("16")
+    assert book.recheck(kept) is Match.AMBIGUOUS
+    assert not ten.done()
+    assert not sixteen.done()
+    assert book.learned is None
+
+
+async def test_with_nothing_else_in_flight_the_waiting_submit_takes_it() -> None:
+    book = ReceiptBook()
+    ten = book.expect("10")
+    answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    book.in_flight.add(answered)
+    receipt = delivered("10")
+    assert book.resolve(receipt) is Match.UNCLAIMED
+    kept = book.kept(receipt)
+    assert kept is not None
+    book.in_flight.discard(answered)
+    book.expect("99")  # what that submit got: no reading of "10"
+    assert book.recheck(kept) is Match.MATCHED
+    assert kept.claimed
+    assert ten.result() is receipt
+
+
+async def test_one_match_does_not_lock_the_reading() -> None:
+    """A receipt for a message of before a restart ("10", 16 in hex) meets the one
+    submit waiting here, "10": that match cannot be told from a right one. It used to
+    lock the text reading for good: no receipt in the other base matched again."""
+    book = ReceiptBook()
+    book.expect("10")
+    assert book.resolve(delivered("10")) is Match.MATCHED
+    assert book.learned is None
+    await learned_dec_hex(book)
+    assert book.learned == DEC_HEX
+
+
+async def test_an_early_receipt_is_not_taken_while_another_submit_could_own_it() -> None:
+    book = ReceiptBook()
+    receipt = delivered("10")
+    answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    book.in_flight.add(answered)
+    assert book.resolve(receipt) is Match.UNCLAIMED
+    kept = book.kept(receipt)
+    assert kept is not None
+    ten = book.expect("10")  # the other submit is still unanswered: it may be "16"
+    assert not ten.done()
+    book.in_flight.discard(answered)
+    book.expect("16")
+    assert book.recheck(kept) is Match.AMBIGUOUS
+    assert not ten.done()

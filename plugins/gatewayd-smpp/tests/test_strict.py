@@ -352,18 +352,19 @@ async def test_malformed_pdus_from_the_smsc(strict: StrictSmsc, start_strict: St
 async def test_ids_that_collide_across_bases_each_get_their_own_receipt(
     strict: StrictSmsc, start_strict: Starter
 ) -> None:
-    """Decimal submit ids, hex receipts ("auto" on both sides). A first receipt ("3e7"
-    for 999) teaches the transport the pair; then submits 1000 and 4096 wait at once, and
-    4096's receipt reads "1000": it used to settle the other message."""
-    strict.submit_ids = [999, 1000, 4096]
+    """Decimal submit ids, hex receipts ("auto" on both sides). The first receipts ("3e7"
+    for 999, ...) teach the transport the pair; then submits 1000 and 4096 wait at once,
+    and 4096's receipt reads "1000": it used to settle the other message."""
+    strict.submit_ids = [999, 998, 997, 1000, 4096]
     strict.auto_receipt = "DELIVRD"
     transport, _ = await start_strict(receipt_timeout=5.0)
     with structlog.testing.capture_logs() as logs:
-        assert (await transport.deliver(downlink("first", msg_id="mt-0"))).delivered
+        for n in range(3):
+            assert (await transport.deliver(downlink("first", msg_id=f"mt-{n}"))).delivered
         strict.auto_receipt = None
         a = asyncio.create_task(transport.deliver(downlink("to 1000", msg_id="mt-a")))
         b = asyncio.create_task(transport.deliver(downlink("to 4096", msg_id="mt-b")))
-        await strict.wait_for(lambda e: e["event"] == "submit_sm", count=3)
+        await strict.wait_for(lambda e: e["event"] == "submit_sm", count=5)
         await strict.receipt(4096, "DELIVRD")  # "id:1000"
         assert (await asyncio.wait_for(b, 5)).delivered
         assert not a.done()
@@ -376,4 +377,56 @@ async def test_ids_that_collide_across_bases_each_get_their_own_receipt(
         ("decimal", "hex")
     ]
     assert [e for e in logs if e["event"] == "smpp.receipt.ambiguous"] == []
-    assert [e["message_id"] for e in strict.of("submit_sm")] == ["999", "1000", "4096"]
+    assert [e["message_id"] for e in strict.of("submit_sm")] == [
+        "999",
+        "998",
+        "997",
+        "1000",
+        "4096",
+    ]
+
+
+async def test_an_ambiguous_receipt_is_refused_for_now(
+    strict: StrictSmsc, start_strict: Starter
+) -> None:
+    """Submits 10 and 16 wait; the receipt "id:10" could be either's. It was acked
+    ESME_ROK while held only in memory: a restart lost it. The SMSC keeps it now."""
+    strict.submit_ids = [10, 16]
+    transport, _ = await start_strict(receipt_timeout=5.0)
+    a = asyncio.create_task(transport.deliver(downlink("to 10", msg_id="mt-a")))
+    b = asyncio.create_task(transport.deliver(downlink("to 16", msg_id="mt-b")))
+    await strict.wait_for(lambda e: e["event"] == "submit_sm", count=2)
+    await asyncio.sleep(0.1)  # both submit_sm_resp read
+    await strict.receipt(16, "DELIVRD")  # "id:10"
+    resp = await strict.next("deliver_sm_resp")
+    assert resp["status"] == "ESME_RX_T_APPN"
+    assert not a.done()
+    assert not b.done()
+    for task in (a, b):
+        task.cancel()
+    await asyncio.gather(a, b, return_exceptions=True)
+
+
+async def test_a_receipt_ahead_of_its_submit_sm_resp_settles_no_other_message(
+    strict: StrictSmsc, start_strict: Starter
+) -> None:
+    """Submit 10 waits for its receipt; the SMSC answers the next submit with 16 but
+    sends its receipt ("id:10", hex) first. It named 10 alone: message 10 was reported
+    delivered, the text reading locked in, and 16 timed out and was sent again."""
+    strict.submit_ids = [10, 16]
+    transport, _ = await start_strict(receipt_timeout=5.0)
+    a = asyncio.create_task(transport.deliver(downlink("to 10", msg_id="mt-a")))
+    await strict.next("submit_sm")
+    await asyncio.sleep(0.1)  # 10 is registered
+    strict.auto_receipt = "DELIVRD"
+    strict.receipt_first = True
+    b = asyncio.create_task(transport.deliver(downlink("to 16", msg_id="mt-b")))
+    resp = await strict.next("deliver_sm_resp")
+    # Either's: left with the SMSC (which delivers it again), nobody settled.
+    assert resp["status"] == "ESME_RX_T_APPN"
+    assert not a.done()
+    assert not b.done()
+    assert transport._book.learned is None
+    for task in (a, b):
+        task.cancel()
+    await asyncio.gather(a, b, return_exceptions=True)
