@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ sys.path.insert(0, str(HERE))
 from gatewayd_sim import harness  # noqa: E402
 from procs import Meter, Proc, free_port, loadavg  # noqa: E402
 
-from gatewayd import pki  # noqa: E402
+from gatewayd import metrics, pki  # noqa: E402
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 SMSC_DIR = ROOT / "plugins" / "gatewayd-smpp" / "tests" / "smsc"
@@ -139,6 +140,9 @@ class Deployment:
     procs: dict[str, Proc] = field(default_factory=dict)
     smsc_lines: Path = field(init=False)
     ready_seconds: dict[str, float] = field(default_factory=dict)
+    # Each gateway's admin listener (config tag -> port): the backlog fill counts the
+    # stored messages from its metrics, since message.received is a debug event.
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tls = harness.make_pki(self.work / "pki")
@@ -332,7 +336,8 @@ receipts = false
             transports=transports,
             gateway_id=gw_id,
             gateway_type=gw_type,
-            extra='[log]\nlevel = "info"\nformat = "json"\n',
+            extra='[log]\nlevel = "info"\nformat = "json"\n'
+            f'[metrics]\nlisten = "127.0.0.1:{self.metrics_ports.setdefault(tag, free_port())}"\n',
         )
         # A process must advertise a real port: fix the API's listen address up front.
         text = text.replace(
@@ -632,6 +637,26 @@ class LineCount:
         return self.count
 
 
+class StoredCount:
+    """Uplink messages a gateway has stored so far, from its metrics (a fresh gateway:
+    every one of them is the fill's). A scrape that fails counts what the last one saw."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.count = 0
+
+    def __call__(self) -> int:
+        try:
+            with urllib.request.urlopen(self.url, timeout=5) as resp:  # noqa: S310 - loopback
+                text = resp.read().decode()
+        except OSError:
+            return self.count
+        counts = metrics.parse(text).get("gatewayd_messages_total", {})
+        # Label values in name order: direction, outcome, transport.
+        self.count = int(sum(v for k, v in counts.items() if k[:2] == ("uplink", "received")))
+        return self.count
+
+
 def backlog(dep: Deployment, plan: Plan, size: int) -> dict[str, Any]:
     """Fill ``size`` uplinks with the server stopped (fresh gateway), then start the
     server and measure the drain: rate, gateway CPU per message, memory."""
@@ -660,7 +685,7 @@ def backlog(dep: Deployment, plan: Plan, size: int) -> dict[str, Any]:
         driver = Proc(f"fill-{size}", argv, dep.work / f"fill-{size}.log")
         began = time.monotonic()
         stored = 0
-        stored_count = LineCount(gw.log, b'"message.received"', tag.encode())
+        stored_count = StoredCount(dep.metrics_ports[f"bl{size}"])
         while time.monotonic() - began < plan.backlog_drain_seconds * 2:
             rss_samples.append(gw.memory()["VmRSS"] / 1024)
             stored = stored_count()
