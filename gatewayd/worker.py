@@ -4,6 +4,10 @@ The uplink sender, the report sender and the downlink dispatcher are all this lo
 a different handler. A lane (one device) has at most one item in flight, so a device's
 messages leave in the order they were accepted, while different devices proceed
 concurrently.
+
+Items come from the store's in-memory lane index (:meth:`Store.take`): a message just
+stored goes out without a query. A delivered item's ``done`` is not waited for: it
+rides on the store's next transaction, and the lane's next item goes at once.
 """
 
 from __future__ import annotations
@@ -100,9 +104,7 @@ class QueueWorker:
                 if room == 0:
                     await asyncio.wait(list(self._busy.values()))
                     continue
-            items = await self._store.due(
-                self._queue, limit=room, now=self._clock(), busy_lanes=self._busy.keys()
-            )
+            items = await self._store.take(self._queue, limit=room, now=self._clock())
             if not items:
                 await self._idle()
                 continue
@@ -110,6 +112,8 @@ class QueueWorker:
             # and a worker with nothing to send would waste it while the worker sharing
             # the breaker waited out a whole probe timeout.
             if self._breaker is not None and not self._breaker.allow():
+                for item in items:  # back to their lanes, untouched
+                    self._store.release(item.id)
                 # At most a second: another worker's probe may close the breaker meanwhile.
                 await self._pause(min(self._breaker.next_probe_in(), 1.0))
                 continue
@@ -158,7 +162,7 @@ class QueueWorker:
 
     async def _settle(self, item: Item, outcome: Outcome) -> None:
         if isinstance(outcome, Done):
-            await self._store.done(item.id)
+            self._store.done_soon(item)
             if self._breaker is not None:
                 self._breaker.success()
         elif isinstance(outcome, Dead):
