@@ -143,6 +143,9 @@ class Deployment:
     # Each gateway's admin listener (config tag -> port): the backlog fill counts the
     # stored messages from its metrics, since message.received is a debug event.
     metrics_ports: dict[str, int] = field(default_factory=dict)
+    # A gateway's NOTIFY_SOCKET stays bound until it stops, as under systemd: a gateway
+    # whose later READY=1 or STOPPING=1 finds no socket fails (ConnectionRefusedError).
+    notify_socks: dict[str, socket.socket] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tls = harness.make_pki(self.work / "pki")
@@ -243,6 +246,9 @@ service_ids = ["msisdn-*"]
         proc = self.procs.pop(name, None)
         if proc is not None:
             proc.stop()
+        sock = self.notify_socks.pop(name, None)
+        if sock is not None:
+            sock.close()
 
     # --- the SMSC -------------------------------------------------------------------
     def start_smsc(self) -> None:
@@ -361,27 +367,25 @@ receipts = false
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(str(sock_path))
         sock.settimeout(0.2)
+        self.notify_socks[name] = sock
         env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), SMPP_PASSWORD_ENV: "bench"}
         argv = [sys.executable, "-m", "gatewayd.cli", "run", "--config", str(config)]
         began = time.monotonic()
         proc = Proc(name, argv, self.work / f"{name}.log", env=env)
         self.procs[name] = proc
         ready = None
-        try:
-            while ready is None and time.monotonic() - began < 60:
-                if not proc.alive():
-                    raise SystemExit(f"bench: {name} exited:\n{proc.tail()}")
-                try:
-                    data = sock.recv(4096)
-                except TimeoutError:
-                    continue
-                fields = data.split(b"\n")
-                if b"READY=1" in fields or (
-                    not wait_registered and b"STATUS=waiting for registration" in data
-                ):
-                    ready = time.monotonic() - began
-        finally:
-            sock.close()
+        while ready is None and time.monotonic() - began < 60:
+            if not proc.alive():
+                raise SystemExit(f"bench: {name} exited:\n{proc.tail()}")
+            try:
+                data = sock.recv(4096)
+            except TimeoutError:
+                continue
+            fields = data.split(b"\n")
+            if b"READY=1" in fields or (
+                not wait_registered and b"STATUS=waiting for registration" in data
+            ):
+                ready = time.monotonic() - began
         if ready is None:
             raise SystemExit(f"bench: {name} not READY in 60 s:\n{proc.tail()}")
         if wait_registered:
