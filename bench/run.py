@@ -426,8 +426,29 @@ def wait_port(port: int, proc: Proc, timeout: float = 30.0) -> None:
 # --- one measured run -----------------------------------------------------------------
 
 
+# The config tag of each gateway process that runs through the scenarios.
+GATEWAY_TAGS = {"gateway": "main", "gateway_l3g": "l3g"}
+
+
+def scrape(port: int) -> dict[str, dict[tuple[str, ...], float]] | None:
+    """A gateway's metrics (``None`` when it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            return metrics.parse(resp.read().decode())
+    except OSError:
+        return None
+
+
+def transactions(dep: Deployment, measured: dict[str, Proc]) -> float | None:
+    """The store transactions the measured gateway has committed so far, if it runs."""
+    name = next((n for n in GATEWAY_TAGS if n in measured), None)
+    values = None if name is None else scrape(dep.metrics_ports[GATEWAY_TAGS[name]])
+    return None if values is None else values.get("gatewayd_store_transactions", {}).get(())
+
+
 def drive(dep: Deployment, spec: dict[str, Any], measured: dict[str, Proc]) -> dict[str, Any]:
     """Run one load generator process; the other processes' CPU is metered around it."""
+    txn_before = transactions(dep, measured)
     meter = Meter(measured)
     meter.start()
     argv = [sys.executable, str(HERE / "drivers.py"), json.dumps(spec)]
@@ -444,6 +465,10 @@ def drive(dep: Deployment, spec: dict[str, Any], measured: dict[str, Proc]) -> d
     proc.stop()
     result: dict[str, Any] = json.loads(lines[-1])
     result.update(meter.stop(result["delivered"]))
+    txn_after = transactions(dep, measured)
+    if txn_before is not None and txn_after is not None and result["delivered"]:
+        # Writer round trips per message (the scrape's own stats() is one more each).
+        result["gateway_txn_per_msg"] = round((txn_after - txn_before) / result["delivered"], 3)
     return result
 
 
@@ -654,19 +679,45 @@ class StoredCount:
     every one of them is the fill's). A scrape that fails counts what the last one saw."""
 
     def __init__(self, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.port = port
         self.count = 0
 
     def __call__(self) -> int:
-        try:
-            with urllib.request.urlopen(self.url, timeout=5) as resp:  # noqa: S310 - loopback
-                text = resp.read().decode()
-        except OSError:
+        values = scrape(self.port)
+        if values is None:
             return self.count
-        counts = metrics.parse(text).get("gatewayd_messages_total", {})
+        counts = values.get("gatewayd_messages_total", {})
         # Label values in name order: direction, outcome, transport.
         self.count = int(sum(v for k, v in counts.items() if k[:2] == ("uplink", "received")))
         return self.count
+
+
+def wait_filled(
+    driver: Proc,
+    gw: Proc,
+    stored_count: StoredCount,
+    *,
+    size: int,
+    limit: float,
+    rss_samples: list[float],
+) -> int:
+    """Messages stored once the fill is over, sampling the gateway's RSS meanwhile.
+
+    The publisher gets each PUBACK only after the commit, so it is done when all are
+    stored; the metrics confirm it. A scrape counts the store, which is not free at
+    100k rows: only every 5 s while the publisher runs.
+    """
+    began = polled = time.monotonic()
+    stored = 0
+    while time.monotonic() - began < limit:
+        rss_samples.append(gw.memory()["VmRSS"] / 1024)
+        publishing = driver.popen.poll() is None
+        if not publishing or time.monotonic() - polled >= 5:
+            stored, polled = stored_count(), time.monotonic()
+            if stored >= size:
+                break
+        time.sleep(0.5)
+    return stored
 
 
 def backlog(dep: Deployment, plan: Plan, size: int) -> dict[str, Any]:
@@ -696,14 +747,14 @@ def backlog(dep: Deployment, plan: Plan, size: int) -> dict[str, Any]:
         argv = [sys.executable, str(HERE / "drivers.py"), json.dumps(spec)]
         driver = Proc(f"fill-{size}", argv, dep.work / f"fill-{size}.log")
         began = time.monotonic()
-        stored = 0
-        stored_count = StoredCount(dep.metrics_ports[f"bl{size}"])
-        while time.monotonic() - began < plan.backlog_drain_seconds * 2:
-            rss_samples.append(gw.memory()["VmRSS"] / 1024)
-            stored = stored_count()
-            if stored >= size:
-                break
-            time.sleep(0.5)
+        stored = wait_filled(
+            driver,
+            gw,
+            StoredCount(dep.metrics_ports[f"bl{size}"]),
+            size=size,
+            limit=plan.backlog_drain_seconds * 2,
+            rss_samples=rss_samples,
+        )
         driver.popen.wait()
         driver.stop()
         fill = meter.stop(stored)

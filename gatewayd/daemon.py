@@ -565,6 +565,7 @@ class Gateway:
             metrics.STORE_BACKLOG.labels(queue=queue).set(counts["pending"])
             metrics.STORE_DEAD.labels(queue=queue).set(counts["dead"])
             metrics.STORE_OLDEST_AGE.labels(queue=queue).set(counts["oldest_age"] or 0)
+        metrics.STORE_TRANSACTIONS.set(stats["commits"])
 
     def _transport_of(self, lane: str) -> str:
         endpoint = self.directory.endpoint(lane)

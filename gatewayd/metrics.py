@@ -166,6 +166,12 @@ STORE_DEAD = Gauge(
     ("queue",),
     registry=REGISTRY,
 )
+STORE_TRANSACTIONS = Gauge(
+    "gatewayd_store_transactions",
+    "Store transactions (writer round trips) committed by this process since it started,"
+    " sampled on scrape; its rate over the message rate is the cost of durability.",
+    registry=REGISTRY,
+)
 INTAKE_REJECTED = Counter(
     "gatewayd_intake_rejected",
     "Device input refused for good at intake, by transport and reason (kept in the DLQ).",
