@@ -26,6 +26,9 @@ from gatewayd.store.model import Item
 # it, an item is fetched by id when its turn comes (a primary-key read, whatever the
 # backlog): memory stays bounded while a large backlog builds up.
 CACHE_MAX: Final = 4096
+# A fetch also reads this many of each lane's next items into the cache, so draining a
+# backlog costs one fetch per PREFETCH rounds, not one per round.
+PREFETCH: Final = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +136,25 @@ class Lanes:
             self._out[lane] = ids[0]
             chosen.append((lane, ids[0], self._cache.pop(ids[0], None)))
         return chosen
+
+    def upcoming(self, lanes: list[str]) -> list[int]:
+        """Ids behind these lanes' heads whose bodies are not in memory, as many as fit."""
+        room = CACHE_MAX - len(self._cache)
+        wanted: list[int] = []
+        for lane in lanes:
+            ids = self._lanes.get(lane, ())
+            for index, item_id in enumerate(ids):
+                if index > PREFETCH or len(wanted) >= room:
+                    break
+                if index and item_id not in self._cache:
+                    wanted.append(item_id)
+        return wanted
+
+    def keep(self, item: Item) -> None:
+        """Cache a prefetched body, if the item is still pending here."""
+        ids = self._lanes.get(item.lane)
+        if ids and len(self._cache) < CACHE_MAX and ids[0] != item.id:
+            self._cache[item.id] = item
 
     def hold(self, item_id: int, lane: str) -> bool:
         """Keep a head from being handed out (an expiry is deciding on it)."""

@@ -296,8 +296,9 @@ class Store:
         items = [item for _, _, item in chosen if item is not None]
         missing = {item_id: lane for lane, item_id, item in chosen if item is None}
         if missing:
+            ahead = lanes.upcoming(list(missing.values()))
             try:
-                fetched = await self._writer.call(lambda txn: _fetch(txn, list(missing)))
+                fetched = await self._writer.call(lambda txn: _fetch(txn, [*missing, *ahead]))
             except BaseException:
                 for item_id, lane in missing.items():
                     lanes.release(item_id, lane)
@@ -305,10 +306,12 @@ class Store:
                     lanes.release(item.id, item.lane)
                 raise
             for item in fetched:
-                del missing[item.id]
+                if missing.pop(item.id, None) is not None:
+                    items.append(item)
+                else:
+                    lanes.keep(item)  # a later round's body, read along
             for item_id, lane in missing.items():  # no longer pending (another process)
                 lanes.remove(item_id, lane)
-            items.extend(fetched)
         ready: list[Item] = []
         for item in sorted(items, key=lambda i: i.id):
             if item.not_before > at:  # read from disk: a retry not due yet
