@@ -84,6 +84,10 @@ class QueueWorker:
         self._busy: dict[str, asyncio.Task[None]] = {}  # lane -> its item in flight
         self._tasks = TaskSet()
         self._stopping = asyncio.Event()
+        # Set whenever an item in flight finishes. Waiting on it costs the same however
+        # many are in flight; asyncio.wait() over the busy tasks added and removed a
+        # callback on each of them (64) for every message.
+        self._freed = asyncio.Event()
 
     @property
     def in_flight(self) -> int:
@@ -95,7 +99,8 @@ class QueueWorker:
         while not self._stopping.is_set():
             room = self._concurrency - len(self._busy)
             if room <= 0:
-                await asyncio.wait(list(self._busy.values()), return_when=asyncio.FIRST_COMPLETED)
+                self._freed.clear()
+                await self._freed.wait()
                 continue
             # While the breaker is not closed it lets exactly one probe through; once
             # that probe settles the loop looks again at once (a success closed it).
@@ -125,15 +130,21 @@ class QueueWorker:
     def _freer(self, lane: str) -> Callable[[asyncio.Task[None]], None]:
         def free(_task: asyncio.Task[None]) -> None:
             self._busy.pop(lane, None)
+            self._freed.set()
 
         return free
 
     async def _idle(self) -> None:
-        wake = asyncio.ensure_future(self._store.wait_for_work(self._queue, timeout=1.0))
-        stop = asyncio.ensure_future(self._stopping.wait())
-        pending = [wake, stop, *self._busy.values()]
-        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        for fut in (wake, stop):
+        # A lane freed with more to send wakes wait_for_work (the store's lane index);
+        # a freed slot may matter too (a breaker probe that settled).
+        self._freed.clear()
+        waits = [
+            asyncio.ensure_future(self._store.wait_for_work(self._queue, timeout=1.0)),
+            asyncio.ensure_future(self._stopping.wait()),
+            asyncio.ensure_future(self._freed.wait()),
+        ]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for fut in waits:
             fut.cancel()
 
     async def _pause(self, seconds: float) -> None:
