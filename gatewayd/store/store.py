@@ -374,7 +374,8 @@ class Store:
 
     def done_soon(self, item: Item) -> None:
         """Delivered, without waiting for the commit: the lane's next item may go at
-        once, and the write rides on the next transaction (with the next intake batch).
+        once, and the write rides on the next transaction (with the next intake batch;
+        alone after 50 ms if none comes).
 
         A crash before that commit sends the item again after the restart (at least
         once, in lane order: it is still its lane's head). A failed write is logged and
@@ -387,7 +388,9 @@ class Store:
             if lanes.remove(item.id, item.lane):
                 self._wake(item.queue)
         now = time.time()
-        future = self._writer.submit(lambda txn: _finish(txn, item.id, State.DONE, None, now))
+        future = self._writer.submit(
+            lambda txn: _finish(txn, item.id, State.DONE, None, now), lazy=True
+        )
         future.add_done_callback(lambda f: self._done_written(f, item))
 
     def _done_written(self, future: asyncio.Future[Any], item: Item) -> None:

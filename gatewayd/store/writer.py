@@ -51,6 +51,9 @@ RETRY_AFTER_STORAGE: Final = 30.0
 
 # A read-only connection stays read-only: reopen it, but not more than once a second.
 _REOPEN_INTERVAL: Final = 1.0
+# How long a lazy job (a delivered item's done) may wait for another job to ride with
+# before it goes alone: at any rate above ~20 messages a second it never waits that long.
+LAZY_SECONDS: Final = 0.05
 
 
 @dataclass(slots=True)
@@ -115,8 +118,12 @@ class Writer:
         self._on_commit = on_commit
         self._loop = asyncio.get_running_loop()
         self._jobs: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
-        # Jobs of the current loop iteration, handed over by _flush (on the loop).
+        # Jobs of the current loop iteration, handed over by _flush (on the loop), and
+        # lazy jobs waiting for one to ride with (or for their timer).
         self._pending: list[_Job] = []
+        self._lazy: list[_Job] = []
+        self._flush_soon = False
+        self._lazy_timer: asyncio.TimerHandle | None = None
         self._conn: sqlite3.Connection | None = None
         self._data_version = -1
         self._recount = True
@@ -155,24 +162,39 @@ class Writer:
             raise StoreError("the store is closed")
         return await self.submit(fn, intake=intake)
 
-    def submit(self, fn: Callable[[Txn], T], *, intake: bool = False) -> asyncio.Future[T]:
+    def submit(
+        self, fn: Callable[[Txn], T], *, intake: bool = False, lazy: bool = False
+    ) -> asyncio.Future[T]:
         """Queue ``fn`` for the next transaction; the future resolves after COMMIT.
 
-        For callers that need not wait (a ``done`` rides on the next transaction).
+        For callers that need not wait. A ``lazy`` job (a delivered item's ``done``)
+        does not start a transaction of its own: it rides on the next job's, or goes
+        after :data:`LAZY_SECONDS` when none comes.
         """
         if self._closed:
             raise StoreError("the store is closed")
         future: asyncio.Future[T] = self._loop.create_future()
-        if not self._pending:
-            self._loop.call_soon(self._flush)
-        self._pending.append(_Job(fn, future, intake))
+        job = _Job(fn, future, intake)
+        if lazy:
+            self._lazy.append(job)
+            if self._lazy_timer is None:
+                self._lazy_timer = self._loop.call_later(LAZY_SECONDS, self._flush)
+        else:
+            self._pending.append(job)
+            if not self._flush_soon:
+                self._flush_soon = True
+                self._loop.call_soon(self._flush)
         return future
 
     def _flush(self) -> None:
         # On the loop, after the callbacks of the iteration that queued the jobs.
-        if self._pending:
-            self._jobs.put(self._pending)
-            self._pending = []
+        self._flush_soon = False
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
+        jobs, self._lazy, self._pending = self._lazy + self._pending, [], []
+        if jobs:
+            self._jobs.put(jobs)
 
     # --- on the writer thread -----------------------------------------------------------
 
