@@ -646,3 +646,20 @@ async def test_expiry_leaves_a_taken_item_and_holds_the_rest(store: Store) -> No
     assert [i.id for i in expired] == [waiting]
     store.done_soon(item)
     assert await store.take(Queue.UPLINK, limit=5) == []
+
+
+async def test_routes_are_read_from_memory_and_survive_a_reopen(db: Path) -> None:
+    store = await Store.open(StoreSettings(path=db))
+    await store.remember_route("ue-1", {"addrType": "AS", "addr": "as-1"}, ttl=60)
+    commits = store._writer.commits
+    assert await store.route("ue-1") == {"addrType": "AS", "addr": "as-1"}
+    assert await store.route("ue-1", now=time.time() + 61) is None  # expired
+    assert store._writer.commits == commits  # no transaction
+    await store.close()
+    store = await Store.open(StoreSettings(path=db))
+    try:
+        assert await store.route("ue-1") == {"addrType": "AS", "addr": "as-1"}
+        await store.prune(time.time() + 61)
+        assert store._routes == {}
+    finally:
+        await store.close()

@@ -43,6 +43,7 @@ MAX_REJECTED = 10_000
 WORKED = frozenset({Queue.UPLINK, Queue.REPORT, Queue.DOWNLINK})
 _WORKED_NAMES = frozenset(q.value for q in WORKED)
 _NO_LANES = Lanes()  # for queues the index does not keep
+_ROUTES = "routes"  # the snapshot's key for the reply routes (not a queue's name)
 # Bodies read by id per statement when a take finds them not in memory.
 _FETCH_CHUNK = 500
 
@@ -59,6 +60,10 @@ class Store:
         self.settings = settings
         self._writer = Writer(settings, self._committed, _snapshot)
         self._lanes: dict[Queue, Lanes] = {q: Lanes() for q in WORKED}
+        # Reply routes (service id -> origin JSON, expiry), kept in step with the routes
+        # table like the lane index: a device's uplink without a destination looks its
+        # route up here, not in a transaction of its own.
+        self._routes: dict[str, tuple[str, float]] = {}
         self._wakeups: dict[Queue, asyncio.Event] = {q: asyncio.Event() for q in Queue}
         # A counter per queue, bumped on every commit that added work to it, and the
         # value seen by the last due(): wait_for_work() returns at once if work arrived
@@ -345,9 +350,12 @@ class Store:
             for queue, lanes in self._lanes.items():
                 lanes.load(txn.snapshot.get(queue.value, []))
                 self._wake(queue)
+            self._routes = {sid: (origin, exp) for sid, origin, exp in txn.snapshot[_ROUTES]}
         else:
             for change in txn.changes:
                 self._apply(change)
+            for service_id, origin, expires in txn.routes:
+                self._routes[service_id] = (origin, expires)
         for queue in txn.woken:
             self._wake(queue)
 
@@ -685,15 +693,19 @@ class Store:
         """
         at = time.time() if now is None else now
 
-        def job(txn: Txn) -> int:
-            txn.conn.execute("DELETE FROM routes WHERE expires <= ?", (at,))
+        def job(txn: Txn) -> tuple[int, int]:
+            routes = txn.conn.execute("DELETE FROM routes WHERE expires <= ?", (at,)).rowcount
             txn.conn.execute("DELETE FROM kv WHERE expires <= ?", (at,))
-            return txn.conn.execute(
+            tombstones = txn.conn.execute(
                 "DELETE FROM items INDEXED BY items_done WHERE state = 'done' AND finished <= ?",
                 (at - self.settings.dedup_window,),
             ).rowcount
+            return routes, tombstones
 
-        return await self._writer.call(job)
+        routes, tombstones = await self._writer.call(job)
+        if routes:  # forget them in memory too (route() already ignores them)
+            self._routes = {k: v for k, v in self._routes.items() if v[1] > at}
+        return tombstones
 
     async def limit_size(self, max_bytes: int | None) -> None:
         """Cap the database file at about ``max_bytes`` (``None``: no cap but the disk's).
@@ -719,20 +731,14 @@ class Store:
         await self._writer.call(lambda txn: _remember_route(txn, service_id, encoded, expires))
 
     async def route(self, service_id: str, now: float | None = None) -> dict[str, Any] | None:
-        """The originator to send a reply from ``service_id`` to, if still remembered."""
+        """The originator to send a reply from ``service_id`` to, if still remembered.
+
+        Read from memory (kept in step with every commit), not from the database."""
         at = time.time() if now is None else now
-
-        def job(txn: Txn) -> str | None:
-            row = txn.conn.execute(
-                "SELECT origin FROM routes WHERE service_id = ? AND expires > ?",
-                (service_id, at),
-            ).fetchone()
-            return None if row is None else str(row[0])
-
-        origin = await self._writer.call(job)
-        if origin is None:
+        entry = self._routes.get(service_id)
+        if entry is None or entry[1] <= at:
             return None
-        value: dict[str, Any] = json.loads(origin)
+        value: dict[str, Any] = json.loads(entry[0])
         return value
 
     # --- transports' own key/value rows (gatewayd.store.kv) --------------------------
@@ -826,6 +832,7 @@ class Store:
 
 
 def _remember_route(txn: Txn, service_id: str, origin: str, expires: float) -> None:
+    txn.routes.append((service_id, origin, expires))
     txn.conn.execute(
         "INSERT INTO routes (service_id, origin, expires) VALUES (?, ?, ?)"
         " ON CONFLICT (service_id) DO UPDATE SET origin = excluded.origin,"
@@ -985,10 +992,12 @@ def _finished(txn: Txn, queue: str, item_id: int, lane: str) -> None:
         txn.changes.append(Change("finish", queue, item_id, lane))
 
 
-def _snapshot(conn: sqlite3.Connection) -> dict[str, list[tuple[int, str, float]]]:
+def _snapshot(conn: sqlite3.Connection) -> dict[str, list[tuple[Any, ...]]]:
     """Every pending item of the worked queues as ``(id, lane, not_before)`` by queue,
-    in id order: what the lane index is reloaded from."""
-    out: dict[str, list[tuple[int, str, float]]] = {q: [] for q in _WORKED_NAMES}
+    in id order, and the reply routes (under ``_ROUTES``): what the lane index and the
+    routes in memory are reloaded from."""
+    out: dict[str, list[tuple[Any, ...]]] = {q: [] for q in _WORKED_NAMES}
+    out[_ROUTES] = conn.execute("SELECT service_id, origin, expires FROM routes").fetchall()
     rows = conn.execute(
         "SELECT queue, id, lane, not_before FROM items INDEXED BY items_state"
         " WHERE state = 'pending' ORDER BY queue, id"

@@ -81,6 +81,7 @@ class Txn:
     # the commit: the changes to pending sets, or (``reindex``: a bulk change, or another
     # process committed) a snapshot of every pending item read just before COMMIT.
     changes: list[Change] = field(default_factory=list)
+    routes: list[tuple[str, str, float]] = field(default_factory=list)  # remembered
     reindex: bool = False
     snapshot: Any = None
 
