@@ -221,6 +221,8 @@ port = {self.sim_port}
 [tls]
 cert = "{t["server"]}"
 key = "{t["server_key"]}"
+client_cert = "{t["server_client"]}"
+client_key = "{t["server_client_key"]}"
 ca = "{t["ca"]}"
 [operator]
 host = "127.0.0.1"
@@ -355,21 +357,24 @@ receipts = false
         path.write_text(text, encoding="utf-8")
         return path
 
-    def start_gateway(self, name: str, config: Path, *, wait_registered: bool = True) -> float:
+    def start_gateway(self, name: str, config: Path, *, server_up: bool = True) -> float | None:
         """``gatewayd run``; the seconds from exec to READY=1 on NOTIFY_SOCKET.
 
-        Without ``wait_registered`` (the server is down: READY=1 waits for the
-        registration) it returns once the gateway reports it waits for the
-        registration, and records no start-to-READY figure.
+        READY=1 waits for the server to hold the registration: with the server down
+        (``server_up=False``) this returns once the process runs, without a figure.
         """
+        env = {**os.environ, SMPP_PASSWORD_ENV: "bench"}
+        argv = [sys.executable, "-m", "gatewayd.cli", "run", "--config", str(config)]
+        if not server_up:
+            self.procs[name] = Proc(name, argv, self.work / f"{name}.log", env=env)
+            return None
         sock_path = self.work / f"notify-{name}.sock"
         sock_path.unlink(missing_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(str(sock_path))
         sock.settimeout(0.2)
         self.notify_socks[name] = sock
-        env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), SMPP_PASSWORD_ENV: "bench"}
-        argv = [sys.executable, "-m", "gatewayd.cli", "run", "--config", str(config)]
+        env["NOTIFY_SOCKET"] = str(sock_path)
         began = time.monotonic()
         proc = Proc(name, argv, self.work / f"{name}.log", env=env)
         self.procs[name] = proc
@@ -381,16 +386,12 @@ receipts = false
                 data = sock.recv(4096)
             except TimeoutError:
                 continue
-            fields = data.split(b"\n")
-            if b"READY=1" in fields or (
-                not wait_registered and b"STATUS=waiting for registration" in data
-            ):
+            if b"READY=1" in data.split(b"\n"):
                 ready = time.monotonic() - began
         if ready is None:
             raise SystemExit(f"bench: {name} not READY in 60 s:\n{proc.tail()}")
-        if wait_registered:
-            self.ready_seconds[name] = round(ready, 3)
-            self.wait_log(name, "registration.created", 30)
+        self.ready_seconds[name] = round(ready, 3)
+        self.wait_log(name, "registration.created", 30)
         return ready
 
     def wait_log(self, name: str, needle: str, timeout: float) -> None:
@@ -726,7 +727,7 @@ def backlog(dep: Deployment, plan: Plan, size: int) -> dict[str, Any]:
     name = f"gateway_bl{size}"
     tag = f"bl{size}-"
     dep.stop("sim")
-    dep.start_gateway(name, dep.n3g_config(f"bl{size}"), wait_registered=False)
+    dep.start_gateway(name, dep.n3g_config(f"bl{size}"), server_up=False)
     gw = dep.procs[name]
     dep.wait_log(name, "mqtt.connected", 30)
     out: dict[str, Any] = {"pending": size, "loadavg_start": loadavg()}

@@ -2,6 +2,7 @@
 bare ESME driving the same SMSC in the same run.
 
 Run: .venv/bin/python bench/smpp_bench.py [--messages 3000] [--window 10] [--binds 1 4]
+     [--receipts]
 
 The SMSC is the strict test peer (``plugins/gatewayd-smpp/tests/strict_smsc.py``, on
 Jasmin's codec smpp.pdu3) in a process of its own, so its CPU does not count against the
@@ -11,12 +12,17 @@ peer alone: a bare ESME (pre-encoded PDUs, no decoding beyond the header) binds
             ``binds`` times, keeps ``window`` submit_sm in flight per bind, and answers
             each deliver_sm at once: the most the SMSC itself can do.
 transport:  SmppTransport with ``binds`` binds and ``window``: MT is ``deliver()`` of
-            single-part downlinks (receipts off: the outcome is the submit_sm_resp), with
-            its submit record committed to a real SQLite store (``context.kv``); MO is
-            deliver_sm from the SMSC through intake into an in-memory context.
+            single-part downlinks, its durable submit bookkeeping in a real SQLite store
+            (``context.kv``). Receipts off (the outcome is the submit_sm_resp) unless
+            ``--receipts``: then the SMSC sends a DELIVRD receipt right after each
+            submit_sm_resp, and the outcome waits for it (the peer-alone run does not
+            ask for receipts). MO is deliver_sm from the SMSC through intake into an
+            in-memory context.
 
 Rates are messages over first send -> last response; CPU is this process's user+sys
-time per message (the SMSC's process is not counted).
+time per message (the SMSC's process is not counted). ``commits/MT`` is the store's
+transactions per MT message (``Store.stats()["commits"]``): concurrent kv calls share
+a transaction, so it is below the kv calls an MT makes one after the other.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from strict_smsc import StrictSmsc
 
 async def main() -> None:
     smsc = StrictSmsc()
+    smsc.auto_receipt = "DELIVRD" if sys.argv[2] == "receipts" else None
     await smsc.start()
     print(smsc.port, flush=True)
     loop = asyncio.get_running_loop()
@@ -77,12 +84,13 @@ asyncio.run(main())
 class Peer:
     """The SMSC in a subprocess; :meth:`mo` makes it send MO messages and time them."""
 
-    async def start(self) -> None:
+    async def start(self, *, receipts: bool) -> None:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
             PEER,
             str(TESTS),
+            "receipts" if receipts else "-",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
@@ -168,9 +176,9 @@ class BareEsme:
 
 
 async def through_transport(
-    peer: Peer, store: Store, count: int, window: int, binds: int
+    peer: Peer, store: Store, count: int, window: int, binds: int, *, receipts: bool
 ) -> dict[str, Any]:
-    options = base_options(peer.port, window=window, binds=binds, receipts=False)
+    options = base_options(peer.port, window=window, binds=binds, receipts=receipts)
     settings = make_settings(options, [DEVICE])
     context = SmsContext(settings.devices)
     context.kv = StoreKV(store, f"bench{binds}")  # type: ignore[assignment]
@@ -189,9 +197,12 @@ async def through_transport(
             )
             return (await transport.deliver(message)).delivered
 
+    commits = (await store.stats())["commits"]
     cpu0, started = cpu(), time.perf_counter()
     results = await asyncio.gather(*(one(i) for i in range(count)))
     mt_elapsed, mt_cpu = time.perf_counter() - started, cpu() - cpu0
+    # Less the stats call's own transaction.
+    commits = (await store.stats())["commits"] - commits - 1
     assert all(results), "an MT message failed"
 
     cpu0 = cpu()
@@ -202,6 +213,7 @@ async def through_transport(
     return {
         "mt_per_s": count / mt_elapsed,
         "mt_cpu_us": mt_cpu / count * 1e6,
+        "mt_commits": commits / count,
         "mo_per_s": count / mo_elapsed,
         "mo_cpu_us": mo_cpu / count * 1e6,
     }
@@ -212,9 +224,10 @@ async def main() -> None:
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--binds", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--receipts", action="store_true", help="MT waits for receipts")
     args = parser.parse_args()
     peer = Peer()
-    await peer.start()
+    await peer.start(receipts=args.receipts)
     with tempfile.TemporaryDirectory() as tmp:
         store = await Store.open(StoreSettings(path=Path(tmp) / "bench.db"))
         try:
@@ -229,10 +242,14 @@ async def main() -> None:
                 answering.cancel()
                 await asyncio.gather(answering, return_exceptions=True)
                 await asyncio.sleep(0.2)
-                got = await through_transport(peer, store, args.messages, args.window, binds)
+                got = await through_transport(
+                    peer, store, args.messages, args.window, binds, receipts=args.receipts
+                )
                 print(
-                    f"binds={binds} window={args.window} messages={args.messages}: "
-                    f"MT {got['mt_per_s']:.0f}/s ({got['mt_cpu_us']:.0f} us CPU/msg) "
+                    f"binds={binds} window={args.window} messages={args.messages}"
+                    f"{' receipts' if args.receipts else ''}: "
+                    f"MT {got['mt_per_s']:.0f}/s ({got['mt_cpu_us']:.0f} us CPU/msg, "
+                    f"{got['mt_commits']:.2f} commits/MT) "
                     f"vs peer alone {args.messages / mt_alone:.0f}/s; "
                     f"MO {got['mo_per_s']:.0f}/s ({got['mo_cpu_us']:.0f} us CPU/msg) "
                     f"vs peer alone {args.messages / mo_alone:.0f}/s",

@@ -79,6 +79,5 @@ class AdminServer:
         return web.Response(text="ready\n")
 
     async def _status(self, _request: web.Request) -> web.Response:
-        await metrics.SAMPLER.refresh()
         body = json.dumps(await self._probe.status(), indent=2, sort_keys=True)
         return web.Response(text=body + "\n", content_type=STATUS_CONTENT_TYPE)

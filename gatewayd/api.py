@@ -325,7 +325,8 @@ class TransportContext(PluginContext, Protocol):
           already kept the message in the dead-letter queue, logged and counted it.
           Answer with a final refusal the device will not retry (MQTT 5 PUBACK reason
           code, HTTP 4xx, SMPP error status); where the protocol has no such answer
-          (MQTT 3.1.1) acknowledge it, so it is not redelivered forever.
+          (MQTT 3.1.1) acknowledge it, so it is not redelivered forever. Log it at debug
+          at most: ``intake.rejected`` is the one line per refusal that monitoring counts.
         - otherwise (:class:`BacklogFullError`: backlog or disk full): withhold the
           acknowledgement, or answer "try later" (HTTP 503 with ``retry_after``).
         """
@@ -335,9 +336,10 @@ class TransportContext(PluginContext, Protocol):
         """Record input the transport itself refused for good (it does not parse).
 
         Kept in the dead-letter queue (queue ``intake``) with its ``reason`` and a bounded
-        copy of its ``content``, logged as ``intake.rejected`` and counted; then answer the
-        device as for a permanent refusal. Raises :class:`BacklogFullError` when even the
-        record cannot be stored (disk full): withhold the acknowledgement then.
+        copy of its ``content``, logged as ``intake.rejected`` (the refusal's one line: do
+        not log it again above debug) and counted; then answer the device as for a
+        permanent refusal. Raises :class:`BacklogFullError` when even the record cannot be
+        stored (disk full): withhold the acknowledgement then, and log that refusal.
         """
         ...
 

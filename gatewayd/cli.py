@@ -84,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pki_parser = sub.add_parser("pki", help="a throw-away PKI for tests and demos")
     pki_sub = pki_parser.add_subparsers(dest="pki_command", required=True, metavar="ACTION")
-    init = pki_sub.add_parser("init", help="create a CA and server, gateway, device certificates")
+    init = pki_sub.add_parser(
+        "init",
+        help="create a CA and role-specific certificates (server, server-client, gateway, device)",
+    )
     init.add_argument("directory", type=Path)
     init.add_argument("--server-name", default="localhost", help="DNS name of the server")
     init.add_argument("--gateway-name", default="localhost", help="DNS name of the gateway")
@@ -220,7 +223,7 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
         device_names=tuple(args.device_name),
     )
     for name, path in files.items():
-        print(f"{name:<12} {path}")
+        print(f"{name:<18} {path}")
     return int(ExitCode.OK)
 
 

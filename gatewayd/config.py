@@ -127,9 +127,14 @@ def load(path: Path) -> Settings:
     return parse(data, path)
 
 
+def base_dir(path: Path) -> Path:
+    """The folder relative paths in the config file ``path`` are taken from: its own."""
+    return path.parent.resolve()
+
+
 def parse(data: dict[str, Any], path: Path) -> Settings:
-    root = Options(data, "", source=str(path))
-    base = path.parent.resolve()
+    base = base_dir(path)
+    root = Options(data, "", source=str(path), base=base)
 
     gw = root.table("gateway", required=True)
     gateway_id = gw.get_str("id")
@@ -412,6 +417,7 @@ def secret_refs(settings: Settings) -> list[SecretRef]:
     """Every ``{ env | file | credential = ... }`` reference in the file, wherever it is
     (plugin tables included), each named by its key path."""
     data = read_raw(settings.source)
+    base = base_dir(settings.source)
     found: list[SecretRef] = []
 
     def walk(value: Any, key: str) -> None:
@@ -419,9 +425,7 @@ def secret_refs(settings: Settings) -> list[SecretRef]:
             if len(value) == 1:
                 ((kind, where),) = value.items()
                 if kind in ("env", "file", "credential") and isinstance(where, str):
-                    if kind == "file" and not Path(where).is_absolute():
-                        where = str(settings.source.parent.resolve() / where)
-                    found.append(SecretRef(kind, where, key))
+                    found.append(SecretRef.at(kind, where, key, base=base))
                     return
             for name, inner in value.items():
                 walk(inner, f"{key}.{name}" if key else name)

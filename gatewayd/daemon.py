@@ -63,6 +63,7 @@ from gatewayd.relay import (
     Dispatcher,
     ExpirySweep,
     TransportIntake,
+    forget_devices,
 )
 from gatewayd.retry import CircuitBreaker
 from gatewayd.security import tls
@@ -144,6 +145,16 @@ class Gateway:
     def store(self) -> Store:
         assert self._store is not None, "the gateway has not started"
         return self._store
+
+    @property
+    def store_if_open(self) -> Store | None:
+        """The store while it is open (the status view asks before and after too)."""
+        return self._store
+
+    @property
+    def registrar(self) -> Registrar | None:
+        """The registration with the server, once :meth:`run` has created it."""
+        return self._registrar
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -367,8 +378,8 @@ class Gateway:
         private_dir(self.settings.state_dir)  # 0700: the store holds bodies and Service IDs
         store = await Store.open(self.settings.store)
         stack.push_async_callback(store.close)
-        for transport, device, service_id in await store.learned_devices():
-            self.directory.learn(transport, Device(name=device, service_id=service_id))
+        dropped = self.directory.restore(await store.learned_devices())
+        await forget_devices(store, dropped, reason="not produced by the config")
         return store
 
     async def _start_transports(self) -> None:
@@ -473,10 +484,8 @@ class Gateway:
             service_id=service_id,
             cause=cause,
         )
-        try:
-            await self.store.forget_device(endpoint.transport, endpoint.device.name)
-        except StoreError as exc:  # it is refused again after a restart: no harm
-            log.warning("device.forget_failed", error=str(exc))
+        # Forgotten: a restart tries it again, once.
+        await forget_devices(self.store, [endpoint], reason="refused by the server")
 
     # --- background loops ----------------------------------------------------------------
 
@@ -531,10 +540,10 @@ class Gateway:
         for name in names:
             await self._stop_transport(name)
         self.settings = dataclasses.replace(self.settings, transports=fresh.transports)
-        self.directory.reconfigure(fresh.transports)
-        for transport, device, service_id in await self.store.learned_devices():
-            if self.directory.learnable(transport, device) is not None:
-                self.directory.learn(transport, Device(name=device, service_id=service_id))
+        # Learned devices of a removed transport, or one whose template now gives
+        # another id, are dropped: neither registered nor routed, nor loaded at start.
+        dropped = self.directory.reconfigure(fresh.transports)
+        await forget_devices(self.store, dropped, reason="not produced by the config")
         metrics.declare_transports(wanted)
         started = []
         for name in names:
@@ -560,12 +569,7 @@ class Gateway:
         self.live.set_gauges()
         if self._store is None:
             return
-        stats = await self._store.stats()
-        for queue, counts in stats["queues"].items():
-            metrics.STORE_BACKLOG.labels(queue=queue).set(counts["pending"])
-            metrics.STORE_DEAD.labels(queue=queue).set(counts["dead"])
-            metrics.STORE_OLDEST_AGE.labels(queue=queue).set(counts["oldest_age"] or 0)
-        metrics.STORE_TRANSACTIONS.set(stats["commits"])
+        metrics.set_store(await self._store.stats())
 
     def _transport_of(self, lane: str) -> str:
         endpoint = self.directory.endpoint(lane)

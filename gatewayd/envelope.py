@@ -9,14 +9,15 @@
 - Reports: a device's report for the server (:func:`report_request`) and the gateway's
   own failure report to a device (:func:`device_report_request`).
 
-Segment sets have their own keys in :mod:`gatewayd.segments`.
+Segment sets have their own keys in :mod:`gatewayd.segments`, which stores its bodies
+through :func:`downlink_body`; this module does not import it (the segment rules, such as
+which ``msgId`` a report about a segment carries, come in from the caller).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from gatewayd import segments
 from gatewayd.api import Device
 from gatewayd.msgin5g.model import (
     Address,
@@ -114,16 +115,17 @@ def report_request(
     )
 
 
-def device_report_request(message: UEMessageDelivery, cause: str) -> PutRequest | None:
-    """The failure report for a device's uplink message, if it asked to know.
+def device_report_request(
+    message: UEMessageDelivery, cause: str, *, msg_id: str
+) -> PutRequest | None:
+    """The failure report about ``msg_id`` for a device's uplink message, if it asked to
+    know (for a segment: the whole message's, :func:`gatewayd.segments.whole_msg_id`).
 
     The report travels the device's downlink lane, so it is as durable as a message and
     arrives in order with them.
     """
     if not message.deliv_st_req_ind:
         return None
-    # A failed segment fails its whole message: the device hears of the msgId it sent.
-    msg_id = segments.whole_msg_id(message)
     report = DeliveryStatusReport(
         ori_addr=message.dest_addr,
         dest_addr=message.ori_addr,

@@ -19,7 +19,7 @@ import contextvars
 import logging
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar, TextIO
 
 import structlog
 
@@ -100,47 +100,58 @@ def _merge_message(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str,
     return event
 
 
+# Both structlog's own events and stdlib records (foreign) go through these first.
+_SHARED: list[Any] = [
+    structlog.contextvars.merge_contextvars,
+    _merge_message,
+    structlog.stdlib.add_log_level,
+    structlog.stdlib.add_logger_name,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+    _redact,
+]
+
+
+class _Configured:
+    """What :func:`configure` has built in this process, so a second call builds nothing
+    again: the CLI sets a default before it knows the config, then the command sets the
+    config's level and format. Configuring structlog anew would leave loggers cached on
+    first use on the old chain."""
+
+    chain = False  # structlog's processor chain (the same for every level and format)
+    formatters: ClassVar[dict[str, logging.Formatter]] = {}  # by resolved format
+    handler: logging.StreamHandler[TextIO] | None = None
+
+
 def configure(level: str = "info", fmt: str = "auto") -> None:
-    """Configure structlog and stdlib logging. Call once, at process start."""
+    """Configure structlog and stdlib logging for the process: call it at start, and again
+    when the config names another level or format. The processor chain is built once, a
+    format's formatter once; the level is set on every call."""
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
-    shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        _merge_message,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _redact,
-    ]
-    renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-        if fmt == "console"
-        else structlog.processors.JSONRenderer()
-    )
-    structlog.configure(
-        processors=[
-            # Warnings and errors below the level (level = "error") stop here; debug and
-            # info calls below it never got this far (_LevelFirstLogger).
-            structlog.stdlib.filter_by_level,
-            *shared,
-            structlog.processors.StackInfoRenderer(),
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=_LevelFirstLogger,
-        cache_logger_on_first_use=True,
-    )
-    final: list[Any] = [
-        structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-        structlog.processors.format_exc_info if fmt == "json" else _noop,
-        renderer,
-    ]
-    formatter = structlog.stdlib.ProcessorFormatter(
-        # The fields _BadRequestExcerpts puts on aiohttp's records.
-        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(("remote", "error", "status"))],
-        processors=final,
-    )
-    handler = logging.StreamHandler(sys.stderr)
+    if not _Configured.chain:
+        structlog.configure(
+            processors=[
+                # Warnings and errors below the level (level = "error") stop here; debug
+                # and info calls below it never got this far (_LevelFirstLogger).
+                structlog.stdlib.filter_by_level,
+                *_SHARED,
+                structlog.processors.StackInfoRenderer(),
+                structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+            ],
+            logger_factory=structlog.stdlib.LoggerFactory(),
+            wrapper_class=_LevelFirstLogger,
+            cache_logger_on_first_use=True,
+        )
+        _Configured.chain = True
+    formatter = _Configured.formatters.get(fmt)
+    if formatter is None:
+        formatter = _Configured.formatters[fmt] = _formatter(fmt)
+    handler = _Configured.handler
+    if handler is None:
+        handler = _Configured.handler = logging.StreamHandler(sys.stderr)
+    # sys.stderr may have been replaced since (a test capturing it): follow it.
+    if handler.stream is not sys.stderr:
+        handler.setStream(sys.stderr)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -151,6 +162,25 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _BadRequestExcerpts) for f in logger.filters):
             logger.addFilter(_BadRequestExcerpts())
+
+
+def _formatter(fmt: str) -> logging.Formatter:
+    """The stdlib formatter that renders every line: JSON, or console lines."""
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        if fmt == "console"
+        else structlog.processors.JSONRenderer()
+    )
+    final: list[Any] = [
+        structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+        structlog.processors.format_exc_info if fmt == "json" else _noop,
+        renderer,
+    ]
+    return structlog.stdlib.ProcessorFormatter(
+        # The fields _BadRequestExcerpts puts on aiohttp's records.
+        foreign_pre_chain=[*_SHARED, structlog.stdlib.ExtraAdder(("remote", "error", "status"))],
+        processors=final,
+    )
 
 
 def set_level(level: str) -> None:

@@ -17,7 +17,7 @@ import platform
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from prometheus_client import (
@@ -356,6 +356,15 @@ class Sampler:
 
 
 SAMPLER = Sampler()
+
+
+def set_store(stats: dict[str, Any]) -> None:
+    """The store gauges from one :meth:`gatewayd.store.Store.stats` reading."""
+    for queue, counts in stats["queues"].items():
+        STORE_BACKLOG.labels(queue=queue).set(counts["pending"])
+        STORE_DEAD.labels(queue=queue).set(counts["dead"])
+        STORE_OLDEST_AGE.labels(queue=queue).set(counts["oldest_age"] or 0)
+    STORE_TRANSACTIONS.set(stats["commits"])
 
 
 async def render() -> bytes:

@@ -42,6 +42,15 @@ class SecretRef:
     where: str
     key: str = field(default="", compare=False)
 
+    @classmethod
+    def at(cls, kind: str, where: str, key: str, *, base: Path | None) -> SecretRef:
+        """A reference as the config gives it. The one place a relative ``file`` path is
+        resolved: against ``base``, the config file's folder, like every other path in
+        it (never the working directory, so check-config and run read the same file)."""
+        if kind == "file" and base is not None and not Path(where).is_absolute():
+            where = str(base / where)
+        return cls(kind, where, key)
+
     def read_bytes(self) -> bytes:
         if self.kind == "env":
             value = os.environ.get(self.where)
@@ -101,12 +110,22 @@ class Options:
 
     Read each key once with a typed getter; :meth:`check_unknown` then refuses keys
     nobody read, which catches misspelt options at start rather than in production.
+    ``base`` is the config file's folder: relative secret ``file`` paths are taken from
+    it (``None``: as given, from the working directory).
     """
 
-    def __init__(self, data: Mapping[str, Any], path: str, *, source: str | None = None) -> None:
+    def __init__(
+        self,
+        data: Mapping[str, Any],
+        path: str,
+        *,
+        source: str | None = None,
+        base: Path | None = None,
+    ) -> None:
         self._data = data
         self._path = path
         self._source = source
+        self._base = base
         self._seen: set[str] = set()
 
     @property
@@ -115,11 +134,11 @@ class Options:
 
     def nested(self, data: Mapping[str, Any], name: str) -> Options:
         """A table found under ``name`` by other means (a list item, say), same file."""
-        return Options(data, self.key(name), source=self._source)
+        return Options(data, self.key(name), source=self._source, base=self._base)
 
     def narrowed(self, data: Mapping[str, Any]) -> Options:
         """The same place in the same file, holding only ``data`` (a plugin's own keys)."""
-        return Options(data, self._path, source=self._source)
+        return Options(data, self._path, source=self._source, base=self._base)
 
     def key(self, name: str) -> str:
         return f"{self._path}.{name}" if self._path else name
@@ -209,7 +228,7 @@ class Options:
 
     def table(self, name: str, *, required: bool = False) -> Options:
         value = self._get(name, dict, "a table", MISSING if required else {})
-        return Options(value, self.key(name), source=self._source)
+        return Options(value, self.key(name), source=self._source, base=self._base)
 
     def tables(self, name: str) -> list[Options]:
         """An array of tables (``[[name]]``), each as its own :class:`Options`."""
@@ -218,7 +237,9 @@ class Options:
         for i, item in enumerate(value):
             if not isinstance(item, dict):
                 raise self.error(f"{name}[{i}]", f"expected a table, got {_type_name(item)}")
-            out.append(Options(item, f"{self.key(name)}[{i}]", source=self._source))
+            out.append(
+                Options(item, f"{self.key(name)}[{i}]", source=self._source, base=self._base)
+            )
         return out
 
     def secret(self, name: str, *, required: bool = True) -> SecretRef | None:
@@ -238,7 +259,7 @@ class Options:
         ((kind, where),) = value.items()
         if kind not in ("file", "env", "credential") or not isinstance(where, str) or not where:
             raise self.error(name, f"expected a secret reference: {_SECRET_FORMS}")
-        return SecretRef(kind, where, self.key(name))
+        return SecretRef.at(kind, where, self.key(name), base=self._base)
 
     def raw(self) -> Mapping[str, Any]:
         """The table as parsed, for keys a caller hands on unread (plugin options)."""

@@ -183,13 +183,17 @@ def init(
     device_id: str = DEMO_DEVICE_ID,
     device_names: tuple[str, ...] = (),
 ) -> dict[str, Path]:
-    """Create ``ca``, ``server``, ``gateway`` and ``device`` certificates in ``directory``.
+    """Create ``ca``, ``server``, ``server_client``, ``gateway`` and ``device``
+    certificates in ``directory`` (``server_client`` as ``server-client.pem``/``.key``).
 
     Each certificate is fit for its role only (docs/security.md, "pki init"), so that
     one party's certificate cannot stand in for another's:
 
-    - server: its URN and host name; serverAuth for its API, clientAuth because it is
-      the client of every gateway's MSGG API. Only the server carries its URN.
+    - server: its URN and host name; serverAuth only, for its API: a gateway refuses it
+      as a caller in the handshake.
+    - server_client: the same URN, nothing else; clientAuth only. The server is the
+      client of every gateway's MSGG API, and presents this one there. Only the server's
+      two certificates carry its URN.
     - gateway: its URN; clientAuth, plus serverAuth for its MSGG API under its own name.
     - device: its URN; clientAuth only and no host name or address, so it cannot serve
       TLS at all, unless ``device_names`` asks for a webhook server identity.
@@ -201,8 +205,16 @@ def init(
     out["ca"], out["ca_key"] = write_pair(directory, "ca", ca)
     issued = {
         "server": issue(
-            ca, "msgin5g-server", dns=(server_name,), uris=(server_id,), ips=_loopback(server_name)
+            ca,
+            "msgin5g-server",
+            dns=(server_name,),
+            uris=(server_id,),
+            ips=_loopback(server_name),
+            client=False,
         ),
+        # Its calls to gateways: the URN is all a gateway checks (api.allowed_peers), and a
+        # client needs no host name, so the certificate carries none.
+        "server_client": issue(ca, "msgin5g-server", uris=(server_id,), server=False),
         "gateway": issue(
             ca,
             "gatewayd",
@@ -219,8 +231,8 @@ def init(
             server=bool(device_names),
         ),
     }
-    for stem, item in issued.items():
-        out[stem], out[f"{stem}_key"] = write_pair(directory, stem, item)
+    for name, item in issued.items():
+        out[name], out[f"{name}_key"] = write_pair(directory, name.replace("_", "-"), item)
     out["crl"] = directory / "ca.crl.pem"
     out["crl"].write_bytes(create_crl(ca))
     return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -88,12 +88,44 @@ class Directory:
             for d in t.devices:
                 self._add(t.name, d)
 
-    def reconfigure(self, transports: tuple[TransportSettings, ...]) -> None:
-        """New transport tables (SIGHUP): the configured devices only; the caller
-        learns the learned ones again."""
+    def reconfigure(self, transports: tuple[TransportSettings, ...]) -> list[Endpoint]:
+        """New transport tables (SIGHUP). Learned devices the new tables still produce
+        stay; the others are dropped and returned, for the caller to forget in the store
+        (see :meth:`restore`). A refusal stays while its transport's template does."""
+        learned = [self._by_service[service_id] for service_id in sorted(self._learned)]
         fresh = Directory(transports)
+        self._refused = {
+            (transport, name): cause
+            for (transport, name), cause in self._refused.items()
+            if fresh._templates.get(transport) == self._templates.get(transport)
+        }
         self._by_device, self._by_service = fresh._by_device, fresh._by_service
-        self._templates = fresh._templates
+        self._templates, self._learned = fresh._templates, set()
+        # In one go, no await: no moment in which a kept learned device is unknown.
+        return self.restore((e.transport, e.device.name, e.device.service_id) for e in learned)
+
+    def restore(self, learned: Iterable[tuple[str, str, str]]) -> list[Endpoint]:
+        """Learn again devices learned before, as ``(transport, device, service_id)``
+        (the store's rows at start, the directory's own on reconfigure).
+
+        A device is learned again only if the config would learn it now the same way:
+        its transport has a ``service_id_template`` that gives the same UE Service ID,
+        and no configured device has its name or that id. The others are returned: the
+        caller forgets them in the store, or they would be registered and routed again.
+        """
+        dropped = []
+        for transport, name, service_id in learned:
+            device = self.learnable(transport, name)
+            if (
+                device is None
+                or device.service_id != service_id
+                or self.device(transport, name) is not None
+                or self.endpoint(service_id) is not None
+            ):
+                dropped.append(Endpoint(transport, Device(name=name, service_id=service_id)))
+            else:
+                self.learn(transport, device)
+        return dropped
 
     def _add(self, transport: str, device: Device) -> None:
         self._by_device[(transport, device.name)] = device
@@ -136,6 +168,27 @@ class Directory:
 
     def service_ids(self) -> tuple[str, ...]:
         return tuple(sorted(self._by_service))
+
+
+async def forget_devices(store: Store, endpoints: Iterable[Endpoint], *, reason: str) -> None:
+    """Remove learned devices from the store, so a restart does not learn them again.
+
+    A store that fails is logged and passed over: the device is out of the directory
+    already, and :meth:`Directory.restore` drops it again at the next start.
+    """
+    for endpoint in endpoints:
+        try:
+            await store.forget_device(endpoint.transport, endpoint.device.name)
+        except StoreError as exc:
+            log.warning("device.forget_failed", device=endpoint.device.name, error=str(exc))
+            continue
+        log.info(
+            "device.forgotten",
+            transport=endpoint.transport,
+            device=endpoint.device.name,
+            service_id=endpoint.device.service_id,
+            reason=reason,
+        )
 
 
 class TransportIntake:
@@ -276,15 +329,18 @@ class TransportIntake:
             body=body,
         )
         metrics.rejected(self._name, reason)
-        with bound_message(record_id):
-            log.warning(
-                "intake.rejected",
-                transport=self._name,
-                device=safe_device,
-                reason=reason,
-                detail=body["detail"],
-                recorded=recorded,
-            )
+        # The one line per refused input: monitoring counts lines, so the transport that
+        # answers the device logs the same refusal at debug at most. ``msg_id`` is the DLQ
+        # record's: the input's own id when it had one.
+        log.warning(
+            "intake.rejected",
+            transport=self._name,
+            device=safe_device,
+            msg_id=record_id,
+            reason=reason,
+            detail=body["detail"],
+            recorded=recorded,
+        )
 
     def peer_dropped(self, count: int, detail: str) -> None:
         metrics.peer_dropped(self._name, count)
@@ -311,13 +367,15 @@ class TransportIntake:
                     raise InvalidMessageError(f"{name} is not valid Unicode text")
             device = await self._resolve(report.device)
         except IntakeRefusedError as exc:
-            # A report is no message: logged and counted, not kept in the DLQ.
+            # A report is no message: logged (the one line, as for a message) and
+            # counted, not kept in the DLQ.
             if exc.permanent:
                 metrics.rejected(self._name, exc.reason)
                 log.warning(
                     "intake.rejected",
                     transport=self._name,
                     device=_printable(report.device),
+                    msg_id=_printable(report.msg_id),
                     reason=exc.reason,
                     detail=exc.detail,
                     kind="report",
@@ -495,16 +553,21 @@ def _transport_down(name: str) -> Outcome:
 def expiry_report(dispatcher: Dispatcher, item: Item) -> tuple[Queue, PutRequest] | None:
     """The failure report for any expired item (see :meth:`Store.expire`), or ``None``."""
     if item.queue == Queue.UPLINK:
-        request = device_report_request(UEMessageDelivery.from_json(item.body), "EXPIRED")
+        request = _device_report(UEMessageDelivery.from_json(item.body), "EXPIRED")
         return None if request is None else (Queue.DOWNLINK, request)
     if item.queue in (Queue.DOWNLINK, Queue.SEGMENT):
         return dispatcher.expired_report(item)
     return None
 
 
+def _device_report(message: UEMessageDelivery, cause: str) -> PutRequest | None:
+    # A failed segment fails its whole message: the device hears of the msgId it sent.
+    return device_report_request(message, cause, msg_id=segments.whole_msg_id(message))
+
+
 async def put_device_report(store: Store, message: UEMessageDelivery, cause: str) -> None:
     """Tell a device that its uplink message failed for good, if it asked to know."""
-    request = device_report_request(message, cause)
+    request = _device_report(message, cause)
     if request is not None:
         await store.put_many(Queue.DOWNLINK, [request])
 
@@ -535,15 +598,22 @@ class ExpirySweep:
         """One pass as of ``now`` (the clock's time by default); a full or failing disk
         defers it (logged once) instead of raising."""
         at = self._clock() if now is None else now
+        # Which expiries queued a report for the server, noted as the store builds them
+        # (in its transaction, on the writer thread; read here once it committed).
+        for_server: dict[int, bool] = {}
+
+        def report(item: Item) -> tuple[Queue, PutRequest] | None:
+            built = expiry_report(self._dispatcher, item)
+            for_server[item.id] = built is not None and built[0] == Queue.REPORT
+            return built
+
         try:
-            expired = await self._store.expire(
-                at, report=lambda item: expiry_report(self._dispatcher, item)
-            )
+            expired = await self._store.expire(at, report=report)
             for item in expired:
                 metrics.expired(item)
                 with bound_message(item.msg_id, queue=str(item.queue)):
                     log.warning("message.expired", to="dead-letter queue")
-                    if self._queued_report(item):
+                    if for_server.get(item.id, False):
                         metrics.report("queued")
                         log.info("report.queued", delivered=False, cause="EXPIRED")
             await self._store.prune(at)
@@ -560,12 +630,3 @@ class ExpirySweep:
         while True:
             await self.sweep()
             await asyncio.sleep(self.interval)
-
-    def _queued_report(self, item: Item) -> bool:
-        """Whether the expiry of ``item`` stored a report for the server (``expiry_report``
-        is pure, so asking again tells what the store did)."""
-        try:
-            report = expiry_report(self._dispatcher, item)
-        except Exception:  # an unreadable body: the store logged it, and stored no report
-            return False
-        return report is not None and report[0] == Queue.REPORT

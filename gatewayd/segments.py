@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+from gatewayd.envelope import KIND_MESSAGE, downlink_body
 from gatewayd.errors import InvalidBodyError, InvalidMessageError
 from gatewayd.msgin5g.model import (
     GatewayMessageDelivery,
@@ -32,9 +33,6 @@ from gatewayd.msgin5g.model import (
 from gatewayd.store import PartResult, PutRequest, Queue, Store
 
 M = TypeVar("M", UEMessageDelivery, GatewayMessageDelivery)
-
-# The store's downlink bodies say what they carry (see gatewayd.relay.downlink_body).
-_KIND_MESSAGE = "message"
 
 
 def is_segment(message: UEMessageDelivery | GatewayMessageDelivery) -> bool:
@@ -240,7 +238,7 @@ async def put_downlink_segment(
             msg_id=done.msg_id,
             dedup_key=f"down-seg:{set_key}",
             lane=service_id,
-            body={"kind": _KIND_MESSAGE, "wire": done.to_json()},
+            body=downlink_body(KIND_MESSAGE, done.to_json()),
         )
 
     return await store.put_part(
@@ -248,7 +246,7 @@ async def put_downlink_segment(
             msg_id=message.msg_id,
             dedup_key=f"seg:{set_key}|{seg_numb}",
             lane=set_key,
-            body={"kind": _KIND_MESSAGE, "wire": message.to_json()},
+            body=downlink_body(KIND_MESSAGE, message.to_json()),
             expires_at=time.time() + timeout,
         ),
         into=Queue.DOWNLINK,

@@ -81,10 +81,11 @@ class LiveState:
         reasons = []
         if gw.api_port is None:
             reasons.append("the API is not listening yet")
-        registrar = gw._registrar
+        registrar = gw.registrar
         if registrar is None or not registrar.ready.is_set():
             reasons.append(f"not registered with {gw.settings.northbound.api_root}")
-        refusing = gw._store.refusing if gw._store is not None else None
+        store = gw.store_if_open
+        refusing = store.refusing if store is not None else None
         if not self.store_writable:
             reasons.append("the store has not taken a write yet")
         elif refusing is not None:
@@ -94,7 +95,7 @@ class LiveState:
         return reasons
 
     def set_gauges(self) -> None:
-        registrar = self._gw._registrar
+        registrar = self._gw.registrar
         expires = registrar.expires if registrar is not None else None
         metrics.REGISTERED.set(1 if expires is not None else 0)
         metrics.REGISTRATION_EXPIRY.set(expires or 0)
@@ -107,12 +108,15 @@ class LiveState:
     async def status(self) -> dict[str, Any]:
         gw = self._gw
         self.set_gauges()
-        registrar = gw._registrar
+        gw.credentials.set_expiry_gauges()  # days left as of now
+        registrar = gw.registrar
         expires = registrar.expires if registrar is not None else None
         refused = registrar.refused if registrar is not None else None
         queues: dict[str, Any] = {}
-        if gw._store is not None:
-            stats = await gw._store.stats()
+        store = gw.store_if_open
+        if store is not None:
+            stats = await store.stats()  # one scan, shared with the store gauges
+            metrics.set_store(stats)
             for name, counts in stats["queues"].items():
                 worker = next((w for q, w in self.workers.items() if _store_queue(q) == name), None)
                 age = counts["oldest_age"]

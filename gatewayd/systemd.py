@@ -10,6 +10,10 @@ from __future__ import annotations
 import os
 import socket
 
+import structlog
+
+log = structlog.get_logger(__name__)
+
 
 class Notifier:
     def __init__(self, address: str | None = None) -> None:
@@ -17,6 +21,7 @@ class Notifier:
         if address and address.startswith("@"):
             address = "\0" + address[1:]
         self._address = address or None
+        self._failing = False  # the last notification could not be sent (logged once)
         usec = os.environ.get("WATCHDOG_USEC")
         pid = os.environ.get("WATCHDOG_PID")
         wanted = usec is not None and (pid is None or pid == str(os.getpid()))
@@ -30,8 +35,19 @@ class Notifier:
         if self._address is None:
             return
         message = "\n".join(f"{k.upper()}={v}" for k, v in fields.items()).encode()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto(message, self._address)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.sendto(message, self._address)
+        except OSError as exc:
+            # As sd_notify(3): a manager that went away or a full socket queue is the
+            # manager's problem; serving traffic goes on. Logged once per episode.
+            if not self._failing:
+                log.warning("systemd.notify_failed", error=str(exc), fields=sorted(fields))
+            self._failing = True
+            return
+        if self._failing:
+            log.info("systemd.notify_recovered")
+        self._failing = False
 
     def ready(self, status: str) -> None:
         self.notify(ready=1, status=status, mainpid=os.getpid())

@@ -289,7 +289,7 @@ async def site(tls: Pki, state: Path, gateway_type: str) -> Any:
             gateway_api=Client(
                 f"https://localhost:{gw.api_port}{prefix}",
                 ca,
-                (str(tls["server"]), str(tls["server_key"])),
+                (str(tls["server_client"]), str(tls["server_client_key"])),
                 to_gateway,
             ),
             sim_api=Client(

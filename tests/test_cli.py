@@ -20,11 +20,27 @@ from gatewayd.errors import ExitCode
 GATEWAYD = [sys.executable, "-m", "gatewayd.cli"]
 
 TRANSPORT = harness.http_transport_bearer()
+JSON_LOGS = '[log]\nformat = "json"\n'
 
 
 def gatewayd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*GATEWAYD, *args], capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+
+
+async def _start_run(
+    path: Path, *, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *GATEWAYD,
+        "run",
+        "--config",
+        str(path),
+        env=env,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
 
 
@@ -64,13 +80,21 @@ def test_autoload_switch_blocks_entry_points() -> None:
     assert "transports:          none" in result.stdout
 
 
-def _config(tmp_path: Path, tls: Pki, *, extra: str = "", transports: str = TRANSPORT) -> Path:
-    path = tmp_path / "gw.toml"
+def _config(
+    folder: Path,
+    tls: Pki,
+    *,
+    api_root: str = "https://127.0.0.1:9",
+    extra: str = "",
+    transports: str = TRANSPORT,
+) -> Path:
+    """``folder``/gw.toml, its state next to it; by default no server answers."""
+    path = folder / "gw.toml"
     path.write_text(
         harness.gateway_toml(
             tls,
-            api_root="https://127.0.0.1:9",
-            state_dir=tmp_path / "state",
+            api_root=api_root,
+            state_dir=folder / "state",
             transports=transports,
             extra=extra,
         )
@@ -137,30 +161,13 @@ async def test_run_under_a_notify_socket_ready_then_stopping(
 ) -> None:
     """systemd's view: STATUS= while starting, READY=1 once registered, STOPPING=1 on
     SIGTERM, then exit 0."""
-    path = tmp_path / "gw.toml"
-    path.write_text(
-        harness.gateway_toml(
-            loopback_pki,
-            api_root=sim.api_root,
-            state_dir=tmp_path / "state",
-            transports=TRANSPORT,
-            extra='[log]\nformat = "json"\n',
-        )
-    )
+    path = _config(tmp_path, loopback_pki, api_root=sim.api_root, extra=JSON_LOGS)
     notify = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(notify))
     sock.setblocking(False)
     env = {**os.environ, "NOTIFY_SOCKET": str(notify), "GATEWAYD_TEST_TOKEN": "t0ken-1"}
-    proc = await asyncio.create_subprocess_exec(
-        *GATEWAYD,
-        "run",
-        "--config",
-        str(path),
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await _start_run(path, env=env)
     loop = asyncio.get_running_loop()
     try:
         before = []
@@ -187,3 +194,89 @@ async def test_run_under_a_notify_socket_ready_then_stopping(
     assert '"event": "gateway.stopped"' in log
     assert "t0ken-1" not in log
     assert sim.registrations == []  # deregistered on the way out
+
+
+async def test_check_config_and_run_read_a_relative_secret_file_from_the_configs_folder(
+    tmp_path: Path, loopback_pki: Pki, sim: SimServer
+) -> None:
+    """A relative ``{ file = ... }`` is taken from the config file's folder by both
+    commands, whatever the working directory: run read it from the working directory
+    (its transport failed to start) while check-config said OK."""
+    folder, elsewhere = tmp_path / "conf", tmp_path / "elsewhere"
+    (folder / "secrets").mkdir(parents=True)
+    elsewhere.mkdir()
+    (folder / "secrets" / "token").write_text("t0ken-from-file\n")
+    transport = TRANSPORT.replace('{ env = "GATEWAYD_TEST_TOKEN" }', '{ file = "secrets/token" }')
+    assert 'file = "secrets/token"' in transport
+    path = _config(
+        folder, loopback_pki, api_root=sim.api_root, extra=JSON_LOGS, transports=transport
+    )
+    checked = await asyncio.create_subprocess_exec(
+        *GATEWAYD, "check-config", str(path), cwd=elsewhere, stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await asyncio.wait_for(checked.communicate(), 60)
+    assert checked.returncode == 0, stderr.decode()
+    proc = await _start_run(path, cwd=elsewhere)
+    try:
+        # Transports start before the registration: registered means the token was read.
+        registered = asyncio.ensure_future(sim.wait_for(lambda: bool(sim.registrations), 30))
+        exited = asyncio.ensure_future(proc.wait())
+        await asyncio.wait({registered, exited}, return_when=asyncio.FIRST_COMPLETED)
+        for waiting in (registered, exited):
+            waiting.cancel()
+        started = bool(sim.registrations)
+        if started:
+            proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert started, stderr.decode()
+    assert proc.returncode == 0, stderr.decode()
+
+
+# Runs `gatewayd run` in a fresh interpreter, counting what gatewayd.log builds.
+_COUNT_LOGGING_SETUP = """
+import sys
+import structlog
+from gatewayd import cli
+
+built = {"chain": 0, "formatter": 0}
+configure = structlog.configure
+
+def counting_configure(*args, **kwargs):
+    built["chain"] += 1
+    configure(*args, **kwargs)
+
+class CountingFormatter(structlog.stdlib.ProcessorFormatter):
+    def __init__(self, *args, **kwargs):
+        built["formatter"] += 1
+        super().__init__(*args, **kwargs)
+
+structlog.configure = counting_configure
+structlog.stdlib.ProcessorFormatter = CountingFormatter
+code = cli.main(sys.argv[1:])
+print(built["chain"], built["formatter"], code)
+"""
+
+
+def test_run_configures_logging_once(tmp_path: Path, loopback_pki: Pki) -> None:
+    """``main`` sets a default before the config is read, ``run`` then the config's
+    level: structlog's processor chain and the JSON formatter are built once, and the
+    start's failure is logged once (one handler)."""
+    path = _config(tmp_path, loopback_pki)
+    missing = tmp_path / "gone.pem"
+    path.write_text(path.read_text().replace(str(loopback_pki["gateway"]), str(missing)))
+    result = subprocess.run(
+        [sys.executable, "-c", _COUNT_LOGGING_SETUP, "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "GATEWAYD_TEST_TOKEN": "t0ken-1"},
+        check=False,
+    )
+    chains, formatters, code = result.stdout.split()
+    assert int(code) == ExitCode.CREDENTIALS, result.stderr
+    assert (chains, formatters) == ("1", "1"), result.stderr
+    assert result.stderr.count('"event": "gateway.failed"') == 1, result.stderr

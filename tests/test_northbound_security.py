@@ -142,7 +142,7 @@ async def test_api_validates_and_authorizes_bodies(
 ) -> None:
     async with running_gateway(gateway_config(TRANSPORT)) as gw:
         assert gw.api_port is not None
-        server = client_context(loopback_pki.trust(), loopback_pki.identity("server"))
+        server = client_context(loopback_pki.trust(), loopback_pki.identity("server_client"))
         status, body = await _call_api(gw.api_port, server, {**MESSAGE, "msgId": 5})
         assert status == 400
         validate_problem(body)

@@ -187,6 +187,35 @@ async def test_ready_only_once_registered_and_readyz_follows_the_server(
             assert "rate_uplink_received" in stats
 
 
+async def test_a_manager_that_went_away_does_not_stop_the_gateway(
+    tmp_path: Path, loopback_pki: Pki
+) -> None:
+    """NOTIFY_SOCKET names a socket nobody listens on any more: each notification fails
+    (ECONNREFUSED); the gateway still registers, serves and becomes ready, and says so
+    once, as sd_notify(3) callers do."""
+    server_port, admin = free_port(), free_port()
+    gone = NotifySocket(tmp_path / "notify.sock")
+    gone.sock.close()  # the path stays, the listener is gone
+    config = write_config(
+        tmp_path,
+        loopback_pki,
+        f"https://127.0.0.1:{server_port}",
+        device_port=free_port(),
+        admin_port=admin,
+    )
+    log_path = tmp_path / "gateway.log"
+    settings = harness.sim_settings(loopback_pki, port=server_port)
+    async with (
+        SimServer(settings, schema_check=True),
+        gateway_process(config, log_path, {"NOTIFY_SOCKET": str(gone.path)}),
+    ):
+        await until(lambda: events(log_path, "gateway.ready"))
+        assert (await get(admin, "/readyz")) == (200, "ready\n")
+        (failed,) = events(log_path, "systemd.notify_failed")  # once, not per message
+        assert failed["level"] == "warning"
+        assert "Connection refused" in failed["error"]
+
+
 def check_and_run_with_port_taken(
     tmp_path: Path, tls: Pki, which: str
 ) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str], int]:

@@ -7,9 +7,11 @@ where time matters; no network, no gateway, no waiting out an interval.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -36,10 +38,11 @@ from gatewayd.credentials import Credentials
 from gatewayd.envelope import downlink_request
 from gatewayd.errors import BacklogFullError
 from gatewayd.msgin5g.model import Address, GatewayMessageDelivery
-from gatewayd.northbound.client import MsgsClient
+from gatewayd.msgin5g.registration import GatewayRegistration
+from gatewayd.northbound.client import MsgsClient, Registered
 from gatewayd.northbound.registration import Registrar
 from gatewayd.plugins import Plugins
-from gatewayd.relay import Directory, Dispatcher, ExpirySweep, TransportIntake
+from gatewayd.relay import Directory, Dispatcher, ExpirySweep, TransportIntake, forget_devices
 from gatewayd.retry import RetryPolicy
 from gatewayd.store import Item, PutRequest, Queue, Route, Store, StoreSettings
 from gatewayd.worker import Dead, Done, Outcome, QueueWorker, Retry
@@ -65,11 +68,27 @@ async def _until(check: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 class Clock:
+    """A wall clock that moves only when told, with a ``sleep`` that ends when it has."""
+
     def __init__(self, now: float = T0) -> None:
         self.now = now
+        self.sleeps: list[float] = []  # every sleep asked for, in seconds
+        self._moved = asyncio.Event()
 
     def __call__(self) -> float:
         return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        # Wake every sleeper; each checks its own deadline and waits on a fresh event.
+        moved, self._moved = self._moved, asyncio.Event()
+        moved.set()
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        deadline = self.now + seconds
+        while self.now < deadline:
+            await self._moved.wait()
 
 
 def _transport_settings(name: str = "t", template: str | None = None) -> TransportSettings:
@@ -148,6 +167,65 @@ def test_directory_maps_learns_and_refuses_only_learned_devices() -> None:
     assert directory.device("t", "new") is None
     assert directory.service_ids() == (SENSOR.service_id,)
     assert Directory((_transport_settings("u"),)).learnable("u", "x") is None
+
+
+def test_directory_reconfigure_keeps_only_learned_devices_the_new_config_produces() -> None:
+    """SIGHUP: a learned device stays only while its transport's template gives it the
+    same UE Service ID; those of a removed transport or a changed template are dropped
+    (returned for the store to forget), and so is a refusal under the old template."""
+    directory = Directory(
+        (
+            _transport_settings("kept", "{device}@kept"),
+            _transport_settings("renamed", "{device}@old"),
+            _transport_settings("gone", "{device}@gone"),
+        )
+    )
+    for transport, name in [("kept", "k"), ("renamed", "r"), ("gone", "g"), ("renamed", "x")]:
+        device = directory.learnable(transport, name)
+        assert device is not None
+        directory.learn(transport, device)
+    directory.refuse("x@old", "NOT_ALLOWED")
+    directory.refuse("k@kept", "NOT_ALLOWED")
+    directory.learn("kept", Device(name="k2", service_id="k2@kept"))
+
+    dropped = directory.reconfigure(
+        (
+            _transport_settings("kept", "{device}@kept"),
+            _transport_settings("renamed", "{device}@new"),
+        )
+    )
+
+    assert sorted((e.transport, e.device.service_id) for e in dropped) == [
+        ("gone", "g@gone"),
+        ("renamed", "r@old"),
+    ]
+    assert directory.learned() == frozenset({"k2@kept"})
+    assert directory.service_ids() == tuple(sorted({SENSOR.service_id, "k2@kept"}))
+    assert directory.endpoint("r@old") is None
+    assert directory.device("renamed", "r") is None  # learned again by its next message
+    assert directory.refused("kept", "k") == "NOT_ALLOWED"
+    assert directory.refused("renamed", "x") is None  # a new template: a new chance
+
+
+async def test_learned_devices_the_config_no_longer_produces_are_forgotten(
+    store: Store,
+) -> None:
+    """What the gateway does at start and on SIGHUP: restore the store's learned devices,
+    forget in the store those the (new) config drops."""
+    await store.learn_device("t", "a", "a@old")
+    await store.learn_device("u", "b", "b@u")
+    await store.learn_device("t", SENSOR.name, "sensor-1@old")  # now configured
+    directory = Directory((_transport_settings("t", "{device}@old"), _transport_settings("u")))
+    dropped = directory.restore(await store.learned_devices())
+    await forget_devices(store, dropped, reason="not produced by the config")
+    assert await store.learned_devices() == [("t", "a", "a@old")]
+    assert directory.learned() == frozenset({"a@old"})
+
+    dropped = directory.reconfigure((_transport_settings("t", "{device}@new"),))
+    await forget_devices(store, dropped, reason="not produced by the config")
+    assert await store.learned_devices() == []
+    assert directory.learned() == frozenset()
+    assert directory.service_ids() == (SENSOR.service_id,)
 
 
 # --- TransportIntake -------------------------------------------------------------------
@@ -355,46 +433,149 @@ async def test_expiry_sweep_runs_on_its_clock_and_stores_the_report(store: Store
 # --- Registrar -----------------------------------------------------------------------
 
 
-async def test_registrar_registers_updates_on_a_learned_device_and_deregisters(
-    sim: SimServer, gateway_config: Callable[..., config.Settings]
-) -> None:
-    """Against the reference server (loopback, in this process): the registration holds
-    the served ids, a learned device is added by an update in place, the stop deletes it."""
+class CountingClient(MsgsClient):
+    """The real client, counting the registration requests it sends (POST and PUT)."""
+
+    sent = 0
+
+    async def register(self, registration: GatewayRegistration) -> Registered:
+        self.sent += 1
+        return await super().register(registration)
+
+    async def update(self, location: str, registration: GatewayRegistration) -> Registered:
+        self.sent += 1
+        return await super().update(location, registration)
+
+
+@contextlib.asynccontextmanager
+async def _sim_client(
+    gateway_config: Callable[..., config.Settings],
+) -> AsyncIterator[tuple[config.Settings, CountingClient]]:
+    """A northbound client for the reference server (loopback, in this process)."""
     settings = gateway_config(harness.http_transport_bearer())
     credentials = Credentials(settings, Plugins())
     await credentials.load()
-    client = MsgsClient(
+    client = CountingClient(
         settings.northbound.api_root,
         credentials.client_tls(),
         server_name=settings.northbound.server_name,
         timeout=5.0,
         max_connections=2,
     )
-    ids = ["ue-a@iot.example"]
-    registrar = Registrar(
+    try:
+        yield settings, client
+    finally:
+        await client.aclose()
+        await credentials.aclose()
+
+
+def _registrar(
+    settings: config.Settings, client: MsgsClient, ids: Callable[[], tuple[str, ...]], **kw: Any
+) -> Registrar:
+    return Registrar(
         client,
         gateway_id=settings.gateway_id,
         gateway_type="N3G",
         target_uri="https://127.0.0.1:1",
-        service_ids=lambda: tuple(ids),
-        ttl=600.0,
+        service_ids=ids,
         policy=RetryPolicy(initial=0.1, maximum=0.5),
+        **{"ttl": 600.0, **kw},
     )
+
+
+@contextlib.asynccontextmanager
+async def _running(registrar: Registrar) -> AsyncIterator[None]:
     run = asyncio.create_task(registrar.run(), name="registration:test")
     try:
-        await asyncio.wait_for(registrar.ready.wait(), timeout=10)
-        (held,) = sim.registrations
-        assert tuple(held.ue_svc_ids) == ("ue-a@iot.example",)
-        ids.append("ue-b@iot.example")
-        registrar.changed()
-        await sim.wait_for(
-            lambda: "ue-b@iot.example" in sim.registrations[0].ue_svc_ids, timeout=10
-        )
-        assert len(sim.registrations) == 1  # updated in place
+        yield
     finally:
         run.cancel()
         await asyncio.gather(run, return_exceptions=True)
         await registrar.deregister(5.0)
-        await client.aclose()
-        await credentials.aclose()
-    assert sim.registrations == []
+
+
+async def test_registrar_registers_updates_on_a_learned_device_and_deregisters(
+    sim: SimServer, gateway_config: Callable[..., config.Settings]
+) -> None:
+    """Against the reference server (loopback, in this process): the registration holds
+    the served ids, a learned device is added by an update in place, the stop deletes it."""
+    ids = ["ue-a@iot.example"]
+    async with _sim_client(gateway_config) as (settings, client):
+        registrar = _registrar(settings, client, lambda: tuple(ids))
+        async with _running(registrar):
+            await asyncio.wait_for(registrar.ready.wait(), timeout=10)
+            (held,) = sim.registrations
+            assert tuple(held.ue_svc_ids) == ("ue-a@iot.example",)
+            ids.append("ue-b@iot.example")
+            registrar.changed()
+            await sim.wait_for(
+                lambda: "ue-b@iot.example" in sim.registrations[0].ue_svc_ids, timeout=10
+            )
+            assert len(sim.registrations) == 1  # updated in place
+        assert sim.registrations == []
+
+
+async def test_registrar_refreshes_at_two_thirds_of_the_granted_lifetime_on_its_clock(
+    sim: SimServer, gateway_config: Callable[..., config.Settings]
+) -> None:
+    """The refresh is due at 2/3 of what the server granted (its max_ttl caps the 7200 s
+    asked for), counted on the registrar's clock; moving that clock sends it."""
+    clock = Clock(time.time())
+    async with _sim_client(gateway_config) as (settings, client):
+        registrar = _registrar(
+            settings,
+            client,
+            lambda: ("ue-a@iot.example",),
+            ttl=7200.0,
+            clock=clock,
+            sleep=clock.sleep,
+        )
+        async with _running(registrar):
+            await _until(lambda: len(clock.sleeps) == 1)
+            granted = sim.registrations[0].expiry.timestamp()
+            assert granted - clock.now < 3601  # the server's cap, not the 7200 s asked
+            assert clock.sleeps[0] == pytest.approx((granted - clock.now) * 2 / 3, abs=1)
+            assert client.sent == 1
+            clock.advance(clock.sleeps[0])
+            await _until(lambda: len(clock.sleeps) == 2)
+            assert client.sent == 2  # refreshed, once
+            granted = sim.registrations[0].expiry.timestamp()
+            assert clock.sleeps[1] == pytest.approx((granted - clock.now) * 2 / 3, abs=1)
+
+
+async def test_registrar_sifts_refused_learned_devices_and_registers_one_learned_meanwhile(
+    sim: SimServer, gateway_config: Callable[..., config.Settings]
+) -> None:
+    """The server (allowing ``ue-*``) refuses one of 16 newly learned ids: the sift finds
+    it without an update per id, and a device learned during the sift is registered
+    right after it, not at the next refresh (which the frozen clock never brings)."""
+    clock = Clock(time.time())
+    configured = {"ue-a@iot.example"}
+    learned = {f"ue-l{n:02}@learned.example" for n in range(15)} | {"meter-7@learned.example"}
+    late = "ue-late@learned.example"
+    async with _sim_client(gateway_config) as (settings, client):
+
+        async def refused(service_id: str, cause: str) -> None:
+            learned.discard(service_id)  # as the directory does
+            learned.add(late)  # learned while the sift goes on
+            registrar.changed()
+
+        registrar = _registrar(
+            settings,
+            client,
+            lambda: tuple(sorted(configured | learned)),
+            learned=lambda: frozenset(learned),
+            on_device_refused=refused,
+            clock=clock,
+            sleep=clock.sleep,
+        )
+        async with _running(registrar):
+            await sim.wait_for(
+                lambda: bool(sim.registrations) and late in sim.registrations[0].ue_svc_ids,
+                timeout=10,
+            )
+            assert registrar.refused_ids == {"meter-7@learned.example": "SERVICE_ID_NOT_ALLOWED"}
+            assert set(sim.registrations[0].ue_svc_ids) == configured | learned
+            # The refused first try, the configured id alone, then a bisection (one id
+            # at a time would be 16 updates), then the update with the late device.
+            assert client.sent <= 1 + 1 + 8 + 1

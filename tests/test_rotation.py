@@ -262,7 +262,7 @@ def replace_atomically(path: Path, data: bytes) -> None:
 
 async def api_serial(tls_files: Pki, port: int) -> int:
     """A fresh handshake with the gateway's API, as the server: which certificate it shows."""
-    ctx = tls.client_context(tls_files.trust(), tls_files.identity("server"))
+    ctx = tls.client_context(tls_files.trust(), tls_files.identity("server_client"))
     _, writer = await asyncio.open_connection(
         "127.0.0.1", port, ssl=ctx, server_hostname="localhost"
     )
@@ -411,7 +411,7 @@ async def test_new_crl_refuses_a_revoked_peer_after_reload(
         assert "EOF" in refused or "REVOKED" in refused.upper()
         # A new handshake with a certificate that is not revoked still succeeds: the
         # refusal is the revocation, not a broken context.
-        server = loopback_pki.identity("server")
+        server = loopback_pki.identity("server_client")
         assert await asyncio.to_thread(tls_probe, loopback_pki, gw.api_port, server) == "ok"
         # The server (not revoked) still gets through, both ways.
         result = await sim.send_downlink(service_id(DEVICES[0]), "after-crl", msg_id="crl-1")

@@ -7,16 +7,19 @@ check that the defaults alone keep Service IDs from every unverified party.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from gatewayd_sim import harness
-from gatewayd_sim.harness import Pki
+from gatewayd_sim.harness import DEMO_SERVICE_ID, Pki
 from gatewayd_sim.server import SimServer
 from gatewayd_testing import running_gateway
 from impostor import Impostor
@@ -93,9 +96,12 @@ def test_pki_init_issues_role_specific_certificates(tmp_path: Path) -> None:
     # A device is a TLS client only: no serverAuth, no host name, no loopback address.
     assert _ekus(tls["device"]) == {client_auth}
     assert _sans(tls["device"]) == [pki.DEMO_DEVICE_ID]
-    # Only the server carries the server's identity.
+    # The server serves with one certificate and calls gateways with another; each is
+    # fit for that role only, and only these two carry the server's identity.
     assert _sans(tls["server"])[:2] == ["localhost", pki.DEMO_SERVER_ID]
-    assert server_auth in _ekus(tls["server"])
+    assert _ekus(tls["server"]) == {server_auth}
+    assert _sans(tls["server_client"]) == [pki.DEMO_SERVER_ID]  # its URN, no host or address
+    assert _ekus(tls["server_client"]) == {client_auth}
     assert pki.DEMO_SERVER_ID not in _sans(tls["gateway"]) + _sans(tls["device"])
     assert _ekus(tls["gateway"]) == {server_auth, client_auth}
     assert pki.DEMO_GATEWAY_ID in _sans(tls["gateway"])
@@ -143,6 +149,17 @@ async def test_new_user_setup_keeps_service_ids_from_device_and_gateway_certific
         assert impostor.received == b"", f"a {stem} certificate received HTTP bytes"
 
 
+@contextlib.asynccontextmanager
+async def _beside_the_server(tmp_path: Path, tls: Pki) -> AsyncIterator[tuple[SimServer, Gateway]]:
+    """The reference server, and a gateway with the minimal config, pointed at it."""
+    async with SimServer(harness.sim_settings(tls)) as sim:
+        api_root = f"https://localhost:{sim.port}"
+        text = _minimal_config(tls, api_root, tmp_path / "state", server_identity=True)
+        settings = harness.write_config(tmp_path / "gatewayd.toml", text)
+        async with running_gateway(settings) as gw:
+            yield sim, gw
+
+
 async def _deliver(port: int, ctx: object) -> int:
     # A downlink with a spoofed AS sender: what an admitted impostor would inject.
     body = {**MESSAGE, "oriAddr": {"addrType": "AS", "addr": "as-spoofed"}, "msgId": "inj-1"}
@@ -161,21 +178,37 @@ async def test_default_allowed_peers_admit_the_server_identity_only(tmp_path: Pa
         # The server's identity present, but not as the primary one.
         "second SAN": pki.issue(ca, "device", uris=(pki.DEMO_DEVICE_ID, pki.DEMO_SERVER_ID)),
     }
-    async with SimServer(harness.sim_settings(tls)) as sim:
-        api_root = f"https://localhost:{sim.port}"
-        text = _minimal_config(tls, api_root, tmp_path / "state", server_identity=True)
-        settings = harness.write_config(tmp_path / "gatewayd.toml", text)
-        async with running_gateway(settings) as gw:
-            assert gw.api_port is not None
-            for name, cert in callers.items():
-                identity = TlsIdentity(cert_chain_pem=cert.cert_pem, key_pem=cert.key_pem)
-                with capture_logs() as logs:
-                    status = await _deliver(gw.api_port, client_context(tls.trust(), identity))
-                assert status == 403, name
-                assert any(e["event"] == "auth.peer_rejected" for e in logs), name
-            # The control: the server itself is let in.
-            server = client_context(tls.trust(), tls.identity("server"))
-            assert await _deliver(gw.api_port, server) in (200, 202, 204)
+    async with _beside_the_server(tmp_path, tls) as (_, gw):
+        assert gw.api_port is not None
+        for name, cert in callers.items():
+            identity = TlsIdentity(cert_chain_pem=cert.cert_pem, key_pem=cert.key_pem)
+            with capture_logs() as logs:
+                status = await _deliver(gw.api_port, client_context(tls.trust(), identity))
+            assert status == 403, name
+            assert any(e["event"] == "auth.peer_rejected" for e in logs), name
+        # The control: the server itself is let in.
+        server = client_context(tls.trust(), tls.identity("server_client"))
+        assert await _deliver(gw.api_port, server) in (200, 202, 204)
+
+
+async def test_server_calls_gateways_with_its_client_certificate_only(tmp_path: Path) -> None:
+    """Finding 1: with `pki init` and a default gateway config, the server's downlink
+    (with its client certificate) is accepted, while its serving certificate, which is
+    serverAuth only, is refused as a caller in the handshake: no HTTP, nothing stored."""
+    tls = _pki_init(tmp_path / "pki")
+    async with _beside_the_server(tmp_path, tls) as (sim, gw):
+        assert gw.api_port is not None
+        await sim.wait_for(lambda: bool(sim.registrations), timeout=10)
+        pushed = await sim.send_downlink(DEMO_SERVICE_ID, "hi", msg_id="dl-1")
+        assert (pushed.status, pushed.error) == (204, None)
+        serving = client_context(tls.trust(), tls.identity("server"))
+        with capture_logs() as logs, pytest.raises(aiohttp.ClientError):
+            await _deliver(gw.api_port, serving)  # TLS 1.3: refused on the first read
+        downlink = (await gw.store.stats())["queues"]["downlink"]
+    assert downlink["pending"] + downlink["done"] + downlink["dead"] == 1  # the server's only
+    rejected = [e for e in logs if e["event"] == "auth.peer_rejected"]
+    assert [(e["direction"], e["stage"]) for e in rejected] == [("inbound", "tls")]
+    assert "unsuitable certificate purpose" in rejected[0]["reason"]
 
 
 def test_empty_allowed_peers_is_a_config_error(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 from gatewayd_sim import harness, schemas
 from gatewayd_sim.harness import Pki
 
-from gatewayd import config, segments
+from gatewayd import config, envelope, segments
 from gatewayd.errors import BacklogFullError, ConfigError, InvalidBodyError, InvalidMessageError
 from gatewayd.msgin5g.model import (
     Address,
@@ -209,6 +209,14 @@ async def test_segments_survive_a_restart_and_complete_out_of_order(tmp_path: Pa
         # A late duplicate of any segment changes nothing and queues nothing again.
         assert (await _put(store, parts[0])).duplicate
         assert len(await store.due(Queue.DOWNLINK, limit=10)) == 1
+
+
+def test_segment_bodies_are_built_by_the_module_that_owns_the_body_format() -> None:
+    """Structural: the queue body format has one owner, gatewayd.envelope. segments kept
+    its own copy of the "message" kind, free to drift from what the dispatcher reads."""
+    assert segments.downlink_body is envelope.downlink_body
+    assert segments.KIND_MESSAGE is envelope.KIND_MESSAGE
+    assert [name for name in vars(segments) if "KIND" in name] == ["KIND_MESSAGE"]
 
 
 async def test_a_set_expires_together_from_its_first_segment(tmp_path: Path) -> None:

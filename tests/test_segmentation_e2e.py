@@ -225,7 +225,7 @@ async def test_a_malformed_segment_is_refused_with_the_offending_field(
         }
         # Posted as the server would, but reading the answer the sim's client drops.
         ctx = tls.client_context(
-            loopback_pki.trust(), loopback_pki.identity("server"), check_hostname=False
+            loopback_pki.trust(), loopback_pki.identity("server_client"), check_hostname=False
         )
         async with (
             aiohttp.ClientSession() as session,

@@ -34,6 +34,7 @@ DELIVERY = "TS29538_MSGS_MSGDelivery.yaml"
 class Pki:
     trust: TrustAnchors
     server: TlsIdentity
+    client: TlsIdentity  # what the sim presents when it calls gateways
     ca: pki.Issued
 
     def identity(self, uri: str) -> TlsIdentity:
@@ -45,11 +46,18 @@ class Pki:
 def certs() -> Pki:
     ca = pki.create_ca()
     server = pki.issue(
-        ca, "sim", uris=(pki.DEMO_SERVER_ID,), dns=("localhost",), ips=("127.0.0.1",)
+        ca,
+        "sim",
+        uris=(pki.DEMO_SERVER_ID,),
+        dns=("localhost",),
+        ips=("127.0.0.1",),
+        client=False,
     )
+    client = pki.issue(ca, "sim", uris=(pki.DEMO_SERVER_ID,), server=False)
     return Pki(
         trust=TrustAnchors(ca_pem=ca.cert_pem),
         server=TlsIdentity(cert_chain_pem=server.cert_pem, key_pem=server.key_pem),
+        client=TlsIdentity(cert_chain_pem=client.cert_pem, key_pem=client.key_pem),
         ca=ca,
     )
 
@@ -58,6 +66,7 @@ def certs() -> Pki:
 async def sim(certs: Pki) -> AsyncIterator[SimServer]:
     settings = SimSettings(
         identity=certs.server,
+        client_identity=certs.client,
         trust=certs.trust,
         allow=gateway_list(),
         max_ttl=600,
@@ -503,12 +512,17 @@ def test_example_config_loads(pki_dir: dict[str, Path], tmp_path: Path) -> None:
     assert settings.allow.for_peer(tls.PeerIdentity(uris=(GW,), dns_names=())).gw_type == "N3G"
     assert settings.operator_host == "127.0.0.1"
     assert settings.trust.crl_pem
+    # It calls gateways with the client certificate `pki init` wrote for that.
+    assert settings.client_identity.cert_chain_pem == pki_dir["server_client"].read_bytes()
+    assert settings.identity.cert_chain_pem == pki_dir["server"].read_bytes()
 
 
 def test_config_errors_name_the_key(pki_dir: dict[str, Path], tmp_path: Path) -> None:
     conf = tmp_path / "sim.toml"
     base = (
         f'[tls]\ncert = "{pki_dir["server"]}"\nkey = "{pki_dir["server_key"]}"\n'
+        f'client_cert = "{pki_dir["server_client"]}"\n'
+        f'client_key = "{pki_dir["server_client_key"]}"\n'
         f'ca = "{pki_dir["ca"]}"\n'
     )
     conf.write_text(base + '[operator]\nhost = "0.0.0.0"\n', encoding="utf-8")
@@ -520,6 +534,43 @@ def test_config_errors_name_the_key(pki_dir: dict[str, Path], tmp_path: Path) ->
     conf.write_text(base + "[tls2]\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="tls2"):
         load(conf)
+
+
+@pytest.mark.parametrize("key", ["client_cert", "client_key"])
+def test_missing_client_identity_is_a_config_error(
+    pki_dir: dict[str, Path], tmp_path: Path, key: str
+) -> None:
+    """No quiet fall-back to the serving certificate: the key is named, with the fix."""
+    lines = {
+        "cert": pki_dir["server"],
+        "key": pki_dir["server_key"],
+        "client_cert": pki_dir["server_client"],
+        "client_key": pki_dir["server_client_key"],
+        "ca": pki_dir["ca"],
+    }
+    del lines[key]
+    conf = tmp_path / "sim.toml"
+    conf.write_text("[tls]\n" + "".join(f'{k} = "{v}"\n' for k, v in lines.items()))
+    with pytest.raises(ConfigError) as refused:
+        load(conf)
+    assert refused.value.key == f"tls.{key}"
+    assert "server-client.pem" in refused.value.problem
+
+
+def test_serving_certificate_as_client_certificate_is_a_config_error(
+    pki_dir: dict[str, Path], tmp_path: Path
+) -> None:
+    """Gateways would refuse it in every handshake (no clientAuth): say so at load."""
+    conf = tmp_path / "sim.toml"
+    conf.write_text(
+        f'[tls]\ncert = "{pki_dir["server"]}"\nkey = "{pki_dir["server_key"]}"\n'
+        f'client_cert = "{pki_dir["server"]}"\nclient_key = "{pki_dir["server_key"]}"\n'
+        f'ca = "{pki_dir["ca"]}"\n'
+    )
+    with pytest.raises(ConfigError) as refused:
+        load(conf)
+    assert refused.value.key == "tls.client_cert"
+    assert "no clientAuth" in refused.value.problem
 
 
 async def test_push_client_does_not_follow_a_redirect(tmp_path: Path) -> None:
@@ -553,7 +604,7 @@ async def test_push_client_does_not_follow_a_redirect(tmp_path: Path) -> None:
 
     ctx = tls.server_context(identity("gateway"), trust)
     await web.TCPSite(runners[1], "127.0.0.1", 0, ssl_context=ctx).start()
-    client = GatewayClient(identity("server"), trust)
+    client = GatewayClient(identity("server_client"), trust)
     await client.start()
     try:
         status, _ = await client.post(
@@ -644,7 +695,13 @@ async def test_a_service_id_registered_by_another_gateway_is_refused(
             gateway(third, "N3G", ("sensor-*@iot.example",)),
         )
     )
-    settings = SimSettings(identity=certs.server, trust=certs.trust, allow=allow, max_ttl=600)
+    settings = SimSettings(
+        identity=certs.server,
+        client_identity=certs.client,
+        trust=certs.trust,
+        allow=allow,
+        max_ttl=600,
+    )
     async with SimServer(settings, schema_check=True) as sim:
         mine = registration(ueSvcIds=["sensor-1@iot.example"])
         status, _, _ = await post(http, sim, client_ctx(certs, GW), REG, mine)

@@ -1,6 +1,7 @@
 """The systemd files: exposure at most 1.5 for every unit, the same credential names in
-the units, the example configs and docs/credentials.md, Documentation= pointing at
-shipped docs, and sysusers/tmpfiles entries that systemd's own tools apply.
+the units, the example configs and docs/credentials.md (the sim's unit: its example and
+`pki init`), Documentation= pointing at shipped docs, and sysusers/tmpfiles entries
+that systemd's own tools apply.
 
 The example configs are checked the way the unit runs them: ``check-config`` with the
 material in ``$CREDENTIALS_DIRECTORY`` under the names the unit loads.
@@ -82,6 +83,18 @@ def test_units_examples_and_docs_use_the_same_credential_names() -> None:
     assert loaded_credentials(GATEWAY_UNITS[0]) == loaded_credentials(GATEWAY_UNITS[1])
     used = set().union(*(referenced_credentials(e) for e in EXAMPLES))
     assert "smpp-password" in used
+
+
+def test_sim_unit_loads_every_file_of_the_sim_example_and_of_pki_init(tmp_path: Path) -> None:
+    """The reference server's unit hands over what its [tls] table names, under the
+    names `gatewayd pki init` writes (its client certificate included)."""
+    tls = tomllib.loads((ROOT / "conf/sim.example.toml").read_text())["tls"]
+    named = {Path(v).name for k, v in tls.items() if isinstance(v, str)}
+    loaded = loaded_credentials(UNITS / "gatewayd-sim.service")
+    assert named - {"ca.crl.pem"} <= loaded  # the CRL is optional
+    written = {p.name for p in pki.init(tmp_path / "pki").values()}
+    assert loaded <= written
+    assert {"server-client.pem", "server-client.key"} <= loaded
 
 
 @pytest.mark.parametrize("unit", ALL_UNITS, ids=lambda p: p.name)

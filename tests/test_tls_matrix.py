@@ -128,7 +128,10 @@ def foreign_trust_sim_settings(loopback_pki: Pki) -> SimSettings:
     other = pki.create_ca("a CA the gateway's certificate is not from")
     base = harness.sim_settings(loopback_pki)
     return SimSettings(
-        identity=base.identity, trust=TrustAnchors(ca_pem=other.cert_pem), allow=base.allow
+        identity=base.identity,
+        client_identity=base.client_identity,
+        trust=TrustAnchors(ca_pem=other.cert_pem),
+        allow=base.allow,
     )
 
 

@@ -372,13 +372,13 @@ async def inbound(
         audience=pki.DEMO_GATEWAY_ID,
         scope=MSGG_SCOPE,
         narrow_scope="msgg-l3gdelivery",
-        cert_der=_der(loopback_pki["server"].read_bytes()),
+        cert_der=_der(loopback_pki["server_client"].read_bytes()),
     )
     async with running_gateway(settings) as gw:
         yield Inbound(
             gw,
             minter,
-            client_context(loopback_pki.trust(), loopback_pki.identity("server")),
+            client_context(loopback_pki.trust(), loopback_pki.identity("server_client")),
             _twin_context(loopback_pki, pki.DEMO_SERVER_ID),
         )
 

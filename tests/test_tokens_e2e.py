@@ -289,6 +289,8 @@ def test_sim_tokens_settings_from_toml(
     client_key.write_bytes(_public_pem(pki.new_key("ec")))
     base = (
         f'[tls]\ncert = "{loopback_pki["server"]}"\nkey = "{loopback_pki["server_key"]}"\n'
+        f'client_cert = "{loopback_pki["server_client"]}"\n'
+        f'client_key = "{loopback_pki["server_client_key"]}"\n'
         f'ca = "{loopback_pki["ca"]}"\n'
     )
     tokens = (

@@ -4,15 +4,18 @@ The registrar registers at start, refreshes at two thirds of the granted lifetim
 an update when a device is learned, and deregisters on stop. While the server is
 unreachable it keeps trying with backoff; device intake goes on meanwhile (messages wait
 in the store), but nothing is sent before the registration holds.
+
+Time comes from an injectable ``clock`` (wall time: the server's expiry is a date) and
+``sleep``, so a test can move time instead of waiting it out.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import structlog
 
@@ -43,6 +46,8 @@ class Registrar:
         learned: Callable[[], frozenset[str]] = frozenset,
         on_device_refused: Callable[[str, str], Awaitable[None]] | None = None,
         on_registered: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Coroutine[Any, Any, None]] = asyncio.sleep,
     ) -> None:
         self._client = client
         self._gateway_id = gateway_id
@@ -54,6 +59,8 @@ class Registrar:
         self._learned = learned
         self._on_device_refused = on_device_refused
         self._on_registered = on_registered
+        self._clock = clock
+        self._sleep = sleep
         self._location: str | None = None
         self._registered_ids: frozenset[str] = frozenset()
         self._expires = 0.0
@@ -76,7 +83,7 @@ class Registrar:
             gw_type=self._gateway_type,
             target_uri=self._target_uri,
             ue_svc_ids=self._service_ids() if ids is None else ids,
-            expiry=datetime.now(UTC) + timedelta(seconds=self._ttl),
+            expiry=datetime.fromtimestamp(self._clock(), UTC) + timedelta(seconds=self._ttl),
         )
 
     async def run(self) -> None:
@@ -115,8 +122,8 @@ class Registrar:
                 log.warning("registration.retry", error=str(exc), delay=round(delay, 2))
                 await self._sleep_until_change(delay)
                 continue
-            # Refresh at two thirds of the granted lifetime, or sooner on a change.
-            await self._sleep_until_change(max((self._expires - time.time()) * 2 / 3, 1.0))
+            # Refresh at two thirds of the lifetime the server granted, or sooner on a change.
+            await self._sleep_until_change(max((self._expires - self._clock()) * 2 / 3, 1.0))
 
     def _untried(self) -> frozenset[str]:
         """Learned ids the server has not accepted yet: the suspects of a 403."""
@@ -127,22 +134,34 @@ class Registrar:
         find out whether the server refuses the gateway or only some devices.
 
         The ids the server accepted before (and the configured ones) go first, alone: a
-        refusal of those is the gateway's own (exit 3). Then each new learned id is added
-        on its own; one refused refuses that device only.
+        refusal of those is the gateway's own (exit 3). Then the new learned ids are
+        bisected: a group the server accepts is registered whole, a refused one is split
+        until each refused id stands alone and refuses that device only. With few
+        refused ids that is a handful of updates, not one per learned device.
+
+        The updates here carry chosen ids, so they leave a pending change set (see
+        :meth:`_register_or_update`): a device learned meanwhile is registered by the
+        next update of the whole set, which run() sends at once.
         """
         suspects = self._untried()
         base = tuple(i for i in self._service_ids() if i not in suspects)
         if base:
             await self._register_or_update(base)
         log.warning("registration.sifting", suspects=len(suspects), cause=first.cause)
-        for service_id in sorted(suspects):
-            ids = tuple(sorted(self._registered_ids | {service_id}))
+        # One update per group; the registration holds one id set, so updates of it
+        # cannot run concurrently (each would replace the others' ids).
+        groups = _halves(tuple(sorted(suspects)))
+        while groups:
+            group = groups.pop(0)
             try:
-                await self._register_or_update(ids)
+                await self._register_or_update(tuple(sorted(self._registered_ids | set(group))))
             except RequestRejectedError as exc:
                 if exc.status != 403:
                     raise
-                await self._refuse_device(service_id, exc.cause or f"HTTP {exc.status}")
+                if len(group) > 1:
+                    groups[:0] = _halves(group)
+                else:
+                    await self._refuse_device(group[0], exc.cause or f"HTTP {exc.status}")
         async with self._updated:
             self._updated.notify_all()
 
@@ -153,7 +172,10 @@ class Registrar:
 
     async def _register_or_update(self, ids: tuple[str, ...] | None = None) -> None:
         body = self._body(ids)
-        self._changed.clear()
+        if ids is None:
+            # This update carries every served id: changes so far are in it. One that
+            # carries chosen ids (a sift) leaves a pending change pending.
+            self._changed.clear()
         if self._location is None:
             result = await self._client.register(body)
             self._location = result.location
@@ -185,8 +207,18 @@ class Registrar:
             self._updated.notify_all()
 
     async def _sleep_until_change(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout=seconds)
+        """``seconds`` on the injected sleep, or until a change, whichever comes first."""
+        waits: tuple[asyncio.Task[Any], ...] = (
+            asyncio.create_task(self._changed.wait(), name="registration:change"),
+            asyncio.create_task(self._sleep(seconds), name="registration:sleep"),
+        )
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # The loser, or both when run() is cancelled: none outlives this wait.
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     def changed(self) -> None:
         """The set of served UE Service IDs grew: send an update soon."""
@@ -226,3 +258,11 @@ class Registrar:
             log.warning("registration.delete_failed", error=str(exc))
         self._location = None
         self.ready.clear()
+
+
+def _halves(ids: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """``ids`` cut in two (one id stays whole): the next groups of a bisection."""
+    if len(ids) <= 1:
+        return [ids] if ids else []
+    middle = len(ids) // 2
+    return [ids[:middle], ids[middle:]]

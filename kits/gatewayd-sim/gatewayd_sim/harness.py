@@ -57,9 +57,11 @@ def sim_settings(
     service_ids: tuple[str, ...] = ("ue-*",),
     **overrides: Any,
 ) -> SimSettings:
-    """The reference server, allowing one gateway to serve ``service_ids``."""
+    """The reference server, allowing one gateway to serve ``service_ids``; it serves
+    with ``server`` and calls gateways with ``server_client``, as deployed."""
     return SimSettings(
         identity=tls.identity("server"),
+        client_identity=tls.identity("server_client"),
         trust=tls.trust(),
         allow=AllowList((gateway(gateway_id, gateway_type, service_ids),)),
         **overrides,

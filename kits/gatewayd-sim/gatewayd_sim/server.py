@@ -113,11 +113,13 @@ class SimServer:
         self.segments: list[UplinkRecord] = []
         self._partial: dict[tuple[str, str, str], dict[int, UEMessageDelivery]] = {}
         self.faults = Faults()
-        self._client = GatewayClient(settings.identity, settings.trust)
+        # Its calls to gateways present the client certificate, never the serving one.
+        self._client = GatewayClient(settings.client_identity, settings.trust)
         self.tokens: AuthorizationServer | None = (
             AuthorizationServer(
                 settings.tokens,
                 settings.identity,
+                settings.client_identity,
                 lambda gw_id: any(g.identity == gw_id for g in settings.allow.gateways),
             )
             if settings.tokens is not None

@@ -11,7 +11,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gatewayd.api import TlsIdentity, TrustAnchors
 from gatewayd.errors import ConfigError, CredentialError
@@ -34,11 +36,16 @@ OPERATOR_LIMITS = ListenerLimits(max_connections=64)
 class SimSettings:
     """Everything the server needs; ``port``/``operator_port`` 0 pick free ports.
 
-    ``operator_port`` ``None`` disables the operator interface. ``api_root`` overrides the
-    advertised ``https://host:port`` (used in ``Location`` headers).
+    ``identity`` is what the server's API presents (serverAuth); ``client_identity`` is
+    what the server presents when it calls a gateway (clientAuth; its primary identity is
+    the one gateways allow, ``api.allowed_peers``). Two certificates, so that neither can
+    act in the other's role. ``operator_port`` ``None`` disables the operator interface.
+    ``api_root`` overrides the advertised ``https://host:port`` (used in ``Location``
+    headers).
     """
 
     identity: TlsIdentity
+    client_identity: TlsIdentity
     trust: TrustAnchors
     allow: AllowList
     host: str = "127.0.0.1"
@@ -72,8 +79,8 @@ def load(path: Path) -> SimSettings:
         raise ConfigError("-", f"cannot read {path}: {exc.strerror}", source=str(path)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("-", f"not valid TOML: {exc}", source=str(path)) from None
-    root = Options(data, "", source=str(path))
     base = path.parent
+    root = Options(data, "", source=str(path), base=base)
 
     listen = root.table("listen")
     host = listen.get_str("host", "127.0.0.1")
@@ -84,6 +91,7 @@ def load(path: Path) -> SimSettings:
 
     tls = root.table("tls", required=True)
     identity = _identity(tls, base)
+    client_identity = _client_identity(tls, base)
     trust = _trust(tls, base)
     tls.check_unknown()
 
@@ -125,6 +133,7 @@ def load(path: Path) -> SimSettings:
     root.check_unknown()
     return SimSettings(
         identity=identity,
+        client_identity=client_identity,
         trust=trust,
         allow=AllowList(tuple(entries)),
         host=host,
@@ -185,6 +194,42 @@ def _identity(tls: Options, base: Path) -> TlsIdentity:
     cert = _read(tls, "cert", base)
     return TlsIdentity(
         cert_chain_pem=cert, key_pem=_private_key(tls, "key", "key_passphrase", base)
+    )
+
+
+def _client_identity(tls: Options, base: Path) -> TlsIdentity:
+    """``client_cert``/``client_key``: required, never the serving certificate by default.
+
+    A gateway refuses a client certificate without clientAuth in the handshake, so a
+    certificate that lacks it is refused here, naming the key, instead of failing every
+    push later.
+    """
+    for name in ("client_cert", "client_key"):
+        if name not in tls:
+            raise tls.error(
+                name,
+                "is required: the certificate (and key) the server presents when it calls "
+                "gateways, with clientAuth (`gatewayd pki init` writes server-client.pem "
+                "and server-client.key)",
+            )
+    cert = _read(tls, "client_cert", base)
+    try:
+        leaf = x509.load_pem_x509_certificate(cert)
+    except ValueError as exc:
+        raise tls.error("client_cert", f"not a PEM certificate: {exc}") from None
+    try:
+        usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usages = None  # no EKU: fit for any purpose
+    if usages is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
+        raise tls.error(
+            "client_cert",
+            "has no clientAuth extended key usage, so gateways refuse it as a TLS client "
+            "(a serving certificate will not do)",
+        )
+    return TlsIdentity(
+        cert_chain_pem=cert,
+        key_pem=_private_key(tls, "client_key", "client_key_passphrase", base),
     )
 
 

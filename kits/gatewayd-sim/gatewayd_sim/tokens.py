@@ -117,7 +117,11 @@ class AuthorizationServer:
     """Issues tokens at the endpoint and for pushes; holds the gates MSGS calls pass."""
 
     def __init__(
-        self, settings: SimTokens, identity: TlsIdentity, is_gateway: Callable[[str], bool]
+        self,
+        settings: SimTokens,
+        identity: TlsIdentity,
+        client_identity: TlsIdentity,
+        is_gateway: Callable[[str], bool],
     ) -> None:
         self.settings = settings
         self.issuer = TokenIssuer(
@@ -127,11 +131,15 @@ class AuthorizationServer:
             key_id=settings.key_id,
             lifetime=settings.ttl,
         )
-        leaf = x509.load_pem_x509_certificate(identity.cert_chain_pem)
-        self._own_cert_der = leaf.public_bytes(serialization.Encoding.DER)
-        names = _san_names(leaf)
-        self.subject = names[0] if names else settings.issuer
+        # Tokens for us name our serving certificate's identities; our own tokens (for
+        # calls to gateways) name, and are bound to, the client certificate we call with.
+        names = _san_names(x509.load_pem_x509_certificate(identity.cert_chain_pem))
         self.audiences = settings.audiences or tuple(names)
+        self._default_audience = names[0] if names else settings.issuer
+        client = x509.load_pem_x509_certificate(client_identity.cert_chain_pem)
+        self._own_cert_der = client.public_bytes(serialization.Encoding.DER)
+        client_names = _san_names(client)
+        self.subject = client_names[0] if client_names else settings.issuer
         self._is_gateway = is_gateway  # on the allow-list: tls_client_auth needs no entry
         self._clients = {c.client_id: c for c in settings.clients}
         self.token_url = ""  # set once the listener has a port: assertions name it
@@ -314,7 +322,7 @@ class AuthorizationServer:
             or form.get("resource")
         )
         if requested is None:
-            return self.subject
+            return self._default_audience
         if requested not in self.audiences:
             # invalid_target (RFC 8707) is not in the 3GPP enumeration; invalid_request is.
             raise OAuthError(400, "invalid_request", "the requested audience is not this server")

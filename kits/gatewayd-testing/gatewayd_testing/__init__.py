@@ -14,7 +14,8 @@ gateway built from a config you write. A transport author's end-to-end test::
 
 Every transport should also subclass the conformance suite,
 :class:`gatewayd_testing.conformance.TransportConformance` (see docs/plugins.md), and a
-test can look at the events logged with the ``gateway_logs`` fixture.
+test can look at the events logged with the ``gateway_logs`` fixture;
+:func:`refusal_line` checks that a refused input was logged once.
 
 For unit tests without a gateway, :mod:`gatewayd_testing.contexts` has in-memory
 stand-ins for what the gateway hands a plugin: :class:`MemoryTransportContext` (an
@@ -26,7 +27,7 @@ logger and the ``[credentials.NAME]`` backends) and
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,9 @@ __all__ = [
     "MemoryTransportContext",
     "Pki",
     "StaticCredentials",
+    "counted_lines",
     "plugin_settings",
+    "refusal_line",
     "running_gateway",
     "transport_settings",
 ]
@@ -107,3 +110,42 @@ def gateway_logs() -> Iterator[list[MutableMapping[str, Any]]]:
     """
     with capture_logs() as logs:
         yield logs
+
+
+_QUIET = ("debug", "info")
+
+
+def counted_lines(
+    logs: Iterable[Mapping[str, Any]], device: str | None = None
+) -> list[Mapping[str, Any]]:
+    """The lines among ``logs`` that monitoring counts as trouble: every warning and
+    error, plus, given ``device``, the info lines naming it (in ``device``, or in a
+    request ``path`` or MQTT ``topic`` with ``/<device>/``)."""
+
+    def counts(line: Mapping[str, Any]) -> bool:
+        if line["log_level"] not in _QUIET:
+            return True
+        if line["log_level"] == "debug" or device is None:
+            return False
+        where = f"{line.get('path', '')} {line.get('topic', '')}"
+        return line.get("device") == device or f"/{device}/" in where
+
+    return [e for e in logs if counts(e)]
+
+
+def refusal_line(
+    logs: Iterable[Mapping[str, Any]], *, transport: str, device: str, reason: str
+) -> Mapping[str, Any]:
+    """The one line ``device``'s input, refused for good, was logged with.
+
+    ``logs`` are the events captured around that one input. Monitoring counts lines,
+    so the refusal is exactly one: the core's ``intake.rejected`` (warning) with this
+    ``transport``, ``device`` and ``reason``; a transport logs the same refusal at debug
+    at most. The line is returned for the caller to check ``msg_id`` and ``detail``.
+    """
+    lines = counted_lines(logs, device)
+    assert len(lines) == 1, f"one refusal, one line; got {lines}"
+    (line,) = lines
+    assert (line["event"], line["log_level"]) == ("intake.rejected", "warning"), line
+    assert (line["transport"], line["device"], line["reason"]) == (transport, device, reason)
+    return line

@@ -22,8 +22,8 @@ TLS, the store on disk) with that table and checks the contract of
   uplink does not ask for one, or the core logs ``report.not_carried``;
 - **backpressure**: with the store full, the device is refused in its protocol's terms
   (a "try later", not a loss), and the messages already taken still arrive;
-- **bad input**: a malformed message is refused precisely, nothing reaches the server,
-  and the transport keeps serving;
+- **bad input**: a malformed message is refused precisely, logged in one line at most
+  (never twice), nothing reaches the server, and the transport keeps serving;
 - **clean shutdown**: stopping the gateway stops the transport (``transport.stopped``),
   leaves no task behind and closes its endpoint;
 - **fault containment**: another transport that fails at start, crashes in ``run()`` or
@@ -58,6 +58,7 @@ from gatewayd.api import (
 )
 from gatewayd.daemon import Gateway
 from gatewayd.plugins import Plugins
+from gatewayd_testing import counted_lines
 
 __all__ = [
     "DEVICE",
@@ -361,8 +362,14 @@ class TransportConformance:
         async with run_gateway() as gw:
             await self._registered(sim)
             before = len(sim.uplinks)
-            refusal = await device_side.send_malformed(gw)
+            with capture_logs() as logs:
+                refusal = await device_side.send_malformed(gw)
             assert refusal, "send_malformed must return the protocol's refusal"
+            # Monitoring counts lines: at most one warning (the core's intake.rejected
+            # when the transport records the input, else the transport's own), never the
+            # same refusal twice.
+            lines = counted_lines(logs)
+            assert len(lines) <= 1, f"one refusal, one line; got {lines}"
             answer = await device_side.send_uplink(gw, "conformance-after-bad", msg_id="c-ok")
             assert answer.accepted, answer.detail
             await self._arrived(sim, "conformance-after-bad")

@@ -65,11 +65,12 @@ def plugin_settings(
     source: str = "gw.toml",
 ) -> PluginSettings:
     """What the gateway hands a ``[credentials.NAME]`` backend: its own keys, addressed
-    as ``credentials.NAME`` in ``source`` so config errors read as they do in production."""
+    as ``credentials.NAME`` in ``source`` so config errors read as they do in production;
+    relative secret files are taken from ``base_dir``, as from the config file's folder."""
     return PluginSettings(
         name=name,
         plugin=plugin,
-        options=Options(options, f"credentials.{name}", source=source),
+        options=Options(options, f"credentials.{name}", source=source, base=base_dir),
         base_dir=base_dir,
     )
 
@@ -101,7 +102,7 @@ def transport_settings(
     return TransportSettings(
         name=name,
         plugin=plugin,
-        options=Options(options, f"transports.{name}", source=source),
+        options=Options(options, f"transports.{name}", source=source, base=base_dir),
         base_dir=base_dir,
         devices=mapped,
         service_id_template=service_id_template,

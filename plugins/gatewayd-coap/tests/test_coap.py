@@ -25,14 +25,6 @@ def settings(options: dict[str, Any], endpoint: str | None = None) -> Any:
 
 
 @pytest.fixture
-async def device() -> AsyncIterator[Device]:
-    dev = Device()
-    await dev.start()
-    yield dev
-    await dev.close()
-
-
-@pytest.fixture
 async def started(device: Device) -> AsyncIterator[tuple[CoapTransport, MemoryTransportContext]]:
     s = settings({"max_body": 200, "delivery_timeout": 5.0}, device.endpoint)
     context = MemoryTransportContext(s.devices, transport="co")
@@ -85,6 +77,18 @@ async def test_refusals_are_precise_codes(
     assert response.code.dotted == code
     assert response.payload, "an error carries a diagnostic payload"
     assert context.accepted == []
+    # A listed device's body that is no message is kept (the dead-letter queue).
+    kept = [("d1", "invalid_body", None)] if code == "4.00" else []
+    assert context.rejected == kept
+
+
+async def test_an_unlisted_devices_junk_is_answered_not_stored(
+    started: tuple[CoapTransport, MemoryTransportContext], device: Device
+) -> None:
+    transport, context = started
+    response = await device.post(transport.address, "v1/devices/nobody/messages", b"junk")
+    assert response.code.dotted == "4.00"
+    assert context.rejected == []
 
 
 async def test_wrong_method_and_content_format(

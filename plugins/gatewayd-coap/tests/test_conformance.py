@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiocoap import error as coap_error
-from coap_device import Device
+from coap_device import SALT, SECRET, Device, oscore_folder
 from gatewayd_testing.conformance import (
     DEVICE,
     SERVICE_ID,
@@ -22,7 +23,7 @@ from gatewayd_testing.conformance import (
 
 
 class CoapDevice(DeviceSide):
-    def __init__(self, env: ConformanceEnv, device: Device) -> None:
+    def __init__(self, env: ConformanceEnv, device: Device, oscore: str = "") -> None:
         self.env = env
         self.device = device
         self.address: tuple[str, int] | None = None
@@ -34,7 +35,7 @@ class CoapDevice(DeviceSide):
             device = "{DEVICE}"
             service_id = "{SERVICE_ID}"
             endpoint = "{device.endpoint}"
-            """
+            {oscore}"""
 
     def _address(self, gateway: Any) -> tuple[str, int]:
         if self.address is None:  # remembered for after the stop
@@ -86,5 +87,28 @@ class TestCoapConformance(TransportConformance):
         await device.start()
         try:
             yield CoapDevice(conformance_env, device)
+        finally:
+            await device.close()
+
+
+class TestCoapOscoreConformance(TransportConformance):
+    """The same contract with the device on OSCORE: a whole gateway, its store's kv."""
+
+    @pytest.fixture
+    async def device_side(
+        self, conformance_env: ConformanceEnv, tmp_path: Path
+    ) -> AsyncIterator[DeviceSide]:
+        device = Device(oscore_folder(tmp_path / "device-oscore", device_id="01", gateway_id=""))
+        (tmp_path / "oscore.key").write_text(SECRET)
+        await device.start()
+        table = f"""
+            [transports.{conformance_env.transport}.devices.oscore]
+            master_secret = {{ file = "{tmp_path / "oscore.key"}" }}
+            master_salt = "{SALT}"
+            sender_id = ""
+            recipient_id = "01"
+            """
+        try:
+            yield CoapDevice(conformance_env, device, table)
         finally:
             await device.close()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from gatewayd.api import IntakeRefusedError, Rejection, TransportContext, peer_identity
+from gatewayd.api import IntakeRefusedError, Logger, Rejection, TransportContext, peer_identity
 from gatewayd_http.config import BEARER, HttpConfig
 from gatewayd_http.messages import parse_report, parse_uplink
 from gatewayd_http.problems import Problem, refusal
@@ -61,7 +61,7 @@ class Intake:
         try:
             acceptance = await self._context.accept(uplink)
         except IntakeRefusedError as exc:
-            log.warning("http.uplink.refused", reason=exc.reason, detail=exc.detail)
+            _log_refusal(log, exc, event="http.uplink.refused")
             raise refusal(exc) from None
         log.info("http.uplink.accepted", msg_id=acceptance.msg_id, duplicate=acceptance.duplicate)
         return web.json_response(
@@ -76,7 +76,7 @@ class Intake:
         try:
             await self._context.accept_report(report)
         except IntakeRefusedError as exc:
-            log.warning("http.report.refused", reason=exc.reason, detail=exc.detail)
+            _log_refusal(log, exc, event="http.report.refused")
             raise refusal(exc) from None
         log.info("http.report.accepted", delivered=report.delivered)
         return web.json_response({"msgId": report.msg_id}, status=202)
@@ -165,7 +165,10 @@ class Intake:
                 Rejection(device=device, reason="invalid_body", detail=problem.detail, content=raw)
             )
         except IntakeRefusedError as exc:  # not even the record fits (disk full): 503
+            _log_refusal(self._context.log.bind(device=device), exc, event="http.uplink.refused")
             raise refusal(exc) from None
+        # The core's intake.rejected is the refusal's line: no http.request.problem too.
+        problem.logged = True
 
     async def _body(self, request: web.Request) -> bytes:
         if request.content_type != "application/json":
@@ -178,6 +181,15 @@ class Intake:
         except web.HTTPRequestEntityTooLarge:
             # A chunked body, or one longer than its Content-Length said.
             raise _too_large(self._config.max_body) from None
+
+
+def _log_refusal(log: Logger, exc: IntakeRefusedError, *, event: str) -> None:
+    """One line per refusal: a permanent one was logged by the core (``intake.rejected``),
+    so only a refusal for now (503: store full) is ours to log above debug."""
+    if exc.permanent:
+        log.debug(event, reason=exc.reason, detail=exc.detail)
+    else:
+        log.warning(event, reason=exc.reason, detail=exc.detail)
 
 
 def _decode(raw: bytes) -> object:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -72,6 +73,9 @@ MAX_RETRY_WAIT = 2.0  # seconds between attempts to store a message refused for 
 MAX_FAILED_ATTEMPTS = 3  # unexpected errors on one message before it counts as poison
 ACK = 0x00
 UNSPECIFIED_ERROR = 0x80
+# How long the last reading of the broker's drop counter is kept for the next start: a
+# gateway away for longer starts from a fresh baseline, as on its very first start.
+BROKER_DROPS_TTL = 30 * 86400.0
 # A permanent refusal in MQTT 5 terms (MQTT 5 3.4.2.1): the device learns that resending
 # is pointless, and the broker counts the message as delivered.
 _REASON_CODES = {
@@ -87,6 +91,7 @@ class TransportStats:
     __slots__ = (
         "accepted",
         "broker_dropped",
+        "broker_readings",
         "connects",
         "dropped",
         "duplicates",
@@ -104,6 +109,7 @@ class TransportStats:
         self.rejected = 0  # refused for good (invalid, unknown device): in the DLQ, acked
         self.refusals = 0  # intake refused for now (backlog full): left unacked
         self.broker_dropped = 0  # what the broker's $SYS counter says it dropped
+        self.broker_readings = 0  # $SYS counter readings taken (and their baseline kept)
         self.connects = 0
         self.published = 0  # downlinks and reports completed (PUBACK/PUBCOMP)
         self.inflight = 0  # our QoS > 0 publishes awaiting the broker's ack
@@ -154,6 +160,7 @@ class MqttTransport(Transport):
         self._handlers: set[asyncio.Task[None]] = set()
         self._lanes: dict[str, asyncio.Future[bool]] = {}  # topic -> its last message's turn
         self._broker_drops: dict[str, int] = {}  # $SYS counter topic -> last value
+        self._broker_drops_saved: dict[str, float] = {}  # -> when kept in kv (monotonic)
         # Bounds the uplinks being stored at once. MQTT 5 brokers hold to our Receive
         # Maximum anyway; for 3.1.1 (and QoS 0) this is the only bound.
         self._uplink_slots = asyncio.Semaphore(self.config.receive_maximum)
@@ -490,7 +497,7 @@ class MqttTransport(Transport):
         payload = bytes(raw) if isinstance(raw, bytes | bytearray) else str(raw or "").encode()
         log = self._log.bind(topic=topic, mid=message.mid)
         if topic.startswith("$SYS/"):
-            self._broker_stat(topic, payload)
+            await self._broker_stat(topic, payload)
             return ACK
         if message.retain:
             # Only a new subscription delivers with RETAIN set: a stale copy, not news.
@@ -550,9 +557,9 @@ class MqttTransport(Transport):
         self, link: _Link, log: Logger, *, device: str, error: PayloadError, payload: bytes
     ) -> Verdict:
         """Input that cannot become a message: recorded by the gateway (dead-letter
-        queue, log, metric), then refused to the device for good."""
+        queue, metric, and the refusal's one log line, ``intake.rejected``), then
+        refused to the device for good."""
         reason, detail = error.reason, error.detail
-        log.warning("mqtt.payload.invalid", device=device, reason=reason, detail=detail)
 
         async def record() -> None:
             rejection = Rejection(device=device, reason=reason, detail=detail, content=payload)
@@ -568,23 +575,50 @@ class MqttTransport(Transport):
         log.warning(event, **kw)
         return ACK
 
-    def _broker_stat(self, topic: str, payload: bytes) -> None:
-        """A broker's dropped-message counter: warn when it grows (see docs)."""
+    async def _broker_stat(self, topic: str, payload: bytes) -> None:
+        """A broker's dropped-message counter: warn when it grows (see docs).
+
+        The counter is the broker's total since it started, for every client, so only
+        its growth is news. The last reading is kept in ``context.kv``: a restarted
+        gateway compares its first reading with it (what the broker dropped while the
+        gateway was away, its session's queue overflowing, is reported), and the first
+        reading with none kept (a first start, or away for longer than
+        :data:`BROKER_DROPS_TTL`) is only a baseline: the broker's history is not ours.
+        A reading below the last one is a broker that restarted (counters start at 0):
+        a new baseline too.
+        """
         try:
             value = int(payload.decode("ascii").strip())
         except (UnicodeDecodeError, ValueError):
             return
+        # Per broker address: a config moved to another broker starts a new baseline.
+        key = f"broker_drops {self.config.host}:{self.config.port} {topic}"
         last = self._broker_drops.get(topic)
+        if last is None:
+            # A store error (the store logs it) or an unreadable row: a fresh baseline.
+            with contextlib.suppress(GatewaydError, ValueError):
+                stored = await self.context.kv.get(key)
+                last = int(stored) if stored is not None else None
         self._broker_drops[topic] = value
-        # The first reading counts everything since the broker started: report it once.
-        grown = value - (last or 0)
+        grown = value - last if last is not None else 0
         if grown > 0:
             self.stats.broker_dropped += grown
             self.context.peer_dropped(
                 grown,
-                f"the broker reports {value} dropped messages ({topic}): messages devices "
-                "saw acknowledged are lost; see docs/transports/mqtt.md, 'Broker settings'",
+                f"the broker's drop counter {topic} grew by {grown} to {value}: messages "
+                "devices saw acknowledged are lost; see docs/transports/mqtt.md, "
+                "'Broker settings'",
             )
+        # Written at the first reading and on a change (a healthy broker's counter never
+        # moves), and often enough that the row outlives a long quiet run. A store error
+        # costs only the baseline across a restart.
+        now = time.monotonic()
+        saved = self._broker_drops_saved.get(topic)
+        if value != last or saved is None or now - saved > BROKER_DROPS_TTL / 2:
+            with contextlib.suppress(GatewaydError):
+                await self.context.kv.put(key, str(value), ttl=BROKER_DROPS_TTL)
+                self._broker_drops_saved[topic] = now
+        self.stats.broker_readings += 1
 
     def _to_uplink(
         self, device: str, topic: str, message: aiomqtt.Message, payload: bytes
@@ -619,8 +653,8 @@ class MqttTransport(Transport):
         """Hand a message to the core until it is stored or refused for good.
 
         A permanent refusal (invalid, unknown or refused device) was recorded by the core
-        (dead-letter queue, log, metric): it is acknowledged, with an MQTT 5 reason code,
-        so the broker never redelivers it. A storage refusal (backlog or disk full) is
+        (dead-letter queue, log line, metric): it is acknowledged, with an MQTT 5 reason
+        code, so the broker never redelivers it. A storage refusal (backlog or disk full) is
         retried after its ``retry_after`` (or a backoff) while the message stays
         unacked, so the broker's in-flight window fills and holds the device traffic
         back. Should the connection drop or the transport stop meanwhile, it is given up
@@ -635,8 +669,12 @@ class MqttTransport(Transport):
             except IntakeRefusedError as exc:
                 if exc.permanent:
                     self.stats.rejected += 1
-                    log.warning("mqtt.uplink.rejected", reason=exc.reason, detail=exc.detail)
-                    return _REASON_CODES.get(exc.reason, UNSPECIFIED_ERROR)
+                    code = _REASON_CODES.get(exc.reason, UNSPECIFIED_ERROR)
+                    # The core logged the refusal (intake.rejected): one line per refusal,
+                    # so ours, with the answer we give, is debug only.
+                    if self._debug(log):
+                        log.debug("mqtt.uplink.rejected", reason=exc.reason, code=code)
+                    return code
                 self.stats.refusals += 1
                 # retry_after is advice for devices (a full disk says 30 s). Trying the
                 # local store again is cheap, and only each device's head message does:

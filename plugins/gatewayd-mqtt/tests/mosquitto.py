@@ -44,7 +44,13 @@ class Mosquitto:
     """One broker process; ``start``/``stop``/``restart`` on fixed ports."""
 
     def __init__(
-        self, directory: Path, *, max_inflight: int = 20, stock: bool = False, debug: bool = False
+        self,
+        directory: Path,
+        *,
+        max_inflight: int = 20,
+        stock: bool = False,
+        max_queued: int | None = None,
+        debug: bool = False,
     ) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -54,8 +60,10 @@ class Mosquitto:
         self.certs = self._make_certs()
         self.max_inflight = max_inflight
         # stock: mosquitto's default queue limit (max_queued_messages 1000), which drops
-        # for a slow or absent subscriber session; $SYS every second. debug: packet log.
+        # for a slow or absent subscriber session; $SYS every second. max_queued: that
+        # limit, set lower (drops come sooner), $SYS every second too. debug: packet log.
         self.stock = stock
+        self.max_queued = max_queued
         self.debug = debug
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.dir / "mosquitto.log"
@@ -89,7 +97,7 @@ persistence true
 persistence_location {self.dir / "data"}/
 autosave_interval 0
 max_inflight_messages {self.max_inflight}
-{"sys_interval 1" if self.stock else "max_queued_messages 0"}
+{self._queue_settings()}
 log_dest file {self.log_path}
 log_type error
 log_type warning
@@ -113,6 +121,11 @@ password_file {passwords}
 """
         )
         return conf
+
+    def _queue_settings(self) -> str:
+        if self.max_queued is not None:
+            return f"max_queued_messages {self.max_queued}\nsys_interval 1"
+        return "sys_interval 1" if self.stock else "max_queued_messages 0"
 
     def start(self) -> None:
         conf = self._write_config()

@@ -1,8 +1,9 @@
 """The mqtt transport against the transport conformance suite (gatewayd_testing).
 
 MQTT has no way to refuse a PUBLISH after the broker took it: backpressure is "hold"
-(the gateway withholds its PUBACK, the broker keeps the message) and bad input is acked
-and dropped as poison, which the transport counts and logs (``mqtt.payload.invalid``).
+(the gateway withholds its PUBACK, the broker keeps the message). Bad input is refused
+for good: the core keeps it in the intake dead-letter queue, and the transport acks it
+(reason code 0x99 over MQTT 5) so the broker does not redeliver it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from gatewayd_testing.conformance import (
 )
 from mosquitto import Mosquitto
 from mqtt_helpers import device_client, until
+
+from gatewayd.store import Queue
 
 
 class MqttDevice(DeviceSide):
@@ -83,10 +86,15 @@ class MqttDevice(DeviceSide):
 
     async def send_malformed(self, gateway: Any) -> str:
         transport = await self._connected(gateway)
-        before = transport.stats.dropped
+        before = transport.stats.rejected
         await self.client.publish(f"devices/{DEVICE}/up", b"{not json", qos=1)
-        await until(lambda: transport.stats.dropped == before + 1, timeout=10)
-        return "acked and dropped as poison (mqtt.payload.invalid, reason=not_json)"
+        # Counted as rejected (kept in the DLQ), not as dropped: ``dropped`` is for what is
+        # no message at all (stray topics, retained copies, bad reports). The count goes
+        # up only once the record is stored and the ack's reason code chosen.
+        await until(lambda: transport.stats.rejected == before + 1, timeout=10)
+        kept = await gateway.store.list_items(queue=Queue.INTAKE, state="dead", limit=10)
+        assert [(r.body["device"], r.body["reason"]) for r in kept] == [(DEVICE, "not_json")]
+        return "refused for good: acked with 0x99, kept in the intake DLQ (reason=not_json)"
 
     async def endpoint_closed(self, gateway: Any) -> bool:
         return self.transport is not None and not self.transport.connected

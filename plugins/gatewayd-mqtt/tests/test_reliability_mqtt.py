@@ -11,7 +11,9 @@ import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -19,7 +21,7 @@ import structlog
 from gatewayd_sim import harness
 from gatewayd_sim.harness import Pki
 from gatewayd_sim.server import SimServer
-from gatewayd_testing import MemoryTransportContext, running_gateway
+from gatewayd_testing import MemoryTransportContext, refusal_line, running_gateway
 from mosquitto import Mosquitto
 from mqtt_helpers import device_client, make_transport, publish_all, running, until
 
@@ -127,6 +129,36 @@ async def test_lone_surrogate_is_refused_for_good_and_never_blocks_others(
         broker.stop()
 
 
+async def test_one_refusal_is_one_log_line(
+    broker: Mosquitto, sim: SimServer, gateway_config: Callable[..., config.Settings]
+) -> None:
+    """Monitoring counts log lines: a payload that did not parse was logged three times
+    (``mqtt.payload.invalid``, the core's ``intake.rejected``, ``mqtt.uplink.rejected``),
+    a message the core refused twice. The core's line is now the only one, with the
+    transport, device, reason and msg_id."""
+    settings = gateway_config(plain_mqtt(broker))
+    past = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
+    inputs = {
+        "not_json": b"{not json",  # the transport's parser refuses it
+        "invalid_message": json.dumps({"msgId": "late", "payload": "p", "expiry": past}),
+    }
+    msg_ids = {}
+    async with running_gateway(settings) as gw, device_client(broker, "dev") as dev:
+        transport: Any = gw.transports["field"]
+        await until(lambda: transport.connected, timeout=10)
+        for n, (reason, payload) in enumerate(inputs.items(), start=1):
+            with structlog.testing.capture_logs() as logs:
+                await dev.publish("devices/sensor-1/up", payload, qos=1)
+                # Counted once the core and the transport are done with it.
+                await until(lambda n=n: transport.stats.rejected == n, timeout=10)
+            line = refusal_line(logs, transport="field", device="sensor-1", reason=reason)
+            msg_ids[reason] = line["msg_id"]
+        kept = await gw.store.list_items(queue=Queue.INTAKE, state="dead", limit=5)
+    # The line names the dead-letter record: the message's own id when it had one.
+    assert msg_ids == {r.body["reason"]: r.msg_id for r in kept}
+    assert msg_ids["invalid_message"] == "late"
+
+
 async def test_refused_messages_keep_their_device_order(
     broker: Mosquitto, context: MemoryTransportContext
 ) -> None:
@@ -170,13 +202,15 @@ async def test_stock_broker_drops_are_reported(
     """Real brokers: with mosquitto's stock max_queued_messages (1000), a burst for a
     session that is away is dropped after the devices got their PUBACKs. The gateway
     reads the broker's $SYS counter: a warning event and a metric, and together with
-    what arrived they account for every message the devices sent."""
+    what arrived they account for every message the devices sent. The drops happen
+    while the gateway is away: its last reading, kept in the store, is the baseline."""
     broker = Mosquitto(tmp_path_factory.mktemp("stock"), stock=True)
     broker.start()
     try:
         settings = gateway_config(plain_mqtt(broker))
         async with running_gateway(settings) as gw:
-            await until(lambda: gw.transports["field"].connected, timeout=10)  # type: ignore[attr-defined]
+            transport: Any = gw.transports["field"]
+            await until(lambda: transport.stats.broker_readings > 0, timeout=10)
         # The persistent session exists and is away: the broker queues for it.
         sent = 1300
         items = [

@@ -145,10 +145,11 @@ class Intake:
         receipt = receipts.parse(sm)
         if receipt is None:
             self._log.warning("smpp.receipt.unreadable", source=sm.source_addr)
-        elif receipt.final and not self._book.resolve(receipt):
+        elif receipt.final and self._book.resolve(receipt) is receipts.Match.UNCLAIMED:
             # Nobody here waits for it: it overtook its submit's task, or it belongs to a
             # message submitted before a restart. Either way it is written down (kept
-            # until receipt_timeout) before the SMSC hears we have it.
+            # until receipt_timeout) before the SMSC hears we have it. An ambiguous one
+            # (it could name several submits) is not: the book keeps it, nobody guesses.
             try:
                 await self._on_unclaimed(receipt)
             except Exception as exc:
@@ -164,24 +165,29 @@ class Intake:
         udhi = bool(sm.esm_class & ESM_UDHI)
         raw = sm.short_message or sm.tlvs.get(Tag.MESSAGE_PAYLOAD, b"")
         if not valid_msisdn(sm.source_addr):
-            self._log.warning(
-                "smpp.mo.refused",
-                reason="source_addr is not an MSISDN",
-                source=sm.source_addr.encode("latin-1").hex(),
-                status=status_name(Status.RINVSRCADR),
-            )
             status = await self._reject(
-                sm.source_addr, "invalid_source", "source_addr is not an MSISDN", raw
+                self._log.bind(source=sm.source_addr.encode("latin-1").hex()),
+                Status.RINVSRCADR,
+                Rejection(
+                    device=sm.source_addr,
+                    reason="invalid_source",
+                    detail="source_addr is not an MSISDN",
+                    content=raw,
+                ),
             )
-            await held.answer(status or Status.RINVSRCADR)
+            await held.answer(status)
             return
         device = sm.source_addr.removeprefix("+")
         try:
             udh, octets = codec.split_udh(raw, udhi)
         except ValueError:
-            self._log.warning("smpp.mo.refused", device=device, reason="bad UDH")
-            status = await self._reject(device, "bad_udh", "the user data header is malformed", raw)
-            await held.answer(status or Status.RX_P_APPN)
+            detail = "the user data header is malformed"
+            status = await self._reject(
+                self._log.bind(device=device),
+                Status.RX_P_APPN,
+                Rejection(device=device, reason="bad_udh", detail=detail, content=raw),
+            )
+            await held.answer(status)
             return
         concat = codec.concat_from_udh(udh) or _sar(sm)
         if concat is None or concat.total <= 1:
@@ -189,10 +195,13 @@ class Intake:
             await self._accept(sm, device, sm.data_coding, texts, (held,), concat_key="")
             return
         if not 1 <= concat.seq <= concat.total:
-            self._log.warning("smpp.mo.refused", device=device, reason="part number out of range")
             detail = f"part {concat.seq} of {concat.total}"
-            status = await self._reject(device, "bad_part_number", detail, raw)
-            await held.answer(status or Status.RX_P_APPN)
+            status = await self._reject(
+                self._log.bind(device=device),
+                Status.RX_P_APPN,
+                Rejection(device=device, reason="bad_part_number", detail=detail, content=raw),
+            )
+            await held.answer(status)
             return
         complete, replaced = self._parts.add(
             source=device,
@@ -245,26 +254,48 @@ class Intake:
         try:
             text = codec.decode_parts(texts)
         except codec.CodingError as exc:
-            log.warning("smpp.mo.refused", reason=str(exc), status=status_name(Status.RX_P_APPN))
-            refused = await self._reject(device, "bad_coding", str(exc), octets, msg_id)
-            status = refused or Status.RX_P_APPN
+            status = await self._reject(
+                log,
+                Status.RX_P_APPN,
+                Rejection(
+                    device=device,
+                    reason="bad_coding",
+                    detail=str(exc),
+                    content=octets,
+                    msg_id=msg_id,
+                ),
+            )
         else:
             status = await self._store(log, device, text, msg_id)
         await asyncio.gather(*(h.answer(status) for h in holders))
         return status
 
-    async def _reject(
-        self, device: str, reason: str, detail: str, raw: bytes, msg_id: str | None = None
-    ) -> int | None:
-        """Keep input refused for good in the dead-letter queue; ``None`` once kept, else
-        the status that withholds the acknowledgement (even the record found no room)."""
+    async def _reject(self, log: Logger, status: int, rejection: Rejection) -> int:
+        """Keep input refused for good in the dead-letter queue; the status to answer:
+        ``status`` once kept, else one that withholds the acknowledgement (even the
+        record found no room, so the SMSC resends)."""
         try:
-            await self._context.reject(
-                Rejection(device=device, reason=reason, detail=detail, content=raw, msg_id=msg_id)
-            )
+            await self._context.reject(rejection)
         except IntakeRefusedError as exc:
-            return refusal_status(exc)
-        return None
+            return self._refused(log, exc)
+        # The core logged it (intake.rejected): the refusal's one line. Ours is debug.
+        log.debug("smpp.mo.refused", reason=rejection.reason, status=status_name(status))
+        return status
+
+    def _refused(self, log: Logger, exc: IntakeRefusedError) -> int:
+        """The status for an intake refusal, logged as the refusal's one line unless the
+        core already logged it (a permanent refusal: intake.rejected)."""
+        status = refusal_status(exc)
+        event = "smpp.mo.refused"
+        emit = log.debug if exc.permanent else log.warning
+        emit(
+            event,
+            reason=exc.reason,
+            detail=exc.detail,
+            retry_after=exc.retry_after,
+            status=status_name(status),
+        )
+        return status
 
     async def _store(self, log: Logger, device: str, text: str, msg_id: str | None) -> int:
         try:
@@ -272,15 +303,7 @@ class Intake:
                 Uplink(device=device, payload=text, msg_id=msg_id)
             )
         except IntakeRefusedError as exc:
-            status = refusal_status(exc)
-            log.warning(
-                "smpp.mo.refused",
-                reason=exc.reason,
-                detail=exc.detail,
-                retry_after=exc.retry_after,
-                status=status_name(status),
-            )
-            return status
+            return self._refused(log, exc)
         except Exception as exc:
             # The store failed in a way a later attempt may not: let the SMSC retry.
             log.exception(

@@ -6,7 +6,8 @@ that never completed. Each session owns its reader and its deliver_sm handlers
 (:mod:`gatewayd_smpp.session`).
 
 MT submits are written down in the transport's durable key/value table
-(``context.kv``): which SMSC message ids each downlink got, per part. A retry of the
+(``context.kv``): which SMSC message ids each downlink got, per part (without receipts,
+only while parts remain to be sent: the outcome follows at once). A retry of the
 same downlink after a restart submits only the parts that never got an id, and waits
 for the receipts of the others; a receipt that arrives while nobody waits is stored
 under its id until its message asks for it.
@@ -98,7 +99,10 @@ class SmppTransport(Transport):
         self.config = cfg = SmppConfig.from_settings(settings)
         self._log: Logger = context.log.bind(smsc=f"{cfg.host}:{cfg.port}")
         self._book = receipts.ReceiptBook(
-            submit_format=cfg.submit_id_format, receipt_format=cfg.receipt_id_format
+            submit_format=cfg.submit_id_format,
+            receipt_format=cfg.receipt_id_format,
+            log=self._log,
+            transport=self.name,
         )
         self._intake = Intake(cfg, context, self._book, self._log, self._unclaimed)
         self._password = ""
@@ -107,6 +111,8 @@ class SmppTransport(Transport):
         self._next_slot = 0.0  # max_rate pacing: monotonic time of the next free slot
         self._refs = itertools.cycle(range(256))
         self._tasks: list[asyncio.Task[None]] = []
+        # One future per submit_sm waiting for its response, done once it is answered.
+        self._submitting: set[asyncio.Future[None]] = set()
         self._stopped = asyncio.Event()
         self.links = self._make_links()
 
@@ -234,6 +240,9 @@ class SmppTransport(Transport):
         elif record.ids:
             log.info("smpp.submit.resumed", smsc_message_ids=list(record.ids.values()))
         futures: dict[int, asyncio.Future[receipts.Receipt]] = {}
+        # Whether the table holds rows of this message that the end must remove: a
+        # message that never wrote any (and found none) costs no delete.
+        written = stored is not None
         try:
             for seq, part in enumerate(parts):
                 if seq not in record.ids:
@@ -243,7 +252,12 @@ class SmppTransport(Transport):
                         # Registered before any await: a receipt read right after the
                         # submit_sm_resp finds its waiter.
                         futures[seq] = self._book.expect(smsc_id)
-                    await self._remember(key, message.msg_id, record)
+                    if self.config.receipts or len(record.ids) < len(parts):
+                        # Without receipts, the outcome follows the last part at once:
+                        # its record would be deleted right after the commit. Only a
+                        # part still to send needs the ones before written down.
+                        await self._remember(key, message.msg_id, record)
+                        written = True
                 elif self.config.receipts:
                     futures[seq] = await self._expect_stored(record.ids[seq])
             ids = [record.ids[i] for i in range(len(parts))]
@@ -254,7 +268,8 @@ class SmppTransport(Transport):
                 smsc_message_ids=ids,
             )
             if not self.config.receipts:
-                await self._forget(key, record)
+                if written:
+                    await self._forget(key, record)
                 return DeliveryOutcome.success()
             outcome = await self._await_receipts(log, record, list(futures.values()))
             await self._forget(key, record)
@@ -268,7 +283,7 @@ class SmppTransport(Transport):
                 permanent=outcome.permanent,
                 parts_sent=len(record.ids),
             )
-            if failed.forget:
+            if failed.forget and written:
                 await self._forget(key, record)
             return outcome
 
@@ -318,7 +333,16 @@ class SmppTransport(Transport):
 
         Called before the receipt is acknowledged to the SMSC. A receipt that names no
         message we submitted (its id unknown under every reading) is a warning.
+
+        Most often it merely overtook its own submit_sm_resp (read on another bind, or
+        just behind it on this one): so it first waits for the submits answered by then
+        (bounded by response_timeout). If one of them took it, nothing is looked up or
+        written.
         """
+        if self._submitting:
+            await asyncio.wait(set(self._submitting), timeout=self.config.response_timeout)
+            if not self._book.is_kept(receipt):
+                return
         keys = self._book.receipt_keys(receipt.message_id)
         known = await self.context.kv.get_many(f"id:{k}" for k in keys)
         if not known:
@@ -326,10 +350,20 @@ class SmppTransport(Transport):
                 "smpp.receipt.unmatched", smsc_message_id=receipt.message_id, stat=receipt.stat
             )
             return
+        named = sorted(set(known.values()))
+        if len(named) > 1:
+            # Submitted messages it could name under different readings ("auto"): the
+            # same rule as in the book, nobody guesses (and nothing is stored for them).
+            self._book.ambiguous([receipt.message_id], named)
+            return
+        matched = [k for k in keys if f"id:{k}" in known]
+        self._book.learn(receipt.message_id, matched)
         value = json.dumps({"state": receipt.state, "err": receipt.error})
         ttl = self.config.receipt_timeout + _KEEP_AFTER
-        await self.context.kv.put_many({f"receipt:{k}": value for k in keys}, ttl=ttl)
-        msg_id = next(iter(known.values()))
+        # Only under the keys that matched: another reading of the id may be another
+        # message's, whose retry must not take this receipt.
+        await self.context.kv.put_many({f"receipt:{k}": value for k in matched}, ttl=ttl)
+        msg_id = named[0]
         self._log.info(
             "smpp.receipt.held",
             msg_id=msg_id,
@@ -372,12 +406,14 @@ class SmppTransport(Transport):
     async def _submit_once(self, link: Link, body: bytes) -> tuple[int, str]:
         """One submit_sm through ``link``: (status, SMSC message id or the cause)."""
         link.inflight += 1
+        answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
             async with link.window:
                 await self._pace()
                 session = link.session
                 if session is None:
                     raise _Failed(DeliveryOutcome.failure("SMSC not bound"))
+                self._submitting.add(answered)  # from here on, the SMSC may answer it
                 resp = await session.request(
                     Command.SUBMIT_SM, body, timeout=self.config.response_timeout
                 )
@@ -389,6 +425,10 @@ class SmppTransport(Transport):
             return exc.status, str(exc)
         finally:
             link.inflight -= 1
+            # Whoever waits on this resumes after deliver() registered the id with the
+            # book: nothing between here and ReceiptBook.expect() awaits.
+            self._submitting.discard(answered)
+            answered.set_result(None)
         if resp.status == Status.ROK:
             return Status.ROK, message_id(resp.body)
         return resp.status, status_name(resp.status)

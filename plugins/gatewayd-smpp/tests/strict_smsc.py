@@ -9,6 +9,8 @@ Knobs (attributes a test sets): ``id_format`` of the submit_sm_resp ids ("decima
 "hex"), ``receipt_id_format`` of the ids in receipt texts, ``auto_receipt`` (a stat word
 or ``None``), ``receipt_tlvs`` (also send receipted_message_id/message_state),
 ``submit_statuses`` (statuses to answer the next submits with, consumed in order),
+``submit_ids`` (the numbers the next accepted submits get, consumed in order; else
+they count up from 1000),
 ``bind_status``, ``drop_after_bind`` (close right after a successful bind: a flapping
 SMSC) and ``answer_bind_with_nack``.
 """
@@ -72,6 +74,7 @@ class StrictSmsc(EventLog):
         self.auto_receipt: str | None = None
         self.receipt_tlvs = False
         self.submit_statuses: list[str] = []
+        self.submit_ids: list[int] = []
         self.bind_status = "ESME_ROK"
         self.drop_after_bind = False
         self.answer_bind_with_nack = False
@@ -182,7 +185,7 @@ class StrictSmsc(EventLog):
 
     async def _submit(self, conn: Conn, pdu: Any) -> None:
         params = pdu.params
-        number = next(self._ids)
+        number = self.submit_ids.pop(0) if self.submit_ids else next(self._ids)
         smsc_id = str(number) if self.id_format == "decimal" else f"{number:x}"
         event = {
             "destination_addr": params["destination_addr"].decode(),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from conftest import SmsContext, Starter, base_options, make_settings
 from gatewayd_sim.harness import Pki
@@ -216,3 +216,124 @@ async def test_a_receipt_stored_while_down_counts_after_receipt_timeout(
     await asyncio.sleep(0.3)  # the core's retry comes after receipt_timeout has passed
     assert (await second.deliver(downlink("once", msg_id="mt-4"))).delivered
     assert len(strict.of("submit_sm")) == 1
+
+
+class CountingKV(MemoryKV):
+    """A MemoryKV that records each call (one store transaction each in the gateway)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, list[str]]] = []
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, str]:
+        keys = list(keys)
+        self.calls.append(("get", keys))
+        return await super().get_many(keys)
+
+    async def put_many(self, items: Mapping[str, str], *, ttl: float) -> None:
+        self.calls.append(("put", [f"{k}={v}" for k, v in items.items() if k.startswith("mt:")]))
+        await super().put_many(items, ttl=ttl)
+
+    async def delete(self, keys: Iterable[str]) -> None:
+        self.calls.append(("delete", list(keys)))
+        await super().delete(keys)
+
+
+async def test_without_receipts_a_one_part_mt_writes_nothing(
+    strict: StrictSmsc, start_strict: Starter
+) -> None:
+    """Its outcome follows the submit_sm_resp at once: a record written then would be
+    deleted right after its commit. Only the look-up for an earlier attempt remains."""
+    kv = CountingKV()
+    transport, _ = await start_strict(kv=kv, receipts=False)
+    assert (await transport.deliver(downlink("one part", msg_id="mt-5"))).delivered
+    assert [call for call, _ in kv.calls] == ["get"]
+    assert kv.rows == {}
+
+
+async def test_without_receipts_the_parts_before_the_last_are_written_down(
+    strict: StrictSmsc, start_strict: Starter
+) -> None:
+    kv = CountingKV()
+    transport, _ = await start_strict(kv=kv, receipts=False)
+    assert (await transport.deliver(downlink("x" * 200, msg_id="mt-6"))).delivered
+    first_id = strict.of("submit_sm")[0]["message_id"]
+    assert [call for call, _ in kv.calls] == ["get", "put", "delete"]
+    (record,) = kv.calls[1][1]  # part 1's id, written before part 2 went out
+    assert f'"ids":{{"0":"{first_id}"}}' in record
+    assert kv.rows == {}
+
+
+async def test_with_receipts_an_mt_is_looked_up_written_and_removed(
+    strict: StrictSmsc, start_strict: Starter
+) -> None:
+    strict.auto_receipt = "DELIVRD"
+    kv = CountingKV()
+    transport, _ = await start_strict(kv=kv, receipt_timeout=5.0)
+    assert (await transport.deliver(downlink("with receipt", msg_id="mt-7"))).delivered
+    assert [call for call, _ in kv.calls] == ["get", "put", "delete"]
+    assert kv.rows == {}
+
+
+async def test_a_refused_mt_that_wrote_nothing_deletes_nothing(
+    strict: StrictSmsc, start_strict: Starter
+) -> None:
+    kv = CountingKV()
+    transport, _ = await start_strict(kv=kv)
+    strict.submit_statuses = ["ESME_RINVDSTADR"]
+    assert (await transport.deliver(downlink("refused", msg_id="mt-8"))).permanent
+    assert [call for call, _ in kv.calls] == ["get"]
+
+
+class GatedKV(MemoryKV):
+    """A MemoryKV whose writes wait for ``opened``: a test acts between two parts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened = asyncio.Event()
+        self.writing = asyncio.Event()
+
+    async def put_many(self, items: Mapping[str, str], *, ttl: float) -> None:
+        self.writing.set()
+        await self.opened.wait()
+        await super().put_many(items, ttl=ttl)
+
+
+async def test_without_receipts_a_retry_sends_only_the_parts_never_sent(
+    strict: StrictSmsc, start_strict: Starter
+) -> None:
+    kv = GatedKV()
+    transport, _ = await start_strict(kv=kv, receipts=False)
+    first = asyncio.create_task(transport.deliver(downlink("y" * 200, msg_id="mt-9")))
+    await asyncio.wait_for(kv.writing.wait(), 5)  # part 1 is in, its id being written
+    strict.submit_statuses = ["ESME_RX_T_APPN"]  # part 2 is refused, for now
+    kv.opened.set()
+    outcome = await asyncio.wait_for(first, 5)
+    assert not outcome.delivered
+    assert not outcome.permanent
+    assert (await transport.deliver(downlink("y" * 200, msg_id="mt-9"))).delivered
+    seqs = [bytes.fromhex(e["short_message"])[5] for e in strict.of("submit_sm")]
+    assert seqs == [1, 2, 2]  # part 1 once; part 2 refused, then sent on the retry
+    assert kv.rows == {}
+
+
+async def test_a_receipt_that_overtakes_its_submit_on_another_bind_is_not_looked_up(
+    strict: StrictSmsc, start_strict: Starter
+) -> None:
+    """Split binds: the receipt comes on the receiver, its submit_sm_resp on a
+    transmitter, and is often read first. It used to be looked up in the store (a
+    transaction) and logged as unmatched, then matched all the same."""
+    strict.auto_receipt = "DELIVRD"
+    kv = CountingKV()
+    transport, _ = await start_strict(kv=kv, binds=2, bind_mode="split", receipt_timeout=5.0)
+    await strict.wait_for(lambda e: e["event"] == "bind", count=3)
+    for link in transport.links:
+        await asyncio.wait_for(link.bound.wait(), 5)
+    with capture_logs() as logs:
+        outcomes = await asyncio.gather(
+            *(transport.deliver(downlink("x", msg_id=f"o{i}")) for i in range(100))
+        )
+    assert all(o.delivered for o in outcomes)
+    assert [e for e in logs if e["event"] == "smpp.receipt.unmatched"] == []
+    assert [call for call, _ in kv.calls].count("get") == 100  # the records' look-ups only
+    assert kv.rows == {}

@@ -347,3 +347,33 @@ async def test_malformed_pdus_from_the_smsc(strict: StrictSmsc, start_strict: St
     await strict.next("bind", after=1)
     await asyncio.wait_for(transport.bound.wait(), 10)
     assert [u.payload for u in context.accepted] == ["still here"]
+
+
+async def test_ids_that_collide_across_bases_each_get_their_own_receipt(
+    strict: StrictSmsc, start_strict: Starter
+) -> None:
+    """Decimal submit ids, hex receipts ("auto" on both sides). A first receipt ("3e7"
+    for 999) teaches the transport the pair; then submits 1000 and 4096 wait at once, and
+    4096's receipt reads "1000": it used to settle the other message."""
+    strict.submit_ids = [999, 1000, 4096]
+    strict.auto_receipt = "DELIVRD"
+    transport, _ = await start_strict(receipt_timeout=5.0)
+    with structlog.testing.capture_logs() as logs:
+        assert (await transport.deliver(downlink("first", msg_id="mt-0"))).delivered
+        strict.auto_receipt = None
+        a = asyncio.create_task(transport.deliver(downlink("to 1000", msg_id="mt-a")))
+        b = asyncio.create_task(transport.deliver(downlink("to 4096", msg_id="mt-b")))
+        await strict.wait_for(lambda e: e["event"] == "submit_sm", count=3)
+        await strict.receipt(4096, "DELIVRD")  # "id:1000"
+        assert (await asyncio.wait_for(b, 5)).delivered
+        assert not a.done()
+        await strict.receipt(1000, "UNDELIV")  # "id:3e8"
+        assert await asyncio.wait_for(a, 5) == DeliveryOutcome.failure(
+            "UNDELIV err:000", permanent=True
+        )
+    learned = [e for e in logs if e["event"] == "smpp.receipt.format_learned"]
+    assert [(e["submit_id_format"], e["receipt_id_format"]) for e in learned] == [
+        ("decimal", "hex")
+    ]
+    assert [e for e in logs if e["event"] == "smpp.receipt.ambiguous"] == []
+    assert [e["message_id"] for e in strict.of("submit_sm")] == ["999", "1000", "4096"]
