@@ -56,6 +56,7 @@ from gatewayd.northbound.client import MsgsClient
 from gatewayd.northbound.registration import Registrar
 from gatewayd.northbound.senders import Senders
 from gatewayd.northbound.server import GatewayApi
+from gatewayd.options import ListenAddress
 from gatewayd.plugins import Plugins
 from gatewayd.relay import (
     EXPIRY_SWEEP_SECONDS,
@@ -204,7 +205,7 @@ class Gateway:
                 self._client,
                 gateway_id=s.gateway_id,
                 gateway_type=s.gateway_type,
-                target_uri=s.api.advertise or _api_root(s.api.host, self.api_port),
+                target_uri=s.api.advertise or f"https://{ListenAddress(s.api.host, self.api_port)}",
                 service_ids=self.directory.service_ids,
                 ttl=s.northbound.registration_ttl,
                 policy=s.retry,
@@ -611,7 +612,3 @@ def _check_bindable(key: str, host: str, port: int) -> None:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         for family, _, _, _, sockaddr in infos:
             socket.create_server(sockaddr[:2], family=family).close()
-
-
-def _api_root(host: str, port: int) -> str:
-    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"

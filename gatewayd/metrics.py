@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import platform
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -287,23 +287,41 @@ def settled(item: Item, outcome: Outcome) -> None:
     _count(queue, transport, result)
 
 
-def expired(item: Item) -> None:
-    # A message counts once, by its first segment; a downlink segment's lane is its set
-    # ("service id|origin|segId"), served by the transport of its service id.
-    queue = item.queue.value
-    if queue not in ("uplink", "downlink", "segment") or item.body.get("kind") == "report":
-        return
-    if _later_segment(item):
-        return
-    _count(queue, _transport_of(item.lane.split("|", 1)[0]), "expired")
+def expired(items: Sequence[Item]) -> None:
+    """Count the messages one expiry sweep moved to the DLQ: a segmented message once,
+    whichever of its segments were there (a set waiting for reassembly usually expires
+    because one is missing, maybe the first). A downlink segment's lane is its set
+    ("service id|origin|segId"), served by the transport of its service id."""
+    seen: set[tuple[str, str]] = set()
+    for item in items:
+        queue = item.queue.value
+        if queue not in ("uplink", "downlink", "segment") or item.body.get("kind") == "report":
+            continue
+        seg_id = _segment_set(item)
+        if seg_id is not None:
+            if (queue, seg_id) in seen:
+                continue
+            seen.add((queue, seg_id))
+        _count(queue, _transport_of(item.lane.split("|", 1)[0]), "expired")
 
 
 def _later_segment(item: Item) -> bool:
-    """Segment 2..n of a segmented message (uplink bodies are the wire message itself,
-    downlink bodies wrap it in ``wire``)."""
+    """Segment 2..n of a segmented message."""
+    params = _seg_params(item)
+    return params is not None and params.get("segNumb", 1) != 1
+
+
+def _segment_set(item: Item) -> str | None:
+    """The ``segId`` of the set ``item`` is a segment of, if it is one."""
+    params = _seg_params(item)
+    return None if params is None else str(params.get("segId"))
+
+
+def _seg_params(item: Item) -> dict[str, Any] | None:
+    # Uplink bodies are the wire message itself, downlink bodies wrap it in ``wire``.
     wire = item.body.get("wire", item.body)
     params = wire.get("segParams") if isinstance(wire, dict) else None
-    return isinstance(params, dict) and params.get("segNumb", 1) != 1
+    return params if isinstance(params, dict) else None
 
 
 def rejected(transport: str, reason: str) -> None:
@@ -329,11 +347,12 @@ def set_breaker(name: str, state: str) -> None:
 
 
 class Sampler:
-    """Async refreshers of sampled gauges, run before a scrape or a status answer."""
+    """Async refreshers of sampled gauges, run before a scrape (``/status`` refreshes
+    the store and credential gauges it shows itself, from its own readings)."""
 
     def __init__(self) -> None:
         self._collectors: dict[str, Collector] = {}
-        # Refreshes are serialised: collectors touch shared gauges and the store.
+        # Scrapes are serialised: collectors touch shared gauges and the store.
         self._lock = asyncio.Lock()
 
     def add(self, name: str, collector: Collector) -> Callable[[], None]:

@@ -608,9 +608,11 @@ class ExpirySweep:
             return built
 
         try:
+            if self._store.refusing is not None:
+                await self._store.probe()  # ends the refusal once space is back
             expired = await self._store.expire(at, report=report)
+            metrics.expired(expired)
             for item in expired:
-                metrics.expired(item)
                 with bound_message(item.msg_id, queue=str(item.queue)):
                     log.warning("message.expired", to="dead-letter queue")
                     if for_server.get(item.id, False):

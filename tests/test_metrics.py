@@ -273,6 +273,37 @@ def test_settled_and_expired_map_outcomes_to_series() -> None:
         metrics.use_transport_lookup(lambda _lane: "unknown")
 
 
+def test_an_expired_segment_set_counts_once_whichever_segments_it_had() -> None:
+    """A set waiting for reassembly expires because a segment is missing, maybe the
+    first: segments 2 and 3 of one set are one expired message, two sets are two."""
+    from gatewayd.store import Item, Queue
+
+    def segment(seg_id: str, numb: int) -> Item:
+        wire = {"msgId": f"{seg_id}.{numb}", "segParams": {"segId": seg_id, "segNumb": numb}}
+        return Item(
+            id=numb,
+            queue=Queue.SEGMENT,
+            msg_id=f"{seg_id}.{numb}",
+            lane=f"x|as|{seg_id}",
+            body={"kind": "message", "wire": wire},
+            created=0.0,
+            attempts=0,
+            not_before=0.0,
+            expires_at=None,
+            last_error=None,
+            state="pending",
+        )
+
+    metrics.use_transport_lookup(lambda lane: "t-" + lane)
+    try:
+        labels = {"direction": "segment", "transport": "t-x", "outcome": "expired"}
+        before = metrics.value("gatewayd_messages_total", **labels)
+        metrics.expired([segment("s1", 2), segment("s1", 3), segment("s2", 1)])
+        assert metrics.value("gatewayd_messages_total", **labels) - before == 2
+    finally:
+        metrics.use_transport_lookup(lambda _lane: "unknown")
+
+
 def _settle_every_kind() -> None:
     from gatewayd.store import Item, Queue
     from gatewayd.worker import Dead, Done, Retry
@@ -310,7 +341,7 @@ def _settle_every_kind() -> None:
     metrics.settled(item(Queue.DOWNLINK, {"kind": "message"}), Dead("no"))
     metrics.settled(item(Queue.DOWNLINK, {"kind": "report"}), Done())  # counted elsewhere
     metrics.settled(item(Queue.REPORT), Done())
-    metrics.expired(item(Queue.DOWNLINK, {"kind": "message"}))
+    metrics.expired([item(Queue.DOWNLINK, {"kind": "message"})])
     after = {key: count(*key) - value for key, value in before.items()}
     assert after == {
         ("uplink", "forwarded"): 1,

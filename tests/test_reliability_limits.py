@@ -65,6 +65,27 @@ async def test_backlog_full_refuses_then_recovers(
     assert {u.message.msg_id for u in sim.uplinks} == final.acked
 
 
+async def test_ready_again_when_space_returns_even_without_traffic(
+    sim: SimServer, tokens: dict[str, str], gateway_config: Callable[..., config.Settings]
+) -> None:
+    """/readyz sent the devices elsewhere, so no put proves the disk has space again:
+    the expiry sweep's probe does, and the gateway is ready without any intake."""
+    settings = gateway_config(http_bearer_transport(tokens))
+    async with running_gateway(settings) as gw:
+        await sim.wait_for(lambda: bool(sim.registrations), timeout=20)
+        used = (await gw.store.stats())["db_bytes"]
+        await gw.store.limit_size(used + 64 * 1024)
+        load = LoadGen(device_url(gw), tokens, per_device=30, payload_size=1500)
+        running = asyncio.create_task(load.run(), name="loadgen")
+        await _until(lambda: _refused(load.stats) >= 5, 60, "intake refusals")
+        running.cancel()  # the devices went elsewhere
+        await asyncio.gather(running, return_exceptions=True)
+        assert "the store refuses writes (disk)" in gw.live.not_ready()
+        await gw.store.limit_size(None)  # space returns; no device sends anything
+        await _until(lambda: not gw.live.not_ready(), 30, "ready again")
+        assert gw.store.refusing is None
+
+
 async def test_disk_full_refuses_then_recovers(
     sim: SimServer, tokens: dict[str, str], gateway_config: Callable[..., config.Settings]
 ) -> None:

@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -194,12 +195,24 @@ async def test_a_refusal_after_a_write_commits_none_of_that_job(store: Store) ->
         return job
 
     writer = store._writer  # the unit under test: one writer, jobs sharing a transaction
-    results = await asyncio.gather(
-        writer.call(write("a", False)),
-        writer.call(write("b", True)),
-        writer.call(write("c", False)),
-        return_exceptions=True,
-    )
+    # Hold the writer thread in a first job until a, b and c are queued: they are then
+    # taken as one batch, one transaction.
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(_txn: Txn) -> None:
+        inside.set()
+        release.wait(10)
+
+    held = asyncio.ensure_future(writer.call(hold))
+    await asyncio.to_thread(inside.wait, 10)
+    commits = writer.commits
+    calls = [asyncio.ensure_future(writer.call(write(key, key == "b"))) for key in ("a", "b", "c")]
+    await asyncio.sleep(0)  # each call has queued its job
+    release.set()
+    await held
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    # The shared transaction was rolled back and a, b and c rerun alone: a and c commit.
+    assert writer.commits - commits == 3  # hold's, then a's and c's
     assert (results[0], results[2]) == ("a", "c")
     assert isinstance(results[1], BacklogFullError)
     keys = await writer.call(

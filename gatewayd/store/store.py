@@ -46,6 +46,8 @@ _NO_LANES = Lanes()  # for queues the index does not keep
 _ROUTES = "routes"  # the snapshot's key for the reply routes (not a queue's name)
 # Bodies read by id per statement when a take finds them not in memory.
 _FETCH_CHUNK = 500
+# The probe row: a few pages, as a stored message needs (a page is 4 KiB by default).
+_PROBE_BYTES = 16 * 1024
 
 
 class Store:
@@ -684,6 +686,22 @@ class Store:
         count = await self._writer.call(job)
         log.info("store.purged", count=count, state=state, queue=queue and str(queue))
         return count
+
+    async def probe(self) -> None:
+        """Write (and delete) a row that needs free space: while the store refuses writes,
+        this ends the refusal once space is back, even with no intake to prove it (a load
+        balancer that followed ``/readyz`` sends none). Raises as a put would."""
+
+        def job(txn: Txn) -> None:
+            txn.conn.execute(
+                "INSERT OR REPLACE INTO kv (transport, key, value, expires)"
+                " VALUES ('', 'probe', ?, 0)",
+                ("x" * _PROBE_BYTES,),
+            )
+            txn.conn.execute("DELETE FROM kv WHERE transport = '' AND key = 'probe'")
+            txn.proven = True
+
+        await self._writer.call(job, intake=True)
 
     async def prune(self, now: float | None = None) -> int:
         """Forget dedup tombstones older than ``dedup_window``, expired reply routes and

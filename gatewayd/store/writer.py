@@ -84,6 +84,7 @@ class Txn:
     routes: list[tuple[str, str, float]] = field(default_factory=list)  # remembered
     reindex: bool = False
     snapshot: Any = None
+    proven: bool = False  # a probe allocated space: the store writes again
 
 
 @dataclass(slots=True)
@@ -268,7 +269,7 @@ class Writer:
         self.commits += 1
         self.rows_put += txn.puts
         self.backlog = txn.backlog
-        if txn.puts and self._episode is not None:
+        if (txn.puts or txn.proven) and self._episode is not None:
             log.info("store.recovered", after=self._episode, path=str(self.settings.path))
             self._episode = None
         # One hand-over to the loop per transaction, not one per job: each

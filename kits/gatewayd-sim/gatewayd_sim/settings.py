@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from gatewayd import config
 from gatewayd.api import TlsIdentity, TrustAnchors
 from gatewayd.errors import ConfigError, CredentialError
 from gatewayd.listener import ListenerLimits, read_limits
@@ -79,7 +80,7 @@ def load(path: Path) -> SimSettings:
         raise ConfigError("-", f"cannot read {path}: {exc.strerror}", source=str(path)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("-", f"not valid TOML: {exc}", source=str(path)) from None
-    base = path.parent
+    base = config.base_dir(path)
     root = Options(data, "", source=str(path), base=base)
 
     listen = root.table("listen")
