@@ -23,12 +23,13 @@ def markdown(result: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v}" for k, v in sorted(result.get("ready_seconds", {}).items())),
         "",
         "CPU columns: µs of CPU per delivered message for each process (utime+stime over the"
-        " run / messages delivered); `gw` is the gateway (N3G, or L3G for SMPP).",
+        " run / messages delivered); `gw` is the gateway (N3G, or L3G for SMPP); `gw txn/msg`"
+        " its store transactions (writer round trips) per message.",
         "",
         "| scenario | mode | offered/s | sent | delivered | msg/s | p50 ms | p99 ms | max ms"
-        " | gw µs/msg | sim µs/msg | broker µs/msg | other µs/msg | gw peak RSS MB"
+        " | gw µs/msg | gw txn/msg | sim µs/msg | broker µs/msg | other µs/msg | gw peak RSS MB"
         " | load start→end |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for sc in result["scenarios"]:
         for r in sc["runs"]:
@@ -39,7 +40,8 @@ def markdown(result: dict[str, Any]) -> str:
             out.append(
                 f"| {sc['name']} | {r['mode']} | {r['offered_rate'] or 'max'} | {r['sent']}"
                 f" | {r['delivered']} | {r['throughput']:.0f} | {r['p50_ms']:.1f}"
-                f" | {r['p99_ms']:.1f} | {r['max_ms']:.1f} | {_cpu(r, gw)} | {_cpu(r, 'sim')}"
+                f" | {r['p99_ms']:.1f} | {r['max_ms']:.1f} | {_cpu(r, gw)}"
+                f" | {r.get('gateway_txn_per_msg', '-')} | {_cpu(r, 'sim')}"
                 f" | {_cpu(r, 'mosquitto')} | {(other + ' ' + _cpu(r, other)) if other else '-'}"
                 f" | {peak} | {r['loadavg_start'][0]:.2f}→{r['loadavg_end'][0]:.2f} |"
             )

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ sys.path.insert(0, str(HERE))
 from gatewayd_sim import harness  # noqa: E402
 from procs import Meter, Proc, free_port, loadavg  # noqa: E402
 
-from gatewayd import pki  # noqa: E402
+from gatewayd import metrics, pki  # noqa: E402
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 SMSC_DIR = ROOT / "plugins" / "gatewayd-smpp" / "tests" / "smsc"
@@ -139,6 +140,12 @@ class Deployment:
     procs: dict[str, Proc] = field(default_factory=dict)
     smsc_lines: Path = field(init=False)
     ready_seconds: dict[str, float] = field(default_factory=dict)
+    # Each gateway's admin listener (config tag -> port): the backlog fill counts the
+    # stored messages from its metrics, since message.received is a debug event.
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+    # A gateway's NOTIFY_SOCKET stays bound until it stops, as under systemd: a gateway
+    # whose later READY=1 or STOPPING=1 finds no socket fails (ConnectionRefusedError).
+    notify_socks: dict[str, socket.socket] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tls = harness.make_pki(self.work / "pki")
@@ -241,6 +248,9 @@ service_ids = ["msisdn-*"]
         proc = self.procs.pop(name, None)
         if proc is not None:
             proc.stop()
+        sock = self.notify_socks.pop(name, None)
+        if sock is not None:
+            sock.close()
 
     # --- the SMSC -------------------------------------------------------------------
     def start_smsc(self) -> None:
@@ -334,7 +344,8 @@ receipts = false
             transports=transports,
             gateway_id=gw_id,
             gateway_type=gw_type,
-            extra='[log]\nlevel = "info"\nformat = "json"\n',
+            extra='[log]\nlevel = "info"\nformat = "json"\n'
+            f'[metrics]\nlisten = "127.0.0.1:{self.metrics_ports.setdefault(tag, free_port())}"\n',
         )
         # A process must advertise a real port: fix the API's listen address up front.
         text = text.replace(
@@ -362,23 +373,21 @@ receipts = false
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(str(sock_path))
         sock.settimeout(0.2)
+        self.notify_socks[name] = sock
         env["NOTIFY_SOCKET"] = str(sock_path)
         began = time.monotonic()
         proc = Proc(name, argv, self.work / f"{name}.log", env=env)
         self.procs[name] = proc
         ready = None
-        try:
-            while ready is None and time.monotonic() - began < 60:
-                if not proc.alive():
-                    raise SystemExit(f"bench: {name} exited:\n{proc.tail()}")
-                try:
-                    data = sock.recv(4096)
-                except TimeoutError:
-                    continue
-                if b"READY=1" in data.split(b"\n"):
-                    ready = time.monotonic() - began
-        finally:
-            sock.close()
+        while ready is None and time.monotonic() - began < 60:
+            if not proc.alive():
+                raise SystemExit(f"bench: {name} exited:\n{proc.tail()}")
+            try:
+                data = sock.recv(4096)
+            except TimeoutError:
+                continue
+            if b"READY=1" in data.split(b"\n"):
+                ready = time.monotonic() - began
         if ready is None:
             raise SystemExit(f"bench: {name} not READY in 60 s:\n{proc.tail()}")
         self.ready_seconds[name] = round(ready, 3)
@@ -418,8 +427,29 @@ def wait_port(port: int, proc: Proc, timeout: float = 30.0) -> None:
 # --- one measured run -----------------------------------------------------------------
 
 
+# The config tag of each gateway process that runs through the scenarios.
+GATEWAY_TAGS = {"gateway": "main", "gateway_l3g": "l3g"}
+
+
+def scrape(port: int) -> dict[str, dict[tuple[str, ...], float]] | None:
+    """A gateway's metrics (``None`` when it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            return metrics.parse(resp.read().decode())
+    except OSError:
+        return None
+
+
+def transactions(dep: Deployment, measured: dict[str, Proc]) -> float | None:
+    """The store transactions the measured gateway has committed so far, if it runs."""
+    name = next((n for n in GATEWAY_TAGS if n in measured), None)
+    values = None if name is None else scrape(dep.metrics_ports[GATEWAY_TAGS[name]])
+    return None if values is None else values.get("gatewayd_store_transactions", {}).get(())
+
+
 def drive(dep: Deployment, spec: dict[str, Any], measured: dict[str, Proc]) -> dict[str, Any]:
     """Run one load generator process; the other processes' CPU is metered around it."""
+    txn_before = transactions(dep, measured)
     meter = Meter(measured)
     meter.start()
     argv = [sys.executable, str(HERE / "drivers.py"), json.dumps(spec)]
@@ -436,6 +466,10 @@ def drive(dep: Deployment, spec: dict[str, Any], measured: dict[str, Proc]) -> d
     proc.stop()
     result: dict[str, Any] = json.loads(lines[-1])
     result.update(meter.stop(result["delivered"]))
+    txn_after = transactions(dep, measured)
+    if txn_before is not None and txn_after is not None and result["delivered"]:
+        # Writer round trips per message (the scrape's own stats() is one more each).
+        result["gateway_txn_per_msg"] = round((txn_after - txn_before) / result["delivered"], 3)
     return result
 
 
@@ -641,6 +675,52 @@ class LineCount:
         return self.count
 
 
+class StoredCount:
+    """Uplink messages a gateway has stored so far, from its metrics (a fresh gateway:
+    every one of them is the fill's). A scrape that fails counts what the last one saw."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.count = 0
+
+    def __call__(self) -> int:
+        values = scrape(self.port)
+        if values is None:
+            return self.count
+        counts = values.get("gatewayd_messages_total", {})
+        # Label values in name order: direction, outcome, transport.
+        self.count = int(sum(v for k, v in counts.items() if k[:2] == ("uplink", "received")))
+        return self.count
+
+
+def wait_filled(
+    driver: Proc,
+    gw: Proc,
+    stored_count: StoredCount,
+    *,
+    size: int,
+    limit: float,
+    rss_samples: list[float],
+) -> int:
+    """Messages stored once the fill is over, sampling the gateway's RSS meanwhile.
+
+    The publisher gets each PUBACK only after the commit, so it is done when all are
+    stored; the metrics confirm it. A scrape counts the store, which is not free at
+    100k rows: only every 5 s while the publisher runs.
+    """
+    began = polled = time.monotonic()
+    stored = 0
+    while time.monotonic() - began < limit:
+        rss_samples.append(gw.memory()["VmRSS"] / 1024)
+        publishing = driver.popen.poll() is None
+        if not publishing or time.monotonic() - polled >= 5:
+            stored, polled = stored_count(), time.monotonic()
+            if stored >= size:
+                break
+        time.sleep(0.5)
+    return stored
+
+
 def backlog(dep: Deployment, plan: Plan, size: int) -> dict[str, Any]:
     """Fill ``size`` uplinks with the server stopped (fresh gateway), then start the
     server and measure the drain: rate, gateway CPU per message, memory."""
@@ -668,14 +748,14 @@ def backlog(dep: Deployment, plan: Plan, size: int) -> dict[str, Any]:
         argv = [sys.executable, str(HERE / "drivers.py"), json.dumps(spec)]
         driver = Proc(f"fill-{size}", argv, dep.work / f"fill-{size}.log")
         began = time.monotonic()
-        stored = 0
-        stored_count = LineCount(gw.log, b'"message.received"', tag.encode())
-        while time.monotonic() - began < plan.backlog_drain_seconds * 2:
-            rss_samples.append(gw.memory()["VmRSS"] / 1024)
-            stored = stored_count()
-            if stored >= size:
-                break
-            time.sleep(0.5)
+        stored = wait_filled(
+            driver,
+            gw,
+            StoredCount(dep.metrics_ports[f"bl{size}"]),
+            size=size,
+            limit=plan.backlog_drain_seconds * 2,
+            rss_samples=rss_samples,
+        )
         driver.popen.wait()
         driver.stop()
         fill = meter.stop(stored)

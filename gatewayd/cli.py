@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from gatewayd import __version__, config, pki
+from gatewayd import __version__, config, pki, runtime
 from gatewayd import log as logmod
 from gatewayd.errors import ConfigError, ExitCode, GatewaydError, ListenError
 from gatewayd.tasks import TaskSet
@@ -235,8 +235,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     logmod.configure(settings.log.level, settings.log.format)
     log = structlog.get_logger("gatewayd.cli")
     try:
+        _, factory = runtime.loop_factory()
         gateway = Gateway(settings, Plugins())
-        asyncio.run(_serve(gateway))
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(_serve(gateway))
     except GatewaydError as exc:
         # One event a log shipper can match, with the code systemd will see.
         log.error("gateway.failed", exit_code=int(exc.exit_code), error=str(exc))
@@ -272,12 +274,19 @@ async def _serve(gateway: Gateway) -> None:
         log.info("signal.received", signal="SIGHUP")
         reloads.spawn("reload", gateway.reload(reread_config=True))
 
+    async def settle_heap() -> None:
+        # Start-up's objects are there to stay: once READY, the GC stops walking them.
+        await gateway.ready.wait()
+        runtime.freeze_heap()
+
+    freezer = asyncio.create_task(settle_heap(), name="freeze-heap")
     loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGINT, on_int)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         await gateway.run()
     finally:
+        freezer.cancel()  # a gateway that stopped before READY
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)

@@ -120,6 +120,7 @@ class Gateway:
         self.transports: dict[str, Transport] = {}
         self.api_port: int | None = None
         self.started = asyncio.Event()
+        self.ready = asyncio.Event()  # set with READY=1
         self._tasks = TaskSet()
         self.supervisors: dict[str, TransportSupervisor] = {}
         self._supervised: dict[str, asyncio.Task[Any]] = {}
@@ -288,6 +289,7 @@ class Gateway:
             role=str(s.gateway_type),
             transports=sorted(self.transports),
             service_ids=len(self.directory.service_ids()),
+            event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
         self.started.set()
         await self._wait(shutdown)
@@ -588,6 +590,7 @@ class Gateway:
                 await asyncio.sleep(EXPIRY_SWEEP_SECONDS)
         self.live.store_writable = True
         self.notifier.ready(f"serving {len(self.directory.service_ids())} UE Service IDs")
+        self.ready.set()
         log.info("gateway.ready", service_ids=len(self.directory.service_ids()))
 
     async def _watchdog(self, interval: float) -> None:

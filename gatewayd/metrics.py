@@ -166,6 +166,12 @@ STORE_DEAD = Gauge(
     ("queue",),
     registry=REGISTRY,
 )
+STORE_TRANSACTIONS = Gauge(
+    "gatewayd_store_transactions",
+    "Store transactions (writer round trips) committed by this process since it started,"
+    " sampled on scrape; its rate over the message rate is the cost of durability.",
+    registry=REGISTRY,
+)
 INTAKE_REJECTED = Counter(
     "gatewayd_intake_rejected",
     "Device input refused for good at intake, by transport and reason (kept in the DLQ).",
@@ -377,6 +383,7 @@ def set_store(stats: dict[str, Any]) -> None:
         STORE_BACKLOG.labels(queue=queue).set(counts["pending"])
         STORE_DEAD.labels(queue=queue).set(counts["dead"])
         STORE_OLDEST_AGE.labels(queue=queue).set(counts["oldest_age"] or 0)
+    STORE_TRANSACTIONS.set(stats["commits"])
 
 
 async def render() -> bytes:

@@ -292,7 +292,7 @@ class TransportIntake:
             (result, *_) = await self._store.put_many(Queue.UPLINK, requests)
             metrics.accepted("uplink", self._name, duplicate=result.duplicate)
             extra = {"segments": len(requests)} if len(requests) > 1 else {}
-            log.info(
+            log.debug(
                 "message.received",
                 direction="uplink",
                 dest=str(dest),
@@ -442,7 +442,7 @@ async def put_report(
     )
     await store.put_many(Queue.REPORT, [request])
     metrics.report("queued")
-    log.info("report.queued", delivered=delivered, dest=str(origin))
+    log.debug("report.queued", delivered=delivered, dest=str(origin))
 
 
 class Dispatcher:
@@ -486,7 +486,7 @@ class Dispatcher:
         self, message: GatewayMessageDelivery, endpoint: Endpoint, outcome: DeliveryOutcome
     ) -> Outcome:
         if outcome.delivered:
-            log.info("message.delivered", direction="downlink", device=endpoint.device.name)
+            log.debug("message.delivered", direction="downlink", device=endpoint.device.name)
         elif not outcome.permanent:
             log.info("message.delivery_deferred", cause=outcome.cause)
             return Retry(outcome.cause or "delivery failed", peer_down=False)
@@ -519,7 +519,8 @@ class Dispatcher:
             )
         )
         metrics.report("delivered" if passed else "not_carried")
-        log.info("report.delivered" if passed else "report.not_carried", delivered=report.delivered)
+        event = "report.delivered" if passed else "report.not_carried"
+        log.debug(event, delivered=report.delivered)
         return Done()
 
     def expired_report(self, item: Item) -> tuple[Queue, PutRequest] | None:

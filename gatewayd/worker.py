@@ -4,6 +4,10 @@ The uplink sender, the report sender and the downlink dispatcher are all this lo
 a different handler. A lane (one device) has at most one item in flight, so a device's
 messages leave in the order they were accepted, while different devices proceed
 concurrently.
+
+Items come from the store's in-memory lane index (:meth:`Store.take`): a message just
+stored goes out without a query. A delivered item's ``done`` is not waited for: it
+rides on the store's next transaction, and the lane's next item goes at once.
 """
 
 from __future__ import annotations
@@ -80,6 +84,10 @@ class QueueWorker:
         self._busy: dict[str, asyncio.Task[None]] = {}  # lane -> its item in flight
         self._tasks = TaskSet()
         self._stopping = asyncio.Event()
+        # Set whenever an item in flight finishes. Waiting on it costs the same however
+        # many are in flight; asyncio.wait() over the busy tasks added and removed a
+        # callback on each of them (64) for every message.
+        self._freed = asyncio.Event()
 
     @property
     def in_flight(self) -> int:
@@ -91,7 +99,8 @@ class QueueWorker:
         while not self._stopping.is_set():
             room = self._concurrency - len(self._busy)
             if room <= 0:
-                await asyncio.wait(list(self._busy.values()), return_when=asyncio.FIRST_COMPLETED)
+                self._freed.clear()
+                await self._freed.wait()
                 continue
             # While the breaker is not closed it lets exactly one probe through; once
             # that probe settles the loop looks again at once (a success closed it).
@@ -100,9 +109,7 @@ class QueueWorker:
                 if room == 0:
                     await asyncio.wait(list(self._busy.values()))
                     continue
-            items = await self._store.due(
-                self._queue, limit=room, now=self._clock(), busy_lanes=self._busy.keys()
-            )
+            items = await self._store.take(self._queue, limit=room, now=self._clock())
             if not items:
                 await self._idle()
                 continue
@@ -110,6 +117,8 @@ class QueueWorker:
             # and a worker with nothing to send would waste it while the worker sharing
             # the breaker waited out a whole probe timeout.
             if self._breaker is not None and not self._breaker.allow():
+                for item in items:  # back to their lanes, untouched
+                    self._store.release(item.id)
                 # At most a second: another worker's probe may close the breaker meanwhile.
                 await self._pause(min(self._breaker.next_probe_in(), 1.0))
                 continue
@@ -121,15 +130,21 @@ class QueueWorker:
     def _freer(self, lane: str) -> Callable[[asyncio.Task[None]], None]:
         def free(_task: asyncio.Task[None]) -> None:
             self._busy.pop(lane, None)
+            self._freed.set()
 
         return free
 
     async def _idle(self) -> None:
-        wake = asyncio.ensure_future(self._store.wait_for_work(self._queue, timeout=1.0))
-        stop = asyncio.ensure_future(self._stopping.wait())
-        pending = [wake, stop, *self._busy.values()]
-        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        for fut in (wake, stop):
+        # A lane freed with more to send wakes wait_for_work (the store's lane index);
+        # a freed slot may matter too (a breaker probe that settled).
+        self._freed.clear()
+        waits = [
+            asyncio.ensure_future(self._store.wait_for_work(self._queue, timeout=1.0)),
+            asyncio.ensure_future(self._stopping.wait()),
+            asyncio.ensure_future(self._freed.wait()),
+        ]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for fut in waits:
             fut.cancel()
 
     async def _pause(self, seconds: float) -> None:
@@ -158,7 +173,7 @@ class QueueWorker:
 
     async def _settle(self, item: Item, outcome: Outcome) -> None:
         if isinstance(outcome, Done):
-            await self._store.done(item.id)
+            self._store.done_soon(item)
             if self._breaker is not None:
                 self._breaker.success()
         elif isinstance(outcome, Dead):

@@ -573,3 +573,106 @@ async def test_a_version_1_store_gains_the_kv_table(db: Path) -> None:
         assert await StoreKV(store, "sms").get("k") == "v"
     finally:
         await store.close()
+
+
+# --- the in-memory lane index (Store.take) ----------------------------------------------
+
+
+async def test_take_hands_out_lane_heads_from_memory(store: Store) -> None:
+    a1, b1, a2 = (
+        await put(store, "a1", "a"),
+        await put(store, "b1", "b"),
+        await put(store, "a2", "a"),
+    )
+    commits = store._writer.commits
+    first = await store.take(Queue.UPLINK, limit=10)
+    assert [i.id for i in first] == [a1, b1]  # one per lane, oldest first
+    assert first[0].body == {"msgId": "a1"}
+    assert await store.take(Queue.UPLINK, limit=10) == []  # both lanes are out
+    assert store._writer.commits == commits  # no query
+    store.done_soon(first[0])  # the lane's next goes at once, before the commit
+    (second,) = await store.take(Queue.UPLINK, limit=10)
+    assert second.id == a2
+    store.release(second.id)  # a cancelled send: the head goes again
+    (again,) = await store.take(Queue.UPLINK, limit=10)
+    assert again.id == a2
+    await store.dead(first[1].id, reason="400")
+    await store.stats()  # a transaction: the done rode on it
+    done = await store.get(a1)
+    assert done is not None
+    assert done.state == "done"
+
+
+async def test_take_after_a_retry_waits_for_not_before(store: Store) -> None:
+    now = time.time()
+    first = await put(store, "r1")
+    await put(store, "r2")
+    (item,) = await store.take(Queue.UPLINK, limit=5, now=now)
+    await store.retry_later(item.id, not_before=now + 30, error="503")
+    store.release(item.id)  # what the worker does after settling: nothing to release
+    assert await store.take(Queue.UPLINK, limit=5, now=now + 29) == []
+    (again,) = await store.take(Queue.UPLINK, limit=5, now=now + 31)
+    assert (again.id, again.attempts, again.last_error) == (first, 1, "503")
+
+
+async def test_take_reads_bodies_it_does_not_keep_and_survives_a_reopen(db: Path) -> None:
+    store = await Store.open(StoreSettings(path=db))
+    ids = [await put(store, f"m{i}", f"d{i % 3}") for i in range(6)]
+    await store.close()
+    store = await Store.open(StoreSettings(path=db))  # the index comes from disk
+    try:
+        items = await store.take(Queue.UPLINK, limit=10)
+        assert [i.id for i in items] == ids[:3]
+        assert [i.body["msgId"] for i in items] == ["m0", "m1", "m2"]
+        commits = store._writer.commits
+        for item in items:
+            store.done_soon(item)
+        # The first fetch read the lanes' next bodies along: this round needs no query.
+        after = await store.take(Queue.UPLINK, limit=10)
+        assert [i.body["msgId"] for i in after] == ["m3", "m4", "m5"]
+        assert store._writer.commits == commits
+    finally:
+        await store.close()
+
+
+async def test_take_sees_another_processs_changes(db: Path, store: Store) -> None:
+    a = await put(store, "x1", "x")
+    (item,) = await store.take(Queue.UPLINK, limit=5)
+    await store.dead(item.id, reason="400")
+    other = await Store.open(StoreSettings(path=db))  # the queue CLI, say
+    try:
+        assert await other.replay(a)
+    finally:
+        await other.close()
+    await store.stats()  # our next transaction notices the other connection's commit
+    (back,) = await store.take(Queue.UPLINK, limit=5)
+    assert back.id == a
+
+
+async def test_expiry_leaves_a_taken_item_and_holds_the_rest(store: Store) -> None:
+    now = time.time()
+    sending = await put(store, "e1", "e", expires_at=now + 1)
+    waiting = await put(store, "f1", "f", expires_at=now + 1)
+    (item,) = await store.take(Queue.UPLINK, limit=1)
+    assert item.id == sending
+    expired = await store.expire(now + 2)
+    assert [i.id for i in expired] == [waiting]
+    store.done_soon(item)
+    assert await store.take(Queue.UPLINK, limit=5) == []
+
+
+async def test_routes_are_read_from_memory_and_survive_a_reopen(db: Path) -> None:
+    store = await Store.open(StoreSettings(path=db))
+    await store.remember_route("ue-1", {"addrType": "AS", "addr": "as-1"}, ttl=60)
+    commits = store._writer.commits
+    assert await store.route("ue-1") == {"addrType": "AS", "addr": "as-1"}
+    assert await store.route("ue-1", now=time.time() + 61) is None  # expired
+    assert store._writer.commits == commits  # no transaction
+    await store.close()
+    store = await Store.open(StoreSettings(path=db))
+    try:
+        assert await store.route("ue-1") == {"addrType": "AS", "addr": "as-1"}
+        await store.prune(time.time() + 61)
+        assert store._routes == {}
+    finally:
+        await store.close()

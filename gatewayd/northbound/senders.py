@@ -55,7 +55,7 @@ class Senders:
             log.warning("message.rejected", status=ack.status, cause=ack.failure_cause)
             await put_device_report(self._store, message, ack.failure_cause or "DELY_FAILED")
             return Dead(f"server answered DELY_FAILED: {ack.failure_cause}")
-        log.info(
+        log.debug(
             "message.forwarded",
             direction="uplink",
             status=ack.status,
@@ -74,7 +74,7 @@ class Senders:
             return Dead(str(exc))
         except (PeerUnavailableError, PeerRefusedError, ProtocolError) as exc:
             return _transient(exc)
-        log.info("report.sent", delivered=report.delivered, dest=str(report.dest_addr))
+        log.debug("report.sent", delivered=report.delivered, dest=str(report.dest_addr))
         return Done()
 
     def _registration_lost(self, exc: RequestRejectedError) -> Retry:

@@ -261,7 +261,7 @@ class GatewayApi:
             metrics.accepted(
                 "downlink", metrics.transport_of(service_id), duplicate=result.duplicate
             )
-            log.info("message.received", direction="downlink", duplicate=result.duplicate)
+            log.debug("message.received", direction="downlink", duplicate=result.duplicate)
         return web.Response(status=204)
 
     async def _segment(self, message: GatewayMessageDelivery, service_id: str) -> None:
@@ -275,7 +275,7 @@ class GatewayApi:
         )
         await self._store.remember_route(service_id, message.ori_addr.to_json(), self._route_ttl)
         params = message.seg_params
-        log.info(
+        log.debug(
             "segment.received",
             seg_id=segments.whole_msg_id(message),
             seg_numb=params.seg_numb if params else None,
@@ -286,7 +286,7 @@ class GatewayApi:
             metrics.accepted(
                 "downlink", metrics.transport_of(service_id), duplicate=result.whole.duplicate
             )
-            log.info(
+            log.debug(
                 "message.received",
                 direction="downlink",
                 duplicate=result.whole.duplicate,
@@ -299,7 +299,7 @@ class GatewayApi:
             service_id = self._served(report.dest_addr, "report")
             await self._store.put_many(Queue.DOWNLINK, [report_in_request(report, service_id)])
             metrics.report("received")
-            log.info("report.received", delivered=report.delivered)
+            log.debug("report.received", delivered=report.delivered)
         return web.Response(status=204)
 
 

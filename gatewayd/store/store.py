@@ -1,7 +1,9 @@
 """The durable store: uplink, report and downlink queues, DLQ, dedup and small tables.
 
 All SQLite work runs on the :class:`~gatewayd.store.writer.Writer` thread; the methods
-here are thin async wrappers that build a job, hand it over and await the commit.
+here are thin async wrappers that build a job, hand it over and await the commit. The
+senders' side reads an in-memory view of the pending items (:mod:`gatewayd.store.lanes`)
+that every commit keeps in step: :meth:`Store.take` hands out lane heads without a query.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import structlog
 
 from gatewayd.errors import BacklogFullError
+from gatewayd.store.lanes import Change, Lanes
 from gatewayd.store.model import (
     Item,
     PartResult,
@@ -36,6 +39,13 @@ _SELECT = f"SELECT {ITEM_COLUMNS} FROM items"  # noqa: S608 - a constant column 
 # Rejected intake records kept at most (``gatewayd queue purge --queue intake`` clears
 # them); past it a rejection is still logged and counted, not stored.
 MAX_REJECTED = 10_000
+# The queues a sender works: the ones the lane index keeps.
+WORKED = frozenset({Queue.UPLINK, Queue.REPORT, Queue.DOWNLINK})
+_WORKED_NAMES = frozenset(q.value for q in WORKED)
+_NO_LANES = Lanes()  # for queues the index does not keep
+_ROUTES = "routes"  # the snapshot's key for the reply routes (not a queue's name)
+# Bodies read by id per statement when a take finds them not in memory.
+_FETCH_CHUNK = 500
 # The probe row: a few pages, as a stored message needs (a page is 4 KiB by default).
 _PROBE_BYTES = 16 * 1024
 
@@ -50,17 +60,24 @@ class Store:
 
     def __init__(self, settings: StoreSettings) -> None:
         self.settings = settings
-        self._writer = Writer(settings, self._woken)
+        self._writer = Writer(settings, self._committed, _snapshot)
+        self._lanes: dict[Queue, Lanes] = {q: Lanes() for q in WORKED}
+        # Reply routes (service id -> origin JSON, expiry), kept in step with the routes
+        # table like the lane index: a device's uplink without a destination looks its
+        # route up here, not in a transaction of its own.
+        self._routes: dict[str, tuple[str, float]] = {}
         self._wakeups: dict[Queue, asyncio.Event] = {q: asyncio.Event() for q in Queue}
         # A counter per queue, bumped on every commit that added work to it, and the
         # value seen by the last due(): wait_for_work() returns at once if work arrived
         # between the two, so that wake-up is never lost.
         self._generation: dict[Queue, int] = dict.fromkeys(Queue, 0)
         self._seen: dict[Queue, int] = dict.fromkeys(Queue, 0)
-        # Items handed out by due() and not yet settled, claimed on the writer thread
-        # in the same job that hands them out: expire() leaves them alone, so a message
-        # being sent right now is never also expired (delivered *and* dead).
-        self._claimed: set[int] = set()
+        # Items handed out by take()/due() and not yet settled (id -> queue, lane), and
+        # items an expiry is deciding on: expire() leaves the first alone and take()
+        # never hands out the second, so a message being sent right now is never also
+        # expired (delivered *and* dead). Both live on the loop only.
+        self._claimed: dict[int, tuple[Queue, str]] = {}
+        self._expiring: set[int] = set()
 
     @property
     def refusing(self) -> str | None:
@@ -73,6 +90,8 @@ class Store:
         """Open (creating if needed) the database and start the writer thread."""
         store = cls(settings)
         await store._writer.start()
+        # The first transaction reads the pending items into the lane index.
+        await store._writer.call(lambda txn: None)
         log.info(
             "store.opened",
             path=str(settings.path),
@@ -236,9 +255,9 @@ class Store:
         """
         at = time.time() if now is None else now
         busy = frozenset(busy_lanes)
+        generation = self._generation[queue]
 
-        def job(txn: Txn) -> tuple[int, list[Item]]:
-            generation = self._generation[queue]
+        def job(txn: Txn) -> list[Item]:
             # Walk pending rows oldest first and keep the lane heads: the walk stops
             # after ``limit`` hits, so its cost follows ``limit``, not the backlog
             # (grouping every lane first took 160 ms at 100k lanes).
@@ -254,15 +273,60 @@ class Store:
             for row in rows:
                 if row[3] in busy:
                     continue
+                if row[0] in self._expiring:
+                    continue
                 items.append(row_to_item(row))
                 if len(items) >= limit:
                     break
-            self._claimed.update(item.id for item in items)
-            return generation, items
+            return items
 
-        generation, items = await self._writer.call(job)
+        items = await self._writer.call(job)
         self._seen[queue] = generation
+        # Claimed on the loop, where expire() decides: an item an expiry took meanwhile
+        # is not handed out.
+        items = [i for i in items if i.id not in self._expiring]
+        self._claimed.update((item.id, (queue, item.lane)) for item in items)
         return items
+
+    async def take(self, queue: Queue, *, limit: int, now: float | None = None) -> list[Item]:
+        """Like :meth:`due`, from the in-memory lane index: up to ``limit`` lane heads
+        not handed out yet, due at ``now``, oldest lane first. A lane stays out until
+        its item is settled (:meth:`done_soon`, :meth:`dead`, :meth:`retry_later`) or
+        released (:meth:`release`). Costs no query unless bodies must be read from disk.
+        """
+        at = time.time() if now is None else now
+        lanes = self._lanes[queue]
+        self._seen[queue] = self._generation[queue]
+        chosen = lanes.take(limit, at)
+        if not chosen:
+            return []
+        items = [item for _, _, item in chosen if item is not None]
+        missing = {item_id: lane for lane, item_id, item in chosen if item is None}
+        if missing:
+            ahead = lanes.upcoming(list(missing.values()))
+            try:
+                fetched = await self._writer.call(lambda txn: _fetch(txn, [*missing, *ahead]))
+            except BaseException:
+                for item_id, lane in missing.items():
+                    lanes.release(item_id, lane)
+                for item in items:
+                    lanes.release(item.id, item.lane)
+                raise
+            for item in fetched:
+                if missing.pop(item.id, None) is not None:
+                    items.append(item)
+                else:
+                    lanes.keep(item)  # a later round's body, read along
+            for item_id, lane in missing.items():  # no longer pending (another process)
+                lanes.remove(item_id, lane)
+        ready: list[Item] = []
+        for item in sorted(items, key=lambda i: i.id):
+            if item.not_before > at:  # read from disk: a retry not due yet
+                lanes.park(item.id, item.lane, item.not_before)
+                continue
+            self._claimed[item.id] = (queue, item.lane)
+            ready.append(item)
+        return ready
 
     async def wait_for_work(self, queue: Queue, timeout: float) -> None:
         """Return when a put to ``queue`` commits, or after ``timeout`` seconds.
@@ -277,53 +341,109 @@ class Store:
         except TimeoutError:
             return
 
-    def _woken(self, queues: set[Queue]) -> None:
-        # On the loop, after a commit that added work to these queues.
-        for queue in queues:
-            self._generation[queue] += 1
-            self._wakeups[queue].set()
-            self._wakeups[queue] = asyncio.Event()
+    def _wake(self, queue: Queue) -> None:
+        self._generation[queue] += 1
+        self._wakeups[queue].set()
+        self._wakeups[queue] = asyncio.Event()
+
+    def _committed(self, txn: Txn) -> None:
+        # On the loop, for every commit in commit order: the lane index follows it.
+        if txn.snapshot is not None:
+            for queue, lanes in self._lanes.items():
+                lanes.load(txn.snapshot.get(queue.value, []))
+                self._wake(queue)
+            self._routes = {sid: (origin, exp) for sid, origin, exp in txn.snapshot[_ROUTES]}
+        else:
+            for change in txn.changes:
+                self._apply(change)
+            for service_id, origin, expires in txn.routes:
+                self._routes[service_id] = (origin, expires)
+        for queue in txn.woken:
+            self._wake(queue)
+
+    def _apply(self, change: Change) -> None:
+        queue = Queue(change.queue)
+        lanes = self._lanes[queue]
+        if change.kind == "add":
+            woke = lanes.add(change.id, change.lane, change.item)
+        elif change.kind == "finish":
+            self._claimed.pop(change.id, None)
+            lanes.settling.discard(change.id)
+            woke = lanes.remove(change.id, change.lane)
+        else:  # park
+            self._claimed.pop(change.id, None)
+            lanes.park(change.id, change.lane, change.not_before)
+            woke = False
+        if woke:
+            self._wake(queue)
 
     async def done(self, item_id: int) -> None:
         """Delivered: drop the body, keep the row as a dedup tombstone."""
         now = time.time()
-        await self._writer.call(lambda txn: self._settled(txn, item_id, State.DONE, None, now))
+        await self._writer.call(lambda txn: _finish(txn, item_id, State.DONE, None, now))
 
-    def _settled(
-        self, txn: Txn, item_id: int, state: State, reason: str | None, now: float
-    ) -> str | None:
-        self._claimed.discard(item_id)
-        return _finish(txn, item_id, state, reason, now)
+    def done_soon(self, item: Item) -> None:
+        """Delivered, without waiting for the commit: the lane's next item may go at
+        once, and the write rides on the next transaction (with the next intake batch;
+        alone after 50 ms if none comes).
+
+        A crash before that commit sends the item again after the restart (at least
+        once, in lane order: it is still its lane's head). A failed write is logged and
+        the index reloaded from disk, where the item is still pending.
+        """
+        claim = self._claimed.pop(item.id, None)
+        lanes = self._lanes.get(item.queue)
+        if claim is not None and lanes is not None:
+            lanes.settling.add(item.id)
+            if lanes.remove(item.id, item.lane):
+                self._wake(item.queue)
+        now = time.time()
+        future = self._writer.submit(
+            lambda txn: _finish(txn, item.id, State.DONE, None, now), lazy=True
+        )
+        future.add_done_callback(lambda f: self._done_written(f, item))
+
+    def _done_written(self, future: asyncio.Future[Any], item: Item) -> None:
+        lanes = self._lanes.get(item.queue)
+        if lanes is not None:
+            lanes.settling.discard(item.id)
+        if future.cancelled() or future.exception() is None:
+            return
+        log.error("store.settle_failed", msg_id=item.msg_id, error=str(future.exception()))
+        # Still pending on disk: the next transaction reads the index again, and the
+        # item goes out again (at least once).
+        self._writer.reindex_next()
 
     def release(self, item_id: int) -> None:
-        """An item from :meth:`due` that was not settled (its send was cancelled): it
-        stays pending and may expire again. Settling releases it by itself.
-
-        Called on the loop while the writer thread may read the set: a single
-        ``discard`` is atomic under the GIL, and the worst a race can do is leave the
-        item for the next expiry sweep.
-        """
-        self._claimed.discard(item_id)
+        """An item handed out that was not settled (its send was cancelled): it stays
+        pending, its lane may hand it out again, and it may expire again. Settling
+        releases it by itself."""
+        claim = self._claimed.pop(item_id, None)
+        if claim is None:
+            return
+        queue, lane = claim
+        lanes = self._lanes.get(queue)
+        if lanes is not None and lanes.release(item_id, lane):
+            self._wake(queue)
 
     async def retry_later(self, item_id: int, *, not_before: float, error: str) -> None:
         """A transient failure: count the attempt and hold the item until ``not_before``."""
 
         def job(txn: Txn) -> None:
-            self._claimed.discard(item_id)
-            txn.conn.execute(
+            row = txn.conn.execute(
                 "UPDATE items SET attempts = attempts + 1, not_before = ?, last_error = ?"
-                " WHERE id = ? AND state = 'pending'",
+                " WHERE id = ? AND state = 'pending' RETURNING queue, lane",
                 (not_before, error, item_id),
-            )
+            ).fetchone()
+            if row is not None and row[0] in _WORKED_NAMES:
+                txn.changes.append(Change("park", row[0], item_id, row[1], None, not_before))
 
         await self._writer.call(job)
 
     async def dead(self, item_id: int, *, reason: str) -> None:
         """A permanent failure: move the item to the dead-letter queue."""
         now = time.time()
-        msg_id = await self._writer.call(
-            lambda txn: self._settled(txn, item_id, State.DEAD, reason, now)
-        )
+        msg_id = await self._writer.call(lambda txn: _finish(txn, item_id, State.DEAD, reason, now))
         if msg_id is not None:
             log.warning("store.dead", msg_id=msg_id, id=item_id, reason=reason)
 
@@ -343,31 +463,57 @@ class Store:
         at = time.time() if now is None else now
         oldest = at - self.settings.max_age
 
+        def candidates(txn: Txn) -> list[Item]:
+            # Two index range reads (the planner, without statistics, would walk every
+            # pending row for the OR): the cost follows what expires, not the backlog.
+            rows = txn.conn.execute(
+                f"{_SELECT} INDEXED BY items_expires"
+                " WHERE state = 'pending' AND expires_at <= ?"
+                f" UNION {_SELECT} INDEXED BY items_queued"
+                " WHERE state = 'pending' AND queued <= ? ORDER BY id",
+                (at, oldest),
+            ).fetchall()
+            return [row_to_item(row) for row in rows]
+
+        found = await self._writer.call(candidates)
+        # Decided on the loop, where take() hands items out: one being sent stays for
+        # its send; the others are held, so no sender takes them while they expire.
+        chosen = [
+            item
+            for item in found
+            if item.id not in self._claimed
+            and item.id not in self._lanes.get(item.queue, _NO_LANES).settling
+        ]
+        if not chosen:
+            return []
+        held: list[Item] = []
+        for item in chosen:
+            self._expiring.add(item.id)
+            lanes = self._lanes.get(item.queue)
+            if lanes is not None and lanes.hold(item.id, item.lane):
+                held.append(item)
+
         unreportable: list[tuple[Item, str]] = []
 
         def job(txn: Txn) -> list[Item]:
             unreportable.clear()  # the writer may run a job twice (batch, then alone)
-            rows = txn.conn.execute(
-                f"{_SELECT} WHERE state = 'pending'"
-                " AND (expires_at <= ? OR queued <= ?) ORDER BY id",
-                (at, oldest),
-            ).fetchall()
             expired: list[Item] = []
-            for row in rows:
-                item = row_to_item(row)
-                if item.id in self._claimed:
-                    continue
+            for item in chosen:
                 reason = (
                     "expired: exprTime passed"
                     if item.expires_at is not None and item.expires_at <= at
                     else "expired: older than max_age"
                 )
-                txn.conn.execute(
-                    "UPDATE items SET state = 'dead', last_error = ?, finished = ? WHERE id = ?",
+                cursor = txn.conn.execute(
+                    "UPDATE items SET state = 'dead', last_error = ?, finished = ?"
+                    " WHERE id = ? AND state = 'pending'",
                     (reason, at, item.id),
                 )
+                if cursor.rowcount == 0:
+                    continue  # settled meanwhile (another process)
                 txn.backlog.messages -= 1
                 txn.backlog.bytes -= item.size
+                _finished(txn, item.queue.value, item.id, item.lane)
                 expired.append(_replace_state(item, State.DEAD, reason, at))
                 try:
                     built = report(item) if report is not None else None
@@ -378,7 +524,13 @@ class Store:
                     _put_report(txn, *built, now=at)
             return expired
 
-        expired = await self._writer.call(job)
+        try:
+            expired = await self._writer.call(job)
+        finally:
+            self._expiring.difference_update(item.id for item in chosen)
+            for item in held:  # those not expired (a failed write) may go again
+                if self._lanes[item.queue].release(item.id, item.lane):
+                    self._wake(item.queue)
         for item, error in unreportable:
             log.error("store.expiry_report_failed", msg_id=item.msg_id, id=item.id, error=error)
         for item in expired:
@@ -492,6 +644,8 @@ class Store:
             txn.backlog.messages += 1
             txn.backlog.bytes += size
             txn.woken.add(Queue(queue))
+            # An older id back in its lane, ahead of later items: read the index again.
+            txn.reindex = True
             return str(msg_id)
 
         msg_id = await self._writer.call(job)
@@ -526,6 +680,7 @@ class Store:
                 ).fetchone()
                 txn.backlog.messages -= count
                 txn.backlog.bytes -= size
+                txn.reindex = True
             return txn.conn.execute(f"DELETE FROM items WHERE {where}", params).rowcount  # noqa: S608
 
         count = await self._writer.call(job)
@@ -556,15 +711,19 @@ class Store:
         """
         at = time.time() if now is None else now
 
-        def job(txn: Txn) -> int:
-            txn.conn.execute("DELETE FROM routes WHERE expires <= ?", (at,))
+        def job(txn: Txn) -> tuple[int, int]:
+            routes = txn.conn.execute("DELETE FROM routes WHERE expires <= ?", (at,)).rowcount
             txn.conn.execute("DELETE FROM kv WHERE expires <= ?", (at,))
-            return txn.conn.execute(
-                "DELETE FROM items WHERE state = 'done' AND finished <= ?",
+            tombstones = txn.conn.execute(
+                "DELETE FROM items INDEXED BY items_done WHERE state = 'done' AND finished <= ?",
                 (at - self.settings.dedup_window,),
             ).rowcount
+            return routes, tombstones
 
-        return await self._writer.call(job)
+        routes, tombstones = await self._writer.call(job)
+        if routes:  # forget them in memory too (route() already ignores them)
+            self._routes = {k: v for k, v in self._routes.items() if v[1] > at}
+        return tombstones
 
     async def limit_size(self, max_bytes: int | None) -> None:
         """Cap the database file at about ``max_bytes`` (``None``: no cap but the disk's).
@@ -590,20 +749,14 @@ class Store:
         await self._writer.call(lambda txn: _remember_route(txn, service_id, encoded, expires))
 
     async def route(self, service_id: str, now: float | None = None) -> dict[str, Any] | None:
-        """The originator to send a reply from ``service_id`` to, if still remembered."""
+        """The originator to send a reply from ``service_id`` to, if still remembered.
+
+        Read from memory (kept in step with every commit), not from the database."""
         at = time.time() if now is None else now
-
-        def job(txn: Txn) -> str | None:
-            row = txn.conn.execute(
-                "SELECT origin FROM routes WHERE service_id = ? AND expires > ?",
-                (service_id, at),
-            ).fetchone()
-            return None if row is None else str(row[0])
-
-        origin = await self._writer.call(job)
-        if origin is None:
+        entry = self._routes.get(service_id)
+        if entry is None or entry[1] <= at:
             return None
-        value: dict[str, Any] = json.loads(origin)
+        value: dict[str, Any] = json.loads(entry[0])
         return value
 
     # --- transports' own key/value rows (gatewayd.store.kv) --------------------------
@@ -697,6 +850,7 @@ class Store:
 
 
 def _remember_route(txn: Txn, service_id: str, origin: str, expires: float) -> None:
+    txn.routes.append((service_id, origin, expires))
     txn.conn.execute(
         "INSERT INTO routes (service_id, origin, expires) VALUES (?, ?, ?)"
         " ON CONFLICT (service_id) DO UPDATE SET origin = excluded.origin,"
@@ -738,8 +892,7 @@ def _put_all(
     # No savepoint needed: a failing INSERT makes the writer roll the whole transaction
     # back and rerun each job alone, so this job's rows land all together or not at all.
     new_ids = [
-        _insert(conn, queue, request, body=body, size=size, now=now)
-        for request, body, size in fresh
+        _insert(txn, queue, request, body=body, size=size, now=now) for request, body, size in fresh
     ]
     assigned = iter(new_ids)
     results = [r if r.duplicate else PutResult(next(assigned), duplicate=False) for r in results]
@@ -788,7 +941,7 @@ def _put_part(
         raise BacklogFullError(detail, retry_after=RETRY_AFTER_BACKLOG)
     if siblings:
         request = dataclasses.replace(request, expires_at=siblings[0][2])
-    part_id = _insert(conn, Queue.SEGMENT, request, body=body, size=size, now=now)
+    part_id = _insert(txn, Queue.SEGMENT, request, body=body, size=size, now=now)
     txn.backlog.messages += 1
     txn.backlog.bytes += size
     txn.puts += 1
@@ -805,7 +958,7 @@ def _put_part(
         return PartResult(part_id, duplicate=False, whole=PutResult(row[0], duplicate=True))
     whole_body = encode_body(whole.body)
     whole_size = len(whole_body.encode())
-    whole_id = _insert(conn, into, whole, body=whole_body, size=whole_size, now=now)
+    whole_id = _insert(txn, into, whole, body=whole_body, size=whole_size, now=now)
     txn.backlog.messages += 1
     txn.backlog.bytes += whole_size
     txn.puts += 1
@@ -814,9 +967,9 @@ def _put_part(
 
 
 def _insert(
-    conn: sqlite3.Connection, queue: Queue, request: PutRequest, *, body: str, size: int, now: float
+    txn: Txn, queue: Queue, request: PutRequest, *, body: str, size: int, now: float
 ) -> int:
-    cursor = conn.execute(
+    cursor = txn.conn.execute(
         "INSERT INTO items (queue, msg_id, dedup_key, lane, body, size, created, queued,"
         " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
@@ -831,8 +984,60 @@ def _insert(
             request.expires_at,
         ),
     )
-    assert cursor.lastrowid is not None  # an INSERT always sets it
-    return cursor.lastrowid
+    item_id = cursor.lastrowid
+    assert item_id is not None  # an INSERT always sets it
+    if queue in WORKED:
+        item = Item(
+            id=item_id,
+            queue=queue,
+            msg_id=request.msg_id,
+            lane=request.lane,
+            body=request.body,
+            created=now,
+            attempts=0,
+            not_before=0.0,
+            expires_at=request.expires_at,
+            last_error=None,
+            state=State.PENDING.value,
+            size=size,
+        )
+        txn.changes.append(Change("add", queue.value, item_id, request.lane, item))
+    return item_id
+
+
+def _finished(txn: Txn, queue: str, item_id: int, lane: str) -> None:
+    if queue in _WORKED_NAMES:
+        txn.changes.append(Change("finish", queue, item_id, lane))
+
+
+def _snapshot(conn: sqlite3.Connection) -> dict[str, list[tuple[Any, ...]]]:
+    """Every pending item of the worked queues as ``(id, lane, not_before)`` by queue,
+    in id order, and the reply routes (under ``_ROUTES``): what the lane index and the
+    routes in memory are reloaded from."""
+    out: dict[str, list[tuple[Any, ...]]] = {q: [] for q in _WORKED_NAMES}
+    out[_ROUTES] = conn.execute("SELECT service_id, origin, expires FROM routes").fetchall()
+    rows = conn.execute(
+        "SELECT queue, id, lane, not_before FROM items INDEXED BY items_state"
+        " WHERE state = 'pending' ORDER BY queue, id"
+    )
+    for queue, item_id, lane, not_before in rows:
+        if queue in out:
+            out[queue].append((item_id, lane, not_before))
+    return out
+
+
+def _fetch(txn: Txn, ids: list[int]) -> list[Item]:
+    """The pending items among ``ids`` (bodies the lane index does not keep)."""
+    found: list[Item] = []
+    for start in range(0, len(ids), _FETCH_CHUNK):
+        chunk = ids[start : start + _FETCH_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        rows = txn.conn.execute(
+            f"{_SELECT} WHERE id IN ({marks}) AND state = 'pending'",
+            chunk,
+        )
+        found.extend(row_to_item(row) for row in rows)
+    return found
 
 
 def _put_report(txn: Txn, queue: Queue, request: PutRequest, *, now: float) -> None:
@@ -844,7 +1049,7 @@ def _put_report(txn: Txn, queue: Queue, request: PutRequest, *, now: float) -> N
         return
     body = encode_body(request.body)
     size = len(body.encode())
-    _insert(txn.conn, queue, request, body=body, size=size, now=now)
+    _insert(txn, queue, request, body=body, size=size, now=now)
     txn.backlog.messages += 1
     txn.backlog.bytes += size
     txn.puts += 1
@@ -853,11 +1058,13 @@ def _put_report(txn: Txn, queue: Queue, request: PutRequest, *, now: float) -> N
 
 def _finish(txn: Txn, item_id: int, state: State, reason: str | None, now: float) -> str | None:
     row = txn.conn.execute(
-        "SELECT msg_id, size FROM items WHERE id = ? AND state = 'pending'", (item_id,)
+        "SELECT msg_id, size, queue, lane FROM items WHERE id = ? AND state = 'pending'",
+        (item_id,),
     ).fetchone()
     if row is None:
         return None  # already finished: done/dead are idempotent
-    msg_id, size = row
+    msg_id, size, queue, lane = row
+    _finished(txn, queue, item_id, lane)
     # A done row keeps only its dedup key; a dead one keeps its body for replay.
     body_sql = ", body = NULL" if state == State.DONE else ""
     txn.conn.execute(

@@ -5,6 +5,12 @@ transaction. The thread takes whatever jobs are waiting (up to ``batch_max``), r
 all inside one ``BEGIN IMMEDIATE ... COMMIT`` and only then resolves their futures, so
 an acknowledgement never precedes the commit, and concurrent producers share one fsync.
 No timer batches anything: while one transaction syncs, the next batch queues up.
+
+Batching does not rely on luck either: the jobs created in one event-loop iteration
+(every message read from one socket read, every settle of a sender's pass) are handed
+to the thread together, once the iteration's callbacks have run. Handed over one by
+one, the thread woke on the first, committed it alone, and competed with the loop for
+the GIL while the rest were still being created.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
@@ -22,6 +29,7 @@ from typing import Any, Final, TypeVar
 import structlog
 
 from gatewayd.errors import BacklogFullError, GatewaydError, StoreError
+from gatewayd.store.lanes import Change
 from gatewayd.store.model import Queue, StoreSettings
 from gatewayd.store.schema import connect
 
@@ -43,6 +51,9 @@ RETRY_AFTER_STORAGE: Final = 30.0
 
 # A read-only connection stays read-only: reopen it, but not more than once a second.
 _REOPEN_INTERVAL: Final = 1.0
+# How long a lazy job (a delivered item's done) may wait for another job to ride with
+# before it goes alone: at any rate above ~20 messages a second it never waits that long.
+LAZY_SECONDS: Final = 0.05
 
 
 @dataclass(slots=True)
@@ -66,6 +77,13 @@ class Txn:
     writer: Writer
     woken: set[Queue] = field(default_factory=set)
     puts: int = 0
+    # For the in-memory lane index (gatewayd.store.lanes), applied on the loop after
+    # the commit: the changes to pending sets, or (``reindex``: a bulk change, or another
+    # process committed) a snapshot of every pending item read just before COMMIT.
+    changes: list[Change] = field(default_factory=list)
+    routes: list[tuple[str, str, float]] = field(default_factory=list)  # remembered
+    reindex: bool = False
+    snapshot: Any = None
     proven: bool = False  # a probe allocated space: the store writes again
 
 
@@ -88,17 +106,30 @@ class _StorageFailure(Exception):
 class Writer:
     """The thread that owns the connection. Create inside a running loop, then :meth:`start`."""
 
-    def __init__(self, settings: StoreSettings, on_commit: Callable[[set[Queue]], None]) -> None:
+    def __init__(
+        self,
+        settings: StoreSettings,
+        on_commit: Callable[[Txn], None],
+        snapshot: Callable[[sqlite3.Connection], Any],
+    ) -> None:
         self.settings = settings
+        self._snapshot = snapshot
         self.commits = 0
         self.rows_put = 0
         self.backlog = Backlog()
         self._on_commit = on_commit
         self._loop = asyncio.get_running_loop()
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        # Jobs of the current loop iteration, handed over by _flush (on the loop), and
+        # lazy jobs waiting for one to ride with (or for their timer).
+        self._pending: list[_Job] = []
+        self._lazy: list[_Job] = []
+        self._flush_soon = False
+        self._lazy_timer: asyncio.TimerHandle | None = None
         self._conn: sqlite3.Connection | None = None
         self._data_version = -1
         self._recount = True
+        self._reindex = False
         self._episode: str | None = None
         self._reopen_at: float | None = None
         self._closed = False
@@ -121,6 +152,7 @@ class Writer:
         if self._closed:
             return
         self._closed = True
+        self._flush()
         self._jobs.put(None)
         # Shielded: a cancelled close must still not leave the thread behind.
         await asyncio.shield(self._stopped)
@@ -130,9 +162,41 @@ class Writer:
         """Run ``fn`` on the writer thread in the next transaction; return after COMMIT."""
         if self._closed:
             raise StoreError("the store is closed")
+        return await self.submit(fn, intake=intake)
+
+    def submit(
+        self, fn: Callable[[Txn], T], *, intake: bool = False, lazy: bool = False
+    ) -> asyncio.Future[T]:
+        """Queue ``fn`` for the next transaction; the future resolves after COMMIT.
+
+        For callers that need not wait. A ``lazy`` job (a delivered item's ``done``)
+        does not start a transaction of its own: it rides on the next job's, or goes
+        after :data:`LAZY_SECONDS` when none comes.
+        """
+        if self._closed:
+            raise StoreError("the store is closed")
         future: asyncio.Future[T] = self._loop.create_future()
-        self._jobs.put(_Job(fn, future, intake))
-        return await future
+        job = _Job(fn, future, intake)
+        if lazy:
+            self._lazy.append(job)
+            if self._lazy_timer is None:
+                self._lazy_timer = self._loop.call_later(LAZY_SECONDS, self._flush)
+        else:
+            self._pending.append(job)
+            if not self._flush_soon:
+                self._flush_soon = True
+                self._loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        # On the loop, after the callbacks of the iteration that queued the jobs.
+        self._flush_soon = False
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
+        jobs, self._lazy, self._pending = self._lazy + self._pending, [], []
+        if jobs:
+            self._jobs.put(jobs)
 
     # --- on the writer thread -----------------------------------------------------------
 
@@ -149,33 +213,34 @@ class Writer:
             self._shutdown()
 
     def _serve(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            batch = [job]
-            stop = False
-            while len(batch) < self.settings.batch_max:
+        waiting: deque[_Job] = deque()
+        stop = False
+        while not stop or waiting:
+            if not waiting:
+                jobs = self._jobs.get()
+                if jobs is None:
+                    return
+                waiting.extend(jobs)
+            while not stop and len(waiting) < self.settings.batch_max:
                 try:
                     more = self._jobs.get_nowait()
                 except queue.Empty:
                     break
                 if more is None:
-                    stop = True
-                    break
-                batch.append(more)
-            self._run(batch)
-            if stop:
-                return
+                    stop = True  # after what is waiting
+                else:
+                    waiting.extend(more)
+            count = min(len(waiting), self.settings.batch_max)
+            self._run([waiting.popleft() for _ in range(count)])
 
     def _shutdown(self) -> None:
         # Fail whatever arrived after the stop marker, so no caller waits forever.
         while True:
             try:
-                job = self._jobs.get_nowait()
+                jobs = self._jobs.get_nowait()
             except queue.Empty:
                 break
-            if job is not None:
+            for job in jobs or ():
                 self._resolve(job.future, StoreError("the store is closed"))
         if self._conn is not None:
             # Fails while another process reads; the next open checkpoints then.
@@ -210,22 +275,20 @@ class Writer:
         # One hand-over to the loop per transaction, not one per job: each
         # call_soon_threadsafe wakes the loop, and a loop woken mid-batch competes with
         # this thread for the GIL (that alone cost most of the throughput).
-        self._call_soon(
-            self._deliver, [(job.future, result) for job, result in outcomes], txn.woken
-        )
+        self._call_soon(self._deliver, [(job.future, result) for job, result in outcomes], txn)
 
-    def _deliver(self, outcomes: list[tuple[asyncio.Future[Any], Any]], woken: set[Queue]) -> None:
-        # On the loop.
+    def _deliver(self, outcomes: list[tuple[asyncio.Future[Any], Any]], txn: Txn) -> None:
+        # On the loop. The commit's changes first: a caller resumed by its future finds
+        # the lane index as of its own commit.
+        self._on_commit(txn)
         for future, outcome in outcomes:
             _settle(future, outcome)
-        if woken:
-            self._on_commit(woken)
 
     def _transaction(self, batch: list[_Job]) -> tuple[list[tuple[_Job, Any]], Txn]:
         conn = self._connection()
         conn.execute("BEGIN IMMEDIATE")
-        self._refresh_backlog(conn)
-        txn = Txn(conn, Backlog(self.backlog.messages, self.backlog.bytes), self)
+        moved = self._refresh_backlog(conn) or self._reindex
+        txn = Txn(conn, Backlog(self.backlog.messages, self.backlog.bytes), self, reindex=moved)
         outcomes: list[tuple[_Job, Any]] = []
         for job in batch:
             changes = conn.total_changes
@@ -239,8 +302,16 @@ class Writer:
                 # Our own refusals (a full backlog) usually come before the job writes:
                 # the others in the batch commit as if it had not run.
                 outcomes.append((job, exc))
+        if txn.reindex:
+            txn.snapshot = self._snapshot(conn)
         conn.execute("COMMIT")
+        if txn.reindex:
+            self._reindex = False
         return outcomes, txn
+
+    def reindex_next(self) -> None:
+        """Have the next transaction reload the lane index (a settle failed to write)."""
+        self._reindex = True
 
     def _connection(self) -> sqlite3.Connection:
         if self._reopen_at is not None:
@@ -255,18 +326,23 @@ class Writer:
             self._recount = True
         return self._conn
 
-    def _refresh_backlog(self, conn: sqlite3.Connection) -> None:
+    def _refresh_backlog(self, conn: sqlite3.Connection) -> bool:
+        """True when another connection committed since our last transaction (or this
+        is the first): the lane index then needs a snapshot. A recount after our own
+        rollback needs none: nothing of it reached the index."""
         # data_version moves when another connection (the queue CLI) commits: only then
         # is a recount needed; our own commits keep the figure exact.
         (version,) = conn.execute("PRAGMA data_version").fetchone()
         if version == self._data_version and not self._recount:
-            return
+            return False
         messages, size = conn.execute(
             "SELECT count(*), coalesce(sum(size), 0) FROM items WHERE state = 'pending'"
         ).fetchone()
         self.backlog = Backlog(messages, size)
+        moved = bool(version != self._data_version)
         self._data_version = version
         self._recount = False
+        return moved
 
     def _rollback(self) -> None:
         if self._conn is not None and self._conn.in_transaction:
