@@ -27,6 +27,7 @@ logger and the ``[credentials.NAME]`` backends) and
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,20 @@ def gateway_config(
         )
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _every_level_reaches_log_capture() -> Iterator[None]:
+    """Open the stdlib root level to debug for each test, as it was before any test ran
+    ``gatewayd.log.configure``. gatewayd drops a debug or info call below the root level
+    before structlog's processors (cheap per-message logging), so after one test set
+    ``warning``, ``structlog.testing.capture_logs`` (and :func:`gateway_logs`) in every
+    later test would see no info or debug event at all."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.DEBUG)
+    yield
+    root.setLevel(level)
 
 
 @pytest.fixture
