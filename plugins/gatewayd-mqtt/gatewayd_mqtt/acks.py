@@ -38,14 +38,20 @@ class AckQueue:
         self._queue.append(entry)
         return entry
 
-    def settle(self, entry: Pending, *, ack: bool, reason: int = 0) -> None:
+    def settle(self, entry: Pending, *, ack: bool, reason: int = 0) -> int:
         """``ack=False`` leaves the message unacknowledged: the broker redelivers it on
-        the next connection of this session. Later messages are not held up by it."""
+        the next connection of this session. Later messages are not held up by it.
+
+        Returns how many messages left the queue (acknowledged or left with the
+        broker): none while an earlier one is still unsettled."""
         entry.settled, entry.ack, entry.reason = True, ack, reason
+        released = 0
         while self._queue and self._queue[0].settled:
             head = self._queue.popleft()
+            released += 1
             if head.ack and self._acks.ack(head.mid, head.qos, head.reason):
                 self.sent += 1
+        return released
 
     def __len__(self) -> int:
         return len(self._queue)

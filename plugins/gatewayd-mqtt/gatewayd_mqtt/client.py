@@ -6,7 +6,11 @@ missing there (aiomqtt 2.5, paho-mqtt 2.2):
 - the CONNACK properties (MQTT 5 Receive Maximum, ...), which aiomqtt drops: a
   subclass overriding ``_on_connect`` keeps them;
 - manual acknowledgement: only paho's client has it, as ``manual_ack_set(True)`` and
-  ``ack(mid, qos)``. :class:`ManualAck` wraps that private access.
+  ``ack(mid, qos)``. :class:`ManualAck` wraps that private access;
+- a socket reader that can pause: aiomqtt hands every PUBLISH the broker sends to an
+  unbounded queue, and brokers do not all hold to our Receive Maximum (mosquitto 2.0.11
+  stops once acknowledgements flow), so the subclass installs its own reader, which
+  stops reading while ``intake_limit`` messages are held (see :meth:`release`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
+from aiomqtt.types import PahoSocket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -29,12 +34,26 @@ DEFAULT_RECEIVE_MAXIMUM = 65535  # MQTT 5 3.2.2.3.3: absent means 65,535
 
 
 class GatewayClient(aiomqtt.Client):
-    """An :class:`aiomqtt.Client` that remembers what the broker said in its CONNACK."""
+    """An :class:`aiomqtt.Client` that remembers what the broker said in its CONNACK,
+    and stops reading from the broker while ``intake_limit`` messages are held."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, intake_limit: int = DEFAULT_RECEIVE_MAXIMUM, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.connack_properties: Properties | None = None
         self.session_present = False
+        # Received (paho called on_message) and not yet released by the transport: the
+        # messages this connection holds in memory, queued or in progress.
+        self.intake_limit = intake_limit
+        self.held = 0
+        self.max_held = 0
+        self.pauses = 0
+        # Resume below the limit, not at it: one reader toggle (two epoll_ctl calls)
+        # per quarter of the window instead of per message when the store is the brake.
+        self._resume_at = intake_limit - max(1, intake_limit // 4)
+        self._paused = False
+        self._fd: int | None = None  # the socket the reader watches, while it is open
         # Set before connecting: a resumed session sends its unacknowledged messages
         # right after CONNACK, and those must not be acked on arrival either.
         self.acks = ManualAck(self, v5=kwargs.get("protocol") == aiomqtt.ProtocolVersion.V5)
@@ -50,6 +69,69 @@ class GatewayClient(aiomqtt.Client):
         self.connack_properties = properties
         self.session_present = bool(flags.session_present)
         super()._on_connect(client, userdata, flags, reason_code, properties)
+
+    # --- intake backpressure ----------------------------------------------------------
+    # Replaces aiomqtt's socket callbacks (aiomqtt 2.5 ``_on_socket_open``): the same
+    # reader, plus a pause. While paused nothing is read, so PUBLISHes wait in the
+    # kernel's socket buffers and then in the broker's queue for our session (TCP flow
+    # control): memory here stays bounded whatever the broker does. paho keeps no
+    # complete packet of its own between reads (only a partial one), so a pause loses
+    # nothing. Everything arriving also waits, PINGRESP included: a pause longer than
+    # about twice ``keepalive`` ends the connection (paho's keepalive check), and the
+    # unacked messages come back with the session.
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: PahoSocket) -> None:
+        fd = sock.fileno()
+
+        def opened() -> None:  # paho calls us from the connect executor thread
+            self._fd = fd
+            if not self._paused:
+                self._loop.add_reader(fd, self._read_socket)
+            self._misc_task = self._loop.create_task(self._misc_loop())
+
+        self._loop.call_soon_threadsafe(opened)
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: PahoSocket) -> None:
+        self._fd = None  # never re-add a reader to a closed (perhaps reused) descriptor
+        super()._on_socket_close(client, userdata, sock)
+
+    def _read_socket(self) -> None:
+        paho_client = self._client
+        try:
+            while not self._paused and self._fd is not None:
+                paho_client.loop_read()
+                # An SSL socket may hold decrypted bytes the kernel no longer signals
+                # (paho issue 131): read them now, as aiomqtt does.
+                sock = paho_client._sock  # private: see the module docstring
+                pending = getattr(sock, "pending", None)
+                if pending is None or pending() <= 0:
+                    break
+        except Exception as exc:  # a broken connection, as in aiomqtt
+            if not self._disconnected.done():
+                self._disconnected.set_exception(exc)
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        self.held += 1
+        self.max_held = max(self.max_held, self.held)
+        if self.held >= self.intake_limit and not self._paused:
+            # Checked before each read: at most one more read's worth arrives (paho
+            # reads as many packets per call as our own QoS > 0 publishes in flight).
+            self._paused = True
+            self.pauses += 1
+            if self._fd is not None:
+                self._loop.remove_reader(self._fd)
+        super()._on_message(client, userdata, message)
+
+    def release(self, count: int = 1) -> None:
+        """``count`` received messages are no longer held here (acknowledged, left with
+        the broker, or a QoS 0 one handled): read again once enough are released."""
+        self.held -= count
+        if self._paused and self.held <= self._resume_at:
+            self._paused = False
+            if self._fd is not None:
+                self._loop.add_reader(self._fd, self._read_socket)
+                # Bytes an SSL socket decrypted before the pause raise no readiness.
+                self._loop.call_soon(self._read_socket)
 
     @property
     def receive_maximum(self) -> int:

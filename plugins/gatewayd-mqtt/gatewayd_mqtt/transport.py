@@ -96,6 +96,8 @@ class TransportStats:
         "dropped",
         "duplicates",
         "inflight",
+        "intake_pauses",
+        "max_held_seen",
         "max_inflight_seen",
         "published",
         "refusals",
@@ -114,6 +116,11 @@ class TransportStats:
         self.published = 0  # downlinks and reports completed (PUBACK/PUBCOMP)
         self.inflight = 0  # our QoS > 0 publishes awaiting the broker's ack
         self.max_inflight_seen = 0
+        # Intake backpressure (per connection, folded in here): the most received
+        # messages held at once (queued, in progress, or stored awaiting their turn to
+        # be acked), bounded by receive_maximum; and how often reading paused for it.
+        self.max_held_seen = 0
+        self.intake_pauses = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -158,6 +165,7 @@ class MqttTransport(Transport):
         self._first: asyncio.Future[None] | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        self._pauses_counted = 0  # the current client's intake pauses already in stats
         self._lanes: dict[str, asyncio.Future[bool]] = {}  # topic -> its last message's turn
         self._broker_drops: dict[str, int] = {}  # $SYS counter topic -> last value
         self._broker_drops_saved: dict[str, float] = {}  # -> when kept in kv (monotonic)
@@ -199,6 +207,12 @@ class MqttTransport(Transport):
     @property
     def connected(self) -> bool:
         return self._link is not None
+
+    @property
+    def intake_held(self) -> int:
+        """Received messages this connection holds now: queued, being stored, or stored
+        and waiting for an earlier one's ack. Reading pauses at ``receive_maximum``."""
+        return self._link.client.held if self._link is not None else 0
 
     def link_state(self) -> dict[str, str | int]:
         """For ``gatewayd status``: connected / connecting / disconnected, the reconnects
@@ -298,6 +312,7 @@ class MqttTransport(Transport):
             keepalive=cfg.keepalive,
             timeout=cfg.connect_timeout,
             max_inflight_messages=cfg.max_inflight,
+            intake_limit=cfg.receive_maximum,
             tls_context=self._tls_context(),
             logger=self._paho_log,
             **extra,
@@ -376,6 +391,13 @@ class MqttTransport(Transport):
         cfg = self.config
         limit = min(cfg.max_inflight, client.receive_maximum)
         link = _Link(client, AckQueue(client.acks), asyncio.Semaphore(limit), limit)
+        self._pauses_counted = 0
+        # Read from the start, not only after the SUBACK: a resumed session's messages
+        # come before it, and once receive_maximum of them are held the client stops
+        # reading until they are handled, so a reader started after the SUBACK would
+        # wait for it forever.
+        reader = asyncio.create_task(self._read(link), name=f"mqtt:{self.name}:reader")
+        stop: asyncio.Task[Any] | None = None
         try:
             await self._subscribe(client)
             self._link = link
@@ -389,21 +411,20 @@ class MqttTransport(Transport):
                 inflight_limit=limit,
             )
             self._first_done()
-            reader = asyncio.create_task(self._read(link), name=f"mqtt:{self.name}:reader")
             stop = asyncio.create_task(self._stopping.wait(), name=f"mqtt:{self.name}:stop")
-            try:
-                await asyncio.wait({reader, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if reader.done():
-                    reader.result()  # raises MqttError when the connection dropped
-                    return
-                reader.cancel()
-                await self._drain()
-                self._log.info("mqtt.disconnected", reason="stopping")
-            finally:
-                for task in (reader, stop):
-                    task.cancel()
-                await asyncio.gather(reader, stop, return_exceptions=True)
+            await asyncio.wait({reader, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if reader.done():
+                reader.result()  # raises MqttError when the connection dropped
+                return
+            reader.cancel()
+            await self._drain()
+            self._log.info("mqtt.disconnected", reason="stopping")
         finally:
+            tasks = [t for t in (reader, stop) if t is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._count_held(client)
             self._link = None
             if not link.lost.done():
                 link.lost.set_result(None)
@@ -439,9 +460,16 @@ class MqttTransport(Transport):
 
     # --- uplink -----------------------------------------------------------------------
 
+    def _count_held(self, client: GatewayClient) -> None:
+        stats = self.stats
+        stats.max_held_seen = max(stats.max_held_seen, client.max_held)
+        stats.intake_pauses += client.pauses - self._pauses_counted
+        self._pauses_counted = client.pauses
+
     async def _read(self, link: _Link) -> None:
         loop = asyncio.get_running_loop()
         async for message in link.client.messages:
+            self._count_held(link.client)
             await self._uplink_slots.acquire()
             # Tracked here, in arrival order, so acks go out in that order.
             entry = link.acks.track(message.mid, message.qos) if message.qos > 0 else None
@@ -485,8 +513,14 @@ class MqttTransport(Transport):
             if self._lanes.get(topic) is turn:
                 del self._lanes[topic]
             # Cancelled or refused: no ack, the broker keeps the message for the session.
+            # Either way it leaves memory once its ack is out (or given up), in arrival
+            # order: only then may the client read another one in its place.
             if entry is not None:
-                link.acks.settle(entry, ack=verdict is not None, reason=verdict or 0)
+                released = link.acks.settle(entry, ack=verdict is not None, reason=verdict or 0)
+            else:
+                released = 1  # QoS 0: nothing to acknowledge
+            if released:
+                link.client.release(released)
 
     async def _intake(self, link: _Link, message: aiomqtt.Message) -> Verdict:
         """Route one received message; return how to acknowledge it (``None``: don't)."""

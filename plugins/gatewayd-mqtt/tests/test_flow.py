@@ -6,9 +6,10 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
 from gatewayd_testing import MemoryTransportContext
 from mosquitto import Mosquitto
-from mqtt_helpers import device_client, make_transport, publish_all, running
+from mqtt_helpers import device_client, make_transport, publish_all, running, until
 
 from gatewayd.api import Address, Device, Downlink
 
@@ -50,3 +51,43 @@ async def test_uplinks_in_progress_stay_within_receive_maximum(
         await context.wait_for(200)
     assert len(context.by_msg_id) == 200
     assert context.max_active <= 4
+
+
+@pytest.mark.parametrize("tls", [False, True])
+async def test_intake_holds_at_most_receive_maximum_whatever_the_broker_sends(
+    tmp_path: Path, context: MemoryTransportContext, tls: bool
+) -> None:
+    """A broker that ignores our window (MQTT 3.1.1 has none; mosquitto's
+    ``max_inflight_messages 0`` sends without limit) meets a held store: the transport
+    stops reading at ``receive_maximum`` messages instead of queueing all 5,000, and
+    then relays every one of them, in each device's order."""
+    bound, count, devices = 50, 5_000, 10
+    broker = Mosquitto(tmp_path / "wide", max_inflight=0)
+    broker.start()
+    context.gate = asyncio.Event()  # accept() waits: nothing is stored, nothing acked
+    sent = [f"h{i}" for i in range(count)]
+    items = [
+        (f"devices/sensor-{i % devices}/up", json.dumps({"msgId": m}).encode())
+        for i, m in enumerate(sent)
+    ]
+    try:
+        transport = make_transport(
+            broker, context, protocol="3.1.1", receive_maximum=bound, tls=tls
+        )
+        async with running(transport), device_client(broker, tls=tls) as dev:
+            await publish_all(dev, items, qos=1)  # the broker acks the device regardless
+            await until(lambda: transport.intake_held >= bound)
+            await asyncio.sleep(0.5)  # the broker has the other 4,950 ready to send
+            assert transport.intake_held == bound
+            context.gate.set()
+            await context.wait_for(count, timeout=90)
+            assert transport.connected
+    finally:
+        broker.stop()
+    assert sorted(context.by_msg_id) == sorted(sent)
+    assert transport.stats.max_held_seen == bound  # reached, never exceeded
+    assert transport.stats.intake_pauses >= 1
+    assert transport.stats.connects == 1
+    for d in range(devices):  # each device's messages in the order it sent them
+        got = [u.msg_id for u in context.accepted if u.device == f"sensor-{d}"]
+        assert got == [m for i, m in enumerate(sent) if i % devices == d]
