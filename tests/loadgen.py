@@ -7,7 +7,7 @@ after a short pause. Each device sends its messages one after the other, so the 
 which a device's messages were accepted is the order of their numbers.
 
 ``acked`` holds every ``msgId`` the gateway acknowledged: the gateway promised to deliver
-each of those. Used by the reliability tests and by ``bench/relay_bench.py``.
+each of those. Used by the reliability tests.
 
 :class:`GatewayProcess` runs the gateway as the operator runs it (``python -m
 gatewayd.cli run --config``), with JSON logs in one file per start, from which the HTTP
