@@ -18,7 +18,7 @@ import structlog
 
 from gatewayd import __version__, config, pki, runtime
 from gatewayd import log as logmod
-from gatewayd.errors import ConfigError, ExitCode, GatewaydError, ListenError
+from gatewayd.errors import ConfigError, ExitCode, GatewaydError
 from gatewayd.tasks import TaskSet
 
 if TYPE_CHECKING:
@@ -143,15 +143,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     settings = config.load(args.config)
     logmod.configure("warning", settings.log.format)
-    try:
-        asyncio.run(Gateway(settings, Plugins()).check(bind=args.bind))
-    except ListenError as exc:
-        if exc.in_use:
-            # Most often the gateway itself, running with this config: say how to check
-            # a change beside it.
-            hint = f"{exc.reason}; beside a running gateway, check with --no-bind"
-            raise ListenError(exc.key, exc.host, exc.port, hint, in_use=True) from None
-        raise
+    asyncio.run(Gateway(settings, Plugins()).check(bind=args.bind))
     print(
         f"{args.config}: OK ({settings.gateway_type} gateway {settings.gateway_id}, "
         f"{len(settings.transports)} transport(s), {len(settings.credentials)} credential set(s))"

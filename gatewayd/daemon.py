@@ -607,8 +607,18 @@ class Gateway:
 
 
 def _check_bindable(key: str, host: str, port: int) -> None:
-    """Bind and release: an address in use or not on this host fails here, naming ``key``."""
-    with ListenError.naming(key, host, port):
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        for family, _, _, _, sockaddr in infos:
-            socket.create_server(sockaddr[:2], family=family).close()
+    """Bind and release: an address in use or not on this host fails here, naming ``key``.
+
+    An address in use is most often held by the gateway itself, running with this
+    config: the error then says how to check a change beside it.
+    """
+    try:
+        with ListenError.naming(key, host, port):
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            for family, _, _, _, sockaddr in infos:
+                socket.create_server(sockaddr[:2], family=family).close()
+    except ListenError as exc:
+        if not exc.in_use:
+            raise
+        hint = f"{exc.reason}; beside a running gateway, check with --no-bind"
+        raise ListenError(key, host, port, hint, in_use=True) from None
