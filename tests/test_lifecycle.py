@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from gatewayd_sim import harness
 from gatewayd_sim.server import SimServer
-from gatewayd_testing import MemoryTransportContext
+from gatewayd_testing import MemoryTransportContext, until
 from structlog.testing import capture_logs
 
 from gatewayd import config
@@ -40,13 +40,6 @@ from gatewayd.plugins import Plugins
 from gatewayd.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-async def _until(check: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.02)
 
 
 BACKGROUND = {
@@ -91,7 +84,7 @@ async def test_cancelling_run_ends_every_task_before_the_store_closes(
     gw = Gateway(settings, Plugins())
     run = asyncio.create_task(gw.run(), name="gateway")
     await asyncio.wait_for(gw.started.wait(), timeout=20)
-    await _until(lambda: bool(sim.registrations))
+    await until(lambda: bool(sim.registrations))
     names.update(BACKGROUND)
     assert BACKGROUND - {"transport:web"} <= set(_ours(names))
 
@@ -210,7 +203,7 @@ async def test_a_failing_or_hanging_transport_never_takes_the_gateway_down(
         async with harness.running(settings, Plugins(extra=(_Misbehaving(),))) as gw:
             # Started although "a" failed: it comes up in the background after backoff.
             assert "web" in gw.transports
-            await _until(lambda: "a" in gw.transports and FailsInRun.runs >= 2)
+            await until(lambda: "a" in gw.transports and FailsInRun.runs >= 2)
             assert "b" in gw.transports
             assert "c" in gw.transports
             assert not gw._stop.is_set(), "a transport failure stopped the gateway"

@@ -25,6 +25,7 @@ import pytest
 from gatewayd_sim import harness
 from gatewayd_sim.harness import DEMO_SERVICE_ID, Pki
 from gatewayd_sim.server import SimServer
+from gatewayd_testing import until
 from jsonlog import events, wait_for_event
 from test_metrics import TOKEN, gateway_process
 
@@ -113,19 +114,6 @@ async def get(port: int, path: str) -> tuple[int, str]:
         session.get(f"http://127.0.0.1:{port}{path}") as resp,
     ):
         return resp.status, await resp.text()
-
-
-async def until(predicate: object, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = predicate()  # type: ignore[operator]
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.1)
 
 
 async def test_ready_only_once_registered_and_readyz_follows_the_server(

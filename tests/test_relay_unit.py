@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 from gatewayd_sim import harness
 from gatewayd_sim.server import SimServer
-from gatewayd_testing import MemoryTransportContext
+from gatewayd_testing import MemoryTransportContext, until
 
 from gatewayd import config
 from gatewayd.api import (
@@ -58,13 +58,6 @@ def _no_credentials(name: str) -> CredentialBackend:
 
 async def _nothing(device: Device) -> None:
     pass
-
-
-async def _until(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 class Clock:
@@ -381,7 +374,7 @@ async def test_worker_settles_outcomes_on_an_injected_clock(store: Store) -> Non
     )
     run = asyncio.create_task(worker.run(), name="worker:test")
     try:
-        await _until(lambda: len(seen) == 3 and not worker.in_flight)
+        await until(lambda: len(seen) == 3 and not worker.in_flight)
         (waiting,) = await _pending(store, Queue.UPLINK)
         assert waiting.msg_id == "b"
         assert waiting.not_before == pytest.approx(T0 + 5.0)
@@ -389,7 +382,7 @@ async def test_worker_settles_outcomes_on_an_injected_clock(store: Store) -> Non
         assert [i.msg_id for i in dead] == ["c"]
         clock.now += 5.0  # the backoff has passed on the worker's clock
         outcomes["b"] = Done()
-        await _until(lambda: len(seen) == 4 and not worker.in_flight)
+        await until(lambda: len(seen) == 4 and not worker.in_flight)
         assert await _pending(store, Queue.UPLINK) == []
         assert sorted(seen) == ["a", "b", "b", "c"]
         assert seen[-1] == "b"
@@ -531,13 +524,13 @@ async def test_registrar_refreshes_at_two_thirds_of_the_granted_lifetime_on_its_
             sleep=clock.sleep,
         )
         async with _running(registrar):
-            await _until(lambda: len(clock.sleeps) == 1)
+            await until(lambda: len(clock.sleeps) == 1)
             granted = sim.registrations[0].expiry.timestamp()
             assert granted - clock.now < 3601  # the server's cap, not the 7200 s asked
             assert clock.sleeps[0] == pytest.approx((granted - clock.now) * 2 / 3, abs=1)
             assert client.sent == 1
             clock.advance(clock.sleeps[0])
-            await _until(lambda: len(clock.sleeps) == 2)
+            await until(lambda: len(clock.sleeps) == 2)
             assert client.sent == 2  # refreshed, once
             granted = sim.registrations[0].expiry.timestamp()
             assert clock.sleeps[1] == pytest.approx((granted - clock.now) * 2 / 3, abs=1)

@@ -9,12 +9,11 @@ The server answers 503 meanwhile, so nothing drains until the test says so.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 
 import pytest
 from gatewayd_sim.server import SimServer
-from gatewayd_testing import running_gateway
+from gatewayd_testing import running_gateway, until
 from loadgen import (
     LoadGen,
     Stats,
@@ -31,14 +30,6 @@ def tokens(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return export_tokens(monkeypatch, 5)
 
 
-async def _until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 def _refused(stats: Stats) -> int:
     return stats.statuses[503]
 
@@ -52,7 +43,7 @@ async def test_backlog_full_refuses_then_recovers(
         sim.fail(503, retry_after=1, seconds=600)  # the server is unwell: nothing drains
         load = LoadGen(device_url(gw), tokens, per_device=10)
         running = asyncio.create_task(load.run(), name="loadgen")
-        await _until(lambda: _refused(load.stats) >= 10, 30, "intake refusals")
+        await until(lambda: _refused(load.stats) >= 10, 30, "intake refusals")
         stats = await gw.store.stats()
         assert stats["backlog"]["messages"] == 20  # full, and not one more
         assert len(load.stats.acked) == 20
@@ -77,12 +68,12 @@ async def test_ready_again_when_space_returns_even_without_traffic(
         await gw.store.limit_size(used + 64 * 1024)
         load = LoadGen(device_url(gw), tokens, per_device=30, payload_size=1500)
         running = asyncio.create_task(load.run(), name="loadgen")
-        await _until(lambda: _refused(load.stats) >= 5, 60, "intake refusals")
+        await until(lambda: _refused(load.stats) >= 5, 60, "intake refusals")
         running.cancel()  # the devices went elsewhere
         await asyncio.gather(running, return_exceptions=True)
         assert "the store refuses writes (disk)" in gw.live.not_ready()
         await gw.store.limit_size(None)  # space returns; no device sends anything
-        await _until(lambda: not gw.live.not_ready(), 30, "ready again")
+        await until(lambda: not gw.live.not_ready(), 30, "ready again")
         assert gw.store.refusing is None
 
 
@@ -98,7 +89,7 @@ async def test_disk_full_refuses_then_recovers(
         # 1.5 KiB bodies: the cap is reached after a few dozen messages.
         load = LoadGen(device_url(gw), tokens, per_device=30, payload_size=1500)
         running = asyncio.create_task(load.run(), name="loadgen")
-        await _until(lambda: _refused(load.stats) >= 10, 60, "intake refusals")
+        await until(lambda: _refused(load.stats) >= 10, 60, "intake refusals")
         held = len(load.stats.acked)
         assert 0 < held < 150
         assert 30.0 in load.stats.retry_after_seen  # a storage failure says "much later"
@@ -110,7 +101,7 @@ async def test_disk_full_refuses_then_recovers(
         assert not gw._stop.is_set()
 
         await gw.store.limit_size(None)  # space returns
-        await _until(lambda: len(load.stats.acked) > held, 30, "intake to resume")
+        await until(lambda: len(load.stats.acked) > held, 30, "intake to resume")
         assert not any("store" in reason for reason in gw.live.not_ready())
         sim.faults.clear()
         final = await asyncio.wait_for(running, 120)

@@ -27,6 +27,8 @@ logger and the ``[credentials.NAME]`` backends) and
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, MutableMapping
 from pathlib import Path
@@ -61,6 +63,7 @@ __all__ = [
     "refusal_line",
     "running_gateway",
     "transport_settings",
+    "until",
 ]
 
 
@@ -164,3 +167,22 @@ def refusal_line(
     assert (line["event"], line["log_level"]) == ("intake.rejected", "warning"), line
     assert (line["transport"], line["device"], line["reason"]) == (transport, device, reason)
     return line
+
+
+async def until(
+    predicate: Callable[[], object], timeout: float = 30.0, what: str = "the condition"
+) -> None:
+    """Poll ``predicate`` (a plain or an async callable) until it is true; fail the test
+    naming ``what`` after ``timeout`` seconds. For states with no event to wait on: a
+    counter, a link state, a log line."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)

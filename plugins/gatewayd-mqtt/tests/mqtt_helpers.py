@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -126,13 +126,6 @@ async def publish_all(
     async with asyncio.TaskGroup() as tg:
         for i, (topic, payload) in enumerate(items):
             tg.create_task(one(topic, payload), name=f"publish-{i}")
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    """Poll a plain condition (counters have no event to wait on); fail on timeout."""
-    async with asyncio.timeout(timeout):
-        while not predicate():  # noqa: ASYNC110 - nothing to wait on but the counter
-            await asyncio.sleep(0.005)
 
 
 async def publish_stubbornly(

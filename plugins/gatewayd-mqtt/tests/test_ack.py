@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import structlog
-from gatewayd_testing import MemoryTransportContext
+from gatewayd_testing import MemoryTransportContext, until
 from mosquitto import Mosquitto
-from mqtt_helpers import device_client, make_transport, running, until
+from mqtt_helpers import device_client, make_transport, running
 
 CHILD = Path(__file__).with_name("child_gateway.py")
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from gatewayd_mqtt.transport import MqttTransport
-from gatewayd_testing import MemoryKV, MemoryTransportContext
+from gatewayd_testing import MemoryKV, MemoryTransportContext, until
 from mosquitto import Mosquitto
-from mqtt_helpers import device_client, make_transport, publish_all, running, until
+from mqtt_helpers import device_client, make_transport, publish_all, running
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 

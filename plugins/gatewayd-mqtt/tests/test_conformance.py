@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import aiomqtt
 import pytest
+from gatewayd_testing import until
 from gatewayd_testing.conformance import (
     DEVICE,
     SERVICE_ID,
@@ -26,7 +27,7 @@ from gatewayd_testing.conformance import (
     UplinkAnswer,
 )
 from mosquitto import Mosquitto
-from mqtt_helpers import device_client, until
+from mqtt_helpers import device_client
 
 from gatewayd.store import Queue
 

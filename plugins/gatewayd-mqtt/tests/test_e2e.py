@@ -21,9 +21,9 @@ from aiohttp import web
 from gatewayd_sim import harness
 from gatewayd_sim.harness import DEMO_AS, Pki
 from gatewayd_sim.server import SimServer
-from gatewayd_testing import running_gateway
+from gatewayd_testing import running_gateway, until
 from mosquitto import Mosquitto
-from mqtt_helpers import LONG_BURST, device_client, publish_all, publish_stubbornly, until
+from mqtt_helpers import LONG_BURST, device_client, publish_all, publish_stubbornly
 
 from gatewayd import config, pki
 from gatewayd.pki import DEMO_GATEWAY_ID

@@ -32,10 +32,10 @@ import structlog
 from gatewayd_sim import harness
 from gatewayd_sim.harness import Pki
 from gatewayd_sim.server import SimServer
-from gatewayd_testing import running_gateway
+from gatewayd_testing import running_gateway, until
 from loadgen import LoadGen, bearer_devices, device_url, export_tokens
 from mosquitto import Mosquitto
-from mqtt_helpers import device_client, until
+from mqtt_helpers import device_client
 
 from gatewayd import config, metrics
 from gatewayd.store import Queue

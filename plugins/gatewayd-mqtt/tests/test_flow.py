@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from gatewayd_testing import MemoryTransportContext
+from gatewayd_testing import MemoryTransportContext, until
 from mosquitto import Mosquitto
-from mqtt_helpers import device_client, make_transport, publish_all, running, until
+from mqtt_helpers import device_client, make_transport, publish_all, running
 
 from gatewayd.api import Address, Device, Downlink
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from gatewayd_testing import MemoryTransportContext
+from gatewayd_testing import MemoryTransportContext, until
 from mosquitto import Mosquitto, free_port
-from mqtt_helpers import make_transport, running, until
+from mqtt_helpers import make_transport, running
 
 
 async def test_connected_then_not_while_the_broker_is_down_then_connected_again(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import structlog
-from gatewayd_testing import MemoryTransportContext
+from gatewayd_testing import MemoryTransportContext, until
 from mosquitto import Mosquitto
-from mqtt_helpers import device_client, make_transport, running, until
+from mqtt_helpers import device_client, make_transport, running
 
 from gatewayd.api import Device
 

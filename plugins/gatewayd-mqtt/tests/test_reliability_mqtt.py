@@ -21,9 +21,9 @@ import structlog
 from gatewayd_sim import harness
 from gatewayd_sim.harness import Pki
 from gatewayd_sim.server import SimServer
-from gatewayd_testing import MemoryTransportContext, refusal_line, running_gateway
+from gatewayd_testing import MemoryTransportContext, refusal_line, running_gateway, until
 from mosquitto import Mosquitto
-from mqtt_helpers import device_client, make_transport, publish_all, running, until
+from mqtt_helpers import device_client, make_transport, publish_all, running
 
 from gatewayd import config, metrics
 from gatewayd.api import Acceptance, Uplink

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from gatewayd_testing import MemoryTransportContext
+from gatewayd_testing import MemoryTransportContext, until
 from mosquitto import Mosquitto
-from mqtt_helpers import make_transport, publish_stubbornly, running, until
+from mqtt_helpers import make_transport, publish_stubbornly, running
 
 N = 1000
 

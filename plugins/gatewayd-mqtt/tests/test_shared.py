@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from gatewayd_testing import MemoryTransportContext
+from gatewayd_testing import MemoryTransportContext, until
 from mosquitto import Mosquitto
-from mqtt_helpers import device_client, make_transport, publish_all, running, until
+from mqtt_helpers import device_client, make_transport, publish_all, running
 
 N = 1000
 

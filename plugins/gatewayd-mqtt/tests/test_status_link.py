@@ -10,9 +10,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from gatewayd_testing import running_gateway
+from gatewayd_testing import running_gateway, until
 from mosquitto import Mosquitto, free_port
-from mqtt_helpers import until
 
 from gatewayd import config
 

@@ -4,17 +4,11 @@ unbound, bound sessions against the configured pool, and rebinds."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 from conftest import SmsContext, Starter, base_options, make_settings
 from gatewayd_smpp.transport import SmppTransport
+from gatewayd_testing import until
 from smsc_peer import Smsc
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():  # noqa: ASYNC110 - the state has no event to wait on
-            await asyncio.sleep(0.01)
 
 
 async def test_a_pool_is_bound_unbound_while_the_smsc_is_down_and_rebinds(
