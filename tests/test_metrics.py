@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from gatewayd import metrics, pki
 from gatewayd.errors import ExitCode
+from gatewayd.store import Item, Queue
 
 GATEWAYD = [sys.executable, "-m", "gatewayd.cli"]
 TOKEN = "metrics-test-token"
@@ -273,26 +274,30 @@ def test_settled_and_expired_map_outcomes_to_series() -> None:
         metrics.use_transport_lookup(lambda _lane: "unknown")
 
 
+def _item(queue: Queue, body: dict[str, Any] | None = None, *, lane: str = "x") -> Item:
+    """A pending store item for the counters to classify."""
+    return Item(
+        id=1,
+        queue=queue,
+        msg_id="m",
+        lane=lane,
+        body=body or {},
+        created=0.0,
+        attempts=0,
+        not_before=0.0,
+        expires_at=None,
+        last_error=None,
+        state="pending",
+    )
+
+
 def test_an_expired_segment_set_counts_once_whichever_segments_it_had() -> None:
     """A set waiting for reassembly expires because a segment is missing, maybe the
     first: segments 2 and 3 of one set are one expired message, two sets are two."""
-    from gatewayd.store import Item, Queue
 
     def segment(seg_id: str, numb: int) -> Item:
         wire = {"msgId": f"{seg_id}.{numb}", "segParams": {"segId": seg_id, "segNumb": numb}}
-        return Item(
-            id=numb,
-            queue=Queue.SEGMENT,
-            msg_id=f"{seg_id}.{numb}",
-            lane=f"x|as|{seg_id}",
-            body={"kind": "message", "wire": wire},
-            created=0.0,
-            attempts=0,
-            not_before=0.0,
-            expires_at=None,
-            last_error=None,
-            state="pending",
-        )
+        return _item(Queue.SEGMENT, {"kind": "message", "wire": wire}, lane=f"x|as|{seg_id}")
 
     metrics.use_transport_lookup(lambda lane: "t-" + lane)
     try:
@@ -305,23 +310,7 @@ def test_an_expired_segment_set_counts_once_whichever_segments_it_had() -> None:
 
 
 def _settle_every_kind() -> None:
-    from gatewayd.store import Item, Queue
     from gatewayd.worker import Dead, Done, Retry
-
-    def item(queue: Queue, body: dict[str, Any] | None = None) -> Item:
-        return Item(
-            id=1,
-            queue=queue,
-            msg_id="m",
-            lane="x",
-            body=body or {},
-            created=0.0,
-            attempts=0,
-            not_before=0.0,
-            expires_at=None,
-            last_error=None,
-            state="pending",
-        )
 
     def count(direction: str, outcome: str) -> float:
         return metrics.value(
@@ -334,14 +323,14 @@ def _settle_every_kind() -> None:
         for o in ("forwarded", "rejected", "deferred", "delivered", "failed", "expired")
     }
     sent = metrics.value("gatewayd_reports_total", outcome="sent")
-    metrics.settled(item(Queue.UPLINK), Done())
-    metrics.settled(item(Queue.UPLINK), Dead("no"))
-    metrics.settled(item(Queue.UPLINK), Retry("later"))
-    metrics.settled(item(Queue.DOWNLINK, {"kind": "message"}), Done())
-    metrics.settled(item(Queue.DOWNLINK, {"kind": "message"}), Dead("no"))
-    metrics.settled(item(Queue.DOWNLINK, {"kind": "report"}), Done())  # counted elsewhere
-    metrics.settled(item(Queue.REPORT), Done())
-    metrics.expired([item(Queue.DOWNLINK, {"kind": "message"})])
+    metrics.settled(_item(Queue.UPLINK), Done())
+    metrics.settled(_item(Queue.UPLINK), Dead("no"))
+    metrics.settled(_item(Queue.UPLINK), Retry("later"))
+    metrics.settled(_item(Queue.DOWNLINK, {"kind": "message"}), Done())
+    metrics.settled(_item(Queue.DOWNLINK, {"kind": "message"}), Dead("no"))
+    metrics.settled(_item(Queue.DOWNLINK, {"kind": "report"}), Done())  # counted elsewhere
+    metrics.settled(_item(Queue.REPORT), Done())
+    metrics.expired([_item(Queue.DOWNLINK, {"kind": "message"})])
     after = {key: count(*key) - value for key, value in before.items()}
     assert after == {
         ("uplink", "forwarded"): 1,
