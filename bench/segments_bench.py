@@ -7,7 +7,7 @@ Run: .venv/bin/python bench/segments_bench.py [--messages 2000] [--segments 4] [
 2. Downlink reassembly: ``--producers`` concurrent senders push every segment of
    ``--messages`` messages through ``put_downlink_segment`` (store under FULL, group
    commit). The baseline, in the same run, puts the same number of plain rows of the
-   same size with ``Store.put``. Wall time and this process's CPU time (both threads).
+   same size with ``SqliteStore.put``. Wall time and this process's CPU time (both threads).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from gatewayd import segments
 from gatewayd.log import configure
 from gatewayd.msgin5g.model import Address, GatewayMessageDelivery, UEMessageDelivery
-from gatewayd.store import Queue, Store, StoreSettings
+from gatewayd.store import Queue, SqliteStore, StoreSettings
 
 SIZE = 2048
 
@@ -65,7 +65,7 @@ async def reassembly(
         for m in range(messages)
     ]
     limits = StoreSettings(path=directory / "seg.db", max_bytes=2**34)
-    store = await Store.open(limits)
+    store = await SqliteStore.open(limits)
 
     async def segmented() -> None:
         async def producer(p: int) -> None:
@@ -87,7 +87,9 @@ async def reassembly(
     finally:
         await store.close()
 
-    plain_store = await Store.open(StoreSettings(path=directory / "plain.db", max_bytes=2**34))
+    plain_store = await SqliteStore.open(
+        StoreSettings(path=directory / "plain.db", max_bytes=2**34)
+    )
     body = {"kind": "message", "wire": parts[0][0].to_json()}
 
     async def plain() -> None:

@@ -48,7 +48,7 @@ from gatewayd_smpp.pdu import Bind, Command, Pdu, ShortMessage  # noqa: E402
 from gatewayd_smpp.transport import SmppTransport  # noqa: E402
 
 from gatewayd.api import Address, Device, Downlink  # noqa: E402
-from gatewayd.store import Store, StoreSettings  # noqa: E402
+from gatewayd.store import SqliteStore, Store, StoreSettings  # noqa: E402
 from gatewayd.store.kv import StoreKV  # noqa: E402
 
 DEVICE = "447700900001"
@@ -229,7 +229,7 @@ async def main() -> None:
     peer = Peer()
     await peer.start(receipts=args.receipts)
     with tempfile.TemporaryDirectory() as tmp:
-        store = await Store.open(StoreSettings(path=Path(tmp) / "bench.db"))
+        store = await SqliteStore.open(StoreSettings(path=Path(tmp) / "bench.db"))
         try:
             for binds in args.binds:
                 bare = BareEsme(peer.port)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from gatewayd.log import configure
-from gatewayd.store import Queue, Store, StoreSettings
+from gatewayd.store import Queue, SqliteStore, StoreSettings
 from gatewayd.store.writer import Txn
 
 Sync = Literal["full", "normal"]
@@ -31,7 +31,9 @@ async def put_rate(
 ) -> tuple[float, float]:
     """Messages per second, and rows per commit."""
     path = directory / f"{synchronous}-{batch_max}.db"
-    store = await Store.open(StoreSettings(path=path, synchronous=synchronous, batch_max=batch_max))
+    store = await SqliteStore.open(
+        StoreSettings(path=path, synchronous=synchronous, batch_max=batch_max)
+    )
     body = {"oriAddr": {"addrType": "UE", "addr": "dev@iot"}, "payload": "x" * 120}
     per_producer = messages // producers
 
@@ -56,7 +58,7 @@ async def put_rate(
 
 async def due_cost(directory: Path, backlog: int) -> float:
     """Milliseconds for one due() over ``backlog`` pending rows in distinct lanes."""
-    store = await Store.open(StoreSettings(path=directory / "due.db", synchronous="normal"))
+    store = await SqliteStore.open(StoreSettings(path=directory / "due.db", synchronous="normal"))
     try:
         for start in range(0, backlog, 1000):
             await asyncio.gather(
@@ -77,7 +79,7 @@ async def due_cost(directory: Path, backlog: int) -> float:
 async def take_cost(directory: Path, backlog: int, *, messages: int = 5000) -> tuple[float, int]:
     """Microseconds per message for put -> take() -> done_soon() with ``backlog`` items
     pending in other lanes (100 devices, 64 in flight), and the transactions per message."""
-    store = await Store.open(
+    store = await SqliteStore.open(
         StoreSettings(
             path=directory / f"take-{backlog}.db", synchronous="normal", max_messages=1_000_000
         )

@@ -19,7 +19,7 @@ from gatewayd.listener import ListenerLimits, read_limits
 from gatewayd.msgin5g.model import Address
 from gatewayd.msgin5g.registration import GatewayType
 from gatewayd.northbound.paths import gateway_api_prefix
-from gatewayd.options import ListenAddress, SecretRef
+from gatewayd.options import ListenAddress, SecretRef, is_loopback
 from gatewayd.retry import RetryPolicy
 from gatewayd.security.tokens import TokenGate, read_gate
 from gatewayd.store import StoreSettings
@@ -282,6 +282,15 @@ def _metrics(mt: Options) -> MetricsSettings | None:
 
 
 def _store(st: Options, state_dir: Path, base: Path) -> StoreSettings:
+    backend = st.get_choice("backend", ("sqlite", "postgresql"), "sqlite")
+    shared: dict[str, Any] = {}
+    if backend == "postgresql":
+        shared = {
+            "dsn": _database_dsn(st),
+            "password": st.secret("password", required=False),
+            "lease": st.get_float("lease", 30.0, minimum=1.0),
+            "pool_size": st.get_int("pool_size", 4, minimum=1),
+        }
     store = StoreSettings(
         path=st.get_path("path", state_dir / "gatewayd.db", base=base),
         synchronous=st.get_choice("synchronous", ("full", "normal"), "full"),  # type: ignore[arg-type]
@@ -289,9 +298,39 @@ def _store(st: Options, state_dir: Path, base: Path) -> StoreSettings:
         max_bytes=st.get_int("max_bytes", 256 * 1024 * 1024, minimum=1024),
         max_age=st.get_float("max_age", 7 * 86400.0, minimum=1.0),
         dedup_window=st.get_float("dedup_window", 86400.0, minimum=0.0),
+        backend=backend,  # type: ignore[arg-type]
+        **shared,
     )
     st.check_unknown()
     return store
+
+
+def _database_dsn(st: Options) -> str:
+    """``store.dsn``: a libpq URI or key/value string, without a password (that goes in
+    ``store.password``, by reference), verifying the server's certificate and name
+    unless the database is on this host."""
+    dsn = st.get_str("dsn")
+    try:
+        from psycopg.conninfo import conninfo_to_dict  # the postgresql extra
+    except ImportError:
+        raise st.error(
+            "backend", "postgresql needs the postgresql extra: pip install 'gatewayd[postgresql]'"
+        ) from None
+    try:
+        parts = conninfo_to_dict(dsn)
+    except Exception as exc:  # psycopg's parser: ProgrammingError with its reason
+        raise st.error("dsn", f"not a PostgreSQL connection string: {exc}") from None
+    if parts.get("password"):
+        raise st.error("dsn", "must not hold a password; give store.password by reference")
+    host = str(parts.get("host") or "")
+    local = not host or host.startswith("/") or all(is_loopback(h) for h in host.split(","))
+    if not local and parts.get("sslmode") != "verify-full":
+        raise st.error(
+            "dsn",
+            f"the database at {host} is reached over the network: add sslmode=verify-full"
+            " (and sslrootcert=...) so its certificate and name are checked",
+        )
+    return dsn
 
 
 def _retry(rt: Options) -> RetryPolicy:

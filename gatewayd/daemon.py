@@ -68,7 +68,7 @@ from gatewayd.relay import (
 )
 from gatewayd.retry import CircuitBreaker
 from gatewayd.security import tls
-from gatewayd.store import Queue, Store
+from gatewayd.store import Queue, Store, open_store
 from gatewayd.store.kv import MemoryKV
 from gatewayd.store.schema import private_dir
 from gatewayd.systemd import Notifier
@@ -377,7 +377,7 @@ class Gateway:
     async def _open_store(self, stack: AsyncExitStack) -> Store:
         self.notifier.status("opening the store")
         private_dir(self.settings.state_dir)  # 0700: the store holds bodies and Service IDs
-        store = await Store.open(self.settings.store)
+        store = await open_store(self.settings.store)
         stack.push_async_callback(store.close)
         dropped = self.directory.restore(await store.learned_devices())
         await forget_devices(store, dropped, reason="not produced by the config")

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 from gatewayd import config
 from gatewayd.errors import ExitCode, GatewaydError
 from gatewayd.log import configure as configure_logging
-from gatewayd.store import Item, Queue, State, Store, StoreSettings
+from gatewayd.store import Item, Queue, State, Store, StoreSettings, open_store
 
 _PAGE = 500
 _STATES = tuple(s.value for s in State)
@@ -38,7 +38,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     where = common.add_mutually_exclusive_group()
     where.add_argument("--db", type=Path, help="path of the store database")
     where.add_argument(
-        "--config", "-c", type=Path, help="the gateway's config file (its store.path is used)"
+        "--config",
+        "-c",
+        type=Path,
+        help="the gateway's config file (its [store]: a SQLite file or the shared PostgreSQL)",
     )
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -255,22 +258,24 @@ def _command(handler: Handler) -> Callable[[argparse.Namespace], int]:
                 file=sys.stderr,
             )
             return ExitCode.USAGE
-        db: Path | None = args.db
-        if db is None and args.config is not None:
+        settings: StoreSettings | None = None
+        if args.db is not None:
+            settings = StoreSettings(path=args.db)
+        elif args.config is not None:
             try:
-                db = config.load(args.config).store.path
+                settings = config.load(args.config).store
             except GatewaydError as exc:
                 print(f"gatewayd queue: {exc}", file=sys.stderr)
                 return exc.exit_code
-        if db is None:
+        if settings is None:
             print("gatewayd queue: give --config FILE or --db PATH", file=sys.stderr)
             return ExitCode.USAGE
-        if not db.is_file():
+        if settings.backend == "sqlite" and not settings.path.is_file():
             # Opening would create an empty store, and hide a wrong path.
-            print(f"gatewayd queue: no store database at {db}", file=sys.stderr)
+            print(f"gatewayd queue: no store database at {settings.path}", file=sys.stderr)
             return ExitCode.UNAVAILABLE
         try:
-            return asyncio.run(_with_store(db, handler, args))
+            return asyncio.run(_with_store(settings, handler, args))
         except GatewaydError as exc:
             print(f"gatewayd queue: {exc}", file=sys.stderr)
             return exc.exit_code
@@ -278,8 +283,10 @@ def _command(handler: Handler) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-async def _with_store(db: Path, handler: Handler, args: argparse.Namespace) -> ExitCode:
-    store = await Store.open(StoreSettings(path=db))
+async def _with_store(
+    settings: StoreSettings, handler: Handler, args: argparse.Namespace
+) -> ExitCode:
+    store = await open_store(settings)
     try:
         return await handler(store, args, sys.stdout)
     finally:

@@ -37,7 +37,7 @@ from gatewayd.api import (
 from gatewayd.daemon import Gateway
 from gatewayd.lifecycle import TRANSPORT_STOP_SECONDS, stop_budget
 from gatewayd.plugins import Plugins
-from gatewayd.store import Store
+from gatewayd.store import SqliteStore
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,15 +72,15 @@ async def test_cancelling_run_ends_every_task_before_the_store_closes(
     names: set[str] = set()
     order: list[str] = []
     alive_at_close: list[str] = []
-    real_close = Store.close
+    real_close = SqliteStore.close
 
-    async def close(store: Store) -> None:
+    async def close(store: SqliteStore) -> None:
         alive_at_close.extend(_ours(names))
         order.append("store")
         await real_close(store)
 
     # Before the start: the gateway keeps the bound method for its stop.
-    monkeypatch.setattr(Store, "close", close)
+    monkeypatch.setattr(SqliteStore, "close", close)
     gw = Gateway(settings, Plugins())
     run = asyncio.create_task(gw.run(), name="gateway")
     await asyncio.wait_for(gw.started.wait(), timeout=20)

@@ -16,7 +16,7 @@ import structlog
 
 from gatewayd.errors import ExitCode
 from gatewayd.queue_cli import add_parser
-from gatewayd.store import Queue, Store, StoreSettings
+from gatewayd.store import Queue, SqliteStore, Store, StoreSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def db(tmp_path: Path) -> Path:
 @pytest.fixture
 async def live(db: Path) -> AsyncIterator[Store]:
     """The daemon's store, open while the CLI works on the same file."""
-    store = await Store.open(StoreSettings(path=db))
+    store = await SqliteStore.open(StoreSettings(path=db))
     yield store
     await store.close()
 

@@ -44,7 +44,7 @@ from gatewayd.northbound.registration import Registrar
 from gatewayd.plugins import Plugins
 from gatewayd.relay import Directory, Dispatcher, ExpirySweep, TransportIntake, forget_devices
 from gatewayd.retry import RetryPolicy
-from gatewayd.store import Item, PutRequest, Queue, Route, Store, StoreSettings
+from gatewayd.store import Item, PutRequest, Queue, Route, SqliteStore, Store, StoreSettings
 from gatewayd.worker import Dead, Done, Outcome, QueueWorker, Retry
 
 SENSOR = Device(name="sensor-1", service_id="ue-sensor-1@iot.example")
@@ -119,7 +119,7 @@ class Recording(Transport):
 
 @pytest_asyncio.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    store = await Store.open(StoreSettings(path=tmp_path / "gw.db"))
+    store = await SqliteStore.open(StoreSettings(path=tmp_path / "gw.db"))
     try:
         yield store
     finally:
@@ -295,7 +295,7 @@ async def test_intake_refusals_are_precise_and_kept(store: Store) -> None:
 
 async def test_a_refused_downlink_leaves_no_reply_route(tmp_path: Path) -> None:
     """Regression: the downlink and its reply route were two transactions."""
-    store = await Store.open(StoreSettings(path=tmp_path / "full.db", max_messages=1))
+    store = await SqliteStore.open(StoreSettings(path=tmp_path / "full.db", max_messages=1))
     try:
         route = Route(SENSOR.service_id, {"addrType": "AS", "addr": "as-9"}, 60.0)
         await store.put_many(Queue.DOWNLINK, [downlink_request(_downlink("a"), "ue-x")])

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from gatewayd.errors import BacklogFullError, StoreError
-from gatewayd.store import Item, PutRequest, Queue, Store, StoreSettings
+from gatewayd.store import Item, PutRequest, Queue, SqliteStore, Store, StoreSettings
 from gatewayd.store import store as store_module
 
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    async with await Store.open(StoreSettings(path=tmp_path / "gw.db")) as opened:
+    async with await SqliteStore.open(StoreSettings(path=tmp_path / "gw.db")) as opened:
         yield opened
 
 

@@ -23,7 +23,7 @@ from gatewayd.msgin5g.model import (
     MessageSegmentParameters,
     UEMessageDelivery,
 )
-from gatewayd.store import PartResult, Queue, State, Store, StoreSettings
+from gatewayd.store import PartResult, Queue, SqliteStore, State, Store, StoreSettings
 
 MSGS = "TS29538_MSGS_MSGDelivery.yaml"
 SERVICE_ID = "ue-1@iot.example"
@@ -184,14 +184,14 @@ async def _put(store: Store, part: GatewayMessageDelivery, timeout: float = 60.0
 async def test_segments_survive_a_restart_and_complete_out_of_order(tmp_path: Path) -> None:
     settings = StoreSettings(path=tmp_path / "s.db")
     parts = segments.split(_downlink("abcdefghi"), size=3, max_segments=8)
-    async with await Store.open(settings) as store:
+    async with await SqliteStore.open(settings) as store:
         first = await _put(store, parts[2])
         assert (first.duplicate, first.whole) == (False, None)
         assert (await _put(store, parts[2])).duplicate  # a resend of the same segment
         assert (await _put(store, parts[0])).whole is None
         assert await store.due(Queue.DOWNLINK, limit=10) == []
     # A restart between segments: the two accepted ones are still there.
-    async with await Store.open(settings) as store:
+    async with await SqliteStore.open(settings) as store:
         pending = await store.list_items(queue=Queue.SEGMENT, state="pending", limit=10)
         assert len(pending) == 2
         done = await _put(store, parts[1])
@@ -221,7 +221,7 @@ def test_segment_bodies_are_built_by_the_module_that_owns_the_body_format() -> N
 
 async def test_a_set_expires_together_from_its_first_segment(tmp_path: Path) -> None:
     parts = segments.split(_downlink("abcdefghi"), size=3, max_segments=8)
-    async with await Store.open(StoreSettings(path=tmp_path / "s.db")) as store:
+    async with await SqliteStore.open(StoreSettings(path=tmp_path / "s.db")) as store:
         before = time.time()
         await _put(store, parts[0], timeout=30)
         await _put(store, parts[2], timeout=3600)  # joins the set: keeps its deadline
@@ -236,7 +236,7 @@ async def test_an_inconsistent_segment_writes_nothing(tmp_path: Path) -> None:
     liar = GatewayMessageDelivery.from_json(
         {**second.to_json(), "segParams": {"segId": "d-1", "segNumb": 2, "totalSegCount": 5}}
     )
-    async with await Store.open(StoreSettings(path=tmp_path / "s.db")) as store:
+    async with await SqliteStore.open(StoreSettings(path=tmp_path / "s.db")) as store:
         await _put(store, first)
         with pytest.raises(InvalidBodyError):
             await _put(store, liar)
@@ -251,7 +251,7 @@ async def test_a_segment_number_seen_before_is_a_duplicate_whatever_its_msg_id(
 ) -> None:
     first, second = segments.split(_downlink("abcdef"), size=3, max_segments=8)
     resent = dataclasses.replace(first, msg_id="another-id-for-segment-1")
-    async with await Store.open(StoreSettings(path=tmp_path / "s.db")) as store:
+    async with await SqliteStore.open(StoreSettings(path=tmp_path / "s.db")) as store:
         assert not (await _put(store, first)).duplicate
         assert (await _put(store, resent)).duplicate
         done = await _put(store, second)
@@ -262,7 +262,7 @@ async def test_a_segment_number_seen_before_is_a_duplicate_whatever_its_msg_id(
 
 async def test_segments_arriving_together_complete_the_message_once(tmp_path: Path) -> None:
     parts = segments.split(_downlink("x" * 40), size=6, max_segments=8)
-    async with await Store.open(StoreSettings(path=tmp_path / "s.db")) as store:
+    async with await SqliteStore.open(StoreSettings(path=tmp_path / "s.db")) as store:
         # All at once, twice over: they share group-commit transactions on the writer.
         results = await asyncio.gather(*(_put(store, p) for p in [*parts, *parts]))
         assert sum(r.whole is not None for r in results) == 1
@@ -274,7 +274,7 @@ async def test_segments_arriving_together_complete_the_message_once(tmp_path: Pa
 async def test_a_full_backlog_refuses_a_segment_and_stores_nothing(tmp_path: Path) -> None:
     first, second, _ = segments.split(_downlink("abcdefghi"), size=3, max_segments=8)
     settings = StoreSettings(path=tmp_path / "s.db", max_messages=1)
-    async with await Store.open(settings) as store:
+    async with await SqliteStore.open(settings) as store:
         await _put(store, first)
         with pytest.raises(BacklogFullError):
             await _put(store, second)

@@ -1,42 +1,87 @@
-"""The durable store against real SQLite files: commit, dedup, order, expiry, limits, crashes."""
+"""The store's behaviour, one suite for every backend: SQLite files and a real PostgreSQL
+server (started by the test kit). Commit, dedup, order, expiry, limits, crashes.
+
+Backend-specific behaviour lives in test_store_sqlite.py and test_store_postgres.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import os
+import json
 import random
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 import structlog
 
 from gatewayd.errors import BacklogFullError
-from gatewayd.store import PutRequest, Queue, Store, StoreSettings
+from gatewayd.store import Item, PutRequest, Queue, Store, StoreSettings, open_store
 from gatewayd.store.kv import StoreKV
-from gatewayd.store.writer import Txn
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "store.db"
+Settings = Callable[..., StoreSettings]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """Settings of one store (the same data on every call), with overrides."""
+    if request.param == "sqlite":
+        return lambda **kw: StoreSettings(path=tmp_path / "store.db", **kw)
+    dsn: str = request.getfixturevalue("postgres_dsn")
+    return lambda **kw: StoreSettings(
+        path=tmp_path / "unused.db", backend="postgresql", dsn=dsn, **kw
+    )
 
 
 @pytest.fixture
-async def store(db: Path) -> AsyncIterator[Store]:
-    store = await Store.open(StoreSettings(path=db))
+async def store(settings: Settings) -> AsyncIterator[Store]:
+    store = await open_store(settings())
     yield store
     await store.close()
+
+
+def _as_json(settings: StoreSettings) -> str:
+    return json.dumps(
+        {
+            "path": str(settings.path),
+            "synchronous": settings.synchronous,
+            "backend": settings.backend,
+            "dsn": settings.dsn,
+        }
+    )
+
+
+def count_rows(settings: StoreSettings, table: str) -> int:
+    """Rows in one of the store's tables, read behind its back."""
+    query = f"SELECT count(*) FROM {table}"  # noqa: S608 - a test's constant table name
+    if settings.backend == "sqlite":
+        conn = sqlite3.connect(settings.path)
+        try:
+            return int(conn.execute(query).fetchone()[0])
+        finally:
+            conn.close()
+    with psycopg.connect(settings.dsn or "") as pg:
+        row = pg.execute(query.encode()).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+async def heads(store: Store, queue: Queue = Queue.UPLINK, **kw: Any) -> list[int]:
+    """The lane heads due now (or at ``now``), handed back at once."""
+    items = await store.take(queue, limit=kw.pop("limit", 10), **kw)
+    for item in items:
+        store.release(item.id)
+    return [item.id for item in items]
 
 
 async def put(store: Store, key: str, lane: str = "dev-1", **kw: object) -> int:
@@ -47,8 +92,8 @@ async def put(store: Store, key: str, lane: str = "dev-1", **kw: object) -> int:
     return result.id
 
 
-async def test_put_commits_and_dedups_across_reopen(db: Path) -> None:
-    store = await Store.open(StoreSettings(path=db))
+async def test_put_commits_and_dedups_across_reopen(settings: Settings) -> None:
+    store = await open_store(settings())
     first = await store.put(
         Queue.UPLINK, msg_id="m1", dedup_key="dev-1/7", lane="dev-1", body={"payload": "hé"}
     )
@@ -58,7 +103,7 @@ async def test_put_commits_and_dedups_across_reopen(db: Path) -> None:
     assert (again.id, again.duplicate, first.duplicate) == (first.id, True, False)
     await store.close()
 
-    store = await Store.open(StoreSettings(path=db))
+    store = await open_store(settings())
     try:
         after = await store.put(Queue.UPLINK, msg_id="m1", dedup_key="dev-1/7", lane="x", body={})
         assert after == first.__class__(first.id, duplicate=True)
@@ -85,17 +130,18 @@ async def test_due_keeps_per_lane_order(store: Store) -> None:
     a2 = await put(store, "a2", "a")
     c1 = await put(store, "c1", "c")
 
-    heads = await store.due(Queue.UPLINK, limit=10)
-    assert [i.id for i in heads] == [a1, b1, c1]  # a2 waits behind a1
-    assert [i.id for i in await store.due(Queue.UPLINK, limit=2)] == [a1, b1]
-    assert [i.id for i in await store.due(Queue.UPLINK, limit=10, busy_lanes={"a"})] == [b1, c1]
-    assert await store.due(Queue.DOWNLINK, limit=10) == []
+    assert await heads(store) == [a1, b1, c1]  # a2 waits behind a1
+    (first,) = await store.take(Queue.UPLINK, limit=1)
+    assert first.id == a1
+    assert await heads(store) == [b1, c1]  # lane a is out until a1 is settled
+    store.release(a1)
+    assert await heads(store, Queue.DOWNLINK) == []
 
     await store.done(a1)
-    assert [i.id for i in await store.due(Queue.UPLINK, limit=10)] == [b1, a2, c1]
+    assert await heads(store) == [b1, a2, c1]
     # A dead head also frees its lane.
     await store.dead(a2, reason="permanent: 400")
-    assert [i.id for i in await store.due(Queue.UPLINK, limit=10)] == [b1, c1]
+    assert await heads(store) == [b1, c1]
 
 
 async def test_retry_later_holds_the_lane_until_not_before(store: Store) -> None:
@@ -104,13 +150,13 @@ async def test_retry_later_holds_the_lane_until_not_before(store: Store) -> None
     now = time.time()
     await store.retry_later(first, not_before=now + 60, error="503")
     # The head is not due, and its successor must not overtake it.
-    assert await store.due(Queue.UPLINK, limit=10, now=now) == []
-    (item,) = await store.due(Queue.UPLINK, limit=10, now=now + 61)
+    assert await heads(store, now=now) == []
+    (item,) = await store.take(Queue.UPLINK, limit=10, now=now + 61)
     assert (item.id, item.attempts, item.last_error) == (first, 1, "503")
 
 
-async def test_expiry_by_exprtime_and_max_age(db: Path) -> None:
-    store = await Store.open(StoreSettings(path=db, max_age=3600))
+async def test_expiry_by_exprtime_and_max_age(settings: Settings) -> None:
+    store = await open_store(settings(max_age=3600))
     try:
         now = time.time()
         soon = await put(store, "soon", "a", expires_at=now + 10)
@@ -143,14 +189,14 @@ async def test_replay_keeps_msg_id_and_resets_attempts(store: Store) -> None:
     assert await store.replay(item_id)
     assert not await store.replay(item_id)  # no longer dead
     assert not await store.replay(99999)
-    (item,) = await store.due(Queue.UPLINK, limit=10)
+    (item,) = await store.take(Queue.UPLINK, limit=10)
     assert (item.id, item.msg_id, item.attempts, item.state) == (item_id, "m-42", 0, "pending")
     assert item.expires_at is None  # or it would die again at once
     assert await store.expire() == []
 
 
-async def test_backlog_full_by_count_refuses_and_stores_nothing(db: Path) -> None:
-    store = await Store.open(StoreSettings(path=db, max_messages=3))
+async def test_backlog_full_by_count_refuses_and_stores_nothing(settings: Settings) -> None:
+    store = await open_store(settings(max_messages=3))
     try:
         ids = [await put(store, f"m{i}", f"d{i}") for i in range(3)]
         with structlog.testing.capture_logs() as logs:
@@ -178,51 +224,8 @@ async def test_backlog_full_by_count_refuses_and_stores_nothing(db: Path) -> Non
         await store.close()
 
 
-async def test_a_refusal_after_a_write_commits_none_of_that_job(store: Store) -> None:
-    """A job that writes and then refuses (a GatewaydError) leaves nothing behind, while
-    the jobs that shared its transaction still commit."""
-
-    def write(key: str, refuse: bool) -> Callable[[Txn], str]:
-        def job(txn: Txn) -> str:
-            txn.conn.execute(
-                "INSERT INTO kv (transport, key, value, expires) VALUES ('t', ?, 'v', 1e12)",
-                (key,),
-            )
-            if refuse:
-                raise BacklogFullError("refused after writing", retry_after=1.0)
-            return key
-
-        return job
-
-    writer = store._writer  # the unit under test: one writer, jobs sharing a transaction
-    # Hold the writer thread in a first job until a, b and c are queued: they are then
-    # taken as one batch, one transaction.
-    inside, release = threading.Event(), threading.Event()
-
-    def hold(_txn: Txn) -> None:
-        inside.set()
-        release.wait(10)
-
-    held = asyncio.ensure_future(writer.call(hold))
-    await asyncio.to_thread(inside.wait, 10)
-    commits = writer.commits
-    calls = [asyncio.ensure_future(writer.call(write(key, key == "b"))) for key in ("a", "b", "c")]
-    await asyncio.sleep(0)  # each call has queued its job
-    release.set()
-    await held
-    results = await asyncio.gather(*calls, return_exceptions=True)
-    # The shared transaction was rolled back and a, b and c rerun alone: a and c commit.
-    assert writer.commits - commits == 3  # hold's, then a's and c's
-    assert (results[0], results[2]) == ("a", "c")
-    assert isinstance(results[1], BacklogFullError)
-    keys = await writer.call(
-        lambda txn: [row[0] for row in txn.conn.execute("SELECT key FROM kv ORDER BY key")]
-    )
-    assert keys == ["a", "c"]
-
-
-async def test_backlog_full_by_bytes(db: Path) -> None:
-    store = await Store.open(StoreSettings(path=db, max_bytes=1000))
+async def test_backlog_full_by_bytes(settings: Settings) -> None:
+    store = await open_store(settings(max_bytes=1000))
     try:
         big = {"payload": "x" * 600}
         await store.put(Queue.DOWNLINK, msg_id="a", dedup_key="a", lane="d", body=big)
@@ -236,8 +239,9 @@ async def test_backlog_full_by_bytes(db: Path) -> None:
         await store.close()
 
 
-async def test_disk_full_refuses_then_recovers(store: Store, db: Path) -> None:
-    body = {"payload": "y" * 3000}
+async def test_disk_full_refuses_then_recovers(store: Store) -> None:
+    # Incompressible, so each row takes its room on disk (PostgreSQL compresses values).
+    body = {"payload": random.Random(1).randbytes(1500).hex()}
     await store.limit_size(64 * 1024 + (await store.stats())["db_bytes"])
     stored = 0
     with structlog.testing.capture_logs() as logs:
@@ -254,7 +258,7 @@ async def test_disk_full_refuses_then_recovers(store: Store, db: Path) -> None:
         with pytest.raises(BacklogFullError):
             await store.put(Queue.UPLINK, msg_id="x", dedup_key="x", lane="d", body=body)
     assert refused is not None
-    assert "disk is full" in str(refused)
+    assert store.refusing == "disk", refused
     assert 5 < stored < 1000
     assert [e["event"] for e in logs].count("store.full") == 1
     items = await store.list_items(queue=Queue.UPLINK, state=None, limit=2000)
@@ -266,109 +270,6 @@ async def test_disk_full_refuses_then_recovers(store: Store, db: Path) -> None:
         result = await store.put(Queue.UPLINK, msg_id="x", dedup_key="x", lane="d", body=body)
     assert not result.duplicate
     assert "store.recovered" in [e["event"] for e in logs]
-
-
-_READONLY_SCRIPT = """
-import asyncio, sys
-from pathlib import Path
-from gatewayd.errors import BacklogFullError
-from gatewayd.store import Queue, Store, StoreSettings
-
-async def attempt(store, key):
-    try:
-        r = await store.put(Queue.UPLINK, msg_id=key, dedup_key=key, lane="d", body={})
-    except BacklogFullError as exc:
-        print("REFUSED", exc, flush=True)
-    else:
-        print("STORED", r.id, flush=True)
-
-async def main():
-    store = await Store.open(StoreSettings(path=Path(sys.argv[1])))
-    await attempt(store, "a")
-    await attempt(store, "b")
-    print("WAITING", flush=True)
-    await asyncio.to_thread(sys.stdin.readline)
-    await asyncio.sleep(1.1)  # the store reopens a read-only database at most once a second
-    await attempt(store, "c")
-    await store.close()
-
-asyncio.run(main())
-"""
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    # Root ignores file modes, so as root the store runs as "nobody", which needs a
-    # directory it can reach (pytest's tmp_path is private to root).
-    path = Path(tempfile.mkdtemp(prefix="gatewayd-ro-"))
-    path.chmod(0o777)
-    yield path
-    shutil.rmtree(path)
-
-
-def _as_nobody_anywhere(shared: Path) -> tuple[list[str], dict[str, str]]:
-    """argv prefix and environment for a child that can run as "nobody" wherever the
-    clone is: under a directory nobody may enter (a root user's home), neither the
-    venv nor the editable gatewayd are reachable, so the store's code and its one
-    third-party import are copied under the shared directory and run by the base
-    interpreter without site-packages."""
-    lib = shared / "lib"
-    skip = shutil.ignore_patterns("__pycache__")
-    shutil.copytree(ROOT / "gatewayd", lib / "gatewayd", ignore=skip)
-    shutil.copytree(Path(structlog.__file__).parent, lib / "structlog", ignore=skip)
-    env = {"PYTHONPATH": str(lib), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    return [os.path.realpath(sys.executable), "-s"], env
-
-
-def _make_writable(directory: Path) -> None:
-    # SQLite created -wal and -shm with the mode of the database file, so they were
-    # read-only too: storage is writable again only when all of them are.
-    for path in directory.glob("store.db*"):
-        path.chmod(0o666)
-
-
-async def test_read_only_database_refuses_then_recovers(shared_dir: Path) -> None:
-    db = shared_dir / "store.db"
-    store = await Store.open(StoreSettings(path=db))
-    await store.put(Queue.UPLINK, msg_id="first", dedup_key="first", lane="d", body={})
-    await store.close()
-    db.chmod(0o444)
-    # setpriv (util-linux) rather than Popen(user=): it drops root the same way, and
-    # Popen(user=) could not exec this venv's interpreter here.
-    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    prefix = as_nobody if os.geteuid() == 0 else []
-    python, env = _as_nobody_anywhere(shared_dir)
-    proc = subprocess.Popen(  # noqa: ASYNC220 - a short-lived child, driven line by line
-        [*prefix, *python, "-c", _READONLY_SCRIPT, str(db)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=shared_dir,
-        env=env,
-    )
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("WAITING"):
-            break
-    _make_writable(shared_dir)
-    out, _ = proc.communicate("go\n", timeout=30)
-    output = "".join(lines) + out
-    assert proc.returncode == 0, output
-    results = [ln.split()[0] for ln in output.splitlines() if ln.startswith(("REFUSED", "STORED"))]
-    assert results == ["REFUSED", "REFUSED", "STORED"], output
-    assert "read-only" in output
-    assert output.count("store.readonly") == 1, output
-
-    store = await Store.open(StoreSettings(path=db))
-    try:
-        keys = [i.msg_id for i in await store.list_items(queue=None, state=None, limit=10)]
-        assert keys == ["first", "c"]
-    finally:
-        await store.close()
 
 
 async def test_concurrent_puts_share_commits(store: Store) -> None:
@@ -388,7 +289,7 @@ async def test_concurrent_puts_share_commits(store: Store) -> None:
 
 
 async def test_wait_for_work_wakes_on_put(store: Store) -> None:
-    assert await store.due(Queue.UPLINK, limit=1) == []
+    assert await heads(store) == []
     start = time.monotonic()
     await store.wait_for_work(Queue.UPLINK, 0.05)  # nothing came: times out
     assert time.monotonic() - start >= 0.04
@@ -402,14 +303,14 @@ async def test_wait_for_work_wakes_on_put(store: Store) -> None:
     await store.wait_for_work(Queue.UPLINK, 10)
     assert time.monotonic() - start < 5
     await producer
-    # Work that arrived after the last due() is not waited for.
+    # Work that arrived after the last take() is not waited for.
     await put(store, "m2", "other")
     await store.wait_for_work(Queue.UPLINK, 10)
-    assert len(await store.due(Queue.UPLINK, limit=10)) == 2
+    assert len(await heads(store)) == 2
 
 
-async def test_purge_and_prune(db: Path) -> None:
-    store = await Store.open(StoreSettings(path=db, dedup_window=100))
+async def test_purge_and_prune(settings: Settings) -> None:
+    store = await open_store(settings(dedup_window=100))
     try:
         a, b, c = [await put(store, k, k) for k in ("a", "b", "c")]
         await store.dead(a, reason="400")
@@ -427,8 +328,8 @@ async def test_purge_and_prune(db: Path) -> None:
         await store.close()
 
 
-async def test_routes_and_learned_devices_persist(db: Path) -> None:
-    store = await Store.open(StoreSettings(path=db))
+async def test_routes_and_learned_devices_persist(settings: Settings) -> None:
+    store = await open_store(settings())
     origin = {"addrType": "AS", "addr": "as-1"}
     await store.remember_route("ue-1", origin, ttl=60)
     assert await store.learn_device("mqtt", "dev-1", "ue-1@iot")
@@ -436,7 +337,7 @@ async def test_routes_and_learned_devices_persist(db: Path) -> None:
     assert await store.learn_device("mqtt", "dev-1", "ue-9@iot")  # changed: register again
     await store.close()
 
-    store = await Store.open(StoreSettings(path=db))
+    store = await open_store(settings())
     try:
         assert await store.route("ue-1") == origin
         assert await store.route("ue-1", now=time.time() + 61) is None
@@ -446,13 +347,13 @@ async def test_routes_and_learned_devices_persist(db: Path) -> None:
         await store.close()
 
 
-async def test_unsent_work_survives_close(db: Path) -> None:
-    store = await Store.open(StoreSettings(path=db))
+async def test_unsent_work_survives_close(settings: Settings) -> None:
+    store = await open_store(settings())
     ids = [await put(store, f"m{i}", "a") for i in range(3)]
     await store.close()
-    store = await Store.open(StoreSettings(path=db))
+    store = await open_store(settings())
     try:
-        (head,) = await store.due(Queue.UPLINK, limit=10)
+        (head,) = await store.take(Queue.UPLINK, limit=10)
         assert head.id == ids[0]
         assert (await store.stats())["backlog"]["messages"] == 3
     finally:
@@ -460,12 +361,13 @@ async def test_unsent_work_survives_close(db: Path) -> None:
 
 
 _CRASH_SCRIPT = """
-import asyncio, sys
+import asyncio, json, sys
 from pathlib import Path
-from gatewayd.store import Queue, Store, StoreSettings
+from gatewayd.store import Queue, StoreSettings, open_store
 
 async def main():
-    store = await Store.open(StoreSettings(path=Path(sys.argv[1]), synchronous=sys.argv[3]))
+    given = json.loads(sys.argv[1])
+    store = await open_store(StoreSettings(**{**given, "path": Path(given["path"])}))
     run = sys.argv[2]
 
     async def producer(p):
@@ -484,12 +386,18 @@ asyncio.run(main())
 
 
 @pytest.mark.parametrize("synchronous", ["full", "normal"])
-async def test_kill_9_loses_nothing_acked(db: Path, synchronous: str) -> None:
+async def test_kill_9_loses_nothing_acked(settings: Settings, synchronous: str) -> None:
     rng = random.Random(5)
     acked: dict[int, str] = {}
     for run in range(3):
         proc = subprocess.Popen(  # noqa: ASYNC220 - the test is about this child
-            [sys.executable, "-c", _CRASH_SCRIPT, str(db), f"r{run}", synchronous],
+            [
+                sys.executable,
+                "-c",
+                _CRASH_SCRIPT,
+                _as_json(settings(synchronous=synchronous)),
+                f"r{run}",
+            ],
             stdout=subprocess.PIPE,
             text=True,
             cwd=ROOT,
@@ -513,7 +421,7 @@ async def test_kill_9_loses_nothing_acked(db: Path, synchronous: str) -> None:
                 acked[int(item_id)] = key
         assert proc.returncode == -signal.SIGKILL
 
-    store = await Store.open(StoreSettings(path=db))
+    store = await open_store(settings())
     try:
         items = await store.list_items(queue=Queue.UPLINK, state=None, limit=1_000_000)
         stored = {i.id: i.msg_id for i in items}
@@ -524,15 +432,15 @@ async def test_kill_9_loses_nothing_acked(db: Path, synchronous: str) -> None:
         await store.close()
 
 
-async def test_transport_kv_persists_per_transport_and_expires(db: Path) -> None:
-    store = await Store.open(StoreSettings(path=db))
+async def test_transport_kv_persists_per_transport_and_expires(settings: Settings) -> None:
+    store = await open_store(settings())
     sms, other = StoreKV(store, "sms"), StoreKV(store, "sms2")
     await sms.put_many({"mt:m1": '{"ids":["7"]}', "id:n:7": "m1"}, ttl=60)
     await sms.put("short", "x", ttl=0.05)
     await other.put("mt:m1", "not sms's", ttl=60)
     await store.close()
 
-    store = await Store.open(StoreSettings(path=db))
+    store = await open_store(settings())
     try:
         sms, other = StoreKV(store, "sms"), StoreKV(store, "sms2")
         assert await sms.get_many(["mt:m1", "id:n:7", "absent"]) == {
@@ -548,53 +456,34 @@ async def test_transport_kv_persists_per_transport_and_expires(db: Path) -> None
         assert await sms.get("mt:m1") is None
         await store.prune(now=time.time() + 61)
 
-        def rows() -> int:
-            conn = sqlite3.connect(db)
-            try:
-                return int(conn.execute("SELECT count(*) FROM kv").fetchone()[0])
-            finally:
-                conn.close()
-
-        assert await asyncio.to_thread(rows) == 0
+        assert await asyncio.to_thread(count_rows, settings(), "kv") == 0
     finally:
         await store.close()
 
 
-async def test_a_version_1_store_gains_the_kv_table(db: Path) -> None:
-    conn = sqlite3.connect(db)
-    conn.executescript(
-        "CREATE TABLE routes (service_id TEXT PRIMARY KEY, origin TEXT NOT NULL,"
-        " expires REAL NOT NULL); PRAGMA user_version = 1;"
-    )
-    conn.close()
-    store = await Store.open(StoreSettings(path=db))
-    try:
-        await StoreKV(store, "sms").put("k", "v", ttl=60)
-        assert await StoreKV(store, "sms").get("k") == "v"
-    finally:
-        await store.close()
+async def take_soon(store: Store, queue: Queue = Queue.UPLINK) -> list[Item]:
+    """What a sender gets once the settlements it waits for have committed."""
+    deadline = time.monotonic() + 10
+    while not (items := await store.take(queue, limit=10)) and time.monotonic() < deadline:
+        await store.wait_for_work(queue, 0.1)
+    return items
 
 
-# --- the in-memory lane index (Store.take) ----------------------------------------------
-
-
-async def test_take_hands_out_lane_heads_from_memory(store: Store) -> None:
+async def test_take_hands_out_lane_heads(store: Store) -> None:
     a1, b1, a2 = (
         await put(store, "a1", "a"),
         await put(store, "b1", "b"),
         await put(store, "a2", "a"),
     )
-    commits = store._writer.commits
     first = await store.take(Queue.UPLINK, limit=10)
     assert [i.id for i in first] == [a1, b1]  # one per lane, oldest first
     assert first[0].body == {"msgId": "a1"}
     assert await store.take(Queue.UPLINK, limit=10) == []  # both lanes are out
-    assert store._writer.commits == commits  # no query
-    store.done_soon(first[0])  # the lane's next goes at once, before the commit
-    (second,) = await store.take(Queue.UPLINK, limit=10)
+    store.done_soon(first[0])  # the lane's next goes once that is written
+    (second,) = await take_soon(store)
     assert second.id == a2
     store.release(second.id)  # a cancelled send: the head goes again
-    (again,) = await store.take(Queue.UPLINK, limit=10)
+    (again,) = await take_soon(store)
     assert again.id == a2
     await store.dead(first[1].id, reason="400")
     await store.stats()  # a transaction: the done rode on it
@@ -615,37 +504,17 @@ async def test_take_after_a_retry_waits_for_not_before(store: Store) -> None:
     assert (again.id, again.attempts, again.last_error) == (first, 1, "503")
 
 
-async def test_take_reads_bodies_it_does_not_keep_and_survives_a_reopen(db: Path) -> None:
-    store = await Store.open(StoreSettings(path=db))
-    ids = [await put(store, f"m{i}", f"d{i % 3}") for i in range(6)]
-    await store.close()
-    store = await Store.open(StoreSettings(path=db))  # the index comes from disk
-    try:
-        items = await store.take(Queue.UPLINK, limit=10)
-        assert [i.id for i in items] == ids[:3]
-        assert [i.body["msgId"] for i in items] == ["m0", "m1", "m2"]
-        commits = store._writer.commits
-        for item in items:
-            store.done_soon(item)
-        # The first fetch read the lanes' next bodies along: this round needs no query.
-        after = await store.take(Queue.UPLINK, limit=10)
-        assert [i.body["msgId"] for i in after] == ["m3", "m4", "m5"]
-        assert store._writer.commits == commits
-    finally:
-        await store.close()
-
-
-async def test_take_sees_another_processs_changes(db: Path, store: Store) -> None:
+async def test_take_sees_another_processs_changes(settings: Settings, store: Store) -> None:
     a = await put(store, "x1", "x")
     (item,) = await store.take(Queue.UPLINK, limit=5)
     await store.dead(item.id, reason="400")
-    other = await Store.open(StoreSettings(path=db))  # the queue CLI, say
+    other = await open_store(settings())  # the queue CLI, say
     try:
         assert await other.replay(a)
     finally:
         await other.close()
     await store.stats()  # our next transaction notices the other connection's commit
-    (back,) = await store.take(Queue.UPLINK, limit=5)
+    (back,) = await take_soon(store)
     assert back.id == a
 
 
@@ -658,21 +527,5 @@ async def test_expiry_leaves_a_taken_item_and_holds_the_rest(store: Store) -> No
     expired = await store.expire(now + 2)
     assert [i.id for i in expired] == [waiting]
     store.done_soon(item)
+    await store.stats()  # the done rode on it
     assert await store.take(Queue.UPLINK, limit=5) == []
-
-
-async def test_routes_are_read_from_memory_and_survive_a_reopen(db: Path) -> None:
-    store = await Store.open(StoreSettings(path=db))
-    await store.remember_route("ue-1", {"addrType": "AS", "addr": "as-1"}, ttl=60)
-    commits = store._writer.commits
-    assert await store.route("ue-1") == {"addrType": "AS", "addr": "as-1"}
-    assert await store.route("ue-1", now=time.time() + 61) is None  # expired
-    assert store._writer.commits == commits  # no transaction
-    await store.close()
-    store = await Store.open(StoreSettings(path=db))
-    try:
-        assert await store.route("ue-1") == {"addrType": "AS", "addr": "as-1"}
-        await store.prune(time.time() + 61)
-        assert store._routes == {}
-    finally:
-        await store.close()

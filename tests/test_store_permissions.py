@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from gatewayd.store import Queue, Store, StoreSettings
+from gatewayd.store import Queue, SqliteStore, StoreSettings
 from gatewayd.store.schema import private_dir
 
 
@@ -19,7 +19,7 @@ async def test_store_files_are_private_with_umask_0(tmp_path: Path) -> None:
     try:
         state = tmp_path / "state" / "deep"
         private_dir(state)
-        store = await Store.open(StoreSettings(path=state / "gatewayd.db"))
+        store = await SqliteStore.open(StoreSettings(path=state / "gatewayd.db"))
         try:
             await store.put(Queue.UPLINK, msg_id="m-1", dedup_key="m-1", lane="d", body={"x": 1})
             files = sorted(p.name for p in state.iterdir())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 
-from gatewayd.store.store import Store
+from gatewayd.store.backend import Store
 
 
 class StoreKV:

@@ -7,6 +7,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
+from gatewayd.options import SecretRef
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StoreSettings:
@@ -19,6 +21,13 @@ class StoreSettings:
 
     path: Path
     synchronous: Literal["full", "normal"] = "full"
+    # "postgresql": several instances share one database (docs/scaling.md); ``path``
+    # and ``synchronous`` are then SQLite's only, unused.
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    dsn: str | None = None  # a libpq connection URI without its password
+    password: SecretRef | None = None  # the database password, by reference
+    lease: float = 30.0  # seconds a dead instance's lanes stay held before takeover
+    pool_size: int = 4  # connections to PostgreSQL per instance
     max_messages: int = 100_000  # backlog limit, pending+retrying rows over all queues
     max_bytes: int = 256 * 1024 * 1024  # backlog limit on stored body bytes
     max_age: float = 7 * 86400  # seconds; older pending rows expire to the DLQ

@@ -50,8 +50,10 @@ _FETCH_CHUNK = 500
 _PROBE_BYTES = 16 * 1024
 
 
-class Store:
-    """Durable queues for messages in transit. Open with :meth:`open`, end with :meth:`close`.
+class SqliteStore:
+    """The embedded backend: durable queues in one SQLite file (WAL) for one instance.
+
+    Open with :meth:`open`, end with :meth:`close`.
 
     Usable from several processes at once (the ``gatewayd queue`` CLI next to a live
     daemon): WAL mode, and a busy timeout for the short moments another writer holds
@@ -86,7 +88,7 @@ class Store:
         return self._writer.refusing
 
     @classmethod
-    async def open(cls, settings: StoreSettings) -> Store:
+    async def open(cls, settings: StoreSettings) -> SqliteStore:
         """Open (creating if needed) the database and start the writer thread."""
         store = cls(settings)
         await store._writer.start()
@@ -109,7 +111,7 @@ class Store:
         await self._writer.stop()
         log.info("store.closed", path=str(self.settings.path))
 
-    async def __aenter__(self) -> Store:
+    async def __aenter__(self) -> SqliteStore:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

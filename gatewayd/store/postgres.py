@@ -1,0 +1,1252 @@
+"""The shared store: several gatewayd instances on one PostgreSQL database.
+
+Same promises as the SQLite backend (:class:`~gatewayd.store.backend.Store`), across
+instances:
+
+- **Group commit.** Every operation is a *job* run inside a transaction. A few
+  committer tasks (one per pooled connection) each take every job waiting when they
+  are free and run them in one transaction, so concurrent puts share one commit, and a
+  put returns only after its commit.
+- **One item in flight per lane, cluster-wide.** A lane row (``lanes``) exists while a
+  lane has pending items. :meth:`take` leases due lane rows with ``FOR UPDATE SKIP
+  LOCKED`` (instances never wait for each other) and hands out each lane's head. The
+  lease names this instance and runs out ``lease`` seconds after its last renewal
+  (every ``lease / 3``), so the lanes of an instance that died (SIGKILL) are taken over
+  by the others within ``lease`` seconds: its items in flight go out again (at least
+  once, same msgId).
+- **Wake-ups** through LISTEN/NOTIFY: a commit that adds work, or frees a lane, notifies
+  ``gatewayd_work`` with the queue's name.
+
+The reasons for leases on lanes rather than locks held across a send, or advisory
+locks, are in docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
+
+import psycopg
+import structlog
+from psycopg import conninfo as pg_conninfo
+from psycopg import errors as pg_errors
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from gatewayd.errors import BacklogFullError, GatewaydError, StoreError
+from gatewayd.store.model import (
+    Item,
+    PartResult,
+    PutRequest,
+    PutResult,
+    Queue,
+    Route,
+    State,
+    StoreSettings,
+)
+from gatewayd.store.pg_schema import migrate
+from gatewayd.store.schema import ITEM_COLUMNS, encode_body, row_to_item
+from gatewayd.store.writer import LAZY_SECONDS, RETRY_AFTER_BACKLOG
+from gatewayd.tasks import TaskSet
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+Conn = psycopg.AsyncConnection[tuple[Any, ...]]
+
+CHANNEL: Final = "gatewayd_work"
+_WORKED: Final = frozenset({Queue.UPLINK.value, Queue.REPORT.value, Queue.DOWNLINK.value})
+_SELECT: Final = f"SELECT {ITEM_COLUMNS} FROM items"
+_DB_NOW: Final = "extract(epoch FROM clock_timestamp())"
+# The backlog count (pending rows, their bytes) is read again at most this often: the
+# limits hold across instances within what the others accepted meanwhile.
+_RECOUNT_SECONDS: Final = 1.0
+# A refused intake may come back soon: PostgreSQL restarts in seconds.
+RETRY_AFTER_UNAVAILABLE: Final = 5.0
+_CONNECT_TIMEOUT: Final = 5.0  # seconds: a database that does not answer refuses intake
+MAX_REJECTED: Final = 10_000  # as the SQLite backend: rejected intake records kept
+_PROBE_BYTES: Final = 16 * 1024
+
+
+@dataclass(slots=True)
+class _Tx:
+    """What a job sees: the connection inside the open transaction, and its bookkeeping
+    (applied to the store only if the transaction commits)."""
+
+    conn: Conn
+    store: PostgresStore
+    messages: int = 0  # backlog deltas
+    bytes: int = 0
+    recounted: tuple[int, int] | None = None
+    woken: set[str] = field(default_factory=set)  # queues to notify after the commit
+    puts: int = 0
+    proven: bool = False
+
+    async def backlog(self) -> tuple[int, int]:
+        """Pending rows and bytes over all queues, this transaction's own puts included."""
+        store = self.store
+        if self.recounted is None and time.monotonic() - store._counted_at > _RECOUNT_SECONDS:
+            row = await self.one(
+                "SELECT count(*), coalesce(sum(size), 0) FROM items WHERE state = 'pending'"
+            )
+            self.recounted = (int(row[0]), int(row[1]))
+        base = self.recounted or (store._backlog_messages, store._backlog_bytes)
+        return base[0] + self.messages, base[1] + self.bytes
+
+    async def one(
+        self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()
+    ) -> tuple[Any, ...]:
+        row = await (await self.conn.execute(sql.encode(), params)).fetchone()
+        assert row is not None  # an aggregate or RETURNING that always yields a row
+        return row
+
+    async def maybe(
+        self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()
+    ) -> tuple[Any, ...] | None:
+        return await (await self.conn.execute(sql.encode(), params)).fetchone()
+
+    async def all(
+        self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()
+    ) -> list[tuple[Any, ...]]:
+        return await (await self.conn.execute(sql.encode(), params)).fetchall()
+
+    async def run(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> int:
+        return (await self.conn.execute(sql.encode(), params)).rowcount
+
+
+Job = Callable[[_Tx], Awaitable[Any]]
+
+
+@dataclass(slots=True)
+class _Call:
+    fn: Job
+    future: asyncio.Future[Any]
+    intake: bool
+
+
+class PostgresStore:
+    """Durable queues shared by every instance connected to one PostgreSQL database."""
+
+    def __init__(self, settings: StoreSettings, pool: AsyncConnectionPool[Conn]) -> None:
+        self.settings = settings
+        self._pool = pool
+        self._kwargs = _connect_kwargs(settings)
+        # Unique per process start: a restarted instance does not inherit the leases of
+        # the one it replaces (they run out, and anyone may take them).
+        self.instance = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
+        self._loop = asyncio.get_running_loop()
+        self._tasks = TaskSet()
+        self._calls: list[_Call] = []
+        self._lazy: list[_Call] = []
+        self._lazy_timer: asyncio.TimerHandle | None = None
+        self._work = asyncio.Event()
+        self._dones: list[Item] = []  # delivered items whose done rides the next commit
+        self._dones_queued = False
+        self._backlog_messages = 0
+        self._backlog_bytes = 0
+        self._counted_at = float("-inf")
+        self._cap: int | None = None  # limit_size(): a rehearsal of a full disk
+        self._episode: str | None = None
+        self.commits = 0
+        self.rows_put = 0
+        self._claimed: dict[int, tuple[str, str]] = {}  # id -> (queue, lane), leased by us
+        self._wakeups: dict[Queue, asyncio.Event] = {q: asyncio.Event() for q in Queue}
+        self._generation: dict[Queue, int] = dict.fromkeys(Queue, 0)
+        self._seen: dict[Queue, int] = dict.fromkeys(Queue, 0)
+        self._closed = False
+
+    # --- life ----------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, settings: StoreSettings) -> PostgresStore:
+        """Connect, migrate the schema (under a lock) and start the committers, the
+        listener and the lease renewal."""
+        if not settings.dsn:
+            raise StoreError("store.dsn is required with backend = postgresql")
+        kwargs = _connect_kwargs(settings)
+        pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
+            settings.dsn,
+            kwargs=kwargs,
+            min_size=1,
+            max_size=settings.pool_size,
+            open=False,
+            timeout=_CONNECT_TIMEOUT,
+            name="gatewayd-store",
+        )
+        try:
+            await pool.open(wait=True, timeout=_CONNECT_TIMEOUT * 2)
+            async with pool.connection() as conn:
+                version = await migrate(conn)
+        except (psycopg.Error, PoolTimeout, OSError) as exc:
+            await pool.close()
+            where = safe_dsn(settings.dsn)
+            raise StoreError(f"cannot open the PostgreSQL store at {where}: {exc}") from None
+        except BaseException:
+            await pool.close()
+            raise
+        store = cls(settings, pool)
+        for n in range(settings.pool_size):
+            store._tasks.spawn(f"store:committer-{n}", store._committer())
+        store._tasks.spawn("store:listen", store._listen())
+        store._tasks.spawn("store:lease", store._renew_leases())
+        log.info(
+            "store.opened",
+            backend="postgresql",
+            database=safe_dsn(settings.dsn),
+            schema=version,
+            instance=store.instance,
+            lease=settings.lease,
+            max_messages=settings.max_messages,
+            max_bytes=settings.max_bytes,
+        )
+        return store
+
+    async def close(self) -> None:
+        """Run what is queued, give up this instance's leases (the others take those
+        lanes at once, not after ``lease``), stop the tasks and close the pool."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(GatewaydError):
+            await self._call(self._release_all)
+        await self._tasks.aclose()
+        await self._pool.close()
+        log.info("store.closed", backend="postgresql", database=safe_dsn(self.settings.dsn or ""))
+
+    async def __aenter__(self) -> PostgresStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def refusing(self) -> str | None:
+        return self._episode
+
+    # --- the committers --------------------------------------------------------------------
+
+    def _call(self, fn: Job, *, intake: bool = False) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = self._loop.create_future()
+        if self._closed and fn is not self._release_all:
+            future.set_exception(StoreError("the store is closed"))
+            return future
+        self._calls.append(_Call(fn, future, intake))
+        self._work.set()
+        return future
+
+    def _call_lazy(self, fn: Job) -> asyncio.Future[Any]:
+        """A job that waits for another to ride with, or ``LAZY_SECONDS`` alone."""
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._lazy.append(_Call(fn, future, False))
+        if self._lazy_timer is None:
+            self._lazy_timer = self._loop.call_later(LAZY_SECONDS, self._work.set)
+        return future
+
+    async def _committer(self) -> None:
+        while True:
+            await self._work.wait()
+            if not self._calls and not self._lazy:
+                self._work.clear()
+                continue
+            batch = self._calls[: self.settings.batch_max] + self._lazy
+            del self._calls[: self.settings.batch_max]
+            self._lazy = []
+            if self._lazy_timer is not None:
+                self._lazy_timer.cancel()
+                self._lazy_timer = None
+            if not self._calls:
+                self._work.clear()
+            await self._run(batch)
+
+    async def _run(self, batch: list[_Call]) -> None:
+        """One transaction for the batch. A job that raises is rolled back with the
+        rest; it then runs alone (its error goes to its caller) and the others again
+        together, so one refusal never costs the jobs that shared its transaction."""
+        if not batch:
+            return
+        try:
+            outcomes, tx = await self._transaction(batch)
+        except _JobFailed as failed:
+            if len(batch) == 1:
+                self._fail(failed.call, failed.error)
+                return
+            await self._run(failed.others)
+            await self._run_alone(failed.call)
+            return
+        except Exception as exc:
+            for call in batch:
+                self._fail(call, exc)
+            return
+        self._committed(tx)
+        for call, outcome in outcomes:
+            if not call.future.done():
+                call.future.set_result(outcome)
+
+    async def _run_alone(self, call: _Call) -> None:
+        try:
+            outcomes, tx = await self._transaction([call])
+        except _JobFailed as failed:
+            self._fail(call, failed.error)
+            return
+        except Exception as exc:
+            self._fail(call, exc)
+            return
+        self._committed(tx)
+        if not call.future.done():
+            call.future.set_result(outcomes[0][1])
+
+    async def _transaction(self, batch: list[_Call]) -> tuple[list[tuple[_Call, Any]], _Tx]:
+        async with self._pool.connection() as conn:
+            tx = _Tx(conn, self)
+            outcomes: list[tuple[_Call, Any]] = []
+            async with conn.transaction():
+                for call in batch:
+                    try:
+                        outcomes.append((call, await call.fn(tx)))
+                    except Exception as exc:
+                        if _storage_failure(exc) is not None:
+                            raise  # the database, not the job: every job shares it
+                        raise _JobFailed(call, exc, [c for c in batch if c is not call]) from exc
+                if tx.woken:
+                    await conn.execute(
+                        "SELECT pg_notify(%s, q) FROM unnest(%s::text[]) AS q",
+                        (CHANNEL, sorted(tx.woken)),
+                    )
+        return outcomes, tx
+
+    def _committed(self, tx: _Tx) -> None:
+        self.commits += 1
+        self.rows_put += tx.puts
+        if tx.recounted is not None:
+            self._backlog_messages, self._backlog_bytes = tx.recounted
+            self._counted_at = time.monotonic()
+        self._backlog_messages += tx.messages
+        self._backlog_bytes += tx.bytes
+        if self._episode is not None and (tx.puts or tx.proven):
+            log.info("store.recovered", cause=self._episode)
+            self._episode = None
+        for queue in tx.woken:
+            self._wake(Queue(queue))
+
+    def _fail(self, call: _Call, exc: BaseException) -> None:
+        if call.future.done():
+            return
+        kind = _storage_failure(exc)
+        if kind is None:
+            error: BaseException = exc
+            if not isinstance(exc, GatewaydError):
+                log.error("store.error", error=str(exc), database=safe_dsn(self.settings.dsn or ""))
+                error = StoreError(f"store failure: {exc}")
+            call.future.set_exception(error)
+            return
+        detail = f"the database {_WHAT[kind]}: {str(exc).strip() or type(exc).__name__}"
+        if call.intake:
+            self._refused(kind, detail)
+            retry = RETRY_AFTER_UNAVAILABLE if kind == "unavailable" else RETRY_AFTER_BACKLOG
+            call.future.set_exception(BacklogFullError(detail, retry_after=retry))
+        else:
+            call.future.set_exception(StoreError(detail))
+
+    def _refused(self, kind: str, detail: str) -> None:
+        if self._episode == kind:
+            return
+        self._episode = kind
+        event = "store.readonly" if kind == "readonly" else "store.full"
+        log.error(event, cause=kind, detail=detail, database=safe_dsn(self.settings.dsn or ""))
+
+    # --- wake-ups --------------------------------------------------------------------------
+
+    def _wake(self, queue: Queue) -> None:
+        self._generation[queue] += 1
+        self._wakeups[queue].set()
+        self._wakeups[queue] = asyncio.Event()
+
+    async def wait_for_work(self, queue: Queue, timeout: float) -> None:
+        if self._generation[queue] != self._seen[queue]:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeups[queue].wait(), timeout)
+
+    async def _listen(self) -> None:
+        """LISTEN on its own connection (notifications need one held open), wake the
+        waiters of the queue each names, and come back after a lost connection."""
+        delay = 0.5
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self.settings.dsn or "", autocommit=True, **self._kwargs
+                )
+                async with conn:
+                    await conn.execute(f"LISTEN {CHANNEL}".encode())
+                    delay = 0.5
+                    for queue in Queue:  # anything may have happened while we were away
+                        self._wake(queue)
+                    async for note in conn.notifies():
+                        with contextlib.suppress(ValueError):
+                            self._wake(Queue(note.payload))
+            except (psycopg.Error, OSError) as exc:
+                log.warning("store.listen_lost", error=str(exc).strip(), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _renew_leases(self) -> None:
+        """Keep this instance's lanes: every ``lease / 3`` seconds, push their leases on."""
+        while True:
+            await asyncio.sleep(self.settings.lease / 3)
+            self._flush_dones()  # dones a failed transaction put back
+            if not self._claimed and not self._dones:
+                continue
+            try:
+                await self._call(self._renew)
+            except GatewaydError as exc:
+                log.warning("store.lease_renewal_failed", error=str(exc))
+
+    async def _renew(self, tx: _Tx) -> None:
+        await tx.run(
+            f"UPDATE lanes SET lease_until = {_DB_NOW} + %s WHERE owner = %s",
+            (self.settings.lease, self.instance),
+        )
+
+    async def _release_all(self, tx: _Tx) -> None:
+        await self._finish_dones(tx)
+        await tx.run(
+            "UPDATE lanes SET owner = NULL, lease_until = NULL WHERE owner = %s", (self.instance,)
+        )
+        tx.woken.update(_WORKED)
+        self._claimed.clear()
+
+    # --- intake ----------------------------------------------------------------------------
+
+    async def put(
+        self,
+        queue: Queue,
+        *,
+        msg_id: str,
+        dedup_key: str,
+        lane: str,
+        body: dict[str, Any],
+        expires_at: float | None = None,
+    ) -> PutResult:
+        request = PutRequest(
+            msg_id=msg_id, dedup_key=dedup_key, lane=lane, body=body, expires_at=expires_at
+        )
+        (result,) = await self.put_many(queue, [request])
+        return result
+
+    async def put_many(
+        self, queue: Queue, requests: Sequence[PutRequest], *, route: Route | None = None
+    ) -> list[PutResult]:
+        encoded = [(r, encode_body(r.body)) for r in requests]
+        now = time.time()
+
+        async def job(tx: _Tx) -> list[PutResult]:
+            results = await self._put_all(tx, queue, encoded, now)
+            if route is not None:
+                await _remember_route(
+                    tx, route.service_id, encode_body(route.origin), now + route.ttl
+                )
+            return results
+
+        results: list[PutResult] = await self._call(job, intake=True)
+        for request, result in zip(requests, results, strict=True):
+            if result.duplicate:
+                log.debug("store.duplicate", msg_id=request.msg_id, queue=str(queue), id=result.id)
+        return results
+
+    async def _put_all(
+        self, tx: _Tx, queue: Queue, encoded: list[tuple[PutRequest, str]], now: float
+    ) -> list[PutResult]:
+        keys = [r.dedup_key for r, _ in encoded]
+        existing = dict(
+            await tx.all(
+                "SELECT dedup_key, id FROM items WHERE queue = %s AND dedup_key = ANY(%s)",
+                (queue.value, keys),
+            )
+        )
+        fresh = [
+            (r, body, len(body.encode())) for r, body in encoded if r.dedup_key not in existing
+        ]
+        if fresh:
+            await self._check_limits(tx, len(fresh), sum(size for _, _, size in fresh))
+            ids = await _insert(tx, queue, fresh, now)
+            existing_new = {
+                r.dedup_key: item_id for (r, _, _), item_id in zip(fresh, ids, strict=True)
+            }
+        else:
+            existing_new = {}
+        results: list[PutResult] = []
+        for request, _ in encoded:
+            if request.dedup_key in existing:
+                results.append(PutResult(int(existing[request.dedup_key]), duplicate=True))
+            else:
+                results.append(PutResult(existing_new[request.dedup_key], duplicate=False))
+        return results
+
+    async def _check_limits(self, tx: _Tx, messages: int, size: int) -> None:
+        held, held_bytes = await tx.backlog()
+        settings = self.settings
+        if held + messages > settings.max_messages or held_bytes + size > settings.max_bytes:
+            detail = (
+                f"backlog full: {held} messages / {held_bytes} bytes stored,"
+                f" limits {settings.max_messages} / {settings.max_bytes}"
+            )
+            self._refused("backlog", detail)
+            raise BacklogFullError(detail, retry_after=RETRY_AFTER_BACKLOG)
+        if self._cap is not None:
+            (used,) = await tx.one("SELECT pg_database_size(current_database())")
+            if int(used) + size > self._cap:
+                raise pg_errors.DiskFull("could not extend file: the store's size cap is reached")
+
+    async def put_part(
+        self,
+        request: PutRequest,
+        *,
+        into: Queue,
+        assemble: Callable[[list[dict[str, Any]]], PutRequest | None],
+    ) -> PartResult:
+        body = encode_body(request.body)
+        now = time.time()
+
+        async def job(tx: _Tx) -> PartResult:
+            row = await tx.maybe(
+                "SELECT id FROM items WHERE queue = %s AND dedup_key = %s",
+                (Queue.SEGMENT.value, request.dedup_key),
+            )
+            if row is not None:
+                return PartResult(int(row[0]), duplicate=True)
+            # Two parts of one set arriving at two instances at once must not both see
+            # the other missing: one set is assembled by one transaction at a time.
+            await tx.run("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"segment:{request.lane}",))
+            siblings = await tx.all(
+                "SELECT id, body, expires_at FROM items WHERE queue = %s AND lane = %s"
+                " AND state = 'pending' ORDER BY id",
+                (Queue.SEGMENT.value, request.lane),
+            )
+            whole = assemble([json.loads(b) for _, b, _ in siblings] + [request.body])
+            size = len(body.encode())
+            await self._check_limits(tx, 1, size)
+            part = request
+            if siblings:
+                part = PutRequest(
+                    msg_id=request.msg_id,
+                    dedup_key=request.dedup_key,
+                    lane=request.lane,
+                    body=request.body,
+                    expires_at=siblings[0][2],
+                )
+            (part_id,) = await _insert(tx, Queue.SEGMENT, [(part, body, size)], now)
+            if whole is None:
+                return PartResult(part_id, duplicate=False)
+            await self._finish(tx, [*(int(s[0]) for s in siblings), part_id], State.DONE, None, now)
+            row = await tx.maybe(
+                "SELECT id FROM items WHERE queue = %s AND dedup_key = %s",
+                (into.value, whole.dedup_key),
+            )
+            if row is not None:
+                return PartResult(
+                    part_id, duplicate=False, whole=PutResult(int(row[0]), duplicate=True)
+                )
+            whole_body = encode_body(whole.body)
+            (whole_id,) = await _insert(
+                tx, into, [(whole, whole_body, len(whole_body.encode()))], now
+            )
+            return PartResult(part_id, duplicate=False, whole=PutResult(whole_id, duplicate=False))
+
+        result: PartResult = await self._call(job, intake=True)
+        if result.duplicate:
+            log.debug("store.duplicate", msg_id=request.msg_id, queue=Queue.SEGMENT.value)
+        return result
+
+    async def put_rejected(
+        self, *, msg_id: str, dedup_key: str, lane: str, reason: str, body: dict[str, Any]
+    ) -> str:
+        encoded = encode_body(body)
+        now = time.time()
+
+        async def job(tx: _Tx) -> str:
+            (kept,) = await tx.one(
+                "SELECT count(*) FROM items WHERE state = 'dead' AND queue = 'intake'"
+            )
+            if int(kept) >= MAX_REJECTED:
+                return "dlq_full"
+            stored = await tx.run(
+                "INSERT INTO items (queue, msg_id, dedup_key, lane, body, size, created, queued,"
+                " state, last_error, finished) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 'dead',"
+                " %s, %s) ON CONFLICT (queue, dedup_key) DO NOTHING",
+                (
+                    Queue.INTAKE.value,
+                    msg_id,
+                    dedup_key,
+                    lane,
+                    encoded,
+                    len(encoded.encode()),
+                    now,
+                    now,
+                    reason,
+                    now,
+                ),
+            )
+            if stored:
+                tx.proven = True
+            return "stored" if stored else "duplicate"
+
+        return str(await self._call(job, intake=True))
+
+    # --- the sender's side -----------------------------------------------------------------
+
+    async def take(self, queue: Queue, *, limit: int, now: float | None = None) -> list[Item]:
+        """Lease up to ``limit`` due lanes of ``queue`` (free, or whose holder's lease ran
+        out) and hand out their heads, oldest lane first."""
+        at = time.time() if now is None else now
+        self._seen[queue] = self._generation[queue]
+        taken: list[tuple[str, str]] = []
+
+        async def job(tx: _Tx) -> list[Item]:
+            leased = await tx.all(
+                "WITH picked AS (SELECT queue, lane, owner FROM lanes"
+                " WHERE queue = %(q)s AND ready_at <= %(at)s"
+                f" AND (owner IS NULL OR lease_until < {_DB_NOW})"
+                " ORDER BY ready_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+                f" UPDATE lanes AS l SET owner = %(me)s, lease_until = {_DB_NOW} + %(lease)s"
+                " FROM picked WHERE l.queue = picked.queue AND l.lane = picked.lane"
+                " RETURNING l.lane, picked.owner",
+                {
+                    "q": queue.value,
+                    "at": at,
+                    "limit": limit,
+                    "me": self.instance,
+                    "lease": self.settings.lease,
+                },
+            )
+            taken.clear()  # a job may run twice (batch, then alone)
+            taken.extend((str(lane), str(prev)) for lane, prev in leased if prev is not None)
+            if not leased:
+                return []
+            rows = await tx.all(
+                f"SELECT DISTINCT ON (lane) {ITEM_COLUMNS} FROM items"
+                " WHERE queue = %s AND lane = ANY(%s) AND state = 'pending' ORDER BY lane, id",
+                (queue.value, [lane for lane, _ in leased]),
+            )
+            items = [row_to_item(row) for row in rows]
+            ready = [item for item in items if item.not_before <= at]
+            held = {item.lane for item in ready}
+            idle = [lane for lane, _ in leased if lane not in held]
+            if idle:  # no head due after all (a retry read late): give those lanes back
+                await _settle_lanes(tx, [(queue.value, lane) for lane in idle])
+            return sorted(ready, key=lambda i: i.id)
+
+        items: list[Item] = await self._call(job)
+        for lane, previous in taken:
+            log.warning("store.lane_taken_over", queue=str(queue), lane=lane, previous=previous)
+        for item in items:
+            self._claimed[item.id] = (queue.value, item.lane)
+        return items
+
+    async def done(self, item_id: int) -> None:
+        """Delivered, waiting for the commit."""
+        self._claimed.pop(item_id, None)
+        now = time.time()
+
+        async def job(tx: _Tx) -> None:
+            await self._finish(tx, [item_id], State.DONE, None, now)
+
+        await self._call(job)
+
+    def done_soon(self, item: Item) -> None:
+        """Delivered: the write rides on the next transaction (a crash before it sends
+        the item again: at least once). The lane stays held until it commits."""
+        self._claimed.pop(item.id, None)
+        self._dones.append(item)
+        self._flush_dones()
+
+    def _flush_dones(self) -> None:
+        if self._dones_queued or not self._dones:
+            return
+        self._dones_queued = True
+        self._call_lazy(self._finish_dones).add_done_callback(self._dones_written)
+
+    def _dones_written(self, future: asyncio.Future[Any]) -> None:
+        self._dones_queued = False
+        _log_settle_failure(future)
+
+    async def _finish_dones(self, tx: _Tx) -> None:
+        dones, self._dones = self._dones, []
+        self._dones_queued = False  # a done from now on needs a transaction of its own
+        try:
+            if dones:
+                await self._finish(tx, [i.id for i in dones], State.DONE, None, time.time())
+        except BaseException:
+            self._dones[:0] = dones  # the transaction failed: the next one tries again
+            raise
+
+    def release(self, item_id: int) -> None:
+        claim = self._claimed.pop(item_id, None)
+        if claim is None:
+            return  # settled: its lane was freed with the settlement
+        queue, lane = claim
+
+        async def job(tx: _Tx) -> None:
+            await tx.run(
+                "UPDATE lanes SET owner = NULL, lease_until = NULL"
+                " WHERE queue = %s AND lane = %s AND owner = %s",
+                (queue, lane, self.instance),
+            )
+            tx.woken.add(queue)
+
+        self._call(job).add_done_callback(_log_settle_failure)
+
+    async def retry_later(self, item_id: int, *, not_before: float, error: str) -> None:
+        self._claimed.pop(item_id, None)
+
+        async def job(tx: _Tx) -> None:
+            row = await tx.maybe(
+                "UPDATE items SET attempts = attempts + 1, not_before = %s, last_error = %s"
+                " WHERE id = %s AND state = 'pending' RETURNING queue, lane",
+                (not_before, error, item_id),
+            )
+            if row is not None and row[0] in _WORKED:
+                await _settle_lanes(tx, [(str(row[0]), str(row[1]))])
+
+        await self._call(job)
+
+    async def dead(self, item_id: int, *, reason: str) -> None:
+        self._claimed.pop(item_id, None)
+        now = time.time()
+
+        async def job(tx: _Tx) -> list[str]:
+            return await self._finish(tx, [item_id], State.DEAD, reason, now)
+
+        for msg_id in await self._call(job):
+            log.warning("store.dead", msg_id=msg_id, id=item_id, reason=reason)
+
+    async def _finish(
+        self, tx: _Tx, ids: list[int], state: State, reason: str | None, now: float
+    ) -> list[str]:
+        """Settle pending items (idempotent), free their lanes; return their msgIds."""
+        rows = await tx.all(
+            "UPDATE items SET state = %s, last_error = coalesce(%s, last_error), finished = %s,"
+            " body = CASE WHEN %s THEN NULL ELSE body END"
+            " WHERE id = ANY(%s) AND state = 'pending' RETURNING msg_id, size, queue, lane",
+            (state.value, reason, now, state == State.DONE, ids),
+        )
+        tx.messages -= len(rows)
+        tx.bytes -= sum(int(r[1]) for r in rows)
+        lanes = sorted({(str(r[2]), str(r[3])) for r in rows if r[2] in _WORKED})
+        if lanes:
+            await _settle_lanes(tx, lanes)
+        return [str(r[0]) for r in rows]
+
+    async def expire(
+        self,
+        now: float | None = None,
+        *,
+        report: Callable[[Item], tuple[Queue, PutRequest] | None] | None = None,
+    ) -> list[Item]:
+        at = time.time() if now is None else now
+        oldest = at - self.settings.max_age
+        claimed = set(self._claimed)
+        unreportable: list[tuple[Item, str]] = []
+
+        async def job(tx: _Tx) -> list[Item]:
+            unreportable.clear()  # a job may run twice (batch, then alone)
+            rows = await tx.all(
+                f"{_SELECT} WHERE state = 'pending' AND expires_at <= %s"
+                f" UNION {_SELECT} WHERE state = 'pending' AND queued <= %s ORDER BY id",
+                (at, oldest),
+            )
+            found = [row_to_item(row) for row in rows if row[0] not in claimed]
+            if not found:
+                return []
+            # Lanes being sent by a live instance keep their items for that send to
+            # decide; the rest are locked so no instance takes them meanwhile.
+            worked = sorted({(i.queue.value, i.lane) for i in found if i.queue.value in _WORKED})
+            free = set()
+            if worked:
+                free = {
+                    (str(q), str(lane))
+                    for q, lane in await tx.all(
+                        "SELECT queue, lane FROM lanes WHERE (queue, lane) IN"
+                        " (SELECT * FROM unnest(%s::text[], %s::text[]))"
+                        f" AND (owner IS NULL OR lease_until < {_DB_NOW})"
+                        " ORDER BY queue, lane FOR UPDATE SKIP LOCKED",
+                        ([q for q, _ in worked], [lane for _, lane in worked]),
+                    )
+                }
+            expired: list[Item] = []
+            for item in found:
+                if item.queue.value in _WORKED and (item.queue.value, item.lane) not in free:
+                    continue
+                reason = (
+                    "expired: exprTime passed"
+                    if item.expires_at is not None and item.expires_at <= at
+                    else "expired: older than max_age"
+                )
+                if not await self._finish(tx, [item.id], State.DEAD, reason, at):
+                    continue
+                expired.append(_with_state(item, State.DEAD, reason, at))
+                try:
+                    built = report(item) if report is not None else None
+                except Exception as exc:  # a body it cannot read must not stall expiry
+                    unreportable.append((item, repr(exc)))
+                    built = None
+                if built is not None:
+                    await _put_report(tx, *built, now=at)
+            return expired
+
+        expired: list[Item] = await self._call(job)
+        for item, error in unreportable:
+            log.error("store.expiry_report_failed", msg_id=item.msg_id, id=item.id, error=error)
+        for item in expired:
+            log.warning(
+                "store.expired",
+                msg_id=item.msg_id,
+                id=item.id,
+                queue=str(item.queue),
+                reason=item.last_error,
+            )
+        return expired
+
+    # --- inspection and the DLQ ------------------------------------------------------------
+
+    async def stats(self) -> dict[str, Any]:
+        now = time.time()
+
+        async def job(tx: _Tx) -> dict[str, Any]:
+            queues: dict[str, Any] = {
+                q.value: {"pending": 0, "done": 0, "dead": 0, "bytes": 0, "oldest_age": None}
+                for q in Queue
+            }
+            rows = await tx.all(
+                "SELECT queue, state, count(*), coalesce(sum(size), 0), min(created)"
+                " FROM items GROUP BY queue, state"
+            )
+            pending = pending_bytes = 0
+            for queue, state, count, size, oldest in rows:
+                entry = queues.setdefault(
+                    queue, {"pending": 0, "done": 0, "dead": 0, "bytes": 0, "oldest_age": None}
+                )
+                entry[state] = int(count)
+                if state != State.DONE:
+                    entry["bytes"] += int(size)
+                if state == State.PENDING:
+                    entry["oldest_age"] = max(0.0, now - float(oldest))
+                    pending += int(count)
+                    pending_bytes += int(size)
+            (db_bytes,) = await tx.one("SELECT pg_database_size(current_database())")
+            tx.recounted = (pending, pending_bytes)
+            return {
+                "queues": queues,
+                "db_bytes": int(db_bytes),
+                "backlog": {
+                    "messages": pending,
+                    "bytes": pending_bytes,
+                    "max_messages": self.settings.max_messages,
+                    "max_bytes": self.settings.max_bytes,
+                },
+                "commits": self.commits,
+                "rows_put": self.rows_put,
+                "path": safe_dsn(self.settings.dsn or ""),
+                "backend": "postgresql",
+                "instance": self.instance,
+            }
+
+        result: dict[str, Any] = await self._call(job)
+        return result
+
+    async def list_items(
+        self, *, queue: Queue | None, state: str | None, limit: int, after: int = 0
+    ) -> list[Item]:
+        clauses = ["id > %s"]
+        params: list[Any] = [after]
+        if queue is not None:
+            clauses.append("queue = %s")
+            params.append(queue.value)
+        if state is not None:
+            clauses.append("state = %s")
+            params.append(state)
+        sql = f"{_SELECT} WHERE {' AND '.join(clauses)} ORDER BY id LIMIT %s"
+        params.append(limit)
+
+        async def job(tx: _Tx) -> list[Item]:
+            return [row_to_item(row) for row in await tx.all(sql, params)]
+
+        items: list[Item] = await self._call(job)
+        return items
+
+    async def get(self, item_id: int) -> Item | None:
+        async def job(tx: _Tx) -> Item | None:
+            row = await tx.maybe(f"{_SELECT} WHERE id = %s", (item_id,))
+            return None if row is None else row_to_item(row)
+
+        item: Item | None = await self._call(job)
+        return item
+
+    async def replay(self, item_id: int) -> bool:
+        now = time.time()
+
+        async def job(tx: _Tx) -> str | None:
+            row = await tx.maybe(
+                "UPDATE items SET state = 'pending', attempts = 0, not_before = 0,"
+                " expires_at = NULL, last_error = NULL, finished = NULL, queued = %s"
+                " WHERE id = %s AND state = 'dead' AND queue != 'intake'"
+                " RETURNING msg_id, queue, lane, size",
+                (now, item_id),
+            )
+            if row is None:
+                return None
+            msg_id, queue, lane, size = row
+            tx.messages += 1
+            tx.bytes += int(size)
+            if queue in _WORKED:
+                await _open_lanes(tx, str(queue), [str(lane)], now, head=True)
+            tx.woken.add(str(queue))
+            return str(msg_id)
+
+        msg_id = await self._call(job)
+        if msg_id is None:
+            return False
+        log.info("store.replayed", msg_id=msg_id, id=item_id)
+        return True
+
+    async def purge(
+        self, *, queue: Queue | None, state: str = "dead", older_than: float | None = None
+    ) -> int:
+        clauses = ["state = %s"]
+        params: list[Any] = [state]
+        if queue is not None:
+            clauses.append("queue = %s")
+            params.append(queue.value)
+        if older_than is not None:
+            clauses.append("coalesce(finished, created) <= %s")
+            params.append(time.time() - older_than)
+        where = " AND ".join(clauses)
+
+        async def job(tx: _Tx) -> int:
+            rows = await tx.all(
+                f"DELETE FROM items WHERE {where} RETURNING queue, lane, size",
+                params,
+            )
+            if state == State.PENDING:
+                tx.messages -= len(rows)
+                tx.bytes -= sum(int(r[2]) for r in rows)
+                lanes = sorted({(str(q), str(lane)) for q, lane, _ in rows if q in _WORKED})
+                if lanes:
+                    await _settle_lanes(tx, lanes)
+            return len(rows)
+
+        count: int = await self._call(job)
+        log.info("store.purged", count=count, state=state, queue=queue and str(queue))
+        return count
+
+    async def probe(self) -> None:
+        async def job(tx: _Tx) -> None:
+            await tx.run(
+                "INSERT INTO kv (transport, key, value, expires) VALUES ('', 'probe', %s, 0)"
+                " ON CONFLICT (transport, key) DO UPDATE SET value = excluded.value",
+                ("x" * _PROBE_BYTES,),
+            )
+            await tx.run("DELETE FROM kv WHERE transport = '' AND key = 'probe'")
+            if self._cap is not None:
+                await self._check_limits(tx, 0, _PROBE_BYTES)
+            tx.proven = True
+
+        await self._call(job, intake=True)
+
+    async def prune(self, now: float | None = None) -> int:
+        at = time.time() if now is None else now
+
+        async def job(tx: _Tx) -> int:
+            await tx.run("DELETE FROM routes WHERE expires <= %s", (at,))
+            await tx.run("DELETE FROM kv WHERE expires <= %s", (at,))
+            return await tx.run(
+                "DELETE FROM items WHERE state = 'done' AND finished <= %s",
+                (at - self.settings.dedup_window,),
+            )
+
+        tombstones: int = await self._call(job)
+        return tombstones
+
+    async def limit_size(self, max_bytes: int | None) -> None:
+        """Refuse writes that would grow the database past ``max_bytes``, as a full disk
+        would (PostgreSQL has no per-database size cap: checked on each intake)."""
+        self._cap = max_bytes
+
+    # --- reply routes, transports' key/value rows, learned devices ---------------------
+
+    async def remember_route(self, service_id: str, origin: dict[str, Any], ttl: float) -> None:
+        expires = time.time() + ttl
+        encoded = encode_body(origin)
+
+        async def job(tx: _Tx) -> None:
+            await _remember_route(tx, service_id, encoded, expires)
+
+        await self._call(job)
+
+    async def route(self, service_id: str, now: float | None = None) -> dict[str, Any] | None:
+        at = time.time() if now is None else now
+
+        async def job(tx: _Tx) -> str | None:
+            row = await tx.maybe(
+                "SELECT origin FROM routes WHERE service_id = %s AND expires > %s",
+                (service_id, at),
+            )
+            return None if row is None else str(row[0])
+
+        found = await self._call(job)
+        if found is None:
+            return None
+        value: dict[str, Any] = json.loads(found)
+        return value
+
+    async def kv_get(self, transport: str, keys: Iterable[str]) -> dict[str, str]:
+        wanted = list(dict.fromkeys(keys))
+        if not wanted:
+            return {}
+        at = time.time()
+
+        async def job(tx: _Tx) -> dict[str, str]:
+            rows = await tx.all(
+                "SELECT key, value FROM kv WHERE transport = %s AND key = ANY(%s) AND expires > %s",
+                (transport, wanted, at),
+            )
+            return {str(k): str(v) for k, v in rows}
+
+        found: dict[str, str] = await self._call(job)
+        return found
+
+    async def kv_put(self, transport: str, items: Mapping[str, str], ttl: float) -> None:
+        if not items:
+            return
+        expires = time.time() + ttl
+        keys, values = list(items), list(items.values())
+
+        async def job(tx: _Tx) -> None:
+            await tx.run(
+                "INSERT INTO kv (transport, key, value, expires)"
+                " SELECT %s, k, v, %s FROM unnest(%s::text[], %s::text[]) AS t(k, v)"
+                " ON CONFLICT (transport, key) DO UPDATE SET value = excluded.value,"
+                " expires = excluded.expires",
+                (transport, expires, keys, values),
+            )
+
+        await self._call(job)
+
+    async def kv_delete(self, transport: str, keys: Iterable[str]) -> None:
+        wanted = list(dict.fromkeys(keys))
+        if not wanted:
+            return
+
+        async def job(tx: _Tx) -> None:
+            await tx.run(
+                "DELETE FROM kv WHERE transport = %s AND key = ANY(%s)", (transport, wanted)
+            )
+
+        await self._call(job)
+
+    async def learn_device(self, transport: str, device: str, service_id: str) -> bool:
+        now = time.time()
+
+        async def job(tx: _Tx) -> bool:
+            changed = await tx.run(
+                "INSERT INTO devices (transport, device, service_id, learned)"
+                " VALUES (%s, %s, %s, %s) ON CONFLICT (transport, device) DO UPDATE"
+                " SET service_id = excluded.service_id, learned = excluded.learned"
+                " WHERE devices.service_id != excluded.service_id",
+                (transport, device, service_id, now),
+            )
+            return changed > 0
+
+        learned: bool = await self._call(job, intake=True)
+        return learned
+
+    async def forget_device(self, transport: str, device: str) -> None:
+        async def job(tx: _Tx) -> None:
+            await tx.run(
+                "DELETE FROM devices WHERE transport = %s AND device = %s", (transport, device)
+            )
+
+        await self._call(job)
+
+    async def learned_devices(self) -> list[tuple[str, str, str]]:
+        async def job(tx: _Tx) -> list[tuple[str, str, str]]:
+            rows = await tx.all(
+                "SELECT transport, device, service_id FROM devices ORDER BY transport, device"
+            )
+            return [(str(t), str(d), str(s)) for t, d, s in rows]
+
+        devices: list[tuple[str, str, str]] = await self._call(job)
+        return devices
+
+
+# --- statements shared by several jobs --------------------------------------------------
+
+
+async def _insert(
+    tx: _Tx, queue: Queue, rows: list[tuple[PutRequest, str, int]], now: float
+) -> list[int]:
+    """Insert new items in order (ids rise in the order given) and open their lanes."""
+    inserted = await tx.all(
+        "INSERT INTO items (queue, msg_id, dedup_key, lane, body, size, created, queued,"
+        " expires_at) SELECT %s, m, k, l, b, s, %s, %s, e FROM unnest(%s::text[],"
+        " %s::text[], %s::text[], %s::text[], %s::int[], %s::float8[])"
+        " WITH ORDINALITY AS t(m, k, l, b, s, e, n) ORDER BY n RETURNING id, dedup_key",
+        (
+            queue.value,
+            now,
+            now,
+            [r.msg_id for r, _, _ in rows],
+            [r.dedup_key for r, _, _ in rows],
+            [r.lane for r, _, _ in rows],
+            [body for _, body, _ in rows],
+            [size for _, _, size in rows],
+            [r.expires_at for r, _, _ in rows],
+        ),
+    )
+    ids = {str(key): int(item_id) for item_id, key in inserted}
+    tx.messages += len(rows)
+    tx.bytes += sum(size for _, _, size in rows)
+    tx.puts += len(rows)
+    if queue.value in _WORKED:
+        await _open_lanes(tx, queue.value, [r.lane for r, _, _ in rows], now, head=False)
+        tx.woken.add(queue.value)
+    return [ids[r.dedup_key] for r, _, _ in rows]
+
+
+async def _open_lanes(tx: _Tx, queue: str, lanes: list[str], now: float, *, head: bool) -> None:
+    """Make sure each lane has its row. The upsert locks an existing row until the
+    commit (``DO UPDATE``, not ``DO NOTHING``), so a concurrent settlement that finds
+    the lane empty cannot delete the row under an item being added (see
+    :func:`_settle_lanes`). Sorted, so two instances lock in the same order.
+
+    A new item is never an existing lane's head (its id is the highest), so the lane
+    keeps its due time, unless ``head`` (a replayed older item): then due at ``now``.
+    """
+    distinct = sorted(set(lanes))
+    keep = "least(lanes.ready_at, excluded.ready_at)" if head else "lanes.ready_at"
+    await tx.run(
+        "INSERT INTO lanes (queue, lane, ready_at) SELECT %s, l, %s FROM unnest(%s::text[]) AS l"
+        f" ORDER BY l ON CONFLICT (queue, lane) DO UPDATE SET ready_at = {keep}",
+        (queue, now, distinct),
+    )
+
+
+async def _settle_lanes(tx: _Tx, lanes: list[tuple[str, str]]) -> None:
+    """Free lanes whose head was settled: each row is locked first (waiting for a put
+    adding to the lane to commit), then, in a fresh statement that sees that put, it
+    takes its new head's due time, or goes when the lane is empty."""
+    queues = [q for q, _ in lanes]
+    names = [lane for _, lane in lanes]
+    await tx.run(
+        "SELECT 1 FROM lanes WHERE (queue, lane) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"
+        " ORDER BY queue, lane FOR UPDATE",
+        (queues, names),
+    )
+    await tx.run(
+        "WITH wanted AS (SELECT * FROM unnest(%s::text[], %s::text[]) AS w(queue, lane)),"
+        " head AS (SELECT w.queue, w.lane, h.due FROM wanted w LEFT JOIN LATERAL"
+        " (SELECT greatest(i.not_before, i.queued) AS due FROM items i WHERE i.queue = w.queue"
+        " AND i.lane = w.lane AND i.state = 'pending' ORDER BY i.id LIMIT 1) h ON true),"
+        " kept AS (UPDATE lanes l SET owner = NULL, lease_until = NULL, ready_at = head.due"
+        " FROM head WHERE l.queue = head.queue AND l.lane = head.lane AND head.due IS NOT NULL)"
+        " DELETE FROM lanes l USING head WHERE l.queue = head.queue AND l.lane = head.lane"
+        " AND head.due IS NULL",
+        (queues, names),
+    )
+    tx.woken.update(q for q in queues)
+
+
+async def _remember_route(tx: _Tx, service_id: str, origin: str, expires: float) -> None:
+    await tx.run(
+        "INSERT INTO routes (service_id, origin, expires) VALUES (%s, %s, %s)"
+        " ON CONFLICT (service_id) DO UPDATE SET origin = excluded.origin,"
+        " expires = excluded.expires",
+        (service_id, origin, expires),
+    )
+
+
+async def _put_report(tx: _Tx, queue: Queue, request: PutRequest, *, now: float) -> None:
+    """A failure report stored with the expiry that caused it (not held to the limits:
+    it takes the slot the expired item freed)."""
+    if await tx.maybe(
+        "SELECT 1 FROM items WHERE queue = %s AND dedup_key = %s",
+        (queue.value, request.dedup_key),
+    ):
+        return
+    body = encode_body(request.body)
+    await _insert(tx, queue, [(request, body, len(body.encode()))], now)
+
+
+def _with_state(item: Item, state: State, reason: str, at: float) -> Item:
+    return dataclasses.replace(item, state=state.value, last_error=reason, finished=at)
+
+
+class _JobFailed(Exception):
+    """A job raised inside a batch: the batch is rolled back and retried without it."""
+
+    def __init__(self, call: _Call, error: Exception, others: list[_Call]) -> None:
+        super().__init__(str(error))
+        self.call = call
+        self.error = error
+        self.others = others
+
+
+_WHAT: Final = {
+    "unavailable": "is unreachable",
+    "disk": "is out of disk space",
+    "readonly": "is read-only",
+}
+
+
+def _storage_failure(exc: BaseException) -> str | None:
+    """A failure of the database itself refuses intake; anything else (a deadlock, a
+    constraint, a bug) is the job's own."""
+    if isinstance(exc, pg_errors.DiskFull):
+        return "disk"
+    if isinstance(exc, pg_errors.ReadOnlySqlTransaction):
+        return "readonly"
+    if isinstance(exc, PoolTimeout | OSError):
+        return "unavailable"
+    if isinstance(exc, psycopg.OperationalError):
+        state = exc.sqlstate or ""
+        # No SQLSTATE: the connection broke; 08: connection exceptions; 57P0x: the
+        # server is shutting down or starting; 53: out of resources.
+        if not state or state.startswith(("08", "57P", "53")):
+            return "unavailable"
+    return None
+
+
+def _log_settle_failure(future: asyncio.Future[Any]) -> None:
+    if future.cancelled() or future.exception() is None:
+        return
+    # Still pending in the database, its lane held until the lease runs out: it goes
+    # out again then (at least once).
+    log.error("store.settle_failed", error=str(future.exception()))
+
+
+def _connect_kwargs(settings: StoreSettings) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "connect_timeout": int(_CONNECT_TIMEOUT),
+        "application_name": "gatewayd",
+    }
+    if settings.password is not None:
+        kwargs["password"] = settings.password.read_text()
+    return kwargs
+
+
+def safe_dsn(dsn: str) -> str:
+    """The DSN as it may be logged: host, port, database and user, never a password."""
+    try:
+        parts = pg_conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "(unparsable dsn)"
+    host = parts.get("host") or "localhost"
+    port = parts.get("port") or "5432"
+    return f"postgresql://{parts.get('user') or ''}@{host}:{port}/{parts.get('dbname') or ''}"
