@@ -168,7 +168,15 @@ class PostgresServer:
             if self._accepting():
                 break
             if time.monotonic() > deadline:
-                self._proc.kill()  # runuser or postgres; the server goes with it
+                # By the postmaster's pid once it wrote it (as root our child is runuser,
+                # which a SIGKILL would not let pass the signal on); before that, the
+                # process group start_new_session made: runuser and the postmaster.
+                with contextlib.suppress(OSError, ValueError):
+                    self._pid = self._postmaster_pid()
+                if self._pid is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(self._proc.pid, signal.SIGKILL)
+                self.kill()
                 raise RuntimeError(
                     f"postgres did not accept connections within {self.start_timeout} s:\n"
                     f"{self.log_tail()}"
@@ -210,7 +218,7 @@ class PostgresServer:
         pid, self._pid = self._pid, None
         if pid is not None and alive(pid):
             children = _children(pid)
-            os.kill(pid, signal.SIGKILL)
+            _signal(pid, signal.SIGKILL)
             if not _wait_gone([pid, *children], timeout):
                 for child in children:
                     _signal(child, signal.SIGKILL)
