@@ -23,6 +23,15 @@ intake that records uplinks and reports, and can hold, slow down or refuse accep
 :class:`MemoryKV` (its durable key/value table), :class:`MemoryPluginContext` (a
 logger and the ``[credentials.NAME]`` backends) and
 :class:`StaticCredentials` (a backend holding fixed TLS material).
+
+For a store on PostgreSQL, ``postgres_server`` is one real server for the whole session
+(:class:`gatewayd_testing.postgres.PostgresServer`, from the Debian package
+``postgresql``; started when a test first asks for it, stopped at the end), and
+``postgres_dsn`` a ``postgresql://`` URI of a fresh, empty database for each test::
+
+    async def test_my_store(postgres_dsn):
+        async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
+            ...
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -51,12 +61,14 @@ from gatewayd_testing.contexts import (
     plugin_settings,
     transport_settings,
 )
+from gatewayd_testing.postgres import PostgresServer
 
 __all__ = [
     "MemoryKV",
     "MemoryPluginContext",
     "MemoryTransportContext",
     "Pki",
+    "PostgresServer",
     "StaticCredentials",
     "counted_lines",
     "plugin_settings",
@@ -103,6 +115,29 @@ def gateway_config(
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the session (initdb takes a second or more): superuser
+    ``gatewayd``, password :data:`gatewayd_testing.postgres.PASSWORD`, on 127.0.0.1.
+
+    Tests share it: take a database of your own with ``postgres_dsn``, and leave the
+    server running (a test that stops or kills a server makes its own
+    :class:`PostgresServer`)."""
+    server = PostgresServer(tmp_path_factory.mktemp("postgres"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer) -> str:
+    """The ``postgresql://`` URI (with the password) of a new empty database on the
+    session's server, for this test alone."""
+    return postgres_server.create_database(f"test_{uuid.uuid4().hex[:16]}")
 
 
 @pytest.fixture(autouse=True)
