@@ -77,6 +77,9 @@ from gatewayd.worker import Handler, QueueWorker
 
 log = structlog.get_logger(__name__)
 
+# With a shared store: how often an instance looks for devices the others learned.
+DIRECTORY_SYNC_SECONDS = 2.0
+
 
 class _CheckOnlyContext(PluginContext):
     """For ``check-config``: a transport may be built, never fed."""
@@ -190,6 +193,7 @@ class Gateway:
                 relay=s.relay,
                 token=s.api.token,
                 limits=s.api.limits,
+                on_unknown=self._sync_directory if self._shared else None,
             )
             stack.push_async_callback(api.close)
             self.notifier.status("starting the API listener")
@@ -246,7 +250,12 @@ class Gateway:
 
         store, registrar = self.store, self._registrar
         senders = Senders(self._client, registrar, store)
-        dispatcher = Dispatcher(store=store, directory=self.directory, transports=self.transports)
+        dispatcher = Dispatcher(
+            store=store,
+            directory=self.directory,
+            transports=self.transports,
+            on_unknown=self._sync_directory if self._shared else None,
+        )
         self.expiry = ExpirySweep(store, dispatcher, interval=self._expiry_sweep)
 
         def northbound(queue: Queue, handler: Handler) -> QueueWorker:
@@ -283,6 +292,8 @@ class Gateway:
         # READY=1 waits for the registration and a store write (see _announce_ready).
         self._tasks.spawn("readiness", self._announce_ready())
         self._tasks.spawn("stats", self.live.stats_loop(s.stats_interval))
+        if self._shared:
+            self._tasks.spawn("directory:sync", self._directory_sync_loop())
         log.info(
             "gateway.started",
             gateway_id=s.gateway_id,
@@ -460,10 +471,46 @@ class Gateway:
         # The instances stay in self.transports: tests and the stop log look at them after.
         await asyncio.gather(*(stop_within(t, left) for t in self.transports.values()))
 
+    @property
+    def _shared(self) -> bool:
+        """Several instances share the store, and with it the gateway's registration."""
+        return self.settings.store.backend != "sqlite"
+
+    async def _sync_directory(self) -> bool:
+        """Learn what the other instances learned (the shared store's devices); a new
+        device updates the registration, which every instance keeps identical."""
+        try:
+            added = self.directory.merge(await self.store.learned_devices())
+        except StoreError as exc:
+            log.warning("directory.sync_failed", error=str(exc))
+            return False
+        for endpoint in added:
+            log.info(
+                "device.learned",
+                transport=endpoint.transport,
+                device=endpoint.device.name,
+                service_id=endpoint.device.service_id,
+                by="another instance",
+            )
+        if added and self._registrar is not None:
+            self._registrar.changed()
+        return bool(added)
+
+    async def _directory_sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(DIRECTORY_SYNC_SECONDS)
+            await self._sync_directory()
+
     async def _deregister(self) -> None:
         """Deregister within what is left of ``drain_timeout``: a server that does not
-        answer must not hold SIGTERM up for another ``northbound.timeout``."""
+        answer must not hold SIGTERM up for another ``northbound.timeout``.
+
+        Not when instances share the store: the registration is the cluster's, and the
+        others keep it; it runs out by its TTL once every instance is gone."""
         assert self._registrar is not None
+        if self._shared:
+            log.info("registration.kept", reason="shared by the instances on the store")
+            return
         timeout = self.settings.northbound.timeout
         if self._stop_deadline is not None:
             timeout = min(timeout, self._stop_deadline.left(DEREGISTER_MIN_SECONDS))

@@ -127,6 +127,26 @@ class Directory:
                 self.learn(transport, device)
         return dropped
 
+    def merge(self, learned: Iterable[tuple[str, str, str]]) -> list[Endpoint]:
+        """Learn the devices other instances learned (a shared store): those the config
+        would learn the same way and this directory does not know yet. Returns them.
+
+        Unlike :meth:`restore`, nothing is dropped: a device this instance cannot learn
+        stays the business of the instance that learned it."""
+        added = []
+        for transport, name, service_id in learned:
+            device = self.learnable(transport, name)
+            if (
+                device is not None
+                and device.service_id == service_id
+                and self.device(transport, name) is None
+                and self.endpoint(service_id) is None
+                and (transport, name) not in self._refused
+            ):
+                self.learn(transport, device)
+                added.append(Endpoint(transport, device))
+        return added
+
     def _add(self, transport: str, device: Device) -> None:
         self._by_device[(transport, device.name)] = device
         self._by_service[device.service_id] = Endpoint(transport, device)
@@ -454,17 +474,28 @@ class Dispatcher:
         store: Store,
         directory: Directory,
         transports: dict[str, Transport],
+        on_unknown: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self._store = store
         self._directory = directory
         self._transports = transports
+        # Several instances on a shared store: a device another instance learned may be
+        # missing from this directory until it looks at the store again.
+        self._on_unknown = on_unknown
+
+    async def _endpoint(self, service_id: str) -> Endpoint | None:
+        endpoint = self._directory.endpoint(service_id)
+        if endpoint is None and self._on_unknown is not None:
+            await self._on_unknown()
+            endpoint = self._directory.endpoint(service_id)
+        return endpoint
 
     async def handle(self, item: Item) -> Outcome:
         kind, wire = item.body["kind"], item.body["wire"]
         if kind == KIND_REPORT:
             return await self._report(DeliveryStatusReport.from_json(wire))
         message = GatewayMessageDelivery.from_json(wire)
-        endpoint = self._directory.endpoint(message.dest_addr.addr)
+        endpoint = await self._endpoint(message.dest_addr.addr)
         if endpoint is None:
             return Dead(f"UE Service ID {message.dest_addr.addr} is no longer mapped")
         transport = self._transports.get(endpoint.transport)
@@ -504,7 +535,7 @@ class Dispatcher:
         return Done() if outcome.delivered else Dead(outcome.cause or "delivery failed")
 
     async def _report(self, report: DeliveryStatusReport) -> Outcome:
-        endpoint = self._directory.endpoint(report.dest_addr.addr)
+        endpoint = await self._endpoint(report.dest_addr.addr)
         if endpoint is None:
             return Dead(f"UE Service ID {report.dest_addr.addr} is no longer mapped")
         transport = self._transports.get(endpoint.transport)

@@ -242,7 +242,7 @@ async def test_backlog_full_by_bytes(settings: Settings) -> None:
 async def test_disk_full_refuses_then_recovers(store: Store) -> None:
     # Incompressible, so each row takes its room on disk (PostgreSQL compresses values).
     body = {"payload": random.Random(1).randbytes(1500).hex()}
-    await store.limit_size(64 * 1024 + (await store.stats())["db_bytes"])
+    await store.limit_size(256 * 1024 + (await store.stats())["db_bytes"])
     stored = 0
     with structlog.testing.capture_logs() as logs:
         refused: BacklogFullError | None = None

@@ -82,8 +82,12 @@ class GatewayApi:
         retry_after: float = 5.0,
         token: TokenGate | None = None,
         limits: ListenerLimits | None = None,
+        on_unknown: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self._store = store
+        # Several instances on a shared store: look there before refusing a destination
+        # (a device another instance learned a moment ago).
+        self._on_unknown = on_unknown
         self._limits = limits or ListenerLimits()
         self._token = token
         self._directory = directory
@@ -227,12 +231,13 @@ class GatewayApi:
             ) from None
         return body
 
-    def _served(self, destination: Address, what: str) -> str:
+    async def _served(self, destination: Address, what: str) -> str:
         """The UE Service ID a message or report is for, if this gateway serves it."""
-        if (
-            destination.addr_type != AddressType.UE
-            or self._directory.endpoint(destination.addr) is None
-        ):
+        known = self._directory.endpoint(destination.addr) is not None
+        if not known and self._on_unknown is not None and destination.addr_type == AddressType.UE:
+            await self._on_unknown()
+            known = self._directory.endpoint(destination.addr) is not None
+        if destination.addr_type != AddressType.UE or not known:
             log.warning(f"auth.{what}_refused", reason="destination not served")
             raise _Refusal(
                 problem(
@@ -247,7 +252,7 @@ class GatewayApi:
     async def _deliver_message(self, request: web.Request) -> web.StreamResponse:
         message = GatewayMessageDelivery.from_json(await self._json(request))
         with bound_message(message.msg_id, peer=request[PEER]):
-            service_id = self._served(message.dest_addr, "message")
+            service_id = await self._served(message.dest_addr, "message")
             if segments.is_segment(message):
                 await self._segment(message, service_id)
                 return web.Response(status=204)
@@ -296,7 +301,7 @@ class GatewayApi:
     async def _deliver_report(self, request: web.Request) -> web.StreamResponse:
         report = DeliveryStatusReport.from_json(await self._json(request))
         with bound_message(report.msg_id, peer=request[PEER]):
-            service_id = self._served(report.dest_addr, "report")
+            service_id = await self._served(report.dest_addr, "report")
             await self._store.put_many(Queue.DOWNLINK, [report_in_request(report, service_id)])
             metrics.report("received")
             log.debug("report.received", delivered=report.delivered)

@@ -21,10 +21,10 @@ log = structlog.get_logger(__name__)
 # pg_advisory_xact_lock key: "gwd" + "schema" as one bigint, constant across versions.
 _LOCK: Final = 0x677764_736368656D
 
-# ``lanes`` has one row per (queue, lane) with pending items: which instance holds the
-# lane (its head is being sent) and until when, and when its head is due. Taking work
-# locks lane rows (FOR UPDATE SKIP LOCKED), never items, so the cost of a take
-# follows the lanes with due work, not the backlog (docs/scaling.md).
+# ``lanes`` has one row per (queue, lane) with pending items: its head's id and due time
+# (``not_before``), and which instance holds the lane (its head is being sent) until
+# when. Taking work locks lane rows (FOR UPDATE SKIP LOCKED), never items, so the cost
+# of a take follows the lanes with due work, not the backlog (docs/scaling.md).
 MIGRATIONS: Final[tuple[str, ...]] = (
     """
     CREATE TABLE items (
@@ -54,12 +54,13 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE TABLE lanes (
         queue       text NOT NULL,
         lane        text NOT NULL,
+        head        bigint NOT NULL,
         ready_at    double precision NOT NULL,
         owner       text,
         lease_until double precision,
         PRIMARY KEY (queue, lane)
     );
-    CREATE INDEX lanes_ready ON lanes (queue, ready_at);
+    CREATE INDEX lanes_head ON lanes (queue, head);
     CREATE INDEX lanes_owner ON lanes (owner) WHERE owner IS NOT NULL;
     CREATE TABLE routes (
         service_id  text PRIMARY KEY,

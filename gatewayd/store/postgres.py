@@ -64,6 +64,7 @@ Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 
 CHANNEL: Final = "gatewayd_work"
 _WORKED: Final = frozenset({Queue.UPLINK.value, Queue.REPORT.value, Queue.DOWNLINK.value})
+_QUEUES: Final = frozenset(q.value for q in Queue)
 _SELECT: Final = f"SELECT {ITEM_COLUMNS} FROM items"
 _DB_NOW: Final = "extract(epoch FROM clock_timestamp())"
 # The backlog count (pending rows, their bytes) is read again at most this often: the
@@ -162,6 +163,7 @@ class PostgresStore:
         self._generation: dict[Queue, int] = dict.fromkeys(Queue, 0)
         self._seen: dict[Queue, int] = dict.fromkeys(Queue, 0)
         self._closed = False
+        self._listening: asyncio.Future[None] = self._loop.create_future()
 
     # --- life ----------------------------------------------------------------------------
 
@@ -197,6 +199,12 @@ class PostgresStore:
             store._tasks.spawn(f"store:committer-{n}", store._committer())
         store._tasks.spawn("store:listen", store._listen())
         store._tasks.spawn("store:lease", store._renew_leases())
+        try:  # wake-ups from other instances flow before the first take
+            await asyncio.wait_for(asyncio.shield(store._listening), _CONNECT_TIMEOUT * 2)
+        except BaseException:
+            await store._tasks.aclose()
+            await pool.close()
+            raise
         log.info(
             "store.opened",
             backend="postgresql",
@@ -317,8 +325,8 @@ class PostgresStore:
                         raise _JobFailed(call, exc, [c for c in batch if c is not call]) from exc
                 if tx.woken:
                     await conn.execute(
-                        "SELECT pg_notify(%s, q) FROM unnest(%s::text[]) AS q",
-                        (CHANNEL, sorted(tx.woken)),
+                        "SELECT pg_notify(%s, q || ' ' || %s) FROM unnest(%s::text[]) AS q",
+                        (CHANNEL, self.instance, sorted(tx.woken)),
                     )
         return outcomes, tx
 
@@ -389,9 +397,13 @@ class PostgresStore:
                     delay = 0.5
                     for queue in Queue:  # anything may have happened while we were away
                         self._wake(queue)
+                    if not self._listening.done():
+                        self._listening.set_result(None)
                     async for note in conn.notifies():
-                        with contextlib.suppress(ValueError):
-                            self._wake(Queue(note.payload))
+                        # "<queue> <instance>": our own commits woke our waiters already.
+                        name, _, sender = note.payload.partition(" ")
+                        if sender != self.instance and name in _QUEUES:
+                            self._wake(Queue(name))
             except (psycopg.Error, OSError) as exc:
                 log.warning("store.listen_lost", error=str(exc).strip(), retry_in=delay)
                 await asyncio.sleep(delay)
@@ -614,7 +626,7 @@ class PostgresStore:
                 "WITH picked AS (SELECT queue, lane, owner FROM lanes"
                 " WHERE queue = %(q)s AND ready_at <= %(at)s"
                 f" AND (owner IS NULL OR lease_until < {_DB_NOW})"
-                " ORDER BY ready_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+                " ORDER BY head LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
                 f" UPDATE lanes AS l SET owner = %(me)s, lease_until = {_DB_NOW} + %(lease)s"
                 " FROM picked WHERE l.queue = picked.queue AND l.lane = picked.lane"
                 " RETURNING l.lane, picked.owner",
@@ -906,7 +918,7 @@ class PostgresStore:
             tx.messages += 1
             tx.bytes += int(size)
             if queue in _WORKED:
-                await _open_lanes(tx, str(queue), [str(lane)], now, head=True)
+                await _open_lanes(tx, str(queue), [(str(lane), item_id)])
             tx.woken.add(str(queue))
             return str(msg_id)
 
@@ -1114,27 +1126,33 @@ async def _insert(
     tx.messages += len(rows)
     tx.bytes += sum(size for _, _, size in rows)
     tx.puts += len(rows)
+    new_ids = [ids[r.dedup_key] for r, _, _ in rows]
     if queue.value in _WORKED:
-        await _open_lanes(tx, queue.value, [r.lane for r, _, _ in rows], now, head=False)
+        await _open_lanes(
+            tx, queue.value, [(r.lane, i) for (r, _, _), i in zip(rows, new_ids, strict=True)]
+        )
         tx.woken.add(queue.value)
-    return [ids[r.dedup_key] for r, _, _ in rows]
+    return new_ids
 
 
-async def _open_lanes(tx: _Tx, queue: str, lanes: list[str], now: float, *, head: bool) -> None:
-    """Make sure each lane has its row. The upsert locks an existing row until the
-    commit (``DO UPDATE``, not ``DO NOTHING``), so a concurrent settlement that finds
-    the lane empty cannot delete the row under an item being added (see
-    :func:`_settle_lanes`). Sorted, so two instances lock in the same order.
+async def _open_lanes(tx: _Tx, queue: str, items: list[tuple[str, int]]) -> None:
+    """Give each item's lane its row, or make the item its head if it is older (a replay).
 
-    A new item is never an existing lane's head (its id is the highest), so the lane
-    keeps its due time, unless ``head`` (a replayed older item): then due at ``now``.
+    The upsert locks an existing row until the commit (``DO UPDATE``, never ``DO
+    NOTHING``), so a concurrent settlement that finds the lane empty cannot delete the
+    row under an item being added (see :func:`_settle_lanes`). Sorted by lane, so two
+    instances lock rows in the same order.
     """
-    distinct = sorted(set(lanes))
-    keep = "least(lanes.ready_at, excluded.ready_at)" if head else "lanes.ready_at"
+    heads: dict[str, int] = {}
+    for lane, item_id in items:
+        heads[lane] = min(item_id, heads.get(lane, item_id))
+    lanes = sorted(heads)
     await tx.run(
-        "INSERT INTO lanes (queue, lane, ready_at) SELECT %s, l, %s FROM unnest(%s::text[]) AS l"
-        f" ORDER BY l ON CONFLICT (queue, lane) DO UPDATE SET ready_at = {keep}",
-        (queue, now, distinct),
+        "INSERT INTO lanes (queue, lane, head, ready_at)"
+        " SELECT %s, l, h, 0 FROM unnest(%s::text[], %s::bigint[]) AS t(l, h) ORDER BY l"
+        " ON CONFLICT (queue, lane) DO UPDATE SET head = least(lanes.head, excluded.head),"
+        " ready_at = CASE WHEN excluded.head < lanes.head THEN 0 ELSE lanes.ready_at END",
+        (queue, lanes, [heads[lane] for lane in lanes]),
     )
 
 
@@ -1151,13 +1169,14 @@ async def _settle_lanes(tx: _Tx, lanes: list[tuple[str, str]]) -> None:
     )
     await tx.run(
         "WITH wanted AS (SELECT * FROM unnest(%s::text[], %s::text[]) AS w(queue, lane)),"
-        " head AS (SELECT w.queue, w.lane, h.due FROM wanted w LEFT JOIN LATERAL"
-        " (SELECT greatest(i.not_before, i.queued) AS due FROM items i WHERE i.queue = w.queue"
-        " AND i.lane = w.lane AND i.state = 'pending' ORDER BY i.id LIMIT 1) h ON true),"
-        " kept AS (UPDATE lanes l SET owner = NULL, lease_until = NULL, ready_at = head.due"
-        " FROM head WHERE l.queue = head.queue AND l.lane = head.lane AND head.due IS NOT NULL)"
+        " head AS (SELECT w.queue, w.lane, h.id, h.not_before FROM wanted w LEFT JOIN LATERAL"
+        " (SELECT i.id, i.not_before FROM items i WHERE i.queue = w.queue AND i.lane = w.lane"
+        " AND i.state = 'pending' ORDER BY i.id LIMIT 1) h ON true),"
+        " kept AS (UPDATE lanes l SET owner = NULL, lease_until = NULL, head = head.id,"
+        " ready_at = head.not_before FROM head"
+        " WHERE l.queue = head.queue AND l.lane = head.lane AND head.id IS NOT NULL)"
         " DELETE FROM lanes l USING head WHERE l.queue = head.queue AND l.lane = head.lane"
-        " AND head.due IS NULL",
+        " AND head.id IS NULL",
         (queues, names),
     )
     tx.woken.update(q for q in queues)
