@@ -184,9 +184,11 @@ class PostgresStore:
             name="gatewayd-store",
         )
         try:
-            await pool.open(wait=True, timeout=_CONNECT_TIMEOUT * 2)
-            async with pool.connection() as conn:
+            # One connection first: its failure says why (refused, wrong password, no
+            # such database), where a pool would only report that it timed out.
+            async with await psycopg.AsyncConnection.connect(settings.dsn, **kwargs) as conn:
                 version = await migrate(conn)
+            await pool.open(wait=True, timeout=_CONNECT_TIMEOUT * 2)
         except (psycopg.Error, PoolTimeout, OSError) as exc:
             await pool.close()
             where = safe_dsn(settings.dsn)
@@ -222,9 +224,9 @@ class PostgresStore:
         lanes at once, not after ``lease``), stop the tasks and close the pool."""
         if self._closed:
             return
-        self._closed = True
         with contextlib.suppress(GatewaydError):
             await self._call(self._release_all)
+        self._closed = True
         await self._tasks.aclose()
         await self._pool.close()
         log.info("store.closed", backend="postgresql", database=safe_dsn(self.settings.dsn or ""))
@@ -243,7 +245,7 @@ class PostgresStore:
 
     def _call(self, fn: Job, *, intake: bool = False) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = self._loop.create_future()
-        if self._closed and fn is not self._release_all:
+        if self._closed:
             future.set_exception(StoreError("the store is closed"))
             return future
         self._calls.append(_Call(fn, future, intake))
