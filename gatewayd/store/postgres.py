@@ -72,6 +72,8 @@ _DB_NOW: Final = "extract(epoch FROM clock_timestamp())"
 _RECOUNT_SECONDS: Final = 1.0
 # A refused intake may come back soon: PostgreSQL restarts in seconds.
 RETRY_AFTER_UNAVAILABLE: Final = 5.0
+_NO_HEAD: Final = 2**63 - 1  # a settled lane's head candidate: least() keeps the row's
+_OWN_CONNECTIONS: Final = 2  # beyond the committers': takes, which run alone
 _CONNECT_TIMEOUT: Final = 5.0  # seconds: a database that does not answer refuses intake
 MAX_REJECTED: Final = 10_000  # as the SQLite backend: rejected intake records kept
 _PROBE_BYTES: Final = 16 * 1024
@@ -88,6 +90,8 @@ class _Tx:
     bytes: int = 0
     recounted: tuple[int, int] | None = None
     woken: set[str] = field(default_factory=set)  # queues to notify after the commit
+    opened: dict[tuple[str, str], int] = field(default_factory=dict)  # lane -> new head
+    settled: set[tuple[str, str]] = field(default_factory=set)  # lanes to free
     puts: int = 0
     proven: bool = False
 
@@ -149,7 +153,9 @@ class PostgresStore:
         self._lazy: list[_Call] = []
         self._lazy_timer: asyncio.TimerHandle | None = None
         self._work = asyncio.Event()
-        self._dones: list[Item] = []  # delivered items whose done rides the next commit
+        # Delivered items whose done is not committed yet (it rides the next transaction):
+        # their lanes are still held, and not handed out again by this instance.
+        self._unwritten: dict[int, Item] = {}
         self._dones_queued = False
         self._backlog_messages = 0
         self._backlog_bytes = 0
@@ -178,7 +184,7 @@ class PostgresStore:
             settings.dsn,
             kwargs=kwargs,
             min_size=1,
-            max_size=settings.pool_size,
+            max_size=settings.pool_size + _OWN_CONNECTIONS,
             open=False,
             timeout=_CONNECT_TIMEOUT,
             name="gatewayd-store",
@@ -251,6 +257,14 @@ class PostgresStore:
         self._calls.append(_Call(fn, future, intake))
         self._work.set()
         return future
+
+    async def _alone(self, fn: Job) -> Any:
+        """Run one job in a transaction of its own, now, beside the committers."""
+        call = _Call(fn, self._loop.create_future(), False)
+        if self._closed:
+            raise StoreError("the store is closed")
+        await self._run_alone(call)
+        return await call.future
 
     def _call_lazy(self, fn: Job) -> asyncio.Future[Any]:
         """A job that waits for another to ride with, or ``LAZY_SECONDS`` alone."""
@@ -325,6 +339,7 @@ class PostgresStore:
                         if _storage_failure(exc) is not None:
                             raise  # the database, not the job: every job shares it
                         raise _JobFailed(call, exc, [c for c in batch if c is not call]) from exc
+                await _apply_lanes(tx)
                 if tx.woken:
                     await conn.execute(
                         "SELECT pg_notify(%s, q || ' ' || %s) FROM unnest(%s::text[]) AS q",
@@ -415,8 +430,8 @@ class PostgresStore:
         """Keep this instance's lanes: every ``lease / 3`` seconds, push their leases on."""
         while True:
             await asyncio.sleep(self.settings.lease / 3)
-            self._flush_dones()  # dones a failed transaction put back
-            if not self._claimed and not self._dones:
+            self._flush_dones()  # dones a failed transaction left
+            if not self._claimed and not self._unwritten:
                 continue
             try:
                 await self._call(self._renew)
@@ -424,17 +439,20 @@ class PostgresStore:
                 log.warning("store.lease_renewal_failed", error=str(exc))
 
     async def _renew(self, tx: _Tx) -> None:
+        # Locked in key order, as every transaction takes lane rows (no deadlocks).
         await tx.run(
-            f"UPDATE lanes SET lease_until = {_DB_NOW} + %s WHERE owner = %s",
-            (self.settings.lease, self.instance),
+            f"UPDATE lanes AS l SET lease_until = {_DB_NOW} + %s FROM (SELECT queue, lane"
+            " FROM lanes WHERE owner = %s ORDER BY queue, lane FOR UPDATE) AS mine"
+            " WHERE l.queue = mine.queue AND l.lane = mine.lane AND l.owner = %s",
+            (self.settings.lease, self.instance, self.instance),
         )
 
     async def _release_all(self, tx: _Tx) -> None:
         await self._finish_dones(tx)
-        await tx.run(
-            "UPDATE lanes SET owner = NULL, lease_until = NULL WHERE owner = %s", (self.instance,)
+        mine = await tx.all(
+            "SELECT queue, lane FROM lanes WHERE owner = %s ORDER BY queue, lane", (self.instance,)
         )
-        tx.woken.update(_WORKED)
+        _settle_lanes(tx, [(str(q), str(lane)) for q, lane in mine])
         self._claimed.clear()
 
     # --- intake ----------------------------------------------------------------------------
@@ -623,11 +641,17 @@ class PostgresStore:
         self._seen[queue] = self._generation[queue]
         taken: list[tuple[str, str]] = []
 
+        # Lanes this instance holds and is not sending or settling (a send cancelled, its
+        # release not committed yet) are its to hand out again.
+        busy = [lane for q, lane in self._claimed.values() if q == queue.value]
+        busy += [i.lane for i in self._unwritten.values() if i.queue == queue]
+
         async def job(tx: _Tx) -> list[Item]:
             leased = await tx.all(
                 "WITH picked AS (SELECT queue, lane, owner FROM lanes"
                 " WHERE queue = %(q)s AND ready_at <= %(at)s"
-                f" AND (owner IS NULL OR lease_until < {_DB_NOW})"
+                f" AND (owner IS NULL OR lease_until < {_DB_NOW}"
+                " OR (owner = %(me)s AND NOT lane = ANY(%(busy)s)))"
                 " ORDER BY head LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
                 f" UPDATE lanes AS l SET owner = %(me)s, lease_until = {_DB_NOW} + %(lease)s"
                 " FROM picked WHERE l.queue = picked.queue AND l.lane = picked.lane"
@@ -638,10 +662,15 @@ class PostgresStore:
                     "limit": limit,
                     "me": self.instance,
                     "lease": self.settings.lease,
+                    "busy": busy,
                 },
             )
             taken.clear()  # a job may run twice (batch, then alone)
-            taken.extend((str(lane), str(prev)) for lane, prev in leased if prev is not None)
+            taken.extend(
+                (str(lane), str(prev))
+                for lane, prev in leased
+                if prev is not None and prev != self.instance
+            )
             if not leased:
                 return []
             rows = await tx.all(
@@ -654,10 +683,12 @@ class PostgresStore:
             held = {item.lane for item in ready}
             idle = [lane for lane, _ in leased if lane not in held]
             if idle:  # no head due after all (a retry read late): give those lanes back
-                await _settle_lanes(tx, [(queue.value, lane) for lane in idle])
+                _settle_lanes(tx, [(queue.value, lane) for lane in idle])
             return sorted(ready, key=lambda i: i.id)
 
-        items: list[Item] = await self._call(job)
+        # Alone, not in a batch: a take's locks are taken with SKIP LOCKED and never wait,
+        # so its transaction can never be part of a deadlock (docs/scaling.md).
+        items: list[Item] = await self._alone(job)
         for lane, previous in taken:
             log.warning("store.lane_taken_over", queue=str(queue), lane=lane, previous=previous)
         for item in items:
@@ -678,44 +709,39 @@ class PostgresStore:
         """Delivered: the write rides on the next transaction (a crash before it sends
         the item again: at least once). The lane stays held until it commits."""
         self._claimed.pop(item.id, None)
-        self._dones.append(item)
+        self._unwritten[item.id] = item
         self._flush_dones()
 
     def _flush_dones(self) -> None:
-        if self._dones_queued or not self._dones:
+        if self._dones_queued or not self._unwritten:
             return
         self._dones_queued = True
         self._call_lazy(self._finish_dones).add_done_callback(self._dones_written)
 
     def _dones_written(self, future: asyncio.Future[Any]) -> None:
         self._dones_queued = False
-        _log_settle_failure(future)
+        if future.cancelled() or future.exception() is not None:
+            # Still pending in the database; tried again with the next done, or by the
+            # lease renewal (not at once: the database may be away).
+            _log_settle_failure(future)
+            return
+        for item_id in future.result():
+            self._unwritten.pop(item_id, None)
+        self._flush_dones()  # those delivered meanwhile
 
-    async def _finish_dones(self, tx: _Tx) -> None:
-        dones, self._dones = self._dones, []
-        self._dones_queued = False  # a done from now on needs a transaction of its own
-        try:
-            if dones:
-                await self._finish(tx, [i.id for i in dones], State.DONE, None, time.time())
-        except BaseException:
-            self._dones[:0] = dones  # the transaction failed: the next one tries again
-            raise
+    async def _finish_dones(self, tx: _Tx) -> list[int]:
+        ids = list(self._unwritten)
+        if ids:
+            await self._finish(tx, ids, State.DONE, None, time.time())
+        return ids
 
     def release(self, item_id: int) -> None:
+        """A send that was cancelled: its lane stays leased to this instance, which hands
+        the head out again at its next take (no write; a clean close gives the lease
+        back, a crash lets it run out)."""
         claim = self._claimed.pop(item_id, None)
-        if claim is None:
-            return  # settled: its lane was freed with the settlement
-        queue, lane = claim
-
-        async def job(tx: _Tx) -> None:
-            await tx.run(
-                "UPDATE lanes SET owner = NULL, lease_until = NULL"
-                " WHERE queue = %s AND lane = %s AND owner = %s",
-                (queue, lane, self.instance),
-            )
-            tx.woken.add(queue)
-
-        self._call(job).add_done_callback(_log_settle_failure)
+        if claim is not None:
+            self._wake(Queue(claim[0]))
 
     async def retry_later(self, item_id: int, *, not_before: float, error: str) -> None:
         self._claimed.pop(item_id, None)
@@ -727,7 +753,7 @@ class PostgresStore:
                 (not_before, error, item_id),
             )
             if row is not None and row[0] in _WORKED:
-                await _settle_lanes(tx, [(str(row[0]), str(row[1]))])
+                _settle_lanes(tx, [(str(row[0]), str(row[1]))])
 
         await self._call(job)
 
@@ -755,7 +781,7 @@ class PostgresStore:
         tx.bytes -= sum(int(r[1]) for r in rows)
         lanes = sorted({(str(r[2]), str(r[3])) for r in rows if r[2] in _WORKED})
         if lanes:
-            await _settle_lanes(tx, lanes)
+            _settle_lanes(tx, lanes)
         return [str(r[0]) for r in rows]
 
     async def expire(
@@ -920,8 +946,9 @@ class PostgresStore:
             tx.messages += 1
             tx.bytes += int(size)
             if queue in _WORKED:
-                await _open_lanes(tx, str(queue), [(str(lane), item_id)])
-            tx.woken.add(str(queue))
+                _open_lanes(tx, str(queue), [(str(lane), item_id)])
+            else:
+                tx.woken.add(str(queue))
             return str(msg_id)
 
         msg_id = await self._call(job)
@@ -953,7 +980,7 @@ class PostgresStore:
                 tx.bytes -= sum(int(r[2]) for r in rows)
                 lanes = sorted({(str(q), str(lane)) for q, lane, _ in rows if q in _WORKED})
                 if lanes:
-                    await _settle_lanes(tx, lanes)
+                    _settle_lanes(tx, lanes)
             return len(rows)
 
         count: int = await self._call(job)
@@ -1130,45 +1157,57 @@ async def _insert(
     tx.puts += len(rows)
     new_ids = [ids[r.dedup_key] for r, _, _ in rows]
     if queue.value in _WORKED:
-        await _open_lanes(
+        _open_lanes(
             tx, queue.value, [(r.lane, i) for (r, _, _), i in zip(rows, new_ids, strict=True)]
         )
-        tx.woken.add(queue.value)
     return new_ids
 
 
-async def _open_lanes(tx: _Tx, queue: str, items: list[tuple[str, int]]) -> None:
-    """Give each item's lane its row, or make the item its head if it is older (a replay).
-
-    The upsert locks an existing row until the commit (``DO UPDATE``, never ``DO
-    NOTHING``), so a concurrent settlement that finds the lane empty cannot delete the
-    row under an item being added (see :func:`_settle_lanes`). Sorted by lane, so two
-    instances lock rows in the same order.
-    """
-    heads: dict[str, int] = {}
+def _open_lanes(tx: _Tx, queue: str, items: list[tuple[str, int]]) -> None:
+    """New pending items (or a replayed older one) in their lanes: applied at the end of
+    the transaction by :func:`_apply_lanes`."""
     for lane, item_id in items:
-        heads[lane] = min(item_id, heads.get(lane, item_id))
-    lanes = sorted(heads)
-    await tx.run(
-        "INSERT INTO lanes (queue, lane, head, ready_at)"
-        " SELECT %s, l, h, 0 FROM unnest(%s::text[], %s::bigint[]) AS t(l, h) ORDER BY l"
-        " ON CONFLICT (queue, lane) DO UPDATE SET head = least(lanes.head, excluded.head),"
-        " ready_at = CASE WHEN excluded.head < lanes.head THEN 0 ELSE lanes.ready_at END",
-        (queue, lanes, [heads[lane] for lane in lanes]),
-    )
+        key = (queue, lane)
+        tx.opened[key] = min(item_id, tx.opened.get(key, item_id))
+    tx.woken.add(queue)
 
 
-async def _settle_lanes(tx: _Tx, lanes: list[tuple[str, str]]) -> None:
-    """Free lanes whose head was settled: each row is locked first (waiting for a put
-    adding to the lane to commit), then, in a fresh statement that sees that put, it
-    takes its new head's due time, or goes when the lane is empty."""
-    queues = [q for q, _ in lanes]
-    names = [lane for _, lane in lanes]
+def _settle_lanes(tx: _Tx, lanes: Iterable[tuple[str, str]]) -> None:
+    """Lanes whose head was settled, retried or released: freed and moved to their next
+    head at the end of the transaction by :func:`_apply_lanes`."""
+    for key in lanes:
+        tx.settled.add(key)
+        tx.woken.add(key[0])
+
+
+async def _apply_lanes(tx: _Tx) -> None:
+    """Every lane row the transaction touches, in two statements at its end.
+
+    First one sorted pass locks (or creates) them all: an existing row stays locked until
+    the commit (``DO UPDATE``, never ``DO NOTHING``), so a settlement elsewhere cannot
+    find the lane empty and delete it under an item being added here; and since every
+    transaction takes its lane locks in one pass in the same order, two instances never
+    deadlock on them. Then, in a fresh statement that sees what committed while it
+    waited, each settled lane takes its new head's id and due time, or goes if empty.
+    """
+    keys = sorted(tx.opened.keys() | tx.settled)
+    if not keys:
+        return
     await tx.run(
-        "SELECT 1 FROM lanes WHERE (queue, lane) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"
-        " ORDER BY queue, lane FOR UPDATE",
-        (queues, names),
+        "INSERT INTO lanes AS l (queue, lane, head, ready_at)"
+        " SELECT q, n, h, 0 FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS t(q, n, h)"
+        " ORDER BY q, n ON CONFLICT (queue, lane) DO UPDATE"
+        " SET head = least(l.head, excluded.head),"
+        " ready_at = CASE WHEN excluded.head < l.head THEN 0 ELSE l.ready_at END",
+        (
+            [q for q, _ in keys],
+            [lane for _, lane in keys],
+            [tx.opened.get(key, _NO_HEAD) for key in keys],
+        ),
     )
+    settled = sorted(tx.settled)
+    if not settled:
+        return
     await tx.run(
         "WITH wanted AS (SELECT * FROM unnest(%s::text[], %s::text[]) AS w(queue, lane)),"
         " head AS (SELECT w.queue, w.lane, h.id, h.not_before FROM wanted w LEFT JOIN LATERAL"
@@ -1179,9 +1218,8 @@ async def _settle_lanes(tx: _Tx, lanes: list[tuple[str, str]]) -> None:
         " WHERE l.queue = head.queue AND l.lane = head.lane AND head.id IS NOT NULL)"
         " DELETE FROM lanes l USING head WHERE l.queue = head.queue AND l.lane = head.lane"
         " AND head.id IS NULL",
-        (queues, names),
+        ([q for q, _ in settled], [lane for _, lane in settled]),
     )
-    tx.woken.update(q for q in queues)
 
 
 async def _remember_route(tx: _Tx, service_id: str, origin: str, expires: float) -> None:
