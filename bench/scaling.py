@@ -11,7 +11,8 @@ fixed rate, through:
 - ``pg1``: one instance on PostgreSQL;
 - ``pg2``: two instances on PostgreSQL, one MQTT shared-subscription group.
 
-Then the takeover: two instances under open-loop load, one SIGKILLed; the time until
+Then the takeover: two instances under closed-loop load, the server frozen for a second
+(SIGSTOP) so both hold lanes in flight, one instance SIGKILLed; the time until
 the survivor takes the dead one's lanes over (``store.lane_taken_over``) with
 ``lease = TAKEOVER_LEASE``, and whether every message still arrives (the dead one is
 started again, as systemd would: the broker keeps its session's unacknowledged
@@ -162,30 +163,44 @@ def takeover(dep: Deployment, pg: Postgres, plan: Plan) -> dict[str, Any]:
     }
     for gw, config in configs.items():
         dep.start_gateway(gw, config)
-    rate = plan.rates[0]
-    count = int(rate * max(plan.open_seconds, TAKEOVER_LEASE * 3))
+    # Closed loop: every lane always has work, so the victim holds lanes when it dies.
     spec = dep.spec(
         sender="mqtt",
         topic="devices/{device}/up",
         arrivals="simlog",
         tag="stko",
-        count=count,
-        rate=rate,
-        max_seconds=count / rate + 5,
-        drain_seconds=plan.drain_seconds + TAKEOVER_LEASE * 2,
+        count=max(plan.closed_count, 2000),  # long enough to outlast the lease
+        rate=None,
+        window=plan.window,
+        drain_seconds=plan.drain_seconds + TAKEOVER_LEASE * 4,
     )
     outcome: dict[str, Any] = {}
     load = threading.Thread(
-        target=lambda: outcome.update(drive(dep, spec, {"tk-a": dep.procs["tk-a"]})),
+        target=lambda: outcome.update(drive(dep, spec, {})),
         name="takeover-load",
     )
     load.start()
-    time.sleep(min(3.0, count / rate / 3))
-    victim = dep.procs["tk-b"]
-    victim.popen.send_signal(signal.SIGKILL)
+    time.sleep(2.0)
+    # The server stops answering for a moment, so both instances hold lanes (sends in
+    # flight) when one dies: what a takeover is for.
+    sim = dep.procs["sim"].popen
+    sim.send_signal(signal.SIGSTOP)
+    time.sleep(1.0)
+    # The victim: the instance holding the most lanes (an instance id ends in its pid).
+    held = pg.server.execute(
+        "SELECT owner, count(*) FROM lanes WHERE owner IS NOT NULL GROUP BY owner"
+        " ORDER BY count(*) DESC",
+        database="takeover",
+    )
+    pids = {dep.procs[gw].pid: gw for gw in configs}
+    dead = pids.get(int(str(held[0][0]).split("/")[1])) if held else None
+    dead = dead or "tk-b"
+    alive = next(gw for gw in configs if gw != dead)
+    dep.procs[dead].popen.send_signal(signal.SIGKILL)
     killed = time.time()
-    victim.popen.wait()
-    survivor_log = dep.procs["tk-a"].log
+    sim.send_signal(signal.SIGCONT)
+    dep.procs[dead].popen.wait()
+    survivor_log = dep.procs[alive].log
     took: float | None = None
     deadline = time.monotonic() + TAKEOVER_LEASE * 4
     while took is None and time.monotonic() < deadline:
@@ -199,8 +214,8 @@ def takeover(dep: Deployment, pg: Postgres, plan: Plan) -> dict[str, Any]:
         '"store.lane_taken_over"' in line
         for line in survivor_log.read_text(errors="replace").splitlines()
     )
-    dep.procs.pop("tk-b", None)
-    dep.start_gateway("tk-b", configs["tk-b"])  # systemd's restart: its broker session back
+    dep.procs.pop(dead, None)
+    dep.start_gateway(dead, configs[dead])  # systemd's restart: its broker session back
     load.join()
     for gw in ("tk-a", "tk-b"):
         dep.stop(gw)
@@ -209,9 +224,9 @@ def takeover(dep: Deployment, pg: Postgres, plan: Plan) -> dict[str, Any]:
         "lease_s": TAKEOVER_LEASE,
         "takeover_s": None if took is None else round(took, 2),
         "lanes_taken_over": taken,
+        "lanes_held_at_kill": int(held[0][1]) if held else 0,
         "sent": outcome.get("sent"),
         "delivered": outcome.get("delivered"),
-        "offered_rate": rate,
     }
 
 
@@ -238,7 +253,7 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             f"Takeover: {tk['takeover_s']} s after SIGKILL with lease {tk['lease_s']} s"
             f" ({tk['lanes_taken_over']} lanes); delivered {tk['delivered']} of {tk['sent']}"
-            f" at {tk['offered_rate']} msg/s offered.",
+            " under closed-loop load.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -247,6 +262,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="gatewayd on a shared PostgreSQL store")
     parser.add_argument("--quick", action="store_true", help="CI smoke size")
     parser.add_argument("--out", type=Path, default=HERE / "out")
+    parser.add_argument("--only", choices=("setups", "takeover"), help="one half")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
     work = Path(tempfile.mkdtemp(prefix="gatewayd-scaling-"))
@@ -259,15 +276,20 @@ def main() -> int:
         dep.start_broker()
         dep.start_sim()
         pg = Postgres(work)
-        result["setups"].append(run_setup(dep, None, "sqlite", 1, plan))
-        result["setups"].append(run_setup(dep, pg, "pg1", 1, plan))
-        result["setups"].append(run_setup(dep, pg, "pg2", 2, plan))
-        result["takeover"] = takeover(dep, pg, plan)
+        if args.only != "takeover":
+            result["setups"].append(run_setup(dep, None, "sqlite", 1, plan))
+            result["setups"].append(run_setup(dep, pg, "pg1", 1, plan))
+            result["setups"].append(run_setup(dep, pg, "pg2", 2, plan))
+        if args.only != "setups":
+            result["takeover"] = takeover(dep, pg, plan)
     finally:
         dep.stop_all()
         if pg is not None:
             pg.server.close()
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            say(f"work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     result["host"]["loadavg_end"] = loadavg()
     (args.out / "scaling.json").write_text(json.dumps(result, indent=2))
     (args.out / "scaling.md").write_text(markdown(result))
