@@ -54,7 +54,7 @@ from gatewayd.store.model import (
 )
 from gatewayd.store.pg_schema import migrate
 from gatewayd.store.schema import ITEM_COLUMNS, encode_body, row_to_item
-from gatewayd.store.writer import LAZY_SECONDS, RETRY_AFTER_BACKLOG
+from gatewayd.store.writer import RETRY_AFTER_BACKLOG
 from gatewayd.tasks import TaskSet
 
 log = structlog.get_logger(__name__)
@@ -150,8 +150,6 @@ class PostgresStore:
         self._loop = asyncio.get_running_loop()
         self._tasks = TaskSet()
         self._calls: list[_Call] = []
-        self._lazy: list[_Call] = []
-        self._lazy_timer: asyncio.TimerHandle | None = None
         self._work = asyncio.Event()
         # Delivered items whose done is not committed yet (it rides the next transaction):
         # their lanes are still held, and not handed out again by this instance.
@@ -266,26 +264,14 @@ class PostgresStore:
         await self._run_alone(call)
         return await call.future
 
-    def _call_lazy(self, fn: Job) -> asyncio.Future[Any]:
-        """A job that waits for another to ride with, or ``LAZY_SECONDS`` alone."""
-        future: asyncio.Future[Any] = self._loop.create_future()
-        self._lazy.append(_Call(fn, future, False))
-        if self._lazy_timer is None:
-            self._lazy_timer = self._loop.call_later(LAZY_SECONDS, self._work.set)
-        return future
-
     async def _committer(self) -> None:
         while True:
             await self._work.wait()
-            if not self._calls and not self._lazy:
+            if not self._calls:
                 self._work.clear()
                 continue
-            batch = self._calls[: self.settings.batch_max] + self._lazy
+            batch = self._calls[: self.settings.batch_max]
             del self._calls[: self.settings.batch_max]
-            self._lazy = []
-            if self._lazy_timer is not None:
-                self._lazy_timer.cancel()
-                self._lazy_timer = None
             if not self._calls:
                 self._work.clear()
             await self._run(batch)
@@ -496,31 +482,42 @@ class PostgresStore:
     async def _put_all(
         self, tx: _Tx, queue: Queue, encoded: list[tuple[PutRequest, str]], now: float
     ) -> list[PutResult]:
-        keys = [r.dedup_key for r, _ in encoded]
-        existing = dict(
-            await tx.all(
-                "SELECT dedup_key, id FROM items WHERE queue = %s AND dedup_key = ANY(%s)",
-                (queue.value, keys),
-            )
-        )
-        fresh = [
-            (r, body, len(body.encode())) for r, body in encoded if r.dedup_key not in existing
-        ]
-        if fresh:
-            await self._check_limits(tx, len(fresh), sum(size for _, _, size in fresh))
-            ids = await _insert(tx, queue, fresh, now)
-            existing_new = {
-                r.dedup_key: item_id for (r, _, _), item_id in zip(fresh, ids, strict=True)
-            }
+        rows = [(r, body, len(body.encode())) for r, body in encoded]
+        if await self._fits(tx, len(rows), sum(size for _, _, size in rows)):
+            # The usual case, in one statement: whatever is a duplicate is skipped.
+            ids = await _insert(tx, queue, rows, now, skip_stored=True)
+            missing = [r.dedup_key for r, _, _ in rows if r.dedup_key not in ids]
+            existing = await self._stored(tx, queue, missing) if missing else {}
         else:
-            existing_new = {}
-        results: list[PutResult] = []
-        for request, _ in encoded:
-            if request.dedup_key in existing:
-                results.append(PutResult(int(existing[request.dedup_key]), duplicate=True))
-            else:
-                results.append(PutResult(existing_new[request.dedup_key], duplicate=False))
-        return results
+            # Near a limit: only what is new counts against it, so look first.
+            existing = await self._stored(tx, queue, [r.dedup_key for r, _, _ in rows])
+            fresh = [row for row in rows if row[0].dedup_key not in existing]
+            ids = {}
+            if fresh:
+                await self._check_limits(tx, len(fresh), sum(size for _, _, size in fresh))
+                ids = await _insert(tx, queue, fresh, now)
+        return [
+            PutResult(existing[r.dedup_key], duplicate=True)
+            if r.dedup_key in existing
+            else PutResult(ids[r.dedup_key], duplicate=False)
+            for r, _, _ in rows
+        ]
+
+    @staticmethod
+    async def _stored(tx: _Tx, queue: Queue, keys: list[str]) -> dict[str, int]:
+        rows = await tx.all(
+            "SELECT dedup_key, id FROM items WHERE queue = %s AND dedup_key = ANY(%s)",
+            (queue.value, keys),
+        )
+        return {str(key): int(item_id) for key, item_id in rows}
+
+    async def _fits(self, tx: _Tx, messages: int, size: int) -> bool:
+        held, held_bytes = await tx.backlog()
+        return (
+            self._cap is None
+            and held + messages <= self.settings.max_messages
+            and held_bytes + size <= self.settings.max_bytes
+        )
 
     async def _check_limits(self, tx: _Tx, messages: int, size: int) -> None:
         held, held_bytes = await tx.backlog()
@@ -574,7 +571,7 @@ class PostgresStore:
                     body=request.body,
                     expires_at=siblings[0][2],
                 )
-            (part_id,) = await _insert(tx, Queue.SEGMENT, [(part, body, size)], now)
+            part_id = (await _insert(tx, Queue.SEGMENT, [(part, body, size)], now))[part.dedup_key]
             if whole is None:
                 return PartResult(part_id, duplicate=False)
             await self._finish(tx, [*(int(s[0]) for s in siblings), part_id], State.DONE, None, now)
@@ -587,9 +584,9 @@ class PostgresStore:
                     part_id, duplicate=False, whole=PutResult(int(row[0]), duplicate=True)
                 )
             whole_body = encode_body(whole.body)
-            (whole_id,) = await _insert(
-                tx, into, [(whole, whole_body, len(whole_body.encode()))], now
-            )
+            whole_id = (
+                await _insert(tx, into, [(whole, whole_body, len(whole_body.encode()))], now)
+            )[whole.dedup_key]
             return PartResult(part_id, duplicate=False, whole=PutResult(whole_id, duplicate=False))
 
         result: PartResult = await self._call(job, intake=True)
@@ -706,8 +703,9 @@ class PostgresStore:
         await self._call(job)
 
     def done_soon(self, item: Item) -> None:
-        """Delivered: the write rides on the next transaction (a crash before it sends
-        the item again: at least once). The lane stays held until it commits."""
+        """Delivered, without waiting: the write goes with the next transaction, at once
+        (not held back to ride with others as in SQLite: here the lane stays held, for
+        every instance, until it commits). A crash before that sends the item again."""
         self._claimed.pop(item.id, None)
         self._unwritten[item.id] = item
         self._flush_dones()
@@ -716,7 +714,7 @@ class PostgresStore:
         if self._dones_queued or not self._unwritten:
             return
         self._dones_queued = True
-        self._call_lazy(self._finish_dones).add_done_callback(self._dones_written)
+        self._call(self._finish_dones).add_done_callback(self._dones_written)
 
     def _dones_written(self, future: asyncio.Future[Any]) -> None:
         self._dones_queued = False
@@ -1131,14 +1129,23 @@ class PostgresStore:
 
 
 async def _insert(
-    tx: _Tx, queue: Queue, rows: list[tuple[PutRequest, str, int]], now: float
-) -> list[int]:
-    """Insert new items in order (ids rise in the order given) and open their lanes."""
+    tx: _Tx,
+    queue: Queue,
+    rows: list[tuple[PutRequest, str, int]],
+    now: float,
+    *,
+    skip_stored: bool = False,
+) -> dict[str, int]:
+    """Insert new items in order (ids rise in the order given) and open their lanes;
+    their ids by dedup key. ``skip_stored``: a key stored before is left out (no error),
+    and missing from the result."""
+    conflict = " ON CONFLICT (queue, dedup_key) DO NOTHING" if skip_stored else ""
     inserted = await tx.all(
         "INSERT INTO items (queue, msg_id, dedup_key, lane, body, size, created, queued,"
         " expires_at) SELECT %s, m, k, l, b, s, %s, %s, e FROM unnest(%s::text[],"
         " %s::text[], %s::text[], %s::text[], %s::int[], %s::float8[])"
-        " WITH ORDINALITY AS t(m, k, l, b, s, e, n) ORDER BY n RETURNING id, dedup_key",
+        f" WITH ORDINALITY AS t(m, k, l, b, s, e, n) ORDER BY n{conflict}"
+        " RETURNING id, dedup_key",
         (
             queue.value,
             now,
@@ -1152,15 +1159,13 @@ async def _insert(
         ),
     )
     ids = {str(key): int(item_id) for item_id, key in inserted}
-    tx.messages += len(rows)
-    tx.bytes += sum(size for _, _, size in rows)
-    tx.puts += len(rows)
-    new_ids = [ids[r.dedup_key] for r, _, _ in rows]
+    stored = [(r, size) for r, _, size in rows if r.dedup_key in ids]
+    tx.messages += len(stored)
+    tx.bytes += sum(size for _, size in stored)
+    tx.puts += len(stored)
     if queue.value in _WORKED:
-        _open_lanes(
-            tx, queue.value, [(r.lane, i) for (r, _, _), i in zip(rows, new_ids, strict=True)]
-        )
-    return new_ids
+        _open_lanes(tx, queue.value, [(r.lane, ids[r.dedup_key]) for r, _ in stored])
+    return ids
 
 
 def _open_lanes(tx: _Tx, queue: str, items: list[tuple[str, int]]) -> None:
