@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -417,3 +418,62 @@ async def test_intake_is_refused_while_the_database_is_away_then_recovers(
     finally:
         await store.close()
         server.close()
+
+
+async def test_the_queue_cli_works_on_the_shared_store(
+    tmp_path: Path, postgres_server: PostgresServer, settings: Callable[..., StoreSettings]
+) -> None:
+    """``gatewayd queue --config``: the dead-letter queue and its replay are the
+    cluster's, reached with the password by reference like the daemon."""
+    store = await PostgresStore.open(settings())
+    try:
+        first = await put(store, "m-dead", "dev")
+        await store.dead(first, reason="400 from the server")
+    finally:
+        await store.close()
+    name = (settings().dsn or "").rsplit("/", 1)[1].split("?")[0]
+    dsn = postgres_server.dsn(name, password=False)
+    config = tmp_path / "gw.toml"
+    config.write_text(
+        f"""[gateway]
+id = "urn:gatewayd:gateway:t"
+type = "N3G"
+[northbound]
+api_root = "https://127.0.0.1:9"
+credentials = "nb"
+server_identity = "localhost"
+[api]
+listen = "127.0.0.1:0"
+[store]
+backend = "postgresql"
+dsn = "{dsn}"
+password = {{ env = "GATEWAYD_TEST_DB_PASSWORD" }}
+[credentials.nb]
+plugin = "x509"
+[transports.web]
+plugin = "http"
+[[transports.web.devices]]
+device = "sensor-1"
+service_id = "ue-sensor-1"
+"""
+    )
+    env = {**os.environ, "GATEWAYD_TEST_DB_PASSWORD": PASSWORD}
+
+    def queue(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gatewayd.queue_cli", "queue", *argv, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+            timeout=60,
+        )
+
+    listed = await asyncio.to_thread(queue, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [r["msg_id"] for r in json.loads(listed.stdout)] == ["m-dead"]
+    retried = await asyncio.to_thread(queue, "retry", str(first))
+    assert retried.returncode == 0, retried.stderr
+    stats = await asyncio.to_thread(queue, "stats", "--json")
+    assert json.loads(stats.stdout)["queues"]["uplink"]["pending"] == 1
+    assert PASSWORD not in listed.stderr + stats.stdout + stats.stderr
