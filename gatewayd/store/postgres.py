@@ -31,13 +31,11 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Final
 
 import psycopg
 import structlog
-from psycopg import conninfo as pg_conninfo
 from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -53,88 +51,44 @@ from gatewayd.store.model import (
     StoreSettings,
 )
 from gatewayd.store.pg_schema import migrate
+from gatewayd.store.pg_statements import (
+    WORKED,
+    apply_lanes,
+    insert_items,
+    open_lanes,
+    put_report,
+    settle_lanes,
+    upsert_route,
+)
+from gatewayd.store.pg_tx import (
+    CONNECT_TIMEOUT,
+    WHAT,
+    BacklogCount,
+    Call,
+    Conn,
+    Job,
+    JobFailed,
+    Tx,
+    connect_kwargs,
+    safe_dsn,
+    storage_failure,
+)
 from gatewayd.store.schema import ITEM_COLUMNS, encode_body, row_to_item
 from gatewayd.store.writer import RETRY_AFTER_BACKLOG
 from gatewayd.tasks import TaskSet
 
 log = structlog.get_logger(__name__)
 
-T = TypeVar("T")
-Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 
 CHANNEL: Final = "gatewayd_work"
-_WORKED: Final = frozenset({Queue.UPLINK.value, Queue.REPORT.value, Queue.DOWNLINK.value})
 _QUEUES: Final = frozenset(q.value for q in Queue)
 _SELECT: Final = f"SELECT {ITEM_COLUMNS} FROM items"
 _DB_NOW: Final = "extract(epoch FROM clock_timestamp())"
-# The backlog count (pending rows, their bytes) is read again at most this often: the
-# limits hold across instances within what the others accepted meanwhile.
-_RECOUNT_SECONDS: Final = 1.0
 # A refused intake may come back soon: PostgreSQL restarts in seconds.
 RETRY_AFTER_UNAVAILABLE: Final = 5.0
-_NO_HEAD: Final = 2**63 - 1  # a settled lane's head candidate: least() keeps the row's
 _OWN_CONNECTIONS: Final = 2  # beyond the committers': takes, which run alone
-_CONNECT_TIMEOUT: Final = 5.0  # seconds: a database that does not answer refuses intake
 MAX_REJECTED: Final = 10_000  # as the SQLite backend: rejected intake records kept
 _PROBE_BYTES: Final = 16 * 1024
-
-
-@dataclass(slots=True)
-class _Tx:
-    """What a job sees: the connection inside the open transaction, and its bookkeeping
-    (applied to the store only if the transaction commits)."""
-
-    conn: Conn
-    store: PostgresStore
-    messages: int = 0  # backlog deltas
-    bytes: int = 0
-    recounted: tuple[int, int] | None = None
-    woken: set[str] = field(default_factory=set)  # queues to notify after the commit
-    opened: dict[tuple[str, str], int] = field(default_factory=dict)  # lane -> new head
-    settled: set[tuple[str, str]] = field(default_factory=set)  # lanes to free
-    puts: int = 0
-    proven: bool = False
-
-    async def backlog(self) -> tuple[int, int]:
-        """Pending rows and bytes over all queues, this transaction's own puts included."""
-        store = self.store
-        if self.recounted is None and time.monotonic() - store._counted_at > _RECOUNT_SECONDS:
-            row = await self.one(
-                "SELECT count(*), coalesce(sum(size), 0) FROM items WHERE state = 'pending'"
-            )
-            self.recounted = (int(row[0]), int(row[1]))
-        base = self.recounted or (store._backlog_messages, store._backlog_bytes)
-        return base[0] + self.messages, base[1] + self.bytes
-
-    async def one(
-        self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()
-    ) -> tuple[Any, ...]:
-        row = await (await self.conn.execute(sql.encode(), params)).fetchone()
-        assert row is not None  # an aggregate or RETURNING that always yields a row
-        return row
-
-    async def maybe(
-        self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()
-    ) -> tuple[Any, ...] | None:
-        return await (await self.conn.execute(sql.encode(), params)).fetchone()
-
-    async def all(
-        self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()
-    ) -> list[tuple[Any, ...]]:
-        return await (await self.conn.execute(sql.encode(), params)).fetchall()
-
-    async def run(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> int:
-        return (await self.conn.execute(sql.encode(), params)).rowcount
-
-
-Job = Callable[[_Tx], Awaitable[Any]]
-
-
-@dataclass(slots=True)
-class _Call:
-    fn: Job
-    future: asyncio.Future[Any]
-    intake: bool
 
 
 class PostgresStore:
@@ -143,21 +97,19 @@ class PostgresStore:
     def __init__(self, settings: StoreSettings, pool: AsyncConnectionPool[Conn]) -> None:
         self.settings = settings
         self._pool = pool
-        self._kwargs = _connect_kwargs(settings)
+        self._kwargs = connect_kwargs(settings)
         # Unique per process start: a restarted instance does not inherit the leases of
         # the one it replaces (they run out, and anyone may take them).
         self.instance = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
         self._loop = asyncio.get_running_loop()
         self._tasks = TaskSet()
-        self._calls: list[_Call] = []
+        self._calls: list[Call] = []
         self._work = asyncio.Event()
         # Delivered items whose done is not committed yet (it rides the next transaction):
         # their lanes are still held, and not handed out again by this instance.
         self._unwritten: dict[int, Item] = {}
         self._dones_queued = False
-        self._backlog_messages = 0
-        self._backlog_bytes = 0
-        self._counted_at = float("-inf")
+        self._count = BacklogCount()
         self._cap: int | None = None  # limit_size(): a rehearsal of a full disk
         self._episode: str | None = None
         self.commits = 0
@@ -177,14 +129,14 @@ class PostgresStore:
         listener and the lease renewal."""
         if not settings.dsn:
             raise StoreError("store.dsn is required with backend = postgresql")
-        kwargs = _connect_kwargs(settings)
+        kwargs = connect_kwargs(settings)
         pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
             settings.dsn,
             kwargs=kwargs,
             min_size=1,
             max_size=settings.pool_size + _OWN_CONNECTIONS,
             open=False,
-            timeout=_CONNECT_TIMEOUT,
+            timeout=CONNECT_TIMEOUT,
             name="gatewayd-store",
         )
         try:
@@ -192,7 +144,7 @@ class PostgresStore:
             # such database), where a pool would only report that it timed out.
             async with await psycopg.AsyncConnection.connect(settings.dsn, **kwargs) as conn:
                 version = await migrate(conn)
-            await pool.open(wait=True, timeout=_CONNECT_TIMEOUT * 2)
+            await pool.open(wait=True, timeout=CONNECT_TIMEOUT * 2)
         except (psycopg.Error, PoolTimeout, OSError) as exc:
             await pool.close()
             where = safe_dsn(settings.dsn)
@@ -206,7 +158,7 @@ class PostgresStore:
         store._tasks.spawn("store:listen", store._listen())
         store._tasks.spawn("store:lease", store._renew_leases())
         try:  # wake-ups from other instances flow before the first take
-            await asyncio.wait_for(asyncio.shield(store._listening), _CONNECT_TIMEOUT * 2)
+            await asyncio.wait_for(asyncio.shield(store._listening), CONNECT_TIMEOUT * 2)
         except BaseException:
             await store._tasks.aclose()
             await pool.close()
@@ -252,13 +204,13 @@ class PostgresStore:
         if self._closed:
             future.set_exception(StoreError("the store is closed"))
             return future
-        self._calls.append(_Call(fn, future, intake))
+        self._calls.append(Call(fn, future, intake))
         self._work.set()
         return future
 
     async def _alone(self, fn: Job) -> Any:
         """Run one job in a transaction of its own, now, beside the committers."""
-        call = _Call(fn, self._loop.create_future(), False)
+        call = Call(fn, self._loop.create_future(), False)
         if self._closed:
             raise StoreError("the store is closed")
         await self._run_alone(call)
@@ -276,7 +228,7 @@ class PostgresStore:
                 self._work.clear()
             await self._run(batch)
 
-    async def _run(self, batch: list[_Call]) -> None:
+    async def _run(self, batch: list[Call]) -> None:
         """One transaction for the batch. A job that raises is rolled back with the
         rest; it then runs alone (its error goes to its caller) and the others again
         together, so one refusal never costs the jobs that shared its transaction."""
@@ -284,7 +236,7 @@ class PostgresStore:
             return
         try:
             outcomes, tx = await self._transaction(batch)
-        except _JobFailed as failed:
+        except JobFailed as failed:
             if len(batch) == 1:
                 self._fail(failed.call, failed.error)
                 return
@@ -300,10 +252,10 @@ class PostgresStore:
             if not call.future.done():
                 call.future.set_result(outcome)
 
-    async def _run_alone(self, call: _Call) -> None:
+    async def _run_alone(self, call: Call) -> None:
         try:
             outcomes, tx = await self._transaction([call])
-        except _JobFailed as failed:
+        except JobFailed as failed:
             self._fail(call, failed.error)
             return
         except Exception as exc:
@@ -313,19 +265,19 @@ class PostgresStore:
         if not call.future.done():
             call.future.set_result(outcomes[0][1])
 
-    async def _transaction(self, batch: list[_Call]) -> tuple[list[tuple[_Call, Any]], _Tx]:
+    async def _transaction(self, batch: list[Call]) -> tuple[list[tuple[Call, Any]], Tx]:
         async with self._pool.connection() as conn:
-            tx = _Tx(conn, self)
-            outcomes: list[tuple[_Call, Any]] = []
+            tx = Tx(conn, self._count)
+            outcomes: list[tuple[Call, Any]] = []
             async with conn.transaction():
                 for call in batch:
                     try:
                         outcomes.append((call, await call.fn(tx)))
                     except Exception as exc:
-                        if _storage_failure(exc) is not None:
+                        if storage_failure(exc) is not None:
                             raise  # the database, not the job: every job shares it
-                        raise _JobFailed(call, exc, [c for c in batch if c is not call]) from exc
-                await _apply_lanes(tx)
+                        raise JobFailed(call, exc, [c for c in batch if c is not call]) from exc
+                await apply_lanes(tx)
                 if tx.woken:
                     await conn.execute(
                         "SELECT pg_notify(%s, q || ' ' || %s) FROM unnest(%s::text[]) AS q",
@@ -333,24 +285,24 @@ class PostgresStore:
                     )
         return outcomes, tx
 
-    def _committed(self, tx: _Tx) -> None:
+    def _committed(self, tx: Tx) -> None:
         self.commits += 1
         self.rows_put += tx.puts
         if tx.recounted is not None:
-            self._backlog_messages, self._backlog_bytes = tx.recounted
-            self._counted_at = time.monotonic()
-        self._backlog_messages += tx.messages
-        self._backlog_bytes += tx.bytes
+            self._count.messages, self._count.bytes = tx.recounted
+            self._count.at = time.monotonic()
+        self._count.messages += tx.messages
+        self._count.bytes += tx.bytes
         if self._episode is not None and (tx.puts or tx.proven):
             log.info("store.recovered", cause=self._episode)
             self._episode = None
         for queue in tx.woken:
             self._wake(Queue(queue))
 
-    def _fail(self, call: _Call, exc: BaseException) -> None:
+    def _fail(self, call: Call, exc: BaseException) -> None:
         if call.future.done():
             return
-        kind = _storage_failure(exc)
+        kind = storage_failure(exc)
         if kind is None:
             error: BaseException = exc
             if not isinstance(exc, GatewaydError):
@@ -358,7 +310,7 @@ class PostgresStore:
                 error = StoreError(f"store failure: {exc}")
             call.future.set_exception(error)
             return
-        detail = f"the database {_WHAT[kind]}: {str(exc).strip() or type(exc).__name__}"
+        detail = f"the database {WHAT[kind]}: {str(exc).strip() or type(exc).__name__}"
         if call.intake:
             self._refused(kind, detail)
             retry = RETRY_AFTER_UNAVAILABLE if kind == "unavailable" else RETRY_AFTER_BACKLOG
@@ -424,7 +376,7 @@ class PostgresStore:
             except GatewaydError as exc:
                 log.warning("store.lease_renewal_failed", error=str(exc))
 
-    async def _renew(self, tx: _Tx) -> None:
+    async def _renew(self, tx: Tx) -> None:
         # Locked in key order, as every transaction takes lane rows (no deadlocks).
         await tx.run(
             f"UPDATE lanes AS l SET lease_until = {_DB_NOW} + %s FROM (SELECT queue, lane"
@@ -433,12 +385,12 @@ class PostgresStore:
             (self.settings.lease, self.instance, self.instance),
         )
 
-    async def _release_all(self, tx: _Tx) -> None:
+    async def _release_all(self, tx: Tx) -> None:
         await self._finish_dones(tx)
         mine = await tx.all(
             "SELECT queue, lane FROM lanes WHERE owner = %s ORDER BY queue, lane", (self.instance,)
         )
-        _settle_lanes(tx, [(str(q), str(lane)) for q, lane in mine])
+        settle_lanes(tx, [(str(q), str(lane)) for q, lane in mine])
         self._claimed.clear()
 
     # --- intake ----------------------------------------------------------------------------
@@ -465,12 +417,10 @@ class PostgresStore:
         encoded = [(r, encode_body(r.body)) for r in requests]
         now = time.time()
 
-        async def job(tx: _Tx) -> list[PutResult]:
+        async def job(tx: Tx) -> list[PutResult]:
             results = await self._put_all(tx, queue, encoded, now)
             if route is not None:
-                await _remember_route(
-                    tx, route.service_id, encode_body(route.origin), now + route.ttl
-                )
+                await upsert_route(tx, route.service_id, encode_body(route.origin), now + route.ttl)
             return results
 
         results: list[PutResult] = await self._call(job, intake=True)
@@ -480,12 +430,12 @@ class PostgresStore:
         return results
 
     async def _put_all(
-        self, tx: _Tx, queue: Queue, encoded: list[tuple[PutRequest, str]], now: float
+        self, tx: Tx, queue: Queue, encoded: list[tuple[PutRequest, str]], now: float
     ) -> list[PutResult]:
         rows = [(r, body, len(body.encode())) for r, body in encoded]
         if await self._fits(tx, len(rows), sum(size for _, _, size in rows)):
             # The usual case, in one statement: whatever is a duplicate is skipped.
-            ids = await _insert(tx, queue, rows, now, skip_stored=True)
+            ids = await insert_items(tx, queue, rows, now, skip_stored=True)
             missing = [r.dedup_key for r, _, _ in rows if r.dedup_key not in ids]
             existing = await self._stored(tx, queue, missing) if missing else {}
         else:
@@ -495,7 +445,7 @@ class PostgresStore:
             ids = {}
             if fresh:
                 await self._check_limits(tx, len(fresh), sum(size for _, _, size in fresh))
-                ids = await _insert(tx, queue, fresh, now)
+                ids = await insert_items(tx, queue, fresh, now)
         return [
             PutResult(existing[r.dedup_key], duplicate=True)
             if r.dedup_key in existing
@@ -504,14 +454,14 @@ class PostgresStore:
         ]
 
     @staticmethod
-    async def _stored(tx: _Tx, queue: Queue, keys: list[str]) -> dict[str, int]:
+    async def _stored(tx: Tx, queue: Queue, keys: list[str]) -> dict[str, int]:
         rows = await tx.all(
             "SELECT dedup_key, id FROM items WHERE queue = %s AND dedup_key = ANY(%s)",
             (queue.value, keys),
         )
         return {str(key): int(item_id) for key, item_id in rows}
 
-    async def _fits(self, tx: _Tx, messages: int, size: int) -> bool:
+    async def _fits(self, tx: Tx, messages: int, size: int) -> bool:
         held, held_bytes = await tx.backlog()
         return (
             self._cap is None
@@ -519,7 +469,7 @@ class PostgresStore:
             and held_bytes + size <= self.settings.max_bytes
         )
 
-    async def _check_limits(self, tx: _Tx, messages: int, size: int) -> None:
+    async def _check_limits(self, tx: Tx, messages: int, size: int) -> None:
         held, held_bytes = await tx.backlog()
         settings = self.settings
         if held + messages > settings.max_messages or held_bytes + size > settings.max_bytes:
@@ -544,7 +494,7 @@ class PostgresStore:
         body = encode_body(request.body)
         now = time.time()
 
-        async def job(tx: _Tx) -> PartResult:
+        async def job(tx: Tx) -> PartResult:
             row = await tx.maybe(
                 "SELECT id FROM items WHERE queue = %s AND dedup_key = %s",
                 (Queue.SEGMENT.value, request.dedup_key),
@@ -571,7 +521,9 @@ class PostgresStore:
                     body=request.body,
                     expires_at=siblings[0][2],
                 )
-            part_id = (await _insert(tx, Queue.SEGMENT, [(part, body, size)], now))[part.dedup_key]
+            part_id = (await insert_items(tx, Queue.SEGMENT, [(part, body, size)], now))[
+                part.dedup_key
+            ]
             if whole is None:
                 return PartResult(part_id, duplicate=False)
             await self._finish(tx, [*(int(s[0]) for s in siblings), part_id], State.DONE, None, now)
@@ -585,7 +537,7 @@ class PostgresStore:
                 )
             whole_body = encode_body(whole.body)
             whole_id = (
-                await _insert(tx, into, [(whole, whole_body, len(whole_body.encode()))], now)
+                await insert_items(tx, into, [(whole, whole_body, len(whole_body.encode()))], now)
             )[whole.dedup_key]
             return PartResult(part_id, duplicate=False, whole=PutResult(whole_id, duplicate=False))
 
@@ -600,7 +552,7 @@ class PostgresStore:
         encoded = encode_body(body)
         now = time.time()
 
-        async def job(tx: _Tx) -> str:
+        async def job(tx: Tx) -> str:
             (kept,) = await tx.one(
                 "SELECT count(*) FROM items WHERE state = 'dead' AND queue = 'intake'"
             )
@@ -643,7 +595,7 @@ class PostgresStore:
         busy = [lane for q, lane in self._claimed.values() if q == queue.value]
         busy += [i.lane for i in self._unwritten.values() if i.queue == queue]
 
-        async def job(tx: _Tx) -> list[Item]:
+        async def job(tx: Tx) -> list[Item]:
             leased = await tx.all(
                 "WITH picked AS (SELECT queue, lane, owner FROM lanes"
                 " WHERE queue = %(q)s AND ready_at <= %(at)s"
@@ -680,7 +632,7 @@ class PostgresStore:
             held = {item.lane for item in ready}
             idle = [lane for lane, _ in leased if lane not in held]
             if idle:  # no head due after all (a retry read late): give those lanes back
-                _settle_lanes(tx, [(queue.value, lane) for lane in idle])
+                settle_lanes(tx, [(queue.value, lane) for lane in idle])
             return sorted(ready, key=lambda i: i.id)
 
         # Alone, not in a batch: a take's locks are taken with SKIP LOCKED and never wait,
@@ -697,7 +649,7 @@ class PostgresStore:
         self._claimed.pop(item_id, None)
         now = time.time()
 
-        async def job(tx: _Tx) -> None:
+        async def job(tx: Tx) -> None:
             await self._finish(tx, [item_id], State.DONE, None, now)
 
         await self._call(job)
@@ -721,13 +673,13 @@ class PostgresStore:
         if future.cancelled() or future.exception() is not None:
             # Still pending in the database; tried again with the next done, or by the
             # lease renewal (not at once: the database may be away).
-            _log_settle_failure(future)
+            log_settle_failure(future)
             return
         for item_id in future.result():
             self._unwritten.pop(item_id, None)
         self._flush_dones()  # those delivered meanwhile
 
-    async def _finish_dones(self, tx: _Tx) -> list[int]:
+    async def _finish_dones(self, tx: Tx) -> list[int]:
         ids = list(self._unwritten)
         if ids:
             await self._finish(tx, ids, State.DONE, None, time.time())
@@ -744,14 +696,14 @@ class PostgresStore:
     async def retry_later(self, item_id: int, *, not_before: float, error: str) -> None:
         self._claimed.pop(item_id, None)
 
-        async def job(tx: _Tx) -> None:
+        async def job(tx: Tx) -> None:
             row = await tx.maybe(
                 "UPDATE items SET attempts = attempts + 1, not_before = %s, last_error = %s"
                 " WHERE id = %s AND state = 'pending' RETURNING queue, lane",
                 (not_before, error, item_id),
             )
-            if row is not None and row[0] in _WORKED:
-                _settle_lanes(tx, [(str(row[0]), str(row[1]))])
+            if row is not None and row[0] in WORKED:
+                settle_lanes(tx, [(str(row[0]), str(row[1]))])
 
         await self._call(job)
 
@@ -759,14 +711,14 @@ class PostgresStore:
         self._claimed.pop(item_id, None)
         now = time.time()
 
-        async def job(tx: _Tx) -> list[str]:
+        async def job(tx: Tx) -> list[str]:
             return await self._finish(tx, [item_id], State.DEAD, reason, now)
 
         for msg_id in await self._call(job):
             log.warning("store.dead", msg_id=msg_id, id=item_id, reason=reason)
 
     async def _finish(
-        self, tx: _Tx, ids: list[int], state: State, reason: str | None, now: float
+        self, tx: Tx, ids: list[int], state: State, reason: str | None, now: float
     ) -> list[str]:
         """Settle pending items (idempotent), free their lanes; return their msgIds."""
         rows = await tx.all(
@@ -777,9 +729,9 @@ class PostgresStore:
         )
         tx.messages -= len(rows)
         tx.bytes -= sum(int(r[1]) for r in rows)
-        lanes = sorted({(str(r[2]), str(r[3])) for r in rows if r[2] in _WORKED})
+        lanes = sorted({(str(r[2]), str(r[3])) for r in rows if r[2] in WORKED})
         if lanes:
-            _settle_lanes(tx, lanes)
+            settle_lanes(tx, lanes)
         return [str(r[0]) for r in rows]
 
     async def expire(
@@ -793,7 +745,7 @@ class PostgresStore:
         claimed = set(self._claimed)
         unreportable: list[tuple[Item, str]] = []
 
-        async def job(tx: _Tx) -> list[Item]:
+        async def job(tx: Tx) -> list[Item]:
             unreportable.clear()  # a job may run twice (batch, then alone)
             rows = await tx.all(
                 f"{_SELECT} WHERE state = 'pending' AND expires_at <= %s"
@@ -805,7 +757,7 @@ class PostgresStore:
                 return []
             # Lanes being sent by a live instance keep their items for that send to
             # decide; the rest are locked so no instance takes them meanwhile.
-            worked = sorted({(i.queue.value, i.lane) for i in found if i.queue.value in _WORKED})
+            worked = sorted({(i.queue.value, i.lane) for i in found if i.queue.value in WORKED})
             free = set()
             if worked:
                 free = {
@@ -820,7 +772,7 @@ class PostgresStore:
                 }
             expired: list[Item] = []
             for item in found:
-                if item.queue.value in _WORKED and (item.queue.value, item.lane) not in free:
+                if item.queue.value in WORKED and (item.queue.value, item.lane) not in free:
                     continue
                 reason = (
                     "expired: exprTime passed"
@@ -836,7 +788,7 @@ class PostgresStore:
                     unreportable.append((item, repr(exc)))
                     built = None
                 if built is not None:
-                    await _put_report(tx, *built, now=at)
+                    await put_report(tx, *built, now=at)
             return expired
 
         expired: list[Item] = await self._call(job)
@@ -857,7 +809,7 @@ class PostgresStore:
     async def stats(self) -> dict[str, Any]:
         now = time.time()
 
-        async def job(tx: _Tx) -> dict[str, Any]:
+        async def job(tx: Tx) -> dict[str, Any]:
             queues: dict[str, Any] = {
                 q.value: {"pending": 0, "done": 0, "dead": 0, "bytes": 0, "oldest_age": None}
                 for q in Queue
@@ -913,14 +865,14 @@ class PostgresStore:
         sql = f"{_SELECT} WHERE {' AND '.join(clauses)} ORDER BY id LIMIT %s"
         params.append(limit)
 
-        async def job(tx: _Tx) -> list[Item]:
+        async def job(tx: Tx) -> list[Item]:
             return [row_to_item(row) for row in await tx.all(sql, params)]
 
         items: list[Item] = await self._call(job)
         return items
 
     async def get(self, item_id: int) -> Item | None:
-        async def job(tx: _Tx) -> Item | None:
+        async def job(tx: Tx) -> Item | None:
             row = await tx.maybe(f"{_SELECT} WHERE id = %s", (item_id,))
             return None if row is None else row_to_item(row)
 
@@ -930,7 +882,7 @@ class PostgresStore:
     async def replay(self, item_id: int) -> bool:
         now = time.time()
 
-        async def job(tx: _Tx) -> str | None:
+        async def job(tx: Tx) -> str | None:
             row = await tx.maybe(
                 "UPDATE items SET state = 'pending', attempts = 0, not_before = 0,"
                 " expires_at = NULL, last_error = NULL, finished = NULL, queued = %s"
@@ -943,8 +895,8 @@ class PostgresStore:
             msg_id, queue, lane, size = row
             tx.messages += 1
             tx.bytes += int(size)
-            if queue in _WORKED:
-                _open_lanes(tx, str(queue), [(str(lane), item_id)])
+            if queue in WORKED:
+                open_lanes(tx, str(queue), [(str(lane), item_id)])
             else:
                 tx.woken.add(str(queue))
             return str(msg_id)
@@ -968,7 +920,7 @@ class PostgresStore:
             params.append(time.time() - older_than)
         where = " AND ".join(clauses)
 
-        async def job(tx: _Tx) -> int:
+        async def job(tx: Tx) -> int:
             rows = await tx.all(
                 f"DELETE FROM items WHERE {where} RETURNING queue, lane, size",
                 params,
@@ -976,9 +928,9 @@ class PostgresStore:
             if state == State.PENDING:
                 tx.messages -= len(rows)
                 tx.bytes -= sum(int(r[2]) for r in rows)
-                lanes = sorted({(str(q), str(lane)) for q, lane, _ in rows if q in _WORKED})
+                lanes = sorted({(str(q), str(lane)) for q, lane, _ in rows if q in WORKED})
                 if lanes:
-                    _settle_lanes(tx, lanes)
+                    settle_lanes(tx, lanes)
             return len(rows)
 
         count: int = await self._call(job)
@@ -986,7 +938,7 @@ class PostgresStore:
         return count
 
     async def probe(self) -> None:
-        async def job(tx: _Tx) -> None:
+        async def job(tx: Tx) -> None:
             await tx.run(
                 "INSERT INTO kv (transport, key, value, expires) VALUES ('', 'probe', %s, 0)"
                 " ON CONFLICT (transport, key) DO UPDATE SET value = excluded.value",
@@ -1002,7 +954,7 @@ class PostgresStore:
     async def prune(self, now: float | None = None) -> int:
         at = time.time() if now is None else now
 
-        async def job(tx: _Tx) -> int:
+        async def job(tx: Tx) -> int:
             await tx.run("DELETE FROM routes WHERE expires <= %s", (at,))
             await tx.run("DELETE FROM kv WHERE expires <= %s", (at,))
             return await tx.run(
@@ -1024,15 +976,15 @@ class PostgresStore:
         expires = time.time() + ttl
         encoded = encode_body(origin)
 
-        async def job(tx: _Tx) -> None:
-            await _remember_route(tx, service_id, encoded, expires)
+        async def job(tx: Tx) -> None:
+            await upsert_route(tx, service_id, encoded, expires)
 
         await self._call(job)
 
     async def route(self, service_id: str, now: float | None = None) -> dict[str, Any] | None:
         at = time.time() if now is None else now
 
-        async def job(tx: _Tx) -> str | None:
+        async def job(tx: Tx) -> str | None:
             row = await tx.maybe(
                 "SELECT origin FROM routes WHERE service_id = %s AND expires > %s",
                 (service_id, at),
@@ -1051,7 +1003,7 @@ class PostgresStore:
             return {}
         at = time.time()
 
-        async def job(tx: _Tx) -> dict[str, str]:
+        async def job(tx: Tx) -> dict[str, str]:
             rows = await tx.all(
                 "SELECT key, value FROM kv WHERE transport = %s AND key = ANY(%s) AND expires > %s",
                 (transport, wanted, at),
@@ -1067,7 +1019,7 @@ class PostgresStore:
         expires = time.time() + ttl
         keys, values = list(items), list(items.values())
 
-        async def job(tx: _Tx) -> None:
+        async def job(tx: Tx) -> None:
             await tx.run(
                 "INSERT INTO kv (transport, key, value, expires)"
                 " SELECT %s, k, v, %s FROM unnest(%s::text[], %s::text[]) AS t(k, v)"
@@ -1083,7 +1035,7 @@ class PostgresStore:
         if not wanted:
             return
 
-        async def job(tx: _Tx) -> None:
+        async def job(tx: Tx) -> None:
             await tx.run(
                 "DELETE FROM kv WHERE transport = %s AND key = ANY(%s)", (transport, wanted)
             )
@@ -1093,7 +1045,7 @@ class PostgresStore:
     async def learn_device(self, transport: str, device: str, service_id: str) -> bool:
         now = time.time()
 
-        async def job(tx: _Tx) -> bool:
+        async def job(tx: Tx) -> bool:
             changed = await tx.run(
                 "INSERT INTO devices (transport, device, service_id, learned)"
                 " VALUES (%s, %s, %s, %s) ON CONFLICT (transport, device) DO UPDATE"
@@ -1107,7 +1059,7 @@ class PostgresStore:
         return learned
 
     async def forget_device(self, transport: str, device: str) -> None:
-        async def job(tx: _Tx) -> None:
+        async def job(tx: Tx) -> None:
             await tx.run(
                 "DELETE FROM devices WHERE transport = %s AND device = %s", (transport, device)
             )
@@ -1115,7 +1067,7 @@ class PostgresStore:
         await self._call(job)
 
     async def learned_devices(self) -> list[tuple[str, str, str]]:
-        async def job(tx: _Tx) -> list[tuple[str, str, str]]:
+        async def job(tx: Tx) -> list[tuple[str, str, str]]:
             rows = await tx.all(
                 "SELECT transport, device, service_id FROM devices ORDER BY transport, device"
             )
@@ -1125,192 +1077,13 @@ class PostgresStore:
         return devices
 
 
-# --- statements shared by several jobs --------------------------------------------------
-
-
-async def _insert(
-    tx: _Tx,
-    queue: Queue,
-    rows: list[tuple[PutRequest, str, int]],
-    now: float,
-    *,
-    skip_stored: bool = False,
-) -> dict[str, int]:
-    """Insert new items in order (ids rise in the order given) and open their lanes;
-    their ids by dedup key. ``skip_stored``: a key stored before is left out (no error),
-    and missing from the result."""
-    conflict = " ON CONFLICT (queue, dedup_key) DO NOTHING" if skip_stored else ""
-    inserted = await tx.all(
-        "INSERT INTO items (queue, msg_id, dedup_key, lane, body, size, created, queued,"
-        " expires_at) SELECT %s, m, k, l, b, s, %s, %s, e FROM unnest(%s::text[],"
-        " %s::text[], %s::text[], %s::text[], %s::int[], %s::float8[])"
-        f" WITH ORDINALITY AS t(m, k, l, b, s, e, n) ORDER BY n{conflict}"
-        " RETURNING id, dedup_key",
-        (
-            queue.value,
-            now,
-            now,
-            [r.msg_id for r, _, _ in rows],
-            [r.dedup_key for r, _, _ in rows],
-            [r.lane for r, _, _ in rows],
-            [body for _, body, _ in rows],
-            [size for _, _, size in rows],
-            [r.expires_at for r, _, _ in rows],
-        ),
-    )
-    ids = {str(key): int(item_id) for item_id, key in inserted}
-    stored = [(r, size) for r, _, size in rows if r.dedup_key in ids]
-    tx.messages += len(stored)
-    tx.bytes += sum(size for _, size in stored)
-    tx.puts += len(stored)
-    if queue.value in _WORKED:
-        _open_lanes(tx, queue.value, [(r.lane, ids[r.dedup_key]) for r, _ in stored])
-    return ids
-
-
-def _open_lanes(tx: _Tx, queue: str, items: list[tuple[str, int]]) -> None:
-    """New pending items (or a replayed older one) in their lanes: applied at the end of
-    the transaction by :func:`_apply_lanes`."""
-    for lane, item_id in items:
-        key = (queue, lane)
-        tx.opened[key] = min(item_id, tx.opened.get(key, item_id))
-    tx.woken.add(queue)
-
-
-def _settle_lanes(tx: _Tx, lanes: Iterable[tuple[str, str]]) -> None:
-    """Lanes whose head was settled, retried or released: freed and moved to their next
-    head at the end of the transaction by :func:`_apply_lanes`."""
-    for key in lanes:
-        tx.settled.add(key)
-        tx.woken.add(key[0])
-
-
-async def _apply_lanes(tx: _Tx) -> None:
-    """Every lane row the transaction touches, in two statements at its end.
-
-    First one sorted pass locks (or creates) them all: an existing row stays locked until
-    the commit (``DO UPDATE``, never ``DO NOTHING``), so a settlement elsewhere cannot
-    find the lane empty and delete it under an item being added here; and since every
-    transaction takes its lane locks in one pass in the same order, two instances never
-    deadlock on them. Then, in a fresh statement that sees what committed while it
-    waited, each settled lane takes its new head's id and due time, or goes if empty.
-    """
-    keys = sorted(tx.opened.keys() | tx.settled)
-    if not keys:
-        return
-    await tx.run(
-        "INSERT INTO lanes AS l (queue, lane, head, ready_at)"
-        " SELECT q, n, h, 0 FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS t(q, n, h)"
-        " ORDER BY q, n ON CONFLICT (queue, lane) DO UPDATE"
-        " SET head = least(l.head, excluded.head),"
-        " ready_at = CASE WHEN excluded.head < l.head THEN 0 ELSE l.ready_at END",
-        (
-            [q for q, _ in keys],
-            [lane for _, lane in keys],
-            [tx.opened.get(key, _NO_HEAD) for key in keys],
-        ),
-    )
-    settled = sorted(tx.settled)
-    if not settled:
-        return
-    await tx.run(
-        "WITH wanted AS (SELECT * FROM unnest(%s::text[], %s::text[]) AS w(queue, lane)),"
-        " head AS (SELECT w.queue, w.lane, h.id, h.not_before FROM wanted w LEFT JOIN LATERAL"
-        " (SELECT i.id, i.not_before FROM items i WHERE i.queue = w.queue AND i.lane = w.lane"
-        " AND i.state = 'pending' ORDER BY i.id LIMIT 1) h ON true),"
-        " kept AS (UPDATE lanes l SET owner = NULL, lease_until = NULL, head = head.id,"
-        " ready_at = head.not_before FROM head"
-        " WHERE l.queue = head.queue AND l.lane = head.lane AND head.id IS NOT NULL)"
-        " DELETE FROM lanes l USING head WHERE l.queue = head.queue AND l.lane = head.lane"
-        " AND head.id IS NULL",
-        ([q for q, _ in settled], [lane for _, lane in settled]),
-    )
-
-
-async def _remember_route(tx: _Tx, service_id: str, origin: str, expires: float) -> None:
-    await tx.run(
-        "INSERT INTO routes (service_id, origin, expires) VALUES (%s, %s, %s)"
-        " ON CONFLICT (service_id) DO UPDATE SET origin = excluded.origin,"
-        " expires = excluded.expires",
-        (service_id, origin, expires),
-    )
-
-
-async def _put_report(tx: _Tx, queue: Queue, request: PutRequest, *, now: float) -> None:
-    """A failure report stored with the expiry that caused it (not held to the limits:
-    it takes the slot the expired item freed)."""
-    if await tx.maybe(
-        "SELECT 1 FROM items WHERE queue = %s AND dedup_key = %s",
-        (queue.value, request.dedup_key),
-    ):
-        return
-    body = encode_body(request.body)
-    await _insert(tx, queue, [(request, body, len(body.encode()))], now)
-
-
 def _with_state(item: Item, state: State, reason: str, at: float) -> Item:
     return dataclasses.replace(item, state=state.value, last_error=reason, finished=at)
 
 
-class _JobFailed(Exception):
-    """A job raised inside a batch: the batch is rolled back and retried without it."""
-
-    def __init__(self, call: _Call, error: Exception, others: list[_Call]) -> None:
-        super().__init__(str(error))
-        self.call = call
-        self.error = error
-        self.others = others
-
-
-_WHAT: Final = {
-    "unavailable": "is unreachable",
-    "disk": "is out of disk space",
-    "readonly": "is read-only",
-}
-
-
-def _storage_failure(exc: BaseException) -> str | None:
-    """A failure of the database itself refuses intake; anything else (a deadlock, a
-    constraint, a bug) is the job's own."""
-    if isinstance(exc, pg_errors.DiskFull):
-        return "disk"
-    if isinstance(exc, pg_errors.ReadOnlySqlTransaction):
-        return "readonly"
-    if isinstance(exc, PoolTimeout | OSError):
-        return "unavailable"
-    if isinstance(exc, psycopg.OperationalError):
-        state = exc.sqlstate or ""
-        # No SQLSTATE: the connection broke; 08: connection exceptions; 57P0x: the
-        # server is shutting down or starting; 53: out of resources.
-        if not state or state.startswith(("08", "57P", "53")):
-            return "unavailable"
-    return None
-
-
-def _log_settle_failure(future: asyncio.Future[Any]) -> None:
+def log_settle_failure(future: asyncio.Future[Any]) -> None:
     if future.cancelled() or future.exception() is None:
         return
     # Still pending in the database, its lane held until the lease runs out: it goes
     # out again then (at least once).
     log.error("store.settle_failed", error=str(future.exception()))
-
-
-def _connect_kwargs(settings: StoreSettings) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
-        "connect_timeout": int(_CONNECT_TIMEOUT),
-        "application_name": "gatewayd",
-    }
-    if settings.password is not None:
-        kwargs["password"] = settings.password.read_text()
-    return kwargs
-
-
-def safe_dsn(dsn: str) -> str:
-    """The DSN as it may be logged: host, port, database and user, never a password."""
-    try:
-        parts = pg_conninfo.conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return "(unparsable dsn)"
-    host = parts.get("host") or "localhost"
-    port = parts.get("port") or "5432"
-    return f"postgresql://{parts.get('user') or ''}@{host}:{port}/{parts.get('dbname') or ''}"
