@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE))
 
 from gatewayd_testing.postgres import PASSWORD, PostgresServer  # noqa: E402
 from procs import cpu_seconds, free_port, loadavg  # noqa: E402
-from run import FULL, QUICK, Deployment, Plan, drive, say  # noqa: E402
+from run import FULL, QUICK, Deployment, Plan, drive, say, scrape  # noqa: E402
 
 TAKEOVER_LEASE = 5.0
 DB_PASSWORD_ENV = "GATEWAYD_BENCH_DB_PASSWORD"  # noqa: S105 - a variable's name
@@ -111,7 +111,17 @@ def run_setup(
     if pg is not None:
         measured["postgres"] = DbProc(pg)
     runs = []
+
+    def transactions() -> float:
+        """Store transactions committed so far by the instances (their metrics)."""
+        total = 0.0
+        for gw in names:
+            values = scrape(dep.metrics_ports[gw]) or {}
+            total += values.get("gatewayd_store_transactions", {}).get((), 0.0)
+        return total
+
     try:
+        before = transactions()
         closed = drive(
             dep,
             dep.spec(
@@ -127,6 +137,8 @@ def run_setup(
             measured,
         )
         closed["mode"] = "closed"
+        if closed["delivered"]:
+            closed["txn_per_msg"] = round((transactions() - before) / closed["delivered"], 3)
         runs.append(closed)
         say(f"{name}: closed loop {closed['throughput']} msg/s, p99 {closed['p99_ms']} ms")
         rate = plan.rates[0]
@@ -233,8 +245,8 @@ def takeover(dep: Deployment, pg: Postgres, plan: Plan) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         "| setup | instances | store | mode | msg/s | p50 ms | p99 ms | gateway CPU µs/msg"
-        " | database CPU µs/msg | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        " | database CPU µs/msg | txn/msg | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setup in result["setups"]:
         for run in setup["runs"]:
@@ -245,7 +257,8 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {setup['setup']} | {setup['instances']} | {setup['store']} | {run['mode']}"
                 f"{'' if run['mode'] == 'closed' else ' ' + str(run['offered_rate']) + '/s'}"
                 f" | {run['throughput']} | {run['p50_ms']} | {run['p99_ms']} | {gateway:.0f}"
-                f" | {db} | {run['loadavg_start'][0]} to {run['loadavg_end'][0]} |"
+                f" | {db} | {run.get('txn_per_msg', '-')}"
+                f" | {run['loadavg_start'][0]} to {run['loadavg_end'][0]} |"
             )
     tk = result.get("takeover")
     if tk:
