@@ -26,8 +26,9 @@ consequences, both measured below:
 - a device's later messages, chosen for the live member, overtake them: the order in
   which a device's messages first reach the server is *not* the order it sent them in
   across an instance's death, with any broker that behaves like this. The test counts
-  such inversions and reports them; it asserts order only where the gateway controls it
-  (one instance's lanes, and every message after the last kill cycle settled).
+  such inversions and prints them (also those before the first kill: two members can
+  race even without one dying, message n to one and n+1 to the other, which commits
+  first), and does not assert order: no gateway can restore it across this.
 
 Items an instance took from the store and never settled are what the lane leases are
 for: the survivor takes those lanes over once the lease runs out (``lease`` seconds
