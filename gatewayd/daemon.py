@@ -69,7 +69,7 @@ from gatewayd.relay import (
 from gatewayd.retry import CircuitBreaker
 from gatewayd.security import tls
 from gatewayd.store import Queue, Store, open_store
-from gatewayd.store.kv import MemoryKV
+from gatewayd.store.kv import MemoryKV, StoreKV
 from gatewayd.store.schema import private_dir
 from gatewayd.systemd import Notifier
 from gatewayd.tasks import TaskSet
@@ -217,6 +217,8 @@ class Gateway:
                 on_device_refused=self._device_refused,
                 # A registration that holds means the server answers: the breaker closes.
                 on_registered=breaker.success,
+                shared=StoreKV(self.store, "gatewayd.registration") if self._shared else None,
+                before_update=self._sync_directory if self._shared else None,
             )
             stack.push_async_callback(self._deregister)
             # Transports stop after every task of the group has ended (their runs too).

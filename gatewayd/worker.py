@@ -29,6 +29,9 @@ from gatewayd.tasks import TaskSet
 
 log = structlog.get_logger(__name__)
 
+# After a failed take (the store unreachable): how long a worker waits to look again.
+TAKE_RETRY_SECONDS = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class Done:
@@ -109,7 +112,14 @@ class QueueWorker:
                 if room == 0:
                     await asyncio.wait(list(self._busy.values()))
                     continue
-            items = await self._store.take(self._queue, limit=room, now=self._clock())
+            try:
+                items = await self._store.take(self._queue, limit=room, now=self._clock())
+            except StoreError as exc:
+                # The store is away (a database restarting): what is pending stays
+                # pending. Look again in a moment rather than end the gateway.
+                log.warning("worker.take_failed", error=str(exc))
+                await self._pause(TAKE_RETRY_SECONDS)
+                continue
             if not items:
                 await self._idle()
                 continue

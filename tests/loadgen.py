@@ -32,6 +32,7 @@ import aiohttp
 import pytest
 from gatewayd_sim import harness
 from gatewayd_sim.harness import Pki
+from gatewayd_sim.server import SimServer
 from jsonlog import entries
 
 GATEWAYD = [sys.executable, "-m", "gatewayd.cli"]
@@ -201,6 +202,28 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     rank = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
     return ordered[rank]
+
+
+def check_delivery(sim: SimServer, load: LoadGen) -> dict[str, int]:
+    """Every acked id arrived, nothing unknown arrived, each device's order held."""
+    delivered = [u.message.msg_id for u in sim.uplinks]
+    assert len(delivered) == len(set(delivered))  # the sim records each msgId once
+    missing = load.stats.acked - set(delivered)
+    assert not missing, f"{len(missing)} acknowledged messages never arrived: {sorted(missing)[:5]}"
+    assert set(delivered) <= set(load.sent_ids)
+    per_device: dict[str, list[int]] = {}
+    for ident in delivered:
+        device, _, seq = ident.rpartition("-")
+        per_device.setdefault(device, []).append(int(seq))
+    for device, seqs in per_device.items():
+        assert seqs == sorted(seqs), f"{device}: out of order {seqs}"
+    return {
+        "acked": len(load.stats.acked),
+        "delivered": len(delivered),
+        "server_duplicates": sum(sim.duplicates.values()),
+        "resends_acked_as_duplicate": load.stats.duplicates_acked,
+        "connection_errors": load.stats.connection_errors,
+    }
 
 
 # --- the gateway as a process -------------------------------------------------------

@@ -45,6 +45,7 @@ from gatewayd.plugins import Plugins
 from gatewayd.relay import Directory, Dispatcher, ExpirySweep, TransportIntake, forget_devices
 from gatewayd.retry import RetryPolicy
 from gatewayd.store import Item, PutRequest, Queue, Route, SqliteStore, Store, StoreSettings
+from gatewayd.store.kv import MemoryKV
 from gatewayd.worker import Dead, Done, Outcome, QueueWorker, Retry
 
 SENSOR = Device(name="sensor-1", service_id="ue-sensor-1@iot.example")
@@ -506,6 +507,43 @@ async def test_registrar_registers_updates_on_a_learned_device_and_deregisters(
             )
             assert len(sim.registrations) == 1  # updated in place
         assert sim.registrations == []
+
+
+async def test_registrars_sharing_a_store_keep_one_registration_with_every_device(
+    sim: SimServer, gateway_config: Callable[..., config.Settings]
+) -> None:
+    """Two instances on one store: the second updates the registration the first made
+    (its location is in the shared kv) instead of replacing it with its own, and syncs
+    what the other learned before, so the one registration holds both devices."""
+    shared = MemoryKV()
+    learned = {"a": {"ue-a@iot.example"}, "b": {"ue-b@iot.example"}}
+    in_store: set[str] = set()
+
+    def instance(name: str) -> Callable[[], tuple[str, ...]]:
+        return lambda: tuple(sorted(learned[name]))
+
+    async def sync(name: str) -> None:  # the daemon's directory sync, in small
+        in_store.update(learned[name])
+        learned[name] |= in_store
+
+    async with _sim_client(gateway_config) as (settings, client):
+        one = _registrar(
+            settings, client, instance("a"), shared=shared, before_update=lambda: sync("a")
+        )
+        two = _registrar(
+            settings, client, instance("b"), shared=shared, before_update=lambda: sync("b")
+        )
+        run = asyncio.create_task(one.run(), name="registration:one")
+        try:
+            await asyncio.wait_for(one.ready.wait(), timeout=10)
+            async with _running(two):
+                await asyncio.wait_for(two.ready.wait(), timeout=10)
+                (held,) = sim.registrations
+                assert set(held.ue_svc_ids) == {"ue-a@iot.example", "ue-b@iot.example"}
+                assert client.sent == 2  # one POST, then a PUT to the same registration
+        finally:
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
 
 
 async def test_registrar_refreshes_at_two_thirds_of_the_granted_lifetime_on_its_clock(

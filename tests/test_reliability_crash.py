@@ -20,35 +20,20 @@ from aiohttp import web
 from gatewayd_sim import harness
 from gatewayd_sim.harness import Pki
 from gatewayd_sim.server import SimServer
-from loadgen import GatewayProcess, LoadGen, device_tokens, percentile, write_gateway_config
+from loadgen import (
+    GatewayProcess,
+    LoadGen,
+    check_delivery,
+    device_tokens,
+    percentile,
+    write_gateway_config,
+)
 
 
 def _pending(db: Path) -> int:
     with sqlite3.connect(db) as conn:
         (count,) = conn.execute("SELECT count(*) FROM items WHERE state = 'pending'").fetchone()
     return int(count)
-
-
-def _check_delivery(sim: SimServer, load: LoadGen) -> dict[str, int]:
-    """Every acked id arrived, nothing unknown arrived, each device's order held."""
-    delivered = [u.message.msg_id for u in sim.uplinks]
-    assert len(delivered) == len(set(delivered))  # the sim records each msgId once
-    missing = load.stats.acked - set(delivered)
-    assert not missing, f"{len(missing)} acknowledged messages never arrived: {sorted(missing)[:5]}"
-    assert set(delivered) <= set(load.sent_ids)
-    per_device: dict[str, list[int]] = {}
-    for ident in delivered:
-        device, _, seq = ident.rpartition("-")
-        per_device.setdefault(device, []).append(int(seq))
-    for device, seqs in per_device.items():
-        assert seqs == sorted(seqs), f"{device}: out of order {seqs}"
-    return {
-        "acked": len(load.stats.acked),
-        "delivered": len(delivered),
-        "server_duplicates": sum(sim.duplicates.values()),
-        "resends_acked_as_duplicate": load.stats.duplicates_acked,
-        "connection_errors": load.stats.connection_errors,
-    }
 
 
 async def _crash_cycles(
@@ -74,7 +59,7 @@ async def _crash_cycles(
         assert not stats.given_up
         assert len(stats.acked) == total  # every device eventually got its 202s
         await sim.wait_for(lambda: len(sim.uplinks) >= total, timeout=120)
-        figures = _check_delivery(sim, load)
+        figures = check_delivery(sim, load)
         code, _ = await gw.terminate()
         assert code == 0, gw.log()
     finally:

@@ -19,17 +19,21 @@ from typing import Any
 
 import structlog
 
+from gatewayd.api import KeyValueStore
 from gatewayd.errors import (
     DeviceRefusedError,
     PeerRefusedError,
     PeerUnavailableError,
     RequestRejectedError,
+    StoreError,
 )
 from gatewayd.msgin5g.registration import GatewayRegistration
 from gatewayd.northbound.client import MsgsClient
 from gatewayd.retry import RetryPolicy
 
 log = structlog.get_logger(__name__)
+
+SHARED_LOCATION_KEY = "location"  # in the ``shared`` table: the cluster's registration
 
 
 class Registrar:
@@ -46,6 +50,8 @@ class Registrar:
         learned: Callable[[], frozenset[str]] = frozenset,
         on_device_refused: Callable[[str, str], Awaitable[None]] | None = None,
         on_registered: Callable[[], None] | None = None,
+        shared: KeyValueStore | None = None,
+        before_update: Callable[[], Awaitable[object]] | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Coroutine[Any, Any, None]] = asyncio.sleep,
     ) -> None:
@@ -59,6 +65,14 @@ class Registrar:
         self._learned = learned
         self._on_device_refused = on_device_refused
         self._on_registered = on_registered
+        # Several instances on one store keep ONE registration: its location is in the
+        # store (``shared``), each updates that one. A server holds one registration per
+        # gateway, so an instance creating its own would replace the others', and their
+        # devices learned since would be refused (403) until they noticed.
+        # ``before_update``: learn what the others learned first, so an update does not
+        # drop their devices from the id set.
+        self._shared = shared
+        self._before_update = before_update
         self._clock = clock
         self._sleep = sleep
         self._location: str | None = None
@@ -171,6 +185,8 @@ class Registrar:
             await self._on_device_refused(service_id, cause)
 
     async def _register_or_update(self, ids: tuple[str, ...] | None = None) -> None:
+        if self._shared is not None:
+            await self._adopt_shared()
         body = self._body(ids)
         if ids is None:
             # This update carries every served id: changes so far are in it. One that
@@ -180,6 +196,7 @@ class Registrar:
             result = await self._client.register(body)
             self._location = result.location
             event = "registration.created"
+            await self._share(result.location)
         else:
             try:
                 result = await self._client.update(self._location, body)
@@ -192,6 +209,7 @@ class Registrar:
                 result = await self._client.register(body)
                 self._location = result.location
                 event = "registration.created"
+                await self._share(result.location)
         self._expires = result.ack.expiry.timestamp()
         self._registered_ids = frozenset(body.ue_svc_ids)
         log.info(
@@ -205,6 +223,27 @@ class Registrar:
             self._on_registered()  # the server answered: a breaker may close now
         async with self._updated:
             self._updated.notify_all()
+
+    async def _adopt_shared(self) -> None:
+        """Update the registration the instances share (another may have made it)."""
+        try:
+            if self._before_update is not None:
+                await self._before_update()
+            assert self._shared is not None
+            stored = await self._shared.get(SHARED_LOCATION_KEY)
+        except StoreError as exc:
+            log.warning("registration.shared_unreadable", error=str(exc))
+            return
+        if stored is not None:
+            self._location = stored
+
+    async def _share(self, location: str) -> None:
+        if self._shared is None:
+            return
+        try:
+            await self._shared.put(SHARED_LOCATION_KEY, location, ttl=self._ttl * 2)
+        except StoreError as exc:
+            log.warning("registration.shared_unwritten", error=str(exc))
 
     async def _sleep_until_change(self, seconds: float) -> None:
         """``seconds`` on the injected sleep, or until a change, whichever comes first."""

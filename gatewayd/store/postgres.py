@@ -991,7 +991,9 @@ class PostgresStore:
             )
             return None if row is None else str(row[0])
 
-        found = await self._call(job)
+        # On the intake path (a message without a destination): the database away
+        # refuses intake (503, Retry-After) like a put would, not a 500.
+        found = await self._call(job, intake=True)
         if found is None:
             return None
         value: dict[str, Any] = json.loads(found)
