@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -36,11 +37,12 @@ from gatewayd.api import (
 from gatewayd.config import RelaySettings
 from gatewayd.credentials import Credentials
 from gatewayd.envelope import downlink_request
-from gatewayd.errors import BacklogFullError
-from gatewayd.msgin5g.model import Address, GatewayMessageDelivery
+from gatewayd.errors import BacklogFullError, RequestRejectedError
+from gatewayd.msgin5g.model import Address, AddressType, GatewayMessageDelivery, UEMessageDelivery
 from gatewayd.msgin5g.registration import GatewayRegistration
 from gatewayd.northbound.client import MsgsClient, Registered
 from gatewayd.northbound.registration import Registrar
+from gatewayd.northbound.senders import SHARED_DRIFT_RETRIES, Senders
 from gatewayd.plugins import Plugins
 from gatewayd.relay import Directory, Dispatcher, ExpirySweep, TransportIntake, forget_devices
 from gatewayd.retry import RetryPolicy
@@ -610,3 +612,58 @@ async def test_registrar_sifts_refused_learned_devices_and_registers_one_learned
             # The refused first try, the configured id alone, then a bisection (one id
             # at a time would be 16 updates), then the update with the late device.
             assert client.sent <= 1 + 1 + 8 + 1
+
+
+class _Refusing:
+    """A northbound client whose server says "not a UE you registered" to every uplink."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    async def deliver_ue_message(self, message: UEMessageDelivery) -> None:
+        self.sent += 1
+        raise RequestRejectedError(
+            403, "oriAddr is not a UE this gateway registered", cause="SERVICE_ID_NOT_ALLOWED"
+        )
+
+
+class _Registered:
+    def __init__(self) -> None:
+        self.lost_count = 0
+
+    async def ensure(self, service_id: str) -> None:
+        return None  # registered, as far as this instance knows
+
+    def lost(self) -> None:
+        self.lost_count += 1
+
+
+@pytest.mark.parametrize("shared", [False, True])
+async def test_an_unregistered_ue_refusal_is_drift_only_with_a_shared_store(
+    store: Store, shared: bool
+) -> None:
+    """Alone, the server's "not a UE you registered" is final (DLQ). With instances
+    sharing the store it means another instance's registration replaced ours: register
+    again and retry, a few times, then final."""
+    client, registrar = _Refusing(), _Registered()
+    senders = Senders(client, registrar, store, shared=shared)  # type: ignore[arg-type]
+    body = UEMessageDelivery(
+        ori_addr=Address(addr_type=AddressType.UE, addr="ue-a@iot.example"),
+        dest_addr=Address(addr_type=AddressType.AS, addr="as-1"),
+        msg_id="m1",
+        sto_and_fw_ind=True,
+        payload="hi",
+    ).to_json()
+    item_id = (await store.put(Queue.UPLINK, msg_id="m1", dedup_key="m1", lane="a", body=body)).id
+    item = await store.get(item_id)
+    assert item is not None
+    first = await senders.uplink(item)
+    if not shared:
+        assert isinstance(first, Dead)
+        assert registrar.lost_count == 0
+        return
+    assert isinstance(first, Retry)
+    assert first.answered  # the server is up: the breaker closes
+    assert registrar.lost_count == 1
+    worn = dataclasses.replace(item, attempts=SHARED_DRIFT_RETRIES)
+    assert isinstance(await senders.uplink(worn), Dead)

@@ -25,11 +25,24 @@ log = structlog.get_logger(__name__)
 # (our registration extension): the message is fine, the registration must be renewed.
 
 
+# The server's cause for an originator not in the gateway's registration.
+CAUSE_SERVICE_ID_NOT_ALLOWED = "SERVICE_ID_NOT_ALLOWED"
+# With a shared store, how many times such a refusal sends the registration again before
+# the message is taken as refused for good.
+SHARED_DRIFT_RETRIES = 3
+
+
 class Senders:
-    def __init__(self, client: MsgsClient, registrar: Registrar, store: Store) -> None:
+    def __init__(
+        self, client: MsgsClient, registrar: Registrar, store: Store, *, shared: bool = False
+    ) -> None:
         self._client = client
         self._registrar = registrar
         self._store = store
+        # Several instances keep one registration: another may have replaced it with one
+        # that lacks a device this instance registered a moment ago (their first
+        # registrations raced). The server's "not a UE you registered" is then drift.
+        self._shared = shared
 
     async def uplink(self, item: Item) -> Outcome:
         message = UEMessageDelivery.from_json(item.body)
@@ -44,7 +57,7 @@ class Senders:
         try:
             ack = await self._client.deliver_ue_message(message)
         except RequestRejectedError as exc:
-            if exc.cause == CAUSE_NOT_REGISTERED:
+            if exc.cause == CAUSE_NOT_REGISTERED or self._drifted(exc, item):
                 return self._registration_lost(exc)
             log.warning("message.rejected", status=exc.status, cause=exc.cause, detail=exc.detail)
             await put_device_report(self._store, message, exc.cause or f"HTTP {exc.status}")
@@ -76,6 +89,17 @@ class Senders:
             return _transient(exc)
         log.debug("report.sent", delivered=report.delivered, dest=str(report.dest_addr))
         return Done()
+
+    def _drifted(self, exc: RequestRejectedError, item: Item) -> bool:
+        """With a shared store, "not a UE you registered" for a device this instance
+        registered: another instance's registration replaced ours. Register again with
+        every instance's devices and retry (a device the server really refuses is then
+        refused by that registration, DEVICE_REFUSED); a few times, not forever."""
+        return (
+            self._shared
+            and exc.cause == CAUSE_SERVICE_ID_NOT_ALLOWED
+            and item.attempts < SHARED_DRIFT_RETRIES
+        )
 
     def _registration_lost(self, exc: RequestRejectedError) -> Retry:
         # A server that restarted without our registration refuses everything until we
