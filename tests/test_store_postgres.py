@@ -25,12 +25,14 @@ import structlog
 from gatewayd_sim.harness import Pki
 from gatewayd_testing import until
 from gatewayd_testing.postgres import PASSWORD, PostgresServer
+from psycopg import errors as pg_errors
 
 from gatewayd import config
 from gatewayd.errors import BacklogFullError, ConfigError, StoreError
 from gatewayd.options import SecretRef
 from gatewayd.store import PutRequest, Queue, StoreSettings
 from gatewayd.store.pg_schema import MIGRATIONS
+from gatewayd.store.pg_tx import Tx
 from gatewayd.store.postgres import PostgresStore
 
 Open = Callable[..., "asyncio.Future[PostgresStore]"]
@@ -477,3 +479,31 @@ service_id = "ue-sensor-1"
     stats = await asyncio.to_thread(queue, "stats", "--json")
     assert json.loads(stats.stdout)["queues"]["uplink"]["pending"] == 1
     assert PASSWORD not in listed.stderr + stats.stdout + stats.stderr
+
+
+async def test_a_transaction_rolled_back_for_a_deadlock_runs_again(
+    settings: Callable[..., StoreSettings],
+) -> None:
+    """PostgreSQL breaks a deadlock by rolling one transaction back (SQLSTATE 40P01):
+    that batch runs again, whole, and its callers see their results, not an error."""
+    store = await PostgresStore.open(settings())
+    runs = 0
+
+    async def job(tx: Tx) -> str:
+        nonlocal runs
+        runs += 1
+        await tx.run(
+            "INSERT INTO kv (transport, key, value, expires) VALUES ('t', %s, 'v', 1e12)",
+            (f"k{runs}",),
+        )
+        if runs == 1:
+            raise pg_errors.DeadlockDetected("deadlock detected")
+        return "done"
+
+    try:
+        assert await store._call(job) == "done"
+        assert runs == 2
+        # The first run's write was rolled back with it: only the second one's is kept.
+        assert await store.kv_get("t", ["k1", "k2"]) == {"k2": "v"}
+    finally:
+        await store.close()

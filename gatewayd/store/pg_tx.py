@@ -20,6 +20,7 @@ Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 # The backlog count (pending rows, their bytes) is read again at most this often: the
 # limits hold across instances within what the others accepted meanwhile.
 RECOUNT_SECONDS: Final = 1.0
+ROLLBACK_ATTEMPTS: Final = 3  # runs of a transaction the database rolled back
 CONNECT_TIMEOUT: Final = 5.0  # seconds: a database that does not answer refuses intake
 
 
@@ -54,7 +55,9 @@ class Tx:
             row = await self.one(
                 "SELECT count(*), coalesce(sum(size), 0) FROM items WHERE state = 'pending'"
             )
-            self.recounted = (int(row[0]), int(row[1]))
+            # The count sees this transaction's own changes so far: keep it as the base
+            # they apply to, so they are not counted twice.
+            self.recounted = (int(row[0]) - self.messages, int(row[1]) - self.bytes)
         base = self.recounted or (self.count.messages, self.count.bytes)
         return base[0] + self.messages, base[1] + self.bytes
 
@@ -104,6 +107,12 @@ WHAT: Final = {
     "disk": "is out of disk space",
     "readonly": "is read-only",
 }
+
+
+def rolled_back(exc: BaseException) -> bool:
+    """The database rolled the transaction back to break a deadlock or a serialization
+    conflict (SQLSTATE class 40): running it again is the cure."""
+    return isinstance(exc, psycopg.Error) and (exc.sqlstate or "").startswith("40")
 
 
 def storage_failure(exc: BaseException) -> str | None:

@@ -62,6 +62,7 @@ from gatewayd.store.pg_statements import (
 )
 from gatewayd.store.pg_tx import (
     CONNECT_TIMEOUT,
+    ROLLBACK_ATTEMPTS,
     WHAT,
     BacklogCount,
     Call,
@@ -70,6 +71,7 @@ from gatewayd.store.pg_tx import (
     JobFailed,
     Tx,
     connect_kwargs,
+    rolled_back,
     safe_dsn,
     storage_failure,
 )
@@ -266,6 +268,20 @@ class PostgresStore:
             call.future.set_result(outcomes[0][1])
 
     async def _transaction(self, batch: list[Call]) -> tuple[list[tuple[Call, Any]], Tx]:
+        """Run the batch in one transaction; one the database rolled back to break a
+        deadlock or a serialization conflict is run again, whole, a few times."""
+        for attempt in range(1, ROLLBACK_ATTEMPTS + 1):
+            try:
+                return await self._attempt(batch)
+            except JobFailed as failed:
+                if attempt == ROLLBACK_ATTEMPTS or not rolled_back(failed.error):
+                    raise
+            except psycopg.Error as exc:
+                if attempt == ROLLBACK_ATTEMPTS or not rolled_back(exc):
+                    raise
+        raise AssertionError("unreachable")  # the last attempt returns or raises
+
+    async def _attempt(self, batch: list[Call]) -> tuple[list[tuple[Call, Any]], Tx]:
         async with self._pool.connection() as conn:
             tx = Tx(conn, self._count)
             outcomes: list[tuple[Call, Any]] = []
@@ -831,7 +847,7 @@ class PostgresStore:
                     pending += int(count)
                     pending_bytes += int(size)
             (db_bytes,) = await tx.one("SELECT pg_database_size(current_database())")
-            tx.recounted = (pending, pending_bytes)
+            tx.recounted = (pending - tx.messages, pending_bytes - tx.bytes)
             return {
                 "queues": queues,
                 "db_bytes": int(db_bytes),
