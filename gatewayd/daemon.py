@@ -475,8 +475,7 @@ class Gateway:
 
     @property
     def _shared(self) -> bool:
-        """Several instances share the store, and with it the gateway's registration."""
-        return self.settings.store.backend != "sqlite"
+        return self.settings.store.shared
 
     async def _sync_directory(self) -> bool:
         """Learn what the other instances learned (the shared store's devices); a new
