@@ -34,6 +34,7 @@ class StoreSettings:
         """Several gatewayd instances may use this store at once (and share, with it,
         the gateway's registration and learned devices)."""
         return self.backend != "sqlite"
+
     max_messages: int = 100_000  # backlog limit, pending+retrying rows over all queues
     max_bytes: int = 256 * 1024 * 1024  # backlog limit on stored body bytes
     max_age: float = 7 * 86400  # seconds; older pending rows expire to the DLQ

@@ -75,6 +75,14 @@ from gatewayd.store.pg_tx import (
     safe_dsn,
     storage_failure,
 )
+from gatewayd.store.queries import (
+    COUNTS_SQL,
+    expiry_reason,
+    list_filter,
+    log_expired,
+    purge_filter,
+    queue_counts,
+)
 from gatewayd.store.schema import ITEM_COLUMNS, encode_body, row_to_item
 from gatewayd.store.writer import RETRY_AFTER_BACKLOG
 from gatewayd.tasks import TaskSet
@@ -790,11 +798,7 @@ class PostgresStore:
             for item in found:
                 if item.queue.value in WORKED and (item.queue.value, item.lane) not in free:
                     continue
-                reason = (
-                    "expired: exprTime passed"
-                    if item.expires_at is not None and item.expires_at <= at
-                    else "expired: older than max_age"
-                )
+                reason = expiry_reason(item, at)
                 if not await self._finish(tx, [item.id], State.DEAD, reason, at):
                     continue
                 expired.append(_with_state(item, State.DEAD, reason, at))
@@ -808,16 +812,7 @@ class PostgresStore:
             return expired
 
         expired: list[Item] = await self._call(job)
-        for item, error in unreportable:
-            log.error("store.expiry_report_failed", msg_id=item.msg_id, id=item.id, error=error)
-        for item in expired:
-            log.warning(
-                "store.expired",
-                msg_id=item.msg_id,
-                id=item.id,
-                queue=str(item.queue),
-                reason=item.last_error,
-            )
+        log_expired(expired, unreportable)
         return expired
 
     # --- inspection and the DLQ ------------------------------------------------------------
@@ -826,26 +821,10 @@ class PostgresStore:
         now = time.time()
 
         async def job(tx: Tx) -> dict[str, Any]:
-            queues: dict[str, Any] = {
-                q.value: {"pending": 0, "done": 0, "dead": 0, "bytes": 0, "oldest_age": None}
-                for q in Queue
-            }
-            rows = await tx.all(
-                "SELECT queue, state, count(*), coalesce(sum(size), 0), min(created)"
-                " FROM items GROUP BY queue, state"
-            )
-            pending = pending_bytes = 0
-            for queue, state, count, size, oldest in rows:
-                entry = queues.setdefault(
-                    queue, {"pending": 0, "done": 0, "dead": 0, "bytes": 0, "oldest_age": None}
-                )
-                entry[state] = int(count)
-                if state != State.DONE:
-                    entry["bytes"] += int(size)
-                if state == State.PENDING:
-                    entry["oldest_age"] = max(0.0, now - float(oldest))
-                    pending += int(count)
-                    pending_bytes += int(size)
+            rows = await tx.all(COUNTS_SQL)
+            queues = queue_counts(rows, now)
+            pending = sum(int(r[2]) for r in rows if r[1] == State.PENDING)
+            pending_bytes = sum(int(r[3]) for r in rows if r[1] == State.PENDING)
             (db_bytes,) = await tx.one("SELECT pg_database_size(current_database())")
             tx.recounted = (pending - tx.messages, pending_bytes - tx.bytes)
             return {
@@ -870,15 +849,8 @@ class PostgresStore:
     async def list_items(
         self, *, queue: Queue | None, state: str | None, limit: int, after: int = 0
     ) -> list[Item]:
-        clauses = ["id > %s"]
-        params: list[Any] = [after]
-        if queue is not None:
-            clauses.append("queue = %s")
-            params.append(queue.value)
-        if state is not None:
-            clauses.append("state = %s")
-            params.append(state)
-        sql = f"{_SELECT} WHERE {' AND '.join(clauses)} ORDER BY id LIMIT %s"
+        where, params = list_filter(queue=queue, state=state, after=after, mark="%s")
+        sql = f"{_SELECT} WHERE {where} ORDER BY id LIMIT %s"
         params.append(limit)
 
         async def job(tx: Tx) -> list[Item]:
@@ -926,15 +898,7 @@ class PostgresStore:
     async def purge(
         self, *, queue: Queue | None, state: str = "dead", older_than: float | None = None
     ) -> int:
-        clauses = ["state = %s"]
-        params: list[Any] = [state]
-        if queue is not None:
-            clauses.append("queue = %s")
-            params.append(queue.value)
-        if older_than is not None:
-            clauses.append("coalesce(finished, created) <= %s")
-            params.append(time.time() - older_than)
-        where = " AND ".join(clauses)
+        where, params = purge_filter(queue=queue, state=state, older_than=older_than, mark="%s")
 
         async def job(tx: Tx) -> int:
             rows = await tx.all(

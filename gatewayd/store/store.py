@@ -30,6 +30,14 @@ from gatewayd.store.model import (
     State,
     StoreSettings,
 )
+from gatewayd.store.queries import (
+    COUNTS_SQL,
+    expiry_reason,
+    list_filter,
+    log_expired,
+    purge_filter,
+    queue_counts,
+)
 from gatewayd.store.schema import ITEM_COLUMNS, encode_body, row_to_item
 from gatewayd.store.writer import RETRY_AFTER_BACKLOG, Txn, Writer
 
@@ -501,11 +509,7 @@ class SqliteStore:
             unreportable.clear()  # the writer may run a job twice (batch, then alone)
             expired: list[Item] = []
             for item in chosen:
-                reason = (
-                    "expired: exprTime passed"
-                    if item.expires_at is not None and item.expires_at <= at
-                    else "expired: older than max_age"
-                )
+                reason = expiry_reason(item, at)
                 cursor = txn.conn.execute(
                     "UPDATE items SET state = 'dead', last_error = ?, finished = ?"
                     " WHERE id = ? AND state = 'pending'",
@@ -533,16 +537,7 @@ class SqliteStore:
             for item in held:  # those not expired (a failed write) may go again
                 if self._lanes[item.queue].release(item.id, item.lane):
                     self._wake(item.queue)
-        for item, error in unreportable:
-            log.error("store.expiry_report_failed", msg_id=item.msg_id, id=item.id, error=error)
-        for item in expired:
-            log.warning(
-                "store.expired",
-                msg_id=item.msg_id,
-                id=item.id,
-                queue=str(item.queue),
-                reason=item.last_error,
-            )
+        log_expired(expired, unreportable)
         return expired
 
     # --- inspection and the DLQ --------------------------------------------------------
@@ -553,23 +548,7 @@ class SqliteStore:
         now = time.time()
 
         def job(txn: Txn) -> dict[str, Any]:
-            queues: dict[str, Any] = {
-                q.value: {"pending": 0, "done": 0, "dead": 0, "bytes": 0, "oldest_age": None}
-                for q in Queue
-            }
-            rows = txn.conn.execute(
-                "SELECT queue, state, count(*), coalesce(sum(size), 0), min(created)"
-                " FROM items GROUP BY queue, state"
-            )
-            for queue, state, count, size, oldest in rows:
-                entry = queues.setdefault(
-                    queue, {"pending": 0, "done": 0, "dead": 0, "bytes": 0, "oldest_age": None}
-                )
-                entry[state] = count
-                if state != State.DONE:
-                    entry["bytes"] += size
-                if state == State.PENDING:
-                    entry["oldest_age"] = max(0.0, now - oldest)
+            queues = queue_counts(txn.conn.execute(COUNTS_SQL), now)
             (pages,) = txn.conn.execute("PRAGMA page_count").fetchone()
             (page_size,) = txn.conn.execute("PRAGMA page_size").fetchone()
             return {
@@ -593,15 +572,8 @@ class SqliteStore:
         self, *, queue: Queue | None, state: str | None, limit: int, after: int = 0
     ) -> list[Item]:
         """Items by id, optionally of one queue and state; ``after`` pages on by id."""
-        clauses = ["id > ?"]
-        params: list[Any] = [after]
-        if queue is not None:
-            clauses.append("queue = ?")
-            params.append(queue.value)
-        if state is not None:
-            clauses.append("state = ?")
-            params.append(state)
-        sql = f"{_SELECT} WHERE {' AND '.join(clauses)} ORDER BY id LIMIT ?"
+        where, params = list_filter(queue=queue, state=state, after=after, mark="?")
+        sql = f"{_SELECT} WHERE {where} ORDER BY id LIMIT ?"
         params.append(limit)
 
         def job(txn: Txn) -> list[Item]:
@@ -664,15 +636,7 @@ class SqliteStore:
 
         Deleting also forgets their dedup keys. Returns how many were deleted.
         """
-        clauses = ["state = ?"]
-        params: list[Any] = [state]
-        if queue is not None:
-            clauses.append("queue = ?")
-            params.append(queue.value)
-        if older_than is not None:
-            clauses.append("coalesce(finished, created) <= ?")
-            params.append(time.time() - older_than)
-        where = " AND ".join(clauses)
+        where, params = purge_filter(queue=queue, state=state, older_than=older_than, mark="?")
 
         def job(txn: Txn) -> int:
             if state == State.PENDING:
