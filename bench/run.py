@@ -391,14 +391,17 @@ receipts = false
         if ready is None:
             raise SystemExit(f"bench: {name} not READY in 60 s:\n{proc.tail()}")
         self.ready_seconds[name] = round(ready, 3)
-        self.wait_log(name, "registration.created", 30)
+        # A second instance on a shared store updates the registration the first made.
+        self.wait_log(name, ("registration.created", "registration.refreshed"), 30)
         return ready
 
-    def wait_log(self, name: str, needle: str, timeout: float) -> None:
+    def wait_log(self, name: str, needle: str | tuple[str, ...], timeout: float) -> None:
         proc = self.procs[name]
+        needles = (needle,) if isinstance(needle, str) else needle
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if needle in proc.log.read_text(errors="replace"):
+            text = proc.log.read_text(errors="replace")
+            if any(n in text for n in needles):
                 return
             time.sleep(0.1)
         raise SystemExit(f"bench: no {needle!r} from {name} in {timeout} s:\n{proc.tail()}")

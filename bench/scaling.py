@@ -63,14 +63,18 @@ class Postgres:
 
 
 def gateway_config(
-    dep: Deployment, tag: str, *, dsn: str | None, shared: bool, lease: float = 30.0
+    dep: Deployment, tag: str, *, dsn: str | None, group: str | None, lease: float = 30.0
 ) -> Path:
-    """``bench/run.py``'s N3G gateway, on its own ports, with the store given."""
+    """``bench/run.py``'s N3G gateway, on its own ports, with the store given.
+
+    Each setup has its own shared-subscription ``group``: the persistent sessions of an
+    earlier setup's instances stay members of theirs, and the broker would go on handing
+    them their share (never delivered: nobody connects as them again)."""
     path = dep.n3g_config(tag)
     text = path.read_text()
-    if shared:
+    if group is not None:
         text = text.replace(
-            'client_id = "bench-gw"', f'client_id = "bench-{tag}"\nshared_group = "bench"'
+            'client_id = "bench-gw"', f'client_id = "bench-{tag}"\nshared_group = "{group}"'
         )
     else:
         text = text.replace('client_id = "bench-gw"', f'client_id = "bench-{tag}"')
@@ -105,7 +109,7 @@ def run_setup(
     names = [f"{name}-{n}" for n in range(instances)]
     dsn = pg.database(name.replace("-", "_")) if pg is not None else None
     for gw in names:
-        config = gateway_config(dep, gw, dsn=dsn, shared=instances > 1)
+        config = gateway_config(dep, gw, dsn=dsn, group=name if instances > 1 else None)
         dep.start_gateway(gw, config)
     measured: dict[str, Any] = {gw: dep.procs[gw] for gw in names}
     if pg is not None:
@@ -170,7 +174,7 @@ def takeover(dep: Deployment, pg: Postgres, plan: Plan) -> dict[str, Any]:
     """SIGKILL one of two instances under load; the survivor's takeover time."""
     dsn = pg.database("takeover")
     configs = {
-        gw: gateway_config(dep, gw, dsn=dsn, shared=True, lease=TAKEOVER_LEASE)
+        gw: gateway_config(dep, gw, dsn=dsn, group="takeover", lease=TAKEOVER_LEASE)
         for gw in ("tk-a", "tk-b")
     }
     for gw, config in configs.items():
