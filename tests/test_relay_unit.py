@@ -37,7 +37,7 @@ from gatewayd.api import (
 from gatewayd.config import RelaySettings
 from gatewayd.credentials import Credentials
 from gatewayd.envelope import downlink_request
-from gatewayd.errors import BacklogFullError, RequestRejectedError
+from gatewayd.errors import BacklogFullError, InvalidBodyError, RequestRejectedError
 from gatewayd.msgin5g.model import Address, AddressType, GatewayMessageDelivery, UEMessageDelivery
 from gatewayd.msgin5g.registration import GatewayRegistration
 from gatewayd.northbound.client import MsgsClient, Registered
@@ -46,7 +46,16 @@ from gatewayd.northbound.senders import SHARED_DRIFT_RETRIES, Senders
 from gatewayd.plugins import Plugins
 from gatewayd.relay import Directory, Dispatcher, ExpirySweep, TransportIntake, forget_devices
 from gatewayd.retry import RetryPolicy
-from gatewayd.store import Item, PutRequest, Queue, Route, SqliteStore, Store, StoreSettings
+from gatewayd.store import (
+    Item,
+    PutRequest,
+    Queue,
+    Route,
+    SqliteStore,
+    Store,
+    StoreSettings,
+    open_store,
+)
 from gatewayd.store.kv import MemoryKV
 from gatewayd.worker import Dead, Done, Outcome, QueueWorker, Retry
 
@@ -667,3 +676,37 @@ async def test_an_unregistered_ue_refusal_is_drift_only_with_a_shared_store(
     assert registrar.lost_count == 1
     worn = dataclasses.replace(item, attempts=SHARED_DRIFT_RETRIES)
     assert isinstance(await senders.uplink(worn), Dead)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_a_nul_in_a_device_id_is_refused_alone_on_every_backend(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str
+) -> None:
+    """PostgreSQL text cannot hold U+0000: a device's msgId with one used to fail the
+    put with a StoreError (no ack, redelivered for ever). It is refused for good, kept
+    in the DLQ escaped, and the device's next message is stored."""
+    settings = StoreSettings(path=tmp_path / "gw.db")
+    if backend == "postgresql":
+        dsn: str = request.getfixturevalue("postgres_dsn")
+        settings = StoreSettings(path=tmp_path / "gw.db", backend="postgresql", dsn=dsn)
+    store = await open_store(settings)
+    try:
+        intake = _intake(store)
+        with pytest.raises(InvalidMessageError, match="U\\+0000"):
+            await intake.accept(Uplink(device="sensor-1", payload="p", msg_id="a\x00b"))
+        (kept,) = await store.list_items(queue=Queue.INTAKE, state="dead", limit=10)
+        assert kept.msg_id == "a\\x00b"
+        fine = await intake.accept(Uplink(device="sensor-1", payload="x\x00y", msg_id="ok"))
+        assert not fine.duplicate  # a NUL in the payload is stored JSON-escaped
+        (item,) = await _pending(store, Queue.UPLINK)
+        assert item.body["payload"] == "x\x00y"
+    finally:
+        await store.close()
+
+
+def test_a_nul_in_a_wire_string_is_an_invalid_param() -> None:
+    body = _downlink().to_json()
+    body["msgId"] = "m\x00"
+    with pytest.raises(InvalidBodyError) as refused:
+        GatewayMessageDelivery.from_json(body)
+    assert refused.value.pointer == "/msgId"

@@ -77,7 +77,9 @@ from gatewayd.store.pg_tx import (
 )
 from gatewayd.store.queries import (
     COUNTS_SQL,
+    as_expired,
     expiry_reason,
+    failure_report,
     list_filter,
     log_expired,
     purge_filter,
@@ -538,13 +540,7 @@ class PostgresStore:
             await self._check_limits(tx, 1, size)
             part = request
             if siblings:
-                part = PutRequest(
-                    msg_id=request.msg_id,
-                    dedup_key=request.dedup_key,
-                    lane=request.lane,
-                    body=request.body,
-                    expires_at=siblings[0][2],
-                )
+                part = dataclasses.replace(request, expires_at=siblings[0][2])
             part_id = (await insert_items(tx, Queue.SEGMENT, [(part, body, size)], now))[
                 part.dedup_key
             ]
@@ -801,12 +797,8 @@ class PostgresStore:
                 reason = expiry_reason(item, at)
                 if not await self._finish(tx, [item.id], State.DEAD, reason, at):
                     continue
-                expired.append(_with_state(item, State.DEAD, reason, at))
-                try:
-                    built = report(item) if report is not None else None
-                except Exception as exc:  # a body it cannot read must not stall expiry
-                    unreportable.append((item, repr(exc)))
-                    built = None
+                expired.append(as_expired(item, reason, at))
+                built = failure_report(item, report, unreportable)
                 if built is not None:
                     await put_report(tx, *built, now=at)
             return expired
@@ -1057,10 +1049,6 @@ class PostgresStore:
 
         devices: list[tuple[str, str, str]] = await self._call(job)
         return devices
-
-
-def _with_state(item: Item, state: State, reason: str, at: float) -> Item:
-    return dataclasses.replace(item, state=state.value, last_error=reason, finished=at)
 
 
 def log_settle_failure(future: asyncio.Future[Any]) -> None:

@@ -5,13 +5,14 @@ its own dialect (``mark`` is its placeholder: ``?`` for SQLite, ``%s`` for psyco
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
 
-from gatewayd.store.model import Item, Queue, State
+from gatewayd.store.model import Item, PutRequest, Queue, State
 
 log = structlog.get_logger(__name__)
 
@@ -26,15 +27,7 @@ def list_filter(
     *, queue: Queue | None, state: str | None, after: int, mark: str
 ) -> tuple[str, list[Any]]:
     """``WHERE`` text and parameters of ``list_items``: ids after ``after``."""
-    clauses = [f"id > {mark}"]
-    params: list[Any] = [after]
-    if queue is not None:
-        clauses.append(f"queue = {mark}")
-        params.append(queue.value)
-    if state is not None:
-        clauses.append(f"state = {mark}")
-        params.append(state)
-    return " AND ".join(clauses), params
+    return _where([("id >", after), ("queue =", queue and queue.value), ("state =", state)], mark)
 
 
 def purge_filter(
@@ -42,15 +35,19 @@ def purge_filter(
 ) -> tuple[str, list[Any]]:
     """``WHERE`` text and parameters of ``purge``: finished (or, if pending, created)
     more than ``older_than`` seconds ago."""
-    clauses = [f"state = {mark}"]
-    params: list[Any] = [state]
-    if queue is not None:
-        clauses.append(f"queue = {mark}")
-        params.append(queue.value)
-    if older_than is not None:
-        clauses.append(f"coalesce(finished, created) <= {mark}")
-        params.append(time.time() - older_than)
-    return " AND ".join(clauses), params
+    before = None if older_than is None else time.time() - older_than
+    terms = [
+        ("state =", state),
+        ("queue =", queue and queue.value),
+        ("coalesce(finished, created) <=", before),
+    ]
+    return _where(terms, mark)
+
+
+def _where(terms: list[tuple[str, Any]], mark: str) -> tuple[str, list[Any]]:
+    """The terms whose value is not ``None``, ANDed, each compared to a parameter."""
+    kept = [(sql, value) for sql, value in terms if value is not None]
+    return " AND ".join(f"{sql} {mark}" for sql, _ in kept), [value for _, value in kept]
 
 
 def queue_counts(rows: Iterable[tuple[Any, ...]], now: float) -> dict[str, Any]:
@@ -74,6 +71,25 @@ def expiry_reason(item: Item, at: float) -> str:
     if item.expires_at is not None and item.expires_at <= at:
         return "expired: exprTime passed"
     return "expired: older than max_age"
+
+
+def as_expired(item: Item, reason: str, at: float) -> Item:
+    """``item`` as the dead-letter queue now holds it."""
+    return dataclasses.replace(item, state=State.DEAD.value, last_error=reason, finished=at)
+
+
+def failure_report(
+    item: Item,
+    report: Callable[[Item], tuple[Queue, PutRequest] | None] | None,
+    unreportable: list[tuple[Item, str]],
+) -> tuple[Queue, PutRequest] | None:
+    """The failure report an expired item calls for, if any; a body it cannot read is
+    noted in ``unreportable`` (logged by :func:`log_expired`), never stalls the expiry."""
+    try:
+        return report(item) if report is not None else None
+    except Exception as exc:
+        unreportable.append((item, repr(exc)))
+        return None
 
 
 def log_expired(expired: list[Item], unreportable: list[tuple[Item, str]]) -> None:

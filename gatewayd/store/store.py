@@ -32,7 +32,9 @@ from gatewayd.store.model import (
 )
 from gatewayd.store.queries import (
     COUNTS_SQL,
+    as_expired,
     expiry_reason,
+    failure_report,
     list_filter,
     log_expired,
     purge_filter,
@@ -520,12 +522,8 @@ class SqliteStore:
                 txn.backlog.messages -= 1
                 txn.backlog.bytes -= item.size
                 _finished(txn, item.queue.value, item.id, item.lane)
-                expired.append(_replace_state(item, State.DEAD, reason, at))
-                try:
-                    built = report(item) if report is not None else None
-                except Exception as exc:  # a body it cannot read must not stall expiry
-                    unreportable.append((item, repr(exc)))
-                    built = None
+                expired.append(as_expired(item, reason, at))
+                built = failure_report(item, report, unreportable)
                 if built is not None:
                     _put_report(txn, *built, now=at)
             return expired
@@ -1041,7 +1039,3 @@ def _finish(txn: Txn, item_id: int, state: State, reason: str | None, now: float
     txn.backlog.messages -= 1
     txn.backlog.bytes -= size
     return str(msg_id)
-
-
-def _replace_state(item: Item, state: State, reason: str, at: float) -> Item:
-    return dataclasses.replace(item, state=state.value, last_error=reason, finished=at)
