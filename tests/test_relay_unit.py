@@ -37,7 +37,7 @@ from gatewayd.api import (
 from gatewayd.config import RelaySettings
 from gatewayd.credentials import Credentials
 from gatewayd.envelope import downlink_request
-from gatewayd.errors import BacklogFullError, InvalidBodyError, RequestRejectedError
+from gatewayd.errors import BacklogFullError, RequestRejectedError
 from gatewayd.msgin5g.model import Address, AddressType, GatewayMessageDelivery, UEMessageDelivery
 from gatewayd.msgin5g.registration import GatewayRegistration
 from gatewayd.northbound.client import MsgsClient, Registered
@@ -703,10 +703,3 @@ async def test_a_nul_in_a_device_id_is_refused_alone_on_every_backend(
     finally:
         await store.close()
 
-
-def test_a_nul_in_a_wire_string_is_an_invalid_param() -> None:
-    body = _downlink().to_json()
-    body["msgId"] = "m\x00"
-    with pytest.raises(InvalidBodyError) as refused:
-        GatewayMessageDelivery.from_json(body)
-    assert refused.value.pointer == "/msgId"

@@ -69,9 +69,6 @@ def opt_datetime(data: Mapping[str, Any], key: str, pointer: str) -> datetime | 
 def _str(value: object, pointer: str) -> str:
     if not isinstance(value, str):
         raise InvalidBodyError(pointer, "must be a string")
-    if "\0" in value:
-        # No id or name of the 3GPP model has one, and PostgreSQL text cannot hold it.
-        raise InvalidBodyError(pointer, "must not contain U+0000")
     return value
 
 
