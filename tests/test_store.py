@@ -224,6 +224,18 @@ async def test_backlog_full_by_count_refuses_and_stores_nothing(settings: Settin
         await store.close()
 
 
+async def test_one_key_twice_in_a_batch_is_stored_once(store: Store) -> None:
+    # The second request is a duplicate of the first, not a failed batch.
+    twice = [PutRequest(msg_id="a", dedup_key="k", lane="d", body={"n": n}) for n in (1, 2)]
+    first, second = await store.put_many(Queue.UPLINK, twice)
+    assert not first.duplicate
+    assert second.duplicate
+    assert second.id == first.id
+    (item,) = await store.list_items(queue=None, state="pending", limit=10)
+    assert item.body == {"n": 1}
+    assert (await store.stats())["backlog"]["messages"] == 1
+
+
 async def test_backlog_full_by_bytes(settings: Settings) -> None:
     store = await open_store(settings(max_bytes=1000))
     try:

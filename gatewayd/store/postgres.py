@@ -82,6 +82,8 @@ from gatewayd.store.queries import (
     failure_report,
     list_filter,
     log_expired,
+    once_per_key,
+    per_request,
     purge_filter,
     queue_counts,
 )
@@ -440,7 +442,8 @@ class PostgresStore:
     async def put_many(
         self, queue: Queue, requests: Sequence[PutRequest], *, route: Route | None = None
     ) -> list[PutResult]:
-        encoded = [(r, encode_body(r.body)) for r in requests]
+        unique, stored_as = once_per_key(requests)
+        encoded = [(r, encode_body(r.body)) for r in unique]
         now = time.time()
 
         async def job(tx: Tx) -> list[PutResult]:
@@ -449,7 +452,7 @@ class PostgresStore:
                 await upsert_route(tx, route.service_id, encode_body(route.origin), now + route.ttl)
             return results
 
-        results: list[PutResult] = await self._call(job, intake=True)
+        results = per_request(await self._call(job, intake=True), stored_as)
         for request, result in zip(requests, results, strict=True):
             if result.duplicate:
                 log.debug("store.duplicate", msg_id=request.msg_id, queue=str(queue), id=result.id)

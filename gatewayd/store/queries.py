@@ -1,18 +1,19 @@
 """What both store backends compute the same way: item filters, the per-queue counts of
-``stats()``, and the reasons and log lines of an expiry. Each backend runs the SQL in
-its own dialect (``mark`` is its placeholder: ``?`` for SQLite, ``%s`` for psycopg).
+``stats()``, a batch's repeated keys, and the reasons and log lines of an expiry. Each
+backend runs the SQL in its own dialect (``mark`` is its placeholder: ``?`` for SQLite,
+``%s`` for psycopg).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import structlog
 
-from gatewayd.store.model import Item, PutRequest, Queue, State
+from gatewayd.store.model import Item, PutRequest, PutResult, Queue, State
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +49,35 @@ def _where(terms: list[tuple[str, Any]], mark: str) -> tuple[str, list[Any]]:
     """The terms whose value is not ``None``, ANDed, each compared to a parameter."""
     kept = [(sql, value) for sql, value in terms if value is not None]
     return " AND ".join(f"{sql} {mark}" for sql, _ in kept), [value for _, value in kept]
+
+
+def once_per_key(requests: Sequence[PutRequest]) -> tuple[list[PutRequest], list[int]]:
+    """A batch with each dedup key's first request only, and for every request of the
+    batch the index of the one stored for it: a key repeated within one ``put_many`` is
+    a duplicate of its first, as it would be in the next batch."""
+    firsts: dict[str, int] = {}
+    unique: list[PutRequest] = []
+    stored_as: list[int] = []
+    for request in requests:
+        at = firsts.get(request.dedup_key)
+        if at is None:
+            at = firsts[request.dedup_key] = len(unique)
+            unique.append(request)
+        stored_as.append(at)
+    return unique, stored_as
+
+
+def per_request(results: list[PutResult], stored_as: list[int]) -> list[PutResult]:
+    """The results of :func:`once_per_key`'s batch for every request of the original."""
+    if len(stored_as) == len(results):
+        return results
+    seen: set[int] = set()
+    out = []
+    for at in stored_as:
+        result = results[at]
+        out.append(PutResult(result.id, duplicate=True) if at in seen else result)
+        seen.add(at)
+    return out
 
 
 def queue_counts(rows: Iterable[tuple[Any, ...]], now: float) -> dict[str, Any]:
