@@ -10,20 +10,27 @@ missing there (aiomqtt 2.5, paho-mqtt 2.2):
 - a socket reader that can pause: aiomqtt hands every PUBLISH the broker sends to an
   unbounded queue, and brokers do not all hold to our Receive Maximum (mosquitto 2.0.11
   stops once acknowledgements flow), so the subclass installs its own reader, which
-  stops reading while ``intake_limit`` messages are held (see :meth:`release`).
+  stops reading while ``intake_limit`` messages are held (see :meth:`release`);
+- a PUBLISH decoder whose MQTT 5 properties are decoded on first use
+  (:mod:`gatewayd_mqtt.publish`): the subclass puts it in place of paho's
+  ``_handle_publish`` for QoS 0 and 1, and hands QoS 2 to paho's own.
 """
 
 from __future__ import annotations
 
 import struct
+import time
 from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
 from aiomqtt.types import PahoSocket
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+
+from gatewayd_mqtt import publish
 
 # CONNACK codes that mean "your credentials are not good": retrying at once cannot help.
 # MQTT 3.1.1: 4 bad user name or password, 5 not authorized. MQTT 5: 0x86, 0x87, 0x8A
@@ -56,7 +63,22 @@ class GatewayClient(aiomqtt.Client):
         self._fd: int | None = None  # the socket the reader watches, while it is open
         # Set before connecting: a resumed session sends its unacknowledged messages
         # right after CONNACK, and those must not be acked on arrival either.
-        self.acks = ManualAck(self, v5=kwargs.get("protocol") == aiomqtt.ProtocolVersion.V5)
+        v5 = kwargs.get("protocol") == aiomqtt.ProtocolVersion.V5
+        self.acks = ManualAck(self, v5=v5)
+        if v5:
+            self._client._handle_publish = self._handle_publish  # type: ignore[method-assign]
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        # In place of paho's (see the module docstring), on the paho client's read path.
+        paho_client = self._client
+        header, packet = paho_client._in_packet["command"], paho_client._in_packet["packet"]
+        if header & 0x06 == 0x04:  # QoS 2: paho's own exchange (PUBREC, PUBREL, PUBCOMP)
+            return paho.Client._handle_publish(paho_client)
+        message = publish.decode(header, packet)
+        message.timestamp = time.monotonic()
+        paho_client._handle_on_message(message)
+        # QoS 1: acknowledged by hand (ManualAck), once the message is stored.
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _on_connect(
         self,

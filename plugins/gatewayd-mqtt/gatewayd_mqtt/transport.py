@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -671,11 +672,11 @@ class MqttTransport(Transport):
                 expiry=env.expiry,
             )
         props = message.properties if isinstance(message.properties, Properties) else None
-        return Uplink(
-            device=device,
-            payload=encode_raw(payload),
-            msg_id=user_property(props, "msgId") or fallback,
-        )
+        try:
+            msg_id = user_property(props, "msgId")
+        except MalformedPacket as exc:  # decoded only now (gatewayd_mqtt.publish)
+            raise PayloadError("bad_properties", str(exc)) from None
+        return Uplink(device=device, payload=encode_raw(payload), msg_id=msg_id or fallback)
 
     async def _submit(
         self,
