@@ -620,8 +620,8 @@ class Gateway:
             return
         metrics.set_store(await self._store.stats())
 
-    def _transport_of(self, lane: str) -> str:
-        endpoint = self.directory.endpoint(lane)
+    def _transport_of(self, service_id: str) -> str:
+        endpoint = self.directory.endpoint(service_id)
         return endpoint.transport if endpoint is not None else "unknown"
 
     async def _announce_ready(self) -> None:

@@ -8,6 +8,7 @@
   kinds apart in one queue.
 - Reports: a device's report for the server (:func:`report_request`) and the gateway's
   own failure report to a device (:func:`device_report_request`).
+- Lanes: :func:`lane_service_id` maps a lane back to its device.
 
 Segment sets have their own keys in :mod:`gatewayd.segments`, which stores its bodies
 through :func:`downlink_body`; this module does not import it (the segment rules, such as
@@ -64,6 +65,15 @@ def report_local_key(device: Address, msg_id: str) -> str:
 
 def rejected_key(transport: str, device: str, key_id: str) -> str:
     return f"rejected:{transport}:{device}:{key_id}"
+
+
+# --- lanes --------------------------------------------------------------------------
+
+
+def lane_service_id(lane: str) -> str:
+    """The UE Service ID of a device lane, or of a segment set's lane
+    (``"<service_id>|<origin>|<segId>"``, :mod:`gatewayd.segments`)."""
+    return lane.split("|", 1)[0]
 
 
 # --- requests --------------------------------------------------------------------------
