@@ -251,7 +251,7 @@ class Gateway:
         await self._start_transports()
 
         store, registrar = self.store, self._registrar
-        senders = Senders(self._client, registrar, store, shared=self._shared)
+        senders = Senders(self._client, registrar, store, self.directory, shared=self._shared)
         dispatcher = Dispatcher(
             store=store,
             directory=self.directory,

@@ -256,7 +256,7 @@ def transport_of(service_id: str) -> str:
 
 
 def _lane_transport(lane: str) -> str:
-    # A device's lane, or a segment set's ("service id|origin|segId").
+    # A device's lane, sub-lane ("service id|n") or segment set ("service id|origin|segId").
     return _transport_of(lane_service_id(lane))
 
 
