@@ -75,6 +75,7 @@ async def reassembly(
                         store,
                         part,
                         service_id=part.dest_addr.addr,
+                        pipeline=1,
                         timeout=600,
                         max_segments=64,
                     )

@@ -247,11 +247,14 @@ class TransportSettings(PluginSettings):
     """A transport instance, with the devices the config maps for it.
 
     ``service_id_template`` (for example ``"{device}@iot.example"``) admits devices that
-    are not listed: the gateway learns them from their first message.
+    are not listed: the gateway learns them from their first message. ``pipeline`` is how
+    many of one device's messages may be in flight at once in each direction (1: one at a
+    time, in order; see :func:`gatewayd.envelope.device_lane`).
     """
 
     devices: tuple[Device, ...] = ()
     service_id_template: str | None = None
+    pipeline: int = 1
 
     def device_options(self, index: int) -> Options:
         """The transport's own keys of ``devices[index]``, for errors naming the key path."""

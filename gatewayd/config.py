@@ -28,6 +28,8 @@ from gatewayd.store import StoreSettings
 # scrapers for the metrics; the device transports take gatewayd.listener's 1024.
 API_LIMITS = ListenerLimits(max_connections=256)
 METRICS_LIMITS = ListenerLimits(max_connections=64)
+# transports.NAME.pipeline: how many of one device's messages may be in flight at once.
+MAX_PIPELINE = 64
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -397,7 +399,9 @@ def _transport_settings(opts: Options, name: str, base: Path) -> TransportSettin
             raise dev.error("device", f"device {device.name!r} is listed twice")
         seen.add(device.name)
         devices.append(device)
-    common = ("plugin", "service_id_template", "devices")
+    # Above 1, one device's messages may overtake each other (gatewayd.envelope.device_lane).
+    pipeline = opts.get_int("pipeline", 1, minimum=1, maximum=MAX_PIPELINE)
+    common = ("plugin", "service_id_template", "devices", "pipeline")
     rest = {k: v for k, v in opts.raw().items() if k not in common}
     return TransportSettings(
         name=name,
@@ -406,6 +410,7 @@ def _transport_settings(opts: Options, name: str, base: Path) -> TransportSettin
         base_dir=base,
         devices=tuple(devices),
         service_id_template=template,
+        pipeline=pipeline,
     )
 
 

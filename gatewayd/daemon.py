@@ -251,7 +251,7 @@ class Gateway:
         await self._start_transports()
 
         store, registrar = self.store, self._registrar
-        senders = Senders(self._client, registrar, store, shared=self._shared)
+        senders = Senders(self._client, registrar, store, self.directory, shared=self._shared)
         dispatcher = Dispatcher(
             store=store,
             directory=self.directory,
@@ -620,8 +620,8 @@ class Gateway:
             return
         metrics.set_store(await self._store.stats())
 
-    def _transport_of(self, lane: str) -> str:
-        endpoint = self.directory.endpoint(lane)
+    def _transport_of(self, service_id: str) -> str:
+        endpoint = self.directory.endpoint(service_id)
         return endpoint.transport if endpoint is not None else "unknown"
 
     async def _announce_ready(self) -> None:

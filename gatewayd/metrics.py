@@ -35,6 +35,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from gatewayd import __version__
+from gatewayd.envelope import lane_service_id
 
 if TYPE_CHECKING:
     from gatewayd.store import Item
@@ -242,16 +243,21 @@ def report(outcome: str) -> None:
     REPORTS.labels(outcome=outcome).inc()
 
 
-# Which transport serves a lane (a UE Service ID); set by the gateway at start.
-def _unknown(_lane: str) -> str:
+# Which transport serves a UE Service ID; set by the gateway at start.
+def _unknown(_service_id: str) -> str:
     return "unknown"
 
 
 _transport_of: Callable[[str], str] = _unknown
 
 
-def transport_of(lane: str) -> str:
-    return _transport_of(lane)
+def transport_of(service_id: str) -> str:
+    return _transport_of(service_id)
+
+
+def _lane_transport(lane: str) -> str:
+    # A device's lane, sub-lane ("service id|n") or segment set ("service id|origin|segId").
+    return _transport_of(lane_service_id(lane))
 
 
 def use_transport_lookup(lookup: Callable[[str], str]) -> None:
@@ -272,7 +278,7 @@ def settled(item: Item, outcome: Outcome) -> None:
         return  # a report for a device: the dispatcher counts delivered / not_carried
     if _later_segment(item):
         return  # a segmented message counts once, by its first segment
-    transport = _transport_of(item.lane)
+    transport = _lane_transport(item.lane)
     if verdict == "Done":
         result = "forwarded" if queue == "uplink" else "delivered"
         key = (queue, transport)
@@ -290,8 +296,7 @@ def settled(item: Item, outcome: Outcome) -> None:
 def expired(items: Sequence[Item]) -> None:
     """Count the messages one expiry sweep moved to the DLQ: a segmented message once,
     whichever of its segments were there (a set waiting for reassembly usually expires
-    because one is missing, maybe the first). A downlink segment's lane is its set
-    ("service id|origin|segId"), served by the transport of its service id."""
+    because one is missing, maybe the first)."""
     seen: set[tuple[str, str]] = set()
     for item in items:
         queue = item.queue.value
@@ -302,7 +307,7 @@ def expired(items: Sequence[Item]) -> None:
             if (queue, seg_id) in seen:
                 continue
             seen.add((queue, seg_id))
-        _count(queue, _transport_of(item.lane.split("|", 1)[0]), "expired")
+        _count(queue, _lane_transport(item.lane), "expired")
 
 
 def _later_segment(item: Item) -> bool:

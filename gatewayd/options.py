@@ -166,10 +166,20 @@ class Options:
     def get_str(self, name: str, default: T | _Missing = MISSING) -> str | T:
         return self._get(name, str, "a string", default)  # type: ignore[no-any-return]
 
-    def get_int(self, name: str, default: T | _Missing = MISSING, *, minimum: int = 0) -> int | T:
+    def get_int(
+        self,
+        name: str,
+        default: T | _Missing = MISSING,
+        *,
+        minimum: int = 0,
+        maximum: int | None = None,
+    ) -> int | T:
         value = self._get(name, int, "an integer", default)
-        if isinstance(value, int) and value < minimum:
-            raise self.error(name, f"must be at least {minimum}, got {value}")
+        if isinstance(value, int):
+            if value < minimum:
+                raise self.error(name, f"must be at least {minimum}, got {value}")
+            if maximum is not None and value > maximum:
+                raise self.error(name, f"must be at most {maximum}, got {value}")
         return value  # type: ignore[no-any-return]
 
     def get_float(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from gatewayd import config
+from gatewayd.envelope import lane_service_id
 from gatewayd.errors import ExitCode, GatewaydError
 from gatewayd.log import configure as configure_logging
 from gatewayd.store import Item, Queue, State, Store, StoreSettings, open_store
@@ -112,7 +113,7 @@ async def _list(store: Store, args: argparse.Namespace, out: TextIO) -> ExitCode
             _kind(i),
             i.state,
             i.msg_id,
-            devices.get(i.lane, i.lane),
+            _device(devices, i) or i.lane,
             str(i.attempts),
             _iso(i.created),
             _preview(i, 24) or "-",
@@ -154,7 +155,7 @@ async def _show(store: Store, args: argparse.Namespace, out: TextIO) -> ExitCode
         ("state", item.state),
         ("kind", _kind(item)),
         ("msgId", item.msg_id),
-        ("device", devices.get(item.lane, "-")),
+        ("device", _device(devices, item) or "-"),
         ("lane", item.lane),
         ("attempts", str(item.attempts)),
         ("created", f"{_iso(item.created)} ({_age(now - item.created)} ago)"),
@@ -304,7 +305,7 @@ def _item_json(item: Item, *, body: bool, devices: dict[str, str]) -> dict[str, 
     data = dataclasses.asdict(item)
     data["queue"] = item.queue.value
     data["kind"] = _kind(item)
-    transport, _, device = devices.get(item.lane, "").partition("/")
+    transport, _, device = (_device(devices, item) or "").partition("/")
     data["transport"], data["device"] = transport or None, device or None
     data["preview"] = _preview(item, 80)
     for key in ("created", "not_before", "expires_at", "finished"):
@@ -315,7 +316,7 @@ def _item_json(item: Item, *, body: bool, devices: dict[str, str]) -> dict[str, 
 
 
 async def _devices(store: Store, args: argparse.Namespace) -> dict[str, str]:
-    """Lane (UE Service ID) -> ``transport/device``: from the config when given, and the
+    """UE Service ID -> ``transport/device``: from the config when given, and the
     devices the gateway learned (kept in the store)."""
     found = {s: f"{t}/{d}" for t, d, s in await store.learned_devices()}
     if getattr(args, "config", None) is not None:
@@ -323,6 +324,11 @@ async def _devices(store: Store, args: argparse.Namespace) -> dict[str, str]:
             for dev in transport.devices:
                 found[dev.service_id] = f"{transport.name}/{dev.name}"
     return found
+
+
+def _device(devices: dict[str, str], item: Item) -> str | None:
+    """``transport/device`` of the item's lane (a sub-lane or segment set's too)."""
+    return devices.get(lane_service_id(item.lane))
 
 
 def _kind(item: Item) -> str:

@@ -41,6 +41,7 @@ from gatewayd.config import RelaySettings
 from gatewayd.envelope import (
     KIND_MESSAGE,
     KIND_REPORT,
+    device_lane,
     device_report_request,
     rejected_key,
     report_request,
@@ -81,6 +82,7 @@ class Directory:
         self._by_device: dict[tuple[str, str], Device] = {}
         self._by_service: dict[str, Endpoint] = {}
         self._templates = {t.name: t.service_id_template for t in transports}
+        self._pipelines = {t.name: t.pipeline for t in transports}
         self._learned: set[str] = set()
         # Learned devices the server refused: refused at intake until a restart.
         self._refused: dict[tuple[str, str], str] = {}
@@ -101,6 +103,7 @@ class Directory:
         }
         self._by_device, self._by_service = fresh._by_device, fresh._by_service
         self._templates, self._learned = fresh._templates, set()
+        self._pipelines = fresh._pipelines
         # In one go, no await: no moment in which a kept learned device is unknown.
         return self.restore((e.transport, e.device.name, e.device.service_id) for e in learned)
 
@@ -156,6 +159,12 @@ class Directory:
 
     def endpoint(self, service_id: str) -> Endpoint | None:
         return self._by_service.get(service_id)
+
+    def pipeline(self, service_id: str) -> int:
+        """``pipeline`` of the transport serving ``service_id`` (1 when none does): the
+        last argument of :func:`~gatewayd.envelope.device_lane` for its lanes."""
+        endpoint = self._by_service.get(service_id)
+        return 1 if endpoint is None else self._pipelines.get(endpoint.transport, 1)
 
     def learnable(self, transport: str, name: str) -> Device | None:
         """The device a template would admit, or ``None`` when the transport has none."""
@@ -300,11 +309,12 @@ class TransportIntake:
                 expiry=uplink.expiry,
             )
             # One put, or one per segment when the payload is over relay.max_payload:
-            # put_many stores all segments or none.
+            # put_many stores all segments or none, all on the message's lane.
+            pipeline = self._directory.pipeline(device.service_id)
             requests = segments.uplink_requests(
                 message,
                 dedup_key=uplink_key(device.service_id, msg_id),
-                lane=device.service_id,
+                lane=device_lane(device.service_id, msg_id, pipeline),
                 expires_at=uplink.expiry.timestamp() if uplink.expiry else None,
                 size=self._relay.max_payload,
                 max_segments=self._relay.max_segments,
@@ -413,6 +423,7 @@ class TransportIntake:
                 msg_id=report.msg_id,
                 delivered=report.delivered,
                 cause=report.cause,
+                pipeline=self._directory.pipeline(device.service_id),
             )
 
 
@@ -464,10 +475,16 @@ async def put_report(
     msg_id: str,
     delivered: bool,
     cause: str | None,
+    pipeline: int,
 ) -> None:
     """Queue a DeliveryStatusReport from a device about a message ``origin`` sent it."""
     request = report_request(
-        device=device, origin=origin, msg_id=msg_id, delivered=delivered, cause=cause
+        device=device,
+        origin=origin,
+        msg_id=msg_id,
+        delivered=delivered,
+        cause=cause,
+        pipeline=pipeline,
     )
     await store.put_many(Queue.REPORT, [request])
     metrics.report("queued")
@@ -540,6 +557,7 @@ class Dispatcher:
                 msg_id=message.msg_id,
                 delivered=outcome.delivered,
                 cause=outcome.cause,
+                pipeline=self._directory.pipeline(endpoint.device.service_id),
             )
         return Done() if outcome.delivered else Dead(outcome.cause or "delivery failed")
 
@@ -582,7 +600,19 @@ class Dispatcher:
             msg_id=segments.whole_msg_id(message),
             delivered=False,
             cause="SEGMENTS_MISSING" if item.queue == Queue.SEGMENT else "EXPIRED",
+            pipeline=self._directory.pipeline(endpoint.device.service_id),
         )
+
+    def expiry_report(self, item: Item) -> tuple[Queue, PutRequest] | None:
+        """The failure report for any expired item (see :meth:`Store.expire`), or ``None``."""
+        if item.queue == Queue.UPLINK:
+            message = UEMessageDelivery.from_json(item.body)
+            pipeline = self._directory.pipeline(message.ori_addr.addr)
+            request = _device_report(message, "EXPIRED", pipeline=pipeline)
+            return None if request is None else (Queue.DOWNLINK, request)
+        if item.queue in (Queue.DOWNLINK, Queue.SEGMENT):
+            return self.expired_report(item)
+        return None
 
 
 def _transport_down(name: str) -> Outcome:
@@ -590,24 +620,19 @@ def _transport_down(name: str) -> Outcome:
     return Retry(f"transport {name} is restarting", peer_down=False)
 
 
-def expiry_report(dispatcher: Dispatcher, item: Item) -> tuple[Queue, PutRequest] | None:
-    """The failure report for any expired item (see :meth:`Store.expire`), or ``None``."""
-    if item.queue == Queue.UPLINK:
-        request = _device_report(UEMessageDelivery.from_json(item.body), "EXPIRED")
-        return None if request is None else (Queue.DOWNLINK, request)
-    if item.queue in (Queue.DOWNLINK, Queue.SEGMENT):
-        return dispatcher.expired_report(item)
-    return None
-
-
-def _device_report(message: UEMessageDelivery, cause: str) -> PutRequest | None:
+def _device_report(message: UEMessageDelivery, cause: str, *, pipeline: int) -> PutRequest | None:
+    """The failure report a device's uplink message calls for, if it asked to know;
+    ``pipeline``: the device's transport's."""
     # A failed segment fails its whole message: the device hears of the msgId it sent.
-    return device_report_request(message, cause, msg_id=segments.whole_msg_id(message))
+    msg_id = segments.whole_msg_id(message)
+    return device_report_request(message, cause, msg_id=msg_id, pipeline=pipeline)
 
 
-async def put_device_report(store: Store, message: UEMessageDelivery, cause: str) -> None:
+async def put_device_report(
+    store: Store, message: UEMessageDelivery, cause: str, *, pipeline: int
+) -> None:
     """Tell a device that its uplink message failed for good, if it asked to know."""
-    request = _device_report(message, cause)
+    request = _device_report(message, cause, pipeline=pipeline)
     if request is not None:
         await store.put_many(Queue.DOWNLINK, [request])
 
@@ -643,7 +668,7 @@ class ExpirySweep:
         for_server: dict[int, bool] = {}
 
         def report(item: Item) -> tuple[Queue, PutRequest] | None:
-            built = expiry_report(self._dispatcher, item)
+            built = self._dispatcher.expiry_report(item)
             for_server[item.id] = built is not None and built[0] == Queue.REPORT
             return built
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from gatewayd.envelope import KIND_MESSAGE, downlink_body
+from gatewayd.envelope import KIND_MESSAGE, device_lane, downlink_body
 from gatewayd.errors import InvalidBodyError, InvalidMessageError
 from gatewayd.msgin5g.model import (
     GatewayMessageDelivery,
@@ -216,10 +216,12 @@ async def put_downlink_segment(
     message: GatewayMessageDelivery,
     *,
     service_id: str,
+    pipeline: int,
     timeout: float,
     max_segments: int,
 ) -> PartResult:
-    """Store a downlink segment; once its message is whole, queue that for the device.
+    """Store a downlink segment; once its message is whole, queue that for the device
+    (on its lane, :func:`~gatewayd.envelope.device_lane` with the transport's ``pipeline``).
 
     A set is named by destination, originator and ``segId``; a segment by its number in
     the set, so a resent segment is a duplicate whatever its ``msgId``. The set expires
@@ -237,7 +239,7 @@ async def put_downlink_segment(
         return PutRequest(
             msg_id=done.msg_id,
             dedup_key=f"down-seg:{set_key}",
-            lane=service_id,
+            lane=device_lane(service_id, done.msg_id, pipeline),
             body=downlink_body(KIND_MESSAGE, done.to_json()),
         )
 

@@ -6,15 +6,20 @@ body it receives from the gateway and sends to it against the 3GPP OpenAPI files
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
+import pytest
+from aiohttp import web
 from e2e_device import Device
 from gatewayd_sim.harness import DEMO_AS, DEMO_SERVICE_ID, Pki, http_transport_mtls
 from gatewayd_sim.server import SimServer
-from gatewayd_testing import running_gateway
+from gatewayd_testing import running_gateway, until
 
 from gatewayd import config
+from gatewayd.envelope import device_lane
 from gatewayd.pki import DEMO_GATEWAY_ID
+from gatewayd.store import Queue
 
 
 async def test_uplink_with_report_and_downlink_with_report(
@@ -82,3 +87,57 @@ async def test_resent_downlink_is_delivered_once(
             assert third.status == 204
             # The next message to arrive is the new one: the resend was not delivered twice.
             assert (await device.next())["msgId"] == "other"
+
+
+class HoldingDevice(Device):
+    """A device whose webhook holds every delivery until ``release`` is set, counting
+    how many are in flight at once."""
+
+    def __init__(self, pki: Pki) -> None:
+        super().__init__(pki)
+        self.release = asyncio.Event()
+        self.in_flight = 0
+        self.most = 0
+
+    async def _hook(self, request: web.Request) -> web.Response:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await self.release.wait()
+            return await super()._hook(request)
+        finally:
+            self.in_flight -= 1
+
+
+@pytest.mark.parametrize("pipeline", [1, 4])
+async def test_a_pipelined_device_gets_several_downlinks_at_once(
+    loopback_pki: Pki,
+    sim: SimServer,
+    gateway_config: Callable[..., config.Settings],
+    pipeline: int,
+) -> None:
+    """``pipeline = 4``: four of one device's messages at its webhook at once. The
+    default, 1: one at a time, in the order the server sent them."""
+    device = HoldingDevice(loopback_pki)
+    async with device.serving():
+        table = http_transport_mtls(loopback_pki, device.webhook)
+        assert table.count('plugin = "http"\n') == 1
+        table = table.replace('plugin = "http"\n', f'plugin = "http"\npipeline = {pipeline}\n')
+        async with running_gateway(gateway_config(table)) as gw:
+            await sim.wait_for(lambda: bool(sim.registrations), timeout=10)
+            ids = [f"down-{n}" for n in range(8)]
+            for msg_id in ids:
+                assert (
+                    await sim.send_downlink(DEMO_SERVICE_ID, msg_id, msg_id=msg_id)
+                ).status == 204
+            lanes = {device_lane(DEMO_SERVICE_ID, i, pipeline) for i in ids}
+            assert len(lanes) == pipeline  # these ids take every sub-lane
+            await until(lambda: device.in_flight == pipeline, timeout=10, what="deliveries")
+            # Every lane with work is busy: the store hands out nothing more.
+            assert await gw.store.take(Queue.DOWNLINK, limit=64) == []
+            device.release.set()
+            got = [(await device.next())["msgId"] for _ in ids]
+    assert device.most == pipeline
+    assert sorted(got) == sorted(ids)
+    if pipeline == 1:
+        assert got == ids

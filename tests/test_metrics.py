@@ -309,6 +309,27 @@ def test_an_expired_segment_set_counts_once_whichever_segments_it_had() -> None:
         metrics.use_transport_lookup(lambda _lane: "unknown")
 
 
+def test_items_on_a_sub_lane_count_for_their_devices_transport() -> None:
+    """A lane "service id|..." (a pipelined device's sub-lane, a segment set) counts for
+    the transport of its service id."""
+    from gatewayd.worker import Done
+
+    metrics.use_transport_lookup(lambda service_id: "t-" + service_id)
+    try:
+
+        def count(direction: str, outcome: str) -> float:
+            labels = {"direction": direction, "transport": "t-x", "outcome": outcome}
+            return metrics.value("gatewayd_messages_total", **labels)
+
+        before = count("uplink", "forwarded"), count("downlink", "expired")
+        metrics.settled(_item(Queue.UPLINK, lane="x|3"), Done())
+        metrics.expired([_item(Queue.DOWNLINK, {"kind": "message"}, lane="x|1")])
+        after = count("uplink", "forwarded"), count("downlink", "expired")
+        assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
+    finally:
+        metrics.use_transport_lookup(lambda _lane: "unknown")
+
+
 def _settle_every_kind() -> None:
     from gatewayd.worker import Dead, Done, Retry
 

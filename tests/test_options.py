@@ -51,3 +51,48 @@ def test_misspelt_key_in_metrics_without_listen_is_refused(
     path.write_text(text)
     with pytest.raises(ConfigError, match=r"metrics\.lisen: unknown key"):
         config.load(path)
+
+
+# --- transports.NAME.pipeline -----------------------------------------------------------
+
+
+def _with_pipeline(tmp_path: Path, pki: Pki, line: str) -> Path:
+    """A config whose one transport table has ``line`` among its common keys."""
+    transports = harness.http_transport_bearer().replace(
+        'plugin = "http"\n', f'plugin = "http"\n{line}\n', 1
+    )
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        harness.gateway_toml(
+            pki, api_root="https://127.0.0.1:9", state_dir=tmp_path / "s", transports=transports
+        )
+    )
+    return path
+
+
+def test_pipeline_defaults_to_one_and_is_kept_from_the_plugin(
+    tmp_path: Path, loopback_pki: Pki
+) -> None:
+    (web,) = config.load(_with_pipeline(tmp_path, loopback_pki, "")).transports
+    assert web.pipeline == 1
+    (web,) = config.load(_with_pipeline(tmp_path, loopback_pki, "pipeline = 4")).transports
+    assert web.pipeline == 4
+    assert "pipeline" not in web.options  # a core key: the plugin never sees it
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("0", "must be at least 1, got 0"),
+        ("65", "must be at most 64, got 65"),
+        ('"x"', "expected an integer, got a string"),
+        ("true", "expected an integer, got a boolean"),
+    ],
+)
+def test_a_bad_pipeline_is_refused_naming_the_key(
+    tmp_path: Path, loopback_pki: Pki, value: str, problem: str
+) -> None:
+    path = _with_pipeline(tmp_path, loopback_pki, f"pipeline = {value}")
+    with pytest.raises(ConfigError) as refused:
+        config.load(path)
+    assert str(refused.value) == f"{path}: transports.web.pipeline: {problem}"

@@ -281,6 +281,26 @@ service_id = "ue-sensor-1"
     assert (row["transport"], row["device"]) == ("web", "sensor-1")
 
 
+async def test_an_item_on_a_sub_lane_shows_its_device(
+    live: Store, db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A lane "service id|..." (a pipelined device's sub-lane, a segment set) shows the
+    device of its service id."""
+    await live.learn_device("web", "sensor-7", "ue-sensor-7")
+    put = await live.put(
+        Queue.UPLINK, msg_id="m-7", dedup_key="k7", lane="ue-sensor-7|3", body={"payload": "p"}
+    )
+    args = parse("list", "--db", str(db), "--state", "pending")
+    assert await asyncio.to_thread(args.func, args) == ExitCode.OK
+    (row,) = capsys.readouterr().out.splitlines()[1:]
+    assert row.split()[4:6] == ["m-7", "web/sensor-7"]
+    args = parse("show", str(put.id), "--db", str(db))
+    assert await asyncio.to_thread(args.func, args) == ExitCode.OK
+    shown = capsys.readouterr().out
+    assert "device      web/sensor-7" in shown
+    assert "lane        ue-sensor-7|3" in shown
+
+
 async def test_missing_database_is_not_created(tmp_path: Path) -> None:
     db = tmp_path / "nowhere.db"
     result = await cli("stats", "--db", str(db))

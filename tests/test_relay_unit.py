@@ -36,7 +36,7 @@ from gatewayd.api import (
 )
 from gatewayd.config import RelaySettings
 from gatewayd.credentials import Credentials
-from gatewayd.envelope import downlink_request
+from gatewayd.envelope import device_lane, downlink_request, lane_service_id
 from gatewayd.errors import BacklogFullError, RequestRejectedError
 from gatewayd.msgin5g.model import Address, AddressType, GatewayMessageDelivery, UEMessageDelivery
 from gatewayd.msgin5g.registration import GatewayRegistration
@@ -96,7 +96,9 @@ class Clock:
             await self._moved.wait()
 
 
-def _transport_settings(name: str = "t", template: str | None = None) -> TransportSettings:
+def _transport_settings(
+    name: str = "t", template: str | None = None, *, pipeline: int = 1
+) -> TransportSettings:
     return TransportSettings(
         name=name,
         plugin="recording",
@@ -104,6 +106,7 @@ def _transport_settings(name: str = "t", template: str | None = None) -> Transpo
         base_dir=Path(),
         devices=(SENSOR,),
         service_id_template=template,
+        pipeline=pipeline,
     )
 
 
@@ -236,14 +239,16 @@ async def test_learned_devices_the_config_no_longer_produces_are_forgotten(
 # --- TransportIntake -------------------------------------------------------------------
 
 
-def _intake(store: Store, learned: list[Device] | None = None) -> TransportIntake:
+def _intake(
+    store: Store, learned: list[Device] | None = None, *, pipeline: int = 1
+) -> TransportIntake:
     async def on_learned(device: Device) -> None:
         (learned if learned is not None else []).append(device)
 
     return TransportIntake(
         name="t",
         store=store,
-        directory=Directory((_transport_settings("t", "{device}@learned"),)),
+        directory=Directory((_transport_settings("t", "{device}@learned", pipeline=pipeline),)),
         relay=RelaySettings(
             default_destination=AS,
             reply_route_ttl=60.0,
@@ -274,7 +279,7 @@ async def test_intake_uses_the_reply_route_written_with_the_downlink(store: Stor
     origin = {"addrType": "AS", "addr": "as-replying"}
     await store.put_many(
         Queue.DOWNLINK,
-        [downlink_request(_downlink(), SENSOR.service_id)],
+        [downlink_request(_downlink(), SENSOR.service_id, pipeline=1)],
         route=Route(SENSOR.service_id, origin, 60.0),
     )
     await _intake(store).accept(Uplink(device="sensor-1", payload="reply", msg_id="r1"))
@@ -310,10 +315,12 @@ async def test_a_refused_downlink_leaves_no_reply_route(tmp_path: Path) -> None:
     store = await SqliteStore.open(StoreSettings(path=tmp_path / "full.db", max_messages=1))
     try:
         route = Route(SENSOR.service_id, {"addrType": "AS", "addr": "as-9"}, 60.0)
-        await store.put_many(Queue.DOWNLINK, [downlink_request(_downlink("a"), "ue-x")])
+        await store.put_many(Queue.DOWNLINK, [downlink_request(_downlink("a"), "ue-x", pipeline=1)])
         with pytest.raises(BacklogFullError):
             await store.put_many(
-                Queue.DOWNLINK, [downlink_request(_downlink("b"), SENSOR.service_id)], route=route
+                Queue.DOWNLINK,
+                [downlink_request(_downlink("b"), SENSOR.service_id, pipeline=1)],
+                route=route,
             )
         assert await store.route(SENSOR.service_id) is None
     finally:
@@ -324,13 +331,17 @@ async def test_a_refused_downlink_leaves_no_reply_route(tmp_path: Path) -> None:
 
 
 async def _dispatch(
-    store: Store, transports: dict[str, Transport], message: GatewayMessageDelivery
+    store: Store,
+    transports: dict[str, Transport],
+    message: GatewayMessageDelivery,
+    *,
+    pipeline: int = 1,
 ) -> Outcome:
-    await store.put_many(Queue.DOWNLINK, [downlink_request(message, SENSOR.service_id)])
+    request = downlink_request(message, SENSOR.service_id, pipeline=pipeline)
+    await store.put_many(Queue.DOWNLINK, [request])
     (item,) = [i for i in await _pending(store, Queue.DOWNLINK) if i.msg_id == message.msg_id]
-    dispatcher = Dispatcher(
-        store=store, directory=Directory((_transport_settings(),)), transports=transports
-    )
+    directory = Directory((_transport_settings(pipeline=pipeline),))
+    dispatcher = Dispatcher(store=store, directory=directory, transports=transports)
     return await dispatcher.handle(item)
 
 
@@ -357,6 +368,91 @@ async def test_dispatcher_waits_while_the_transport_restarts(store: Store) -> No
     outcome = await _dispatch(store, {}, _downlink())
     assert isinstance(outcome, Retry)
     assert "restarting" in outcome.error
+
+
+# --- pipelining within a lane (transports.NAME.pipeline) ----------------------------
+
+
+def test_device_lane_is_the_service_id_unless_pipelined() -> None:
+    assert device_lane("ue-a", "m1", 1) == "ue-a"
+    # Pinned: a salted hash (Python's hash()) would move messages between restarts.
+    assert [device_lane("ue-a", f"u{n}", 4) for n in range(4)] == [
+        "ue-a|0",
+        "ue-a|2",
+        "ue-a|0",
+        "ue-a|2",
+    ]
+    assert device_lane("ue-a", "\ud800", 4).startswith("ue-a|")  # any str, as stored
+
+
+def test_device_lane_spreads_over_every_sub_lane_and_maps_back() -> None:
+    ids = [f"m-{n}" for n in range(200)]
+    lanes = [device_lane("ue-a", i, 8) for i in ids]
+    assert lanes == [device_lane("ue-a", i, 8) for i in ids]  # the same id, the same lane
+    assert set(lanes) == {f"ue-a|{n}" for n in range(8)}
+    assert {lane_service_id(lane) for lane in [*lanes, "ue-a"]} == {"ue-a"}
+    assert lane_service_id("ue-a|as-1|seg-9") == "ue-a"  # a downlink segment set's lane
+
+
+@pytest.mark.parametrize("pipeline", [1, 4])
+async def test_a_devices_uplinks_are_in_flight_up_to_its_pipeline(
+    store: Store, pipeline: int
+) -> None:
+    """Pipeline 4: four of one device's messages at the server at once. Pipeline 1: one
+    at a time, in the order accepted."""
+    intake = _intake(store, pipeline=pipeline)
+    ids = [f"u{n}" for n in range(12)]
+    for msg_id in ids:
+        await intake.accept(Uplink(device="sensor-1", payload=msg_id, msg_id=msg_id))
+    lanes = {item.lane for item in await _pending(store, Queue.UPLINK)}
+    assert lanes == {device_lane(SENSOR.service_id, i, pipeline) for i in ids}
+    assert len(lanes) == pipeline  # these ids take every sub-lane
+    release = asyncio.Event()
+    held: list[str] = []  # at the "server" now
+    sent: list[str] = []
+    most = 0
+
+    async def handler(item: Item) -> Outcome:
+        nonlocal most
+        held.append(item.msg_id)
+        most = max(most, len(held))
+        await release.wait()
+        held.remove(item.msg_id)
+        sent.append(item.msg_id)
+        return Done()
+
+    worker = QueueWorker(store, Queue.UPLINK, handler, policy=RetryPolicy(), concurrency=64)
+    run = asyncio.create_task(worker.run(), name="worker:test")
+    try:
+        await until(lambda: len(held) == pipeline, what=f"{pipeline} in flight")
+        # Every lane with work is busy: the store hands out nothing more.
+        assert await store.take(Queue.UPLINK, limit=64) == []
+        release.set()
+        await until(lambda: len(sent) == len(ids) and not worker.in_flight)
+    finally:
+        await worker.stop(1.0)
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+    assert most == pipeline
+    assert sorted(sent) == sorted(ids)
+    if pipeline == 1:
+        assert sent == ids
+
+
+async def test_a_pipelined_message_keeps_one_lane_for_its_segments_and_its_report(
+    store: Store,
+) -> None:
+    await _intake(store, pipeline=4).accept(
+        Uplink(device="sensor-1", payload="x" * 5000, msg_id="big")
+    )
+    parts = await _pending(store, Queue.UPLINK)
+    assert len(parts) == 3  # over relay.max_payload (2048): segments
+    assert {p.lane for p in parts} == {device_lane(SENSOR.service_id, "big", 4)}
+    transport = Recording()
+    outcome = await _dispatch(store, {"t": transport}, _downlink("m2", report=True), pipeline=4)
+    assert outcome == Done()
+    (report,) = await _pending(store, Queue.REPORT)
+    assert report.lane == device_lane(SENSOR.service_id, "m2", 4) == f"{SENSOR.service_id}|1"
 
 
 # --- QueueWorker -------------------------------------------------------------------
@@ -410,7 +506,7 @@ async def test_worker_settles_outcomes_on_an_injected_clock(store: Store) -> Non
 async def test_expiry_sweep_runs_on_its_clock_and_stores_the_report(store: Store) -> None:
     clock = Clock()
     message = _downlink("e1", report=True)
-    request = downlink_request(message, SENSOR.service_id)
+    request = downlink_request(message, SENSOR.service_id, pipeline=1)
     await store.put_many(
         Queue.DOWNLINK,
         [
@@ -655,7 +751,8 @@ async def test_an_unregistered_ue_refusal_is_drift_only_with_a_shared_store(
     sharing the store it means another instance's registration replaced ours: register
     again and retry, a few times, then final."""
     client, registrar = _Refusing(), _Registered()
-    senders = Senders(client, registrar, store, shared=shared)  # type: ignore[arg-type]
+    directory = Directory(())
+    senders = Senders(client, registrar, store, directory, shared=shared)  # type: ignore[arg-type]
     body = UEMessageDelivery(
         ori_addr=Address(addr_type=AddressType.UE, addr="ue-a@iot.example"),
         dest_addr=Address(addr_type=AddressType.AS, addr="as-1"),
@@ -702,4 +799,3 @@ async def test_a_nul_in_a_device_id_is_refused_alone_on_every_backend(
         assert item.body["payload"] == "x\x00y"
     finally:
         await store.close()
-

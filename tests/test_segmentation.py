@@ -177,7 +177,7 @@ def test_check_names_the_offending_field(change: dict[str, object], pointer: str
 
 async def _put(store: Store, part: GatewayMessageDelivery, timeout: float = 60.0) -> PartResult:
     return await segments.put_downlink_segment(
-        store, part, service_id=SERVICE_ID, timeout=timeout, max_segments=8
+        store, part, service_id=SERVICE_ID, pipeline=1, timeout=timeout, max_segments=8
     )
 
 

@@ -15,7 +15,7 @@ from gatewayd.msgin5g.model import DeliveryStatus, DeliveryStatusReport, UEMessa
 from gatewayd.msgin5g.registration import CAUSE_NOT_REGISTERED
 from gatewayd.northbound.client import MsgsClient
 from gatewayd.northbound.registration import Registrar
-from gatewayd.relay import put_device_report
+from gatewayd.relay import Directory, put_device_report
 from gatewayd.store import Item, Store
 from gatewayd.worker import Dead, Done, Outcome, Retry
 
@@ -34,11 +34,18 @@ SHARED_DRIFT_RETRIES = 3
 
 class Senders:
     def __init__(
-        self, client: MsgsClient, registrar: Registrar, store: Store, *, shared: bool = False
+        self,
+        client: MsgsClient,
+        registrar: Registrar,
+        store: Store,
+        directory: Directory,
+        *,
+        shared: bool = False,
     ) -> None:
         self._client = client
         self._registrar = registrar
         self._store = store
+        self._directory = directory  # for the lane of a failure report to a device
         # Several instances keep one registration: another may have replaced it with one
         # that lacks a device this instance registered a moment ago (their first
         # registrations raced). The server's "not a UE you registered" is then drift.
@@ -52,7 +59,7 @@ class Senders:
         except DeviceRefusedError as exc:
             # The server will not serve this device: its message cannot go anywhere.
             log.warning("message.rejected", cause="DEVICE_REFUSED", detail=exc.detail)
-            await put_device_report(self._store, message, "DEVICE_REFUSED")
+            await self._device_report(message, "DEVICE_REFUSED")
             return Dead(exc.detail)
         try:
             ack = await self._client.deliver_ue_message(message)
@@ -60,13 +67,13 @@ class Senders:
             if exc.cause == CAUSE_NOT_REGISTERED or self._drifted(exc, item):
                 return self._registration_lost(exc)
             log.warning("message.rejected", status=exc.status, cause=exc.cause, detail=exc.detail)
-            await put_device_report(self._store, message, exc.cause or f"HTTP {exc.status}")
+            await self._device_report(message, exc.cause or f"HTTP {exc.status}")
             return Dead(str(exc))
         except (PeerUnavailableError, PeerRefusedError, ProtocolError) as exc:
             return _transient(exc)
         if ack.status == DeliveryStatus.DELY_FAILED:
             log.warning("message.rejected", status=ack.status, cause=ack.failure_cause)
-            await put_device_report(self._store, message, ack.failure_cause or "DELY_FAILED")
+            await self._device_report(message, ack.failure_cause or "DELY_FAILED")
             return Dead(f"server answered DELY_FAILED: {ack.failure_cause}")
         log.debug(
             "message.forwarded",
@@ -89,6 +96,10 @@ class Senders:
             return _transient(exc)
         log.debug("report.sent", delivered=report.delivered, dest=str(report.dest_addr))
         return Done()
+
+    async def _device_report(self, message: UEMessageDelivery, cause: str) -> None:
+        pipeline = self._directory.pipeline(message.ori_addr.addr)
+        await put_device_report(self._store, message, cause, pipeline=pipeline)
 
     def _drifted(self, exc: RequestRejectedError, item: Item) -> bool:
         """With a shared store, "not a UE you registered" for a device this instance

@@ -256,11 +256,12 @@ class GatewayApi:
             if segments.is_segment(message):
                 await self._segment(message, service_id)
                 return web.Response(status=204)
+            pipeline = self._directory.pipeline(service_id)
             # The message and its reply route in one transaction: a reply from the device
             # can never find the message stored but the route missing (or the reverse).
             (result,) = await self._store.put_many(
                 Queue.DOWNLINK,
-                [downlink_request(message, service_id)],
+                [downlink_request(message, service_id, pipeline=pipeline)],
                 route=Route(service_id, message.ori_addr.to_json(), self._route_ttl),
             )
             metrics.accepted(
@@ -275,6 +276,7 @@ class GatewayApi:
             self._store,
             message,
             service_id=service_id,
+            pipeline=self._directory.pipeline(service_id),
             timeout=self._relay.reassembly_timeout,
             max_segments=self._relay.max_segments,
         )
@@ -302,7 +304,9 @@ class GatewayApi:
         report = DeliveryStatusReport.from_json(await self._json(request))
         with bound_message(report.msg_id, peer=request[PEER]):
             service_id = await self._served(report.dest_addr, "report")
-            await self._store.put_many(Queue.DOWNLINK, [report_in_request(report, service_id)])
+            pipeline = self._directory.pipeline(service_id)
+            put = report_in_request(report, service_id, pipeline=pipeline)
+            await self._store.put_many(Queue.DOWNLINK, [put])
             metrics.report("received")
             log.debug("report.received", delivered=report.delivered)
         return web.Response(status=204)
