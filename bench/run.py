@@ -16,6 +16,7 @@ the npm SMSC of the SMPP tests, each load generator and each baseline relay
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import json
 import os
@@ -67,6 +68,7 @@ class Plan:
     drain_seconds: float
     backlogs: tuple[int, ...]
     backlog_drain_seconds: float
+    pipeline: int = 1  # the MQTT transport's (docs/performance.md, "Pipelining")
 
 
 FULL = Plan(
@@ -284,6 +286,8 @@ service_ids = ["msisdn-*"]
             f'identity = "urn:gatewayd:device:bench-h{i}"\n'
             for i in range(self.plan.http_devices)
         )
+        # Only when asked: a tree from before the key (a "before" run) refuses it.
+        pipeline = f"pipeline = {self.plan.pipeline}\n" if self.plan.pipeline != 1 else ""
         # One client id for every N3G gateway of the run: each resumes the last one's
         # (drained) session instead of leaving a persistent session behind that the
         # broker would keep queueing every later message for.
@@ -295,7 +299,7 @@ port = {self.broker_port}
 client_id = "bench-gw"
 tls = "northbound"
 uplink_qos = 1
-{mqtt_devices}
+{pipeline}{mqtt_devices}
 [transports.web]
 plugin = "http"
 listen = "127.0.0.1:{self.http_port}"
@@ -853,8 +857,14 @@ def main() -> int:
         default=None,
         help="an extra uplink_mqtt closed-loop run under py-spy (default: on, off with --quick)",
     )
+    parser.add_argument("--devices", type=int, help="MQTT devices (default: 100, 10 quick)")
+    parser.add_argument("--pipeline", type=int, default=1, help="the MQTT transport's pipeline")
     args = parser.parse_args()
-    plan = QUICK if args.quick else FULL
+    plan = dataclasses.replace(
+        QUICK if args.quick else FULL,
+        pipeline=args.pipeline,
+        **({"devices": args.devices} if args.devices else {}),
+    )
     if args.profile is None:
         args.profile = not args.quick
     wanted = set(args.only or (*SCENARIOS, "backlog"))
