@@ -236,6 +236,30 @@ async def test_one_key_twice_in_a_batch_is_stored_once(store: Store) -> None:
     assert (await store.stats())["backlog"]["messages"] == 1
 
 
+async def test_ids_with_nul_and_the_escape_character_round_trip(store: Store) -> None:
+    # Valid JSON and valid to the 3GPP schema: the server may send such a msgId.
+    # PostgreSQL's text cannot hold U+0000; its store escapes it (gatewayd.store.pg_text),
+    # and U+E000, its escape character, must come back as itself too.
+    odd = "a\x00b\ue000c\ue0000"
+    first = await store.put(
+        Queue.DOWNLINK, msg_id=odd, dedup_key=f"k{odd}", lane=f"d{odd}", body={}
+    )
+    again = await store.put(
+        Queue.DOWNLINK, msg_id=odd, dedup_key=f"k{odd}", lane=f"d{odd}", body={}
+    )
+    plain = await store.put(Queue.DOWNLINK, msg_id="p", dedup_key="ka", lane="d", body={})
+    assert (again.duplicate, again.id) == (True, first.id)
+    assert not plain.duplicate  # no collision with a string the escaping might produce
+    items = await store.take(Queue.DOWNLINK, limit=10)
+    assert {(i.msg_id, i.lane) for i in items} == {(odd, f"d{odd}"), ("p", "d")}
+    for item in items:
+        store.done_soon(item)
+    (done,) = [
+        i for i in await store.list_items(queue=None, state=None, limit=10) if i.id == first.id
+    ]
+    assert done.msg_id == odd
+
+
 async def test_backlog_full_by_bytes(settings: Settings) -> None:
     store = await open_store(settings(max_bytes=1000))
     try:

@@ -10,6 +10,7 @@ test_store.py; these run against the test kit's real PostgreSQL server.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ from psycopg import errors as pg_errors
 from gatewayd import config
 from gatewayd.errors import BacklogFullError, ConfigError, StoreError
 from gatewayd.options import SecretRef
-from gatewayd.store import PutRequest, Queue, StoreSettings
+from gatewayd.store import PutRequest, Queue, StoreSettings, pg_text
 from gatewayd.store.pg_schema import MIGRATIONS
 from gatewayd.store.pg_tx import Tx
 from gatewayd.store.postgres import PostgresStore
@@ -507,3 +508,18 @@ async def test_a_transaction_rolled_back_for_a_deadlock_runs_again(
         assert await store.kv_get("t", ["k1", "k2"]) == {"k2": "v"}
     finally:
         await store.close()
+
+
+def test_text_escaping_is_one_to_one() -> None:
+    # Every string over the characters that matter, up to length 5: unescape(escape(s))
+    # is s, and no two strings share an escaped form (equal in SQL iff equal in Python).
+    alphabet = ["a", "0", pg_text.NUL, pg_text.ESCAPE]
+    strings = [""]
+    for _ in range(5):
+        strings += ["".join(p) for p in itertools.product(alphabet, repeat=len(strings[-1]) + 1)]
+    escaped = {pg_text.escape(s): s for s in strings}
+    assert len(escaped) == len(set(strings))
+    for form, original in escaped.items():
+        assert pg_text.NUL not in form
+        assert pg_text.unescape(form) == original
+    assert pg_text.escape("plain") == "plain"

@@ -14,6 +14,7 @@ from psycopg import conninfo as pg_conninfo
 from psycopg import errors as pg_errors
 from psycopg_pool import PoolTimeout
 
+from gatewayd.store import pg_text
 from gatewayd.store.model import StoreSettings
 
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
@@ -137,6 +138,7 @@ def connect_kwargs(settings: StoreSettings) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "connect_timeout": int(CONNECT_TIMEOUT),
         "application_name": "gatewayd",
+        "context": pg_text.ADAPTERS,  # U+0000 in text, escaped both ways
     }
     if settings.password is not None:
         kwargs["password"] = settings.password.read_text()
