@@ -14,7 +14,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any
 
 import structlog
 
@@ -829,48 +829,11 @@ def _remember_route(txn: Txn, service_id: str, origin: str, expires: float) -> N
 def _put_all(
     txn: Txn, queue: Queue, encoded: list[tuple[PutRequest, str]], now: float
 ) -> list[PutResult]:
-    settings = txn.writer.settings
-    sized = [(request, body, len(body.encode())) for request, body in encoded]
-    if (
-        txn.backlog.messages + len(sized) <= settings.max_messages
-        and txn.backlog.bytes + sum(size for _, _, size in sized) <= settings.max_bytes
-    ):
-        # Room for all of them even if none is a duplicate (the usual case): the INSERT
-        # itself is the duplicate check, one statement per message instead of two.
-        results = [
-            _put_one(txn, queue, request, body=body, size=size, now=now)
-            for request, body, size in sized
-        ]
-    else:
-        results = _put_checked(txn, queue, sized, now)
-    if any(not r.duplicate for r in results):
-        txn.woken.add(queue)
-    return results
-
-
-def _put_one(
-    txn: Txn, queue: Queue, request: PutRequest, *, body: str, size: int, now: float
-) -> PutResult:
-    item_id = _insert_new(txn, queue, request, body=body, size=size, now=now)
-    if item_id is None:
-        (existing,) = txn.conn.execute(
-            "SELECT id FROM items WHERE queue = ? AND dedup_key = ?",
-            (queue.value, request.dedup_key),
-        ).fetchone()
-        return PutResult(existing, duplicate=True)
-    return PutResult(item_id, duplicate=False)
-
-
-def _put_checked(
-    txn: Txn, queue: Queue, sized: list[tuple[PutRequest, str, int]], now: float
-) -> list[PutResult]:
-    """Near the backlog limits: find the duplicates first, so only new messages count
-    against the limits, and refuse before anything is written."""
     conn = txn.conn
     settings = txn.writer.settings
     results: list[PutResult] = []
     fresh: list[tuple[PutRequest, str, int]] = []
-    for request, body, size in sized:
+    for request, body in encoded:
         row = conn.execute(
             "SELECT id FROM items WHERE queue = ? AND dedup_key = ?",
             (queue.value, request.dedup_key),
@@ -878,10 +841,12 @@ def _put_checked(
         if row is not None:
             results.append(PutResult(row[0], duplicate=True))
         else:
+            size = len(body.encode())
             fresh.append((request, body, size))
             results.append(PutResult(-1, duplicate=False))
     if not fresh:
         return results
+    # The limits are checked before anything is written, so a refusal leaves no trace.
     messages = txn.backlog.messages + len(fresh)
     size_total = txn.backlog.bytes + sum(size for _, _, size in fresh)
     if messages > settings.max_messages or size_total > settings.max_bytes:
@@ -893,10 +858,16 @@ def _put_checked(
         raise BacklogFullError(detail, retry_after=RETRY_AFTER_BACKLOG)
     # No savepoint needed: a failing INSERT makes the writer roll the whole transaction
     # back and rerun each job alone, so this job's rows land all together or not at all.
-    assigned = iter(
-        [_insert(txn, queue, r, body=body, size=size, now=now) for r, body, size in fresh]
-    )
-    return [r if r.duplicate else PutResult(next(assigned), duplicate=False) for r in results]
+    new_ids = [
+        _insert(txn, queue, request, body=body, size=size, now=now) for request, body, size in fresh
+    ]
+    assigned = iter(new_ids)
+    results = [r if r.duplicate else PutResult(next(assigned), duplicate=False) for r in results]
+    txn.backlog.messages = messages
+    txn.backlog.bytes = size_total
+    txn.puts += len(fresh)
+    txn.woken.add(queue)
+    return results
 
 
 def _put_part(
@@ -938,6 +909,9 @@ def _put_part(
     if siblings:
         request = dataclasses.replace(request, expires_at=siblings[0][2])
     part_id = _insert(txn, Queue.SEGMENT, request, body=body, size=size, now=now)
+    txn.backlog.messages += 1
+    txn.backlog.bytes += size
+    txn.puts += 1
     if whole is None:
         return PartResult(part_id, duplicate=False)
     # The whole is not held to the backlog limits: its parts, done below, held the
@@ -952,55 +926,33 @@ def _put_part(
     whole_body = encode_body(whole.body)
     whole_size = len(whole_body.encode())
     whole_id = _insert(txn, into, whole, body=whole_body, size=whole_size, now=now)
+    txn.backlog.messages += 1
+    txn.backlog.bytes += whole_size
+    txn.puts += 1
     txn.woken.add(into)
     return PartResult(part_id, duplicate=False, whole=PutResult(whole_id, duplicate=False))
-
-
-_INSERT: Final = (
-    "INSERT INTO items (queue, msg_id, dedup_key, lane, body, size, created, queued,"
-    " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_INSERT_NEW: Final = f"{_INSERT} ON CONFLICT (queue, dedup_key) DO NOTHING"
 
 
 def _insert(
     txn: Txn, queue: Queue, request: PutRequest, *, body: str, size: int, now: float
 ) -> int:
-    """Insert a pending item and count it in the backlog."""
-    item_id = _insert_row(txn, _INSERT, queue, request, body=body, size=size, now=now)
-    assert item_id is not None  # a plain INSERT inserts or raises
-    return item_id
-
-
-def _insert_new(
-    txn: Txn, queue: Queue, request: PutRequest, *, body: str, size: int, now: float
-) -> int | None:
-    """Like :func:`_insert`; ``None`` when the dedup key is taken (a duplicate)."""
-    return _insert_row(txn, _INSERT_NEW, queue, request, body=body, size=size, now=now)
-
-
-def _insert_row(
-    txn: Txn, sql: str, queue: Queue, request: PutRequest, *, body: str, size: int, now: float
-) -> int | None:
-    values = (
-        queue.value,
-        request.msg_id,
-        request.dedup_key,
-        request.lane,
-        body,
-        size,
-        now,
-        now,
-        request.expires_at,
+    cursor = txn.conn.execute(
+        "INSERT INTO items (queue, msg_id, dedup_key, lane, body, size, created, queued,"
+        " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            queue.value,
+            request.msg_id,
+            request.dedup_key,
+            request.lane,
+            body,
+            size,
+            now,
+            now,
+            request.expires_at,
+        ),
     )
-    cursor = txn.conn.execute(sql, values)
-    if cursor.rowcount == 0:
-        return None
     item_id = cursor.lastrowid
-    assert item_id is not None  # set by every INSERT that inserted
-    txn.backlog.messages += 1
-    txn.backlog.bytes += size
-    txn.puts += 1
+    assert item_id is not None  # an INSERT always sets it
     if queue in WORKED:
         item = Item(
             id=item_id,
@@ -1063,22 +1015,30 @@ def _put_report(txn: Txn, queue: Queue, request: PutRequest, *, now: float) -> N
     ).fetchone():
         return
     body = encode_body(request.body)
-    _insert(txn, queue, request, body=body, size=len(body.encode()), now=now)
+    size = len(body.encode())
+    _insert(txn, queue, request, body=body, size=size, now=now)
+    txn.backlog.messages += 1
+    txn.backlog.bytes += size
+    txn.puts += 1
     txn.woken.add(queue)
 
 
 def _finish(txn: Txn, item_id: int, state: State, reason: str | None, now: float) -> str | None:
-    # A done row keeps only its dedup key; a dead one keeps its body for replay.
-    body_sql = ", body = NULL" if state == State.DONE else ""
     row = txn.conn.execute(
-        f"UPDATE items SET state = ?, last_error = coalesce(?, last_error), finished = ?{body_sql}"  # noqa: S608
-        " WHERE id = ? AND state = 'pending' RETURNING msg_id, size, queue, lane",
-        (state.value, reason, now, item_id),
+        "SELECT msg_id, size, queue, lane FROM items WHERE id = ? AND state = 'pending'",
+        (item_id,),
     ).fetchone()
     if row is None:
         return None  # already finished: done/dead are idempotent
     msg_id, size, queue, lane = row
     _finished(txn, queue, item_id, lane)
+    # A done row keeps only its dedup key; a dead one keeps its body for replay.
+    body_sql = ", body = NULL" if state == State.DONE else ""
+    txn.conn.execute(
+        f"UPDATE items SET state = ?, last_error = coalesce(?, last_error), finished = ?{body_sql}"  # noqa: S608
+        " WHERE id = ?",
+        (state.value, reason, now, item_id),
+    )
     txn.backlog.messages -= 1
     txn.backlog.bytes -= size
     return str(msg_id)
