@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import struct
 
 import aiomqtt
@@ -131,3 +132,10 @@ async def test_raw_message_whose_properties_do_not_decode_is_refused_alone(
     with pytest.raises(PayloadError) as refused:
         transport._to_uplink("sensor-1", "devices/sensor-1/up", message, b"payload")
     assert refused.value.reason == "bad_properties"
+
+
+def test_a_copy_decodes_on_its_own() -> None:
+    props = publish.decode(*CASES[3][1:]).properties
+    clone = copy.copy(props)
+    assert clone.ContentType == "application/json"
+    assert props.ContentType == "application/json"
