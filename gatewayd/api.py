@@ -317,6 +317,14 @@ class TransportContext(PluginContext, Protocol):
         """This transport instance's :class:`KeyValueStore`."""
         ...
 
+    @property
+    def pipeline(self) -> int:
+        """How many of one device's messages the gateway keeps in flight at once, each
+        way (``transports.NAME.pipeline``). 1, the default, promises per-device order; a
+        transport that serialises a device's intake to keep that order need not when it
+        is above 1. Read it where it matters: a reload (SIGHUP) may change it."""
+        ...
+
     async def accept(self, uplink: Uplink) -> Acceptance:
         """Store a device's message durably; return only once it is committed.
 

@@ -18,7 +18,7 @@ import functools
 import socket
 import ssl
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -28,6 +28,7 @@ from gatewayd import config, metrics, status
 from gatewayd.admin import AdminServer
 from gatewayd.api import (
     Acceptance,
+    CredentialBackend,
     Device,
     DeviceReport,
     Rejection,
@@ -83,6 +84,12 @@ DIRECTORY_SYNC_SECONDS = 2.0
 
 class _CheckOnlyContext(PluginContext):
     """For ``check-config``: a transport may be built, never fed."""
+
+    def __init__(
+        self, name: str, credentials: Callable[[str], CredentialBackend], pipeline: int
+    ) -> None:
+        super().__init__(name, credentials)
+        self.pipeline = pipeline
 
     @functools.cached_property
     def kv(self) -> MemoryKV:
@@ -352,7 +359,7 @@ class Gateway:
             self.credentials.server_tls()
             for ts in self.settings.transports:
                 self.plugins.transports.require(ts)(
-                    ts, _CheckOnlyContext(ts.name, self.credentials.get)
+                    ts, _CheckOnlyContext(ts.name, self.credentials.get, ts.pipeline)
                 )
         finally:
             await self.credentials.aclose()

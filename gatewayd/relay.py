@@ -164,7 +164,11 @@ class Directory:
         """``pipeline`` of the transport serving ``service_id`` (1 when none does): the
         last argument of :func:`~gatewayd.envelope.device_lane` for its lanes."""
         endpoint = self._by_service.get(service_id)
-        return 1 if endpoint is None else self._pipelines.get(endpoint.transport, 1)
+        return 1 if endpoint is None else self.transport_pipeline(endpoint.transport)
+
+    def transport_pipeline(self, transport: str) -> int:
+        """``transports.NAME.pipeline`` of ``transport`` (1 for a name not configured)."""
+        return self._pipelines.get(transport, 1)
 
     def learnable(self, transport: str, name: str) -> Device | None:
         """The device a template would admit, or ``None`` when the transport has none."""
@@ -248,6 +252,10 @@ class TransportIntake:
     def log(self) -> structlog.stdlib.BoundLogger:
         return self._log  # type: ignore[no-any-return]
 
+    @property
+    def pipeline(self) -> int:
+        return self._directory.transport_pipeline(self._name)
+
     def credentials(self, name: str) -> CredentialBackend:
         return self._credentials(name)
 
@@ -310,7 +318,7 @@ class TransportIntake:
             )
             # One put, or one per segment when the payload is over relay.max_payload:
             # put_many stores all segments or none, all on the message's lane.
-            pipeline = self._directory.pipeline(device.service_id)
+            pipeline = self.pipeline
             requests = segments.uplink_requests(
                 message,
                 dedup_key=uplink_key(device.service_id, msg_id),
@@ -423,7 +431,7 @@ class TransportIntake:
                 msg_id=report.msg_id,
                 delivered=report.delivered,
                 cause=report.cause,
-                pipeline=self._directory.pipeline(device.service_id),
+                pipeline=self.pipeline,
             )
 
 

@@ -401,6 +401,7 @@ async def test_a_devices_uplinks_are_in_flight_up_to_its_pipeline(
     """Pipeline 4: four of one device's messages at the server at once. Pipeline 1: one
     at a time, in the order accepted."""
     intake = _intake(store, pipeline=pipeline)
+    assert intake.pipeline == pipeline  # what the transport reads (context.pipeline)
     ids = [f"u{n}" for n in range(12)]
     for msg_id in ids:
         await intake.accept(Uplink(device="sensor-1", payload=msg_id, msg_id=msg_id))

@@ -143,6 +143,7 @@ class MemoryTransportContext(MemoryPluginContext):
     ``duplicates``. :meth:`accept_report` records device reports in ``reports``,
     :meth:`reject` input the transport refused in ``rejected``, :meth:`peer_dropped`
     adds to ``peer_drops``.
+    ``pipeline`` is the transport's ``transports.NAME.pipeline`` (1 unless given).
     ``device()`` looks names up among ``devices`` (``transport`` binds
     ``transport=NAME`` to the log, as the gateway does). ``kv`` is a
     :class:`~gatewayd.store.kv.MemoryKV` (pass ``kv=`` to share one between two
@@ -169,9 +170,11 @@ class MemoryTransportContext(MemoryPluginContext):
         transport: str | None = None,
         backends: Mapping[str, CredentialBackend] | None = None,
         kv: MemoryKV | None = None,
+        pipeline: int = 1,
     ) -> None:
         super().__init__(backends)
         self.kv = kv if kv is not None else MemoryKV()
+        self.pipeline = pipeline  # transports.NAME.pipeline, as the gateway would give it
         if transport is not None:
             self._bound["transport"] = transport
         self.devices: dict[str, Device] = {d.name: d for d in devices}

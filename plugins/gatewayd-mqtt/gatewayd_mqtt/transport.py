@@ -476,10 +476,14 @@ class MqttTransport(Transport):
             entry = link.acks.track(message.mid, message.qos) if message.qos > 0 else None
             # One lane per topic (per device): a message waits for the one before it, so
             # a refused and retried message is never overtaken by its device's later ones.
-            topic = message.topic.value
-            before = self._lanes.get(topic)
-            turn: asyncio.Future[bool] = loop.create_future()
-            self._lanes[topic] = turn
+            # Not when the gateway promises no per-device order (pipeline above 1): then
+            # one device's messages are stored concurrently too.
+            before: asyncio.Future[bool] | None = None
+            turn: asyncio.Future[bool] | None = None
+            if self.context.pipeline == 1:
+                topic = message.topic.value
+                before = self._lanes.get(topic)
+                turn = self._lanes[topic] = loop.create_future()
             task = asyncio.create_task(
                 self._handle(link, message, entry, before, turn),
                 name=f"mqtt:{self.name}:in:{message.mid}",
@@ -499,7 +503,7 @@ class MqttTransport(Transport):
         message: aiomqtt.Message,
         entry: Pending | None,
         before: asyncio.Future[bool] | None,
-        turn: asyncio.Future[bool],
+        turn: asyncio.Future[bool] | None,
     ) -> None:
         verdict: Verdict = None
         try:
@@ -508,11 +512,12 @@ class MqttTransport(Transport):
             if before is None or await asyncio.shield(before):
                 verdict = await self._intake(link, message)
         finally:
-            if not turn.done():
-                turn.set_result(verdict is not None)
-            topic = message.topic.value
-            if self._lanes.get(topic) is turn:
-                del self._lanes[topic]
+            if turn is not None:
+                if not turn.done():
+                    turn.set_result(verdict is not None)
+                topic = message.topic.value
+                if self._lanes.get(topic) is turn:
+                    del self._lanes[topic]
             # Cancelled or refused: no ack, the broker keeps the message for the session.
             # Either way it leaves memory once its ack is out (or given up), in arrival
             # order: only then may the client read another one in its place.

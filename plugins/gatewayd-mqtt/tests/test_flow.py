@@ -53,6 +53,29 @@ async def test_uplinks_in_progress_stay_within_receive_maximum(
     assert context.max_active <= 4
 
 
+@pytest.mark.parametrize("pipeline", [1, 4])
+async def test_one_devices_messages_are_stored_in_turn_unless_pipelined(
+    broker: Mosquitto, pipeline: int
+) -> None:
+    """pipeline = 1 (the default): per-device order, so the intake stores a device's
+    messages one after the other. Above 1 the gateway promises no order, and the
+    intake stores them concurrently, up to ``receive_maximum``."""
+    context = MemoryTransportContext(pipeline=pipeline)
+    context.gate = asyncio.Event()
+    transport = make_transport(broker, context, receive_maximum=8)
+    sent = [f"m{i}" for i in range(20)]
+    items = [("devices/sensor-1/up", json.dumps({"msgId": m}).encode()) for m in sent]
+    in_accept = 1 if pipeline == 1 else 8
+    async with running(transport), device_client(broker) as dev:
+        await publish_all(dev, items, qos=1)
+        await until(lambda: transport.intake_held == 8 and context.active == in_accept)
+        context.gate.set()
+        await context.wait_for(20)
+    assert context.max_active == in_accept
+    got = [u.msg_id for u in context.accepted]
+    assert got == sent or (pipeline > 1 and sorted(got) == sorted(sent))
+
+
 @pytest.mark.parametrize("tls", [False, True])
 async def test_intake_holds_at_most_receive_maximum_whatever_the_broker_sends(
     tmp_path: Path, context: MemoryTransportContext, tls: bool
