@@ -19,6 +19,8 @@ from gatewayd.api import Acceptance, Options, TransportSettings, Uplink
 
 
 class BlockedContext:
+    pipeline = 1  # transports.NAME.pipeline: per-device order, as by default
+
     def __init__(self) -> None:
         import structlog
 
