@@ -28,19 +28,18 @@ class StoreSettings:
     password: SecretRef | None = None  # the database password, by reference
     lease: float = 30.0  # seconds a dead instance's lanes stay held before takeover
     pool_size: int = 4  # connections to PostgreSQL per instance
-
-    @property
-    def shared(self) -> bool:
-        """Several gatewayd instances may use this store at once (and share, with it,
-        the gateway's registration and learned devices)."""
-        return self.backend != "sqlite"
-
     max_messages: int = 100_000  # backlog limit, pending+retrying rows over all queues
     max_bytes: int = 256 * 1024 * 1024  # backlog limit on stored body bytes
     max_age: float = 7 * 86400  # seconds; older pending rows expire to the DLQ
     dedup_window: float = 86400  # seconds a finished row's dedup key is remembered
     batch_max: int = 512  # most rows per group-commit transaction
     busy_timeout: float = 5.0  # seconds to wait for another process's write lock
+
+    @property
+    def shared(self) -> bool:
+        """Several gatewayd instances may use this store at once (and share, with it,
+        the gateway's registration and learned devices)."""
+        return self.backend != "sqlite"
 
 
 class Queue(StrEnum):

@@ -40,6 +40,7 @@ from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gatewayd.errors import BacklogFullError, GatewaydError, StoreError
+from gatewayd.store import queries
 from gatewayd.store.model import (
     Item,
     PartResult,
@@ -74,18 +75,6 @@ from gatewayd.store.pg_tx import (
     rolled_back,
     safe_dsn,
     storage_failure,
-)
-from gatewayd.store.queries import (
-    COUNTS_SQL,
-    as_expired,
-    expiry_reason,
-    failure_report,
-    list_filter,
-    log_expired,
-    once_per_key,
-    per_request,
-    purge_filter,
-    queue_counts,
 )
 from gatewayd.store.schema import ITEM_COLUMNS, encode_body, row_to_item
 from gatewayd.store.writer import RETRY_AFTER_BACKLOG
@@ -285,11 +274,9 @@ class PostgresStore:
         for attempt in range(1, ROLLBACK_ATTEMPTS + 1):
             try:
                 return await self._attempt(batch)
-            except JobFailed as failed:
-                if attempt == ROLLBACK_ATTEMPTS or not rolled_back(failed.error):
-                    raise
-            except psycopg.Error as exc:
-                if attempt == ROLLBACK_ATTEMPTS or not rolled_back(exc):
+            except (JobFailed, psycopg.Error) as exc:
+                cause = exc.error if isinstance(exc, JobFailed) else exc
+                if attempt == ROLLBACK_ATTEMPTS or not rolled_back(cause):
                     raise
         raise AssertionError("unreachable")  # the last attempt returns or raises
 
@@ -442,21 +429,19 @@ class PostgresStore:
     async def put_many(
         self, queue: Queue, requests: Sequence[PutRequest], *, route: Route | None = None
     ) -> list[PutResult]:
-        unique, stored_as = once_per_key(requests)
-        encoded = [(r, encode_body(r.body)) for r in unique]
         now = time.time()
 
-        async def job(tx: Tx) -> list[PutResult]:
-            results = await self._put_all(tx, queue, encoded, now)
-            if route is not None:
-                await upsert_route(tx, route.service_id, encode_body(route.origin), now + route.ttl)
-            return results
+        async def store(encoded: list[tuple[PutRequest, str]]) -> list[PutResult]:
+            async def job(tx: Tx) -> list[PutResult]:
+                results = await self._put_all(tx, queue, encoded, now)
+                if route is not None:
+                    origin = encode_body(route.origin)
+                    await upsert_route(tx, route.service_id, origin, now + route.ttl)
+                return results
 
-        results = per_request(await self._call(job, intake=True), stored_as)
-        for request, result in zip(requests, results, strict=True):
-            if result.duplicate:
-                log.debug("store.duplicate", msg_id=request.msg_id, queue=str(queue), id=result.id)
-        return results
+            return await self._call(job, intake=True)  # type: ignore[no-any-return]
+
+        return await queries.put_each_once(queue, requests, store)
 
     async def _put_all(
         self, tx: Tx, queue: Queue, encoded: list[tuple[PutRequest, str]], now: float
@@ -797,17 +782,17 @@ class PostgresStore:
             for item in found:
                 if item.queue.value in WORKED and (item.queue.value, item.lane) not in free:
                     continue
-                reason = expiry_reason(item, at)
+                reason = queries.expiry_reason(item, at)
                 if not await self._finish(tx, [item.id], State.DEAD, reason, at):
                     continue
-                expired.append(as_expired(item, reason, at))
-                built = failure_report(item, report, unreportable)
+                expired.append(queries.as_expired(item, reason, at))
+                built = queries.failure_report(item, report, unreportable)
                 if built is not None:
                     await put_report(tx, *built, now=at)
             return expired
 
         expired: list[Item] = await self._call(job)
-        log_expired(expired, unreportable)
+        queries.log_expired(expired, unreportable)
         return expired
 
     # --- inspection and the DLQ ------------------------------------------------------------
@@ -816,8 +801,8 @@ class PostgresStore:
         now = time.time()
 
         async def job(tx: Tx) -> dict[str, Any]:
-            rows = await tx.all(COUNTS_SQL)
-            queues = queue_counts(rows, now)
+            rows = await tx.all(queries.COUNTS_SQL)
+            queues = queries.queue_counts(rows, now)
             pending = sum(int(r[2]) for r in rows if r[1] == State.PENDING)
             pending_bytes = sum(int(r[3]) for r in rows if r[1] == State.PENDING)
             (db_bytes,) = await tx.one("SELECT pg_database_size(current_database())")
@@ -844,7 +829,7 @@ class PostgresStore:
     async def list_items(
         self, *, queue: Queue | None, state: str | None, limit: int, after: int = 0
     ) -> list[Item]:
-        where, params = list_filter(queue=queue, state=state, after=after, mark="%s")
+        where, params = queries.list_filter(queue=queue, state=state, after=after, mark="%s")
         sql = f"{_SELECT} WHERE {where} ORDER BY id LIMIT %s"
         params.append(limit)
 
@@ -893,7 +878,9 @@ class PostgresStore:
     async def purge(
         self, *, queue: Queue | None, state: str = "dead", older_than: float | None = None
     ) -> int:
-        where, params = purge_filter(queue=queue, state=state, older_than=older_than, mark="%s")
+        where, params = queries.purge_filter(
+            queue=queue, state=state, older_than=older_than, mark="%s"
+        )
 
         async def job(tx: Tx) -> int:
             rows = await tx.all(

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import structlog
 
 from gatewayd.store.model import Item, PutRequest, PutResult, Queue, State
+from gatewayd.store.schema import encode_body
 
 log = structlog.get_logger(__name__)
 
@@ -51,33 +52,36 @@ def _where(terms: list[tuple[str, Any]], mark: str) -> tuple[str, list[Any]]:
     return " AND ".join(f"{sql} {mark}" for sql, _ in kept), [value for _, value in kept]
 
 
-def once_per_key(requests: Sequence[PutRequest]) -> tuple[list[PutRequest], list[int]]:
-    """A batch with each dedup key's first request only, and for every request of the
-    batch the index of the one stored for it: a key repeated within one ``put_many`` is
-    a duplicate of its first, as it would be in the next batch."""
+async def put_each_once(
+    queue: Queue,
+    requests: Sequence[PutRequest],
+    store: Callable[[list[tuple[PutRequest, str]]], Awaitable[list[PutResult]]],
+) -> list[PutResult]:
+    """``put_many`` as both backends frame it: ``store`` gets each dedup key's first
+    request with its encoded body, in one transaction, and returns their results; a key
+    repeated within the batch is a duplicate of its first, as it would be in the next
+    batch. Duplicates are logged (debug) here."""
     firsts: dict[str, int] = {}
-    unique: list[PutRequest] = []
+    unique: list[tuple[PutRequest, str]] = []
     stored_as: list[int] = []
     for request in requests:
         at = firsts.get(request.dedup_key)
         if at is None:
             at = firsts[request.dedup_key] = len(unique)
-            unique.append(request)
+            unique.append((request, encode_body(request.body)))
         stored_as.append(at)
-    return unique, stored_as
-
-
-def per_request(results: list[PutResult], stored_as: list[int]) -> list[PutResult]:
-    """The results of :func:`once_per_key`'s batch for every request of the original."""
-    if len(stored_as) == len(results):
-        return results
+    stored = await store(unique)
+    results: list[PutResult] = []
     seen: set[int] = set()
-    out = []
-    for at in stored_as:
-        result = results[at]
-        out.append(PutResult(result.id, duplicate=True) if at in seen else result)
+    for request, at in zip(requests, stored_as, strict=True):
+        result = stored[at]
+        if at in seen:  # a repeat within the batch
+            result = PutResult(result.id, duplicate=True)
         seen.add(at)
-    return out
+        if result.duplicate:
+            log.debug("store.duplicate", msg_id=request.msg_id, queue=str(queue), id=result.id)
+        results.append(result)
+    return results
 
 
 def queue_counts(rows: Iterable[tuple[Any, ...]], now: float) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from gatewayd.errors import BacklogFullError
+from gatewayd.store import queries
 from gatewayd.store.lanes import Change, Lanes
 from gatewayd.store.model import (
     Item,
@@ -29,18 +30,6 @@ from gatewayd.store.model import (
     Route,
     State,
     StoreSettings,
-)
-from gatewayd.store.queries import (
-    COUNTS_SQL,
-    as_expired,
-    expiry_reason,
-    failure_report,
-    list_filter,
-    log_expired,
-    once_per_key,
-    per_request,
-    purge_filter,
-    queue_counts,
 )
 from gatewayd.store.schema import ITEM_COLUMNS, encode_body, row_to_item
 from gatewayd.store.writer import RETRY_AFTER_BACKLOG, Txn, Writer
@@ -163,24 +152,21 @@ class SqliteStore:
         Useful for the segments of one message: a refusal never leaves half of them.
         ``route``, when given, is remembered in the same transaction (not when refused).
         """
-        unique, stored_as = once_per_key(requests)
-        encoded = [(r, encode_body(r.body)) for r in unique]
         now = time.time()
         remember = None
         if route is not None:
             remember = (route.service_id, encode_body(route.origin), now + route.ttl)
 
-        def job(txn: Txn) -> list[PutResult]:
-            results = _put_all(txn, queue, encoded, now)
-            if remember is not None:
-                _remember_route(txn, *remember)
-            return results
+        async def store(encoded: list[tuple[PutRequest, str]]) -> list[PutResult]:
+            def job(txn: Txn) -> list[PutResult]:
+                results = _put_all(txn, queue, encoded, now)
+                if remember is not None:
+                    _remember_route(txn, *remember)
+                return results
 
-        results = per_request(await self._writer.call(job, intake=True), stored_as)
-        for request, result in zip(requests, results, strict=True):
-            if result.duplicate:
-                log.debug("store.duplicate", msg_id=request.msg_id, queue=str(queue), id=result.id)
-        return results
+            return await self._writer.call(job, intake=True)
+
+        return await queries.put_each_once(queue, requests, store)
 
     async def put_part(
         self,
@@ -514,7 +500,7 @@ class SqliteStore:
             unreportable.clear()  # the writer may run a job twice (batch, then alone)
             expired: list[Item] = []
             for item in chosen:
-                reason = expiry_reason(item, at)
+                reason = queries.expiry_reason(item, at)
                 cursor = txn.conn.execute(
                     "UPDATE items SET state = 'dead', last_error = ?, finished = ?"
                     " WHERE id = ? AND state = 'pending'",
@@ -525,8 +511,8 @@ class SqliteStore:
                 txn.backlog.messages -= 1
                 txn.backlog.bytes -= item.size
                 _finished(txn, item.queue.value, item.id, item.lane)
-                expired.append(as_expired(item, reason, at))
-                built = failure_report(item, report, unreportable)
+                expired.append(queries.as_expired(item, reason, at))
+                built = queries.failure_report(item, report, unreportable)
                 if built is not None:
                     _put_report(txn, *built, now=at)
             return expired
@@ -538,7 +524,7 @@ class SqliteStore:
             for item in held:  # those not expired (a failed write) may go again
                 if self._lanes[item.queue].release(item.id, item.lane):
                     self._wake(item.queue)
-        log_expired(expired, unreportable)
+        queries.log_expired(expired, unreportable)
         return expired
 
     # --- inspection and the DLQ --------------------------------------------------------
@@ -549,7 +535,7 @@ class SqliteStore:
         now = time.time()
 
         def job(txn: Txn) -> dict[str, Any]:
-            queues = queue_counts(txn.conn.execute(COUNTS_SQL), now)
+            queues = queries.queue_counts(txn.conn.execute(queries.COUNTS_SQL), now)
             (pages,) = txn.conn.execute("PRAGMA page_count").fetchone()
             (page_size,) = txn.conn.execute("PRAGMA page_size").fetchone()
             return {
@@ -573,7 +559,7 @@ class SqliteStore:
         self, *, queue: Queue | None, state: str | None, limit: int, after: int = 0
     ) -> list[Item]:
         """Items by id, optionally of one queue and state; ``after`` pages on by id."""
-        where, params = list_filter(queue=queue, state=state, after=after, mark="?")
+        where, params = queries.list_filter(queue=queue, state=state, after=after, mark="?")
         sql = f"{_SELECT} WHERE {where} ORDER BY id LIMIT ?"
         params.append(limit)
 
@@ -637,7 +623,9 @@ class SqliteStore:
 
         Deleting also forgets their dedup keys. Returns how many were deleted.
         """
-        where, params = purge_filter(queue=queue, state=state, older_than=older_than, mark="?")
+        where, params = queries.purge_filter(
+            queue=queue, state=state, older_than=older_than, mark="?"
+        )
 
         def job(txn: Txn) -> int:
             if state == State.PENDING:
