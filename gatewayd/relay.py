@@ -437,9 +437,7 @@ class TransportIntake:
 
 def _check_text(uplink: Uplink) -> None:
     """Refuse strings that are not Unicode text (a lone surrogate from a JSON ``\\ud800``
-    escape): they cannot be stored, logged or sent as UTF-8 (I-JSON, RFC 7493 2.1). Refuse
-    U+0000 in names and ids too: PostgreSQL text cannot hold it (the payload may carry
-    one: it is stored and sent JSON-escaped)."""
+    escape): they cannot be stored, logged or sent as UTF-8 (I-JSON, RFC 7493 2.1)."""
     fields = {
         "device": uplink.device,
         "msgId": uplink.msg_id,
@@ -449,11 +447,7 @@ def _check_text(uplink: Uplink) -> None:
         "dest.addr": uplink.dest.addr if uplink.dest else None,
     }
     for name, value in fields.items():
-        if value is None:
-            continue
-        if "\0" in value and name != "payload":
-            raise InvalidMessageError(f"{name} contains U+0000")
-        if value.isascii():
+        if value is None or value.isascii():
             continue
         try:
             value.encode()
@@ -464,15 +458,12 @@ def _check_text(uplink: Uplink) -> None:
 
 
 def _printable(value: bytes | str | None) -> str:
-    """``value`` as valid UTF-8 text: undecodable bytes, lone surrogates and U+0000
-    escaped."""
+    """``value`` as valid UTF-8 text: undecodable bytes and lone surrogates escaped."""
     if value is None:
         return ""
     if isinstance(value, bytes):
-        text = value.decode("utf-8", "backslashreplace")
-    else:
-        text = value.encode("utf-8", "backslashreplace").decode()
-    return text.replace("\0", "\\x00")  # PostgreSQL text cannot hold U+0000
+        return value.decode("utf-8", "backslashreplace")
+    return value.encode("utf-8", "backslashreplace").decode()
 
 
 async def put_report(
