@@ -72,7 +72,7 @@ class MqttConfig:
             downlink_qos=_qos(o, "downlink_qos"),
             max_payload=o.get_int("max_payload", 256 * 1024, minimum=1),
             max_inflight=o.get_int("max_inflight", 100, minimum=1),
-            receive_maximum=o.get_int("receive_maximum", 100, minimum=1),
+            receive_maximum=o.get_int("receive_maximum", 100, minimum=1, maximum=65535),
             shared_group=o.get_str("shared_group", None),
             connect_timeout=o.get_float("connect_timeout", 10.0, minimum=0.1),
             publish_timeout=o.get_float("publish_timeout", 30.0, minimum=0.1),
@@ -87,8 +87,6 @@ class MqttConfig:
             raise o.error("password", "needs a username")
         if cfg.broker_drop_topic is not None and not cfg.broker_drop_topic.startswith("$SYS/"):
             raise o.error("broker_drop_topic", "must be a $SYS/ topic (or empty: off)")
-        if cfg.receive_maximum > 65535:
-            raise o.error("receive_maximum", "must be at most 65535")
         if cfg.shared_group is not None and (
             not cfg.shared_group or any(c in cfg.shared_group for c in "/+#")
         ):
@@ -115,7 +113,4 @@ def _required(o: Options, name: str, default: str) -> TopicTemplate:
 
 
 def _qos(o: Options, name: str) -> int:
-    value = o.get_int(name, 1)
-    if value > 2:
-        raise o.error(name, f"must be 0, 1 or 2, got {value}")
-    return value
+    return o.get_int(name, 1, maximum=2)

@@ -62,3 +62,18 @@ def test_unknown_option_is_refused(broker: Mosquitto, context: MemoryTransportCo
 def test_bad_template_is_refused(broker: Mosquitto, context: MemoryTransportContext) -> None:
     with pytest.raises(ConfigError, match="uplink_topic"):
         make_transport(broker, context, uplink_topic="devices/dev-{device}/up")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("receive_maximum", 70_000, "at most 65535, got 70000"),
+        ("uplink_qos", 3, "at most 2, got 3"),
+        ("downlink_qos", -1, "at least 0, got -1"),
+    ],
+)
+def test_out_of_range_numbers_are_refused_naming_the_key(
+    broker: Mosquitto, context: MemoryTransportContext, key: str, value: int, says: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"transports\\.\\w+\\.{key}.*{says}"):
+        make_transport(broker, context, **{key: value})

@@ -67,9 +67,7 @@ class SmppConfig:
         """Read and check every key; raise :class:`ConfigError` naming the first bad one."""
         opts = settings.options
         host = opts.get_str("host")
-        port = opts.get_int("port", 2775, minimum=1)
-        if port > 65535:
-            raise opts.error("port", f"must be at most 65535, got {port}")
+        port = opts.get_int("port", 2775, minimum=1, maximum=65535)
         system_id = _limited(opts, "system_id", 15, required=True)
         password = opts.secret("password")
         assert password is not None  # required=True: a missing key raised already
@@ -102,7 +100,7 @@ class SmppConfig:
             part_timeout=opts.get_float("part_timeout", 30.0, minimum=0.01),
             part_ack=opts.get_choice("part_ack", PART_ACKS, "after_store"),
             mo_dedup_window=opts.get_float("mo_dedup_window", 300.0, minimum=0.0),
-            binds=opts.get_int("binds", 1, minimum=1),
+            binds=opts.get_int("binds", 1, minimum=1, maximum=32),
             bind_mode=opts.get_choice("bind_mode", BIND_MODES, "transceiver"),
             mt_field=opts.get_choice("mt_field", MT_FIELDS, "short_message"),
             max_rate=opts.get_float("max_rate", 0.0, minimum=0.0),
@@ -115,8 +113,6 @@ class SmppConfig:
         opts.check_unknown()
         if config.reconnect_max < config.reconnect_initial:
             raise opts.error("reconnect_max", "must be at least reconnect_initial")
-        if config.binds > 32:
-            raise opts.error("binds", f"must be at most 32, got {config.binds}")
         if config.tls_credentials is not None and not config.tls:
             raise opts.error("tls_credentials", "needs tls = true")
         for i, device in enumerate(settings.devices):
@@ -138,10 +134,7 @@ def _limited(opts: Options, name: str, limit: int, *, required: bool) -> str:
 
 
 def _octet(opts: Options, name: str, default: int) -> int:
-    value = opts.get_int(name, default)
-    if value > 255:
-        raise opts.error(name, f"must be at most 255, got {value}")
-    return value
+    return opts.get_int(name, default, maximum=255)
 
 
 def _is_msisdn(name: str) -> bool:
