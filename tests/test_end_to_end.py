@@ -15,6 +15,8 @@ from e2e_device import Device
 from gatewayd_sim.harness import DEMO_AS, DEMO_SERVICE_ID, Pki, http_transport_mtls
 from gatewayd_sim.server import SimServer
 from gatewayd_testing import running_gateway, until
+from gatewayd_testing.postgres import PASSWORD, PostgresServer
+from shared_store import PASSWORD_ENV, store_toml
 
 from gatewayd import config
 from gatewayd.envelope import device_lane
@@ -141,3 +143,37 @@ async def test_a_pipelined_device_gets_several_downlinks_at_once(
     assert sorted(got) == sorted(ids)
     if pipeline == 1:
         assert got == ids
+
+
+async def test_a_nul_in_a_msg_id_among_normal_traffic_on_postgresql(
+    loopback_pki: Pki,
+    sim: SimServer,
+    gateway_config: Callable[..., config.Settings],
+    postgres_server: PostgresServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """U+0000 in a msgId is valid JSON and valid to the 3GPP schema, and PostgreSQL text
+    cannot hold it. On the PostgreSQL store such a message goes both ways, its id whole,
+    and the normal messages around it are unaffected."""
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+    postgres_server.create_database("nul")
+    store = store_toml(postgres_server, "nul", lease=5)
+    device = Device(loopback_pki)
+    async with device.serving():
+        settings = gateway_config(http_transport_mtls(loopback_pki, device.webhook), extra=store)
+        async with running_gateway(settings) as gw:
+            await sim.wait_for(lambda: bool(sim.registrations), timeout=10)
+            _, port = gw.transports["web"].address  # type: ignore[attr-defined]
+            ups = ["up-1", "a\x00b", "up-3"]
+            for msg_id in ups:
+                status, answer = await device.send(
+                    port, "sensor-1", {"payload": "p", "msgId": msg_id}
+                )
+                assert (status, answer["msgId"]) == (202, msg_id)
+            await sim.wait_for(lambda: len(sim.uplinks) == 3, timeout=10)
+            assert [u.message.msg_id for u in sim.uplinks] == ups
+            downs = ["down-1", "d\x00x", "down-3"]
+            for msg_id in downs:
+                push = await sim.send_downlink(DEMO_SERVICE_ID, "p", msg_id=msg_id)
+                assert push.status == 204
+            assert [(await device.next())["msgId"] for _ in downs] == downs
