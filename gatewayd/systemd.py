@@ -37,7 +37,9 @@ class Notifier:
         message = "\n".join(f"{k.upper()}={v}" for k, v in fields.items()).encode()
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.sendto(message, self._address)
+                # Never wait: a manager that does not read (its queue holds 10 datagrams
+                # by default) would otherwise stall the event loop in this call.
+                sock.sendto(message, socket.MSG_DONTWAIT, self._address)
         except OSError as exc:
             # As sd_notify(3): a manager that went away or a full socket queue is the
             # manager's problem; serving traffic goes on. Logged once per episode.

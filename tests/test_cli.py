@@ -8,7 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from gatewayd_sim import harness
@@ -16,6 +19,7 @@ from gatewayd_sim.harness import Pki
 from gatewayd_sim.server import SimServer
 
 from gatewayd.errors import ExitCode
+from gatewayd.systemd import Notifier
 
 GATEWAYD = [sys.executable, "-m", "gatewayd.cli"]
 
@@ -338,3 +342,23 @@ def test_run_configures_logging_once(tmp_path: Path, loopback_pki: Pki) -> None:
     assert int(code) == ExitCode.CREDENTIALS, result.stderr
     assert (chains, formatters) == ("1", "1"), result.stderr
     assert result.stderr.count('"event": "gateway.failed"') == 1, result.stderr
+
+
+def test_a_manager_that_does_not_read_never_blocks_a_notification(
+    tmp_path: Path, gateway_logs: list[MutableMapping[str, Any]]
+) -> None:
+    """An AF_UNIX datagram socket queues 10 datagrams by default; past that a blocking
+    send would wait for the reader, and the event loop with it. The notifier drops the
+    notification instead, and says so once."""
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(str(path))
+        notifier = Notifier(str(path))
+        began = time.monotonic()
+        for n in range(50):
+            notifier.status(f"step {n}")
+        assert time.monotonic() - began < 5
+        failed = [e for e in gateway_logs if e["event"] == "systemd.notify_failed"]
+        assert len(failed) == 1
+        manager.setblocking(False)
+        assert manager.recv(4096) == b"STATUS=step 0"  # what fitted was sent
