@@ -2,6 +2,8 @@
 
 CPU time is utime + stime of the whole process (all its threads) from
 ``/proc/<pid>/stat``, in clock ticks; peak RSS is ``VmHWM`` from ``/proc/<pid>/status``.
+A process that runs children (a ``gateway.processes = 2`` gateway: the owner and its
+two parts) is measured with them: CPU and memory are summed over its process tree.
 """
 
 from __future__ import annotations
@@ -24,6 +26,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_pair() -> int:
+    """A port free together with the next one (a two-process gateway's admin listeners)."""
+    while True:
+        port = free_port()
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        return port
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of ``pid``; 0.0 once it is gone."""
     try:
@@ -33,6 +47,24 @@ def cpu_seconds(pid: int) -> float:
     # The command name may hold spaces: fields count from after its closing paren.
     fields = text.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants alive now."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        try:
+            tasks = list(Path(f"/proc/{current}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+            except OSError:
+                continue
+    return found
 
 
 def memory_kb(pid: int) -> dict[str, int]:
@@ -96,10 +128,14 @@ class Proc:
         return self.popen.poll() is None
 
     def cpu(self) -> float:
-        return cpu_seconds(self.pid)
+        return sum(cpu_seconds(pid) for pid in tree(self.pid))
 
     def memory(self) -> dict[str, int]:
-        return memory_kb(self.pid)
+        total = {"VmHWM": 0, "VmRSS": 0}
+        for pid in tree(self.pid):
+            for key, kb in memory_kb(pid).items():
+                total[key] += kb
+        return total
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM by pid, SIGKILL after ``timeout``; the exit code."""

@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from gatewayd_sim import harness  # noqa: E402
-from procs import Meter, Proc, free_port, loadavg  # noqa: E402
+from procs import Meter, Proc, free_pair, free_port, loadavg  # noqa: E402
 
 from gatewayd import metrics, pki  # noqa: E402
 
@@ -69,6 +69,7 @@ class Plan:
     backlogs: tuple[int, ...]
     backlog_drain_seconds: float
     pipeline: int = 1  # the MQTT transport's (docs/performance.md, "Pipelining")
+    processes: int = 1  # gateway.processes (docs/performance.md, "Two processes")
 
 
 FULL = Plan(
@@ -338,6 +339,12 @@ receipts = false
             tag, L3G_ID, "L3G", port=self.l3g_api_port, transports=transports, tls=tls
         )
 
+    def admin_ports(self, tag: str) -> list[int]:
+        """The admin listeners of gateway ``tag``: with ``processes = 2``, the devices
+        part's is on the next port."""
+        port = self.metrics_ports[tag]
+        return [port] if self.plan.processes == 1 else [port, port + 1]
+
     def _write_gateway(
         self, tag: str, gw_id: str, gw_type: str, *, port: int, transports: str, tls: harness.Pki
     ) -> Path:
@@ -349,8 +356,12 @@ receipts = false
             gateway_id=gw_id,
             gateway_type=gw_type,
             extra='[log]\nlevel = "info"\nformat = "json"\n'
-            f'[metrics]\nlisten = "127.0.0.1:{self.metrics_ports.setdefault(tag, free_port())}"\n',
+            f'[metrics]\nlisten = "127.0.0.1:{self.metrics_ports.setdefault(tag, free_pair())}"\n',
         )
+        if self.plan.processes != 1:  # only when asked: an older tree refuses the key
+            text = text.replace(
+                "drain_timeout = 5.0", f"drain_timeout = 5.0\nprocesses = {self.plan.processes}"
+            )
         # A process must advertise a real port: fix the API's listen address up front.
         text = text.replace(
             'listen = "127.0.0.1:0"\nallowed_peers',
@@ -438,19 +449,27 @@ def wait_port(port: int, proc: Proc, timeout: float = 30.0) -> None:
 GATEWAY_TAGS = {"gateway": "main", "gateway_l3g": "l3g"}
 
 
-def scrape(port: int) -> dict[str, dict[tuple[str, ...], float]] | None:
-    """A gateway's metrics (``None`` when it does not answer)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            return metrics.parse(resp.read().decode())
-    except OSError:
-        return None
+def scrape(ports: Sequence[int]) -> dict[str, dict[tuple[str, ...], float]] | None:
+    """A gateway's metrics, summed over its processes' admin listeners (``None`` when
+    one does not answer)."""
+    total: dict[str, dict[tuple[str, ...], float]] = {}
+    for port in ports:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                values = metrics.parse(resp.read().decode())
+        except OSError:
+            return None
+        for name, series in values.items():
+            into = total.setdefault(name, {})
+            for labels, value in series.items():
+                into[labels] = into.get(labels, 0.0) + value
+    return total
 
 
 def transactions(dep: Deployment, measured: dict[str, Proc]) -> float | None:
     """The store transactions the measured gateway has committed so far, if it runs."""
     name = next((n for n in GATEWAY_TAGS if n in measured), None)
-    values = None if name is None else scrape(dep.metrics_ports[GATEWAY_TAGS[name]])
+    values = None if name is None else scrape(dep.admin_ports(GATEWAY_TAGS[name]))
     return None if values is None else values.get("gatewayd_store_transactions", {}).get(())
 
 
@@ -686,12 +705,12 @@ class StoredCount:
     """Uplink messages a gateway has stored so far, from its metrics (a fresh gateway:
     every one of them is the fill's). A scrape that fails counts what the last one saw."""
 
-    def __init__(self, port: int) -> None:
-        self.port = port
+    def __init__(self, ports: Sequence[int]) -> None:
+        self.ports = ports
         self.count = 0
 
     def __call__(self) -> int:
-        values = scrape(self.port)
+        values = scrape(self.ports)
         if values is None:
             return self.count
         counts = values.get("gatewayd_messages_total", {})
@@ -758,7 +777,7 @@ def backlog(dep: Deployment, plan: Plan, size: int) -> dict[str, Any]:
         stored = wait_filled(
             driver,
             gw,
-            StoredCount(dep.metrics_ports[f"bl{size}"]),
+            StoredCount(dep.admin_ports(f"bl{size}")),
             size=size,
             limit=plan.backlog_drain_seconds * 2,
             rss_samples=rss_samples,
@@ -859,10 +878,12 @@ def main() -> int:
     )
     parser.add_argument("--devices", type=int, help="MQTT devices (default: 100, 10 quick)")
     parser.add_argument("--pipeline", type=int, default=1, help="the MQTT transport's pipeline")
+    parser.add_argument("--processes", type=int, default=1, help="gateway.processes")
     args = parser.parse_args()
     plan = dataclasses.replace(
         QUICK if args.quick else FULL,
         pipeline=args.pipeline,
+        processes=args.processes,
         **({"devices": args.devices} if args.devices else {}),
     )
     if args.profile is None:

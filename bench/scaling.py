@@ -120,7 +120,7 @@ def run_setup(
         """Store transactions committed so far by the instances (their metrics)."""
         total = 0.0
         for gw in names:
-            values = scrape(dep.metrics_ports[gw]) or {}
+            values = scrape([dep.metrics_ports[gw]]) or {}
             total += values.get("gatewayd_store_transactions", {}).get((), 0.0)
         return total
 

@@ -18,7 +18,8 @@ def py_spy() -> str | None:
 
 
 def record(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
-    """Sample ``pid`` (all threads, native frames off) for ``seconds`` into ``out``."""
+    """Sample ``pid`` and its children (all threads, native frames off) for ``seconds``
+    into ``out``: a ``gateway.processes = 2`` gateway's parts are the owner's children."""
     exe = py_spy()
     assert exe is not None
     return subprocess.Popen(
@@ -35,6 +36,7 @@ def record(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
             "raw",
             "--nonblocking",
             "--threads",
+            "--subprocesses",
             "--output",
             str(out),
         ],
@@ -57,6 +59,7 @@ def summarise(path: Path, top: int = 15) -> dict[str, Any]:
     package_self: Counter[str] = Counter()
     package_incl: Counter[str] = Counter()
     threads: Counter[str] = Counter()
+    processes: Counter[str] = Counter()
     total = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -64,7 +67,13 @@ def summarise(path: Path, top: int = 15) -> dict[str, Any]:
             continue
         n = int(count_text)
         frames = stack.split(";")
-        if frames[0].startswith("thread ("):
+        command = ""
+        while frames and frames[0].startswith("process "):  # --subprocesses: parent first
+            command = frames.pop(0)
+        if command:
+            part = command.split("--part ", 1)[1].split()[0] if "--part " in command else "main"
+            processes[part.rstrip('"')] += n
+        if frames and frames[0].startswith("thread ("):
             threads[frames[0].split(": ", 1)[-1]] += n
         parsed = [m for m in (_FRAME.match(f) for f in frames) if m]
         if not parsed:
@@ -85,4 +94,5 @@ def summarise(path: Path, top: int = 15) -> dict[str, Any]:
         "self_by_package_pct": share(package_self),
         "inclusive_by_package_pct": share(package_incl),
         "by_thread_pct": share(threads),
+        "by_process_pct": share(processes),
     }

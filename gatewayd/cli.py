@@ -9,7 +9,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +23,7 @@ from gatewayd.tasks import TaskSet
 
 if TYPE_CHECKING:
     from gatewayd.daemon import Gateway
+    from gatewayd.processes import Owner
 
 COMMANDS_GROUP = "gatewayd.commands"
 
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("--config", "-c", type=Path, required=True, help="the TOML config file")
+    # Internal: how the owner of a gateway.processes = 2 gateway starts its two parts.
+    run.add_argument("--part", choices=("northbound", "devices"), help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check-config", help="validate a config file and its credentials")
@@ -222,13 +225,21 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from gatewayd.daemon import Gateway
     from gatewayd.plugins import Plugins
+    from gatewayd.processes import Owner, Part
 
     settings = config.load(args.config)
     logmod.configure(settings.log.level, settings.log.format)
     log = structlog.get_logger("gatewayd.cli")
+    part = Part(args.part) if args.part else None
+    if part is not None:
+        logmod.tag_process(part=str(part))
     try:
         _, factory = runtime.loop_factory()
-        gateway = Gateway(settings, Plugins())
+        if part is None and settings.processes > 1:
+            owner = Owner(args.config, drain_timeout=settings.drain_timeout)
+            with asyncio.Runner(loop_factory=factory) as runner:
+                return runner.run(_own(owner))
+        gateway = Gateway(settings, Plugins(), part=part)
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(_serve(gateway))
     except GatewaydError as exc:
@@ -241,7 +252,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return int(ExitCode.OK)
 
 
+async def _own(owner: Owner) -> int:
+    """The owner of a two-process gateway: signals go on to both parts."""
+    loop = asyncio.get_running_loop()
+    log = structlog.get_logger("gatewayd.cli")
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, _received, log, signum, owner.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, _received, log, signal.SIGHUP, owner.reload)
+    return await owner.run()
+
+
+def _received(log: Any, signum: int, then: Callable[[], None]) -> None:
+    log.info("signal.received", signal=signal.Signals(signum).name)
+    then()
+
+
 async def _serve(gateway: Gateway) -> None:
+    from gatewayd.processes import watch_owner
+
     loop = asyncio.get_running_loop()
     log = structlog.get_logger("gatewayd.cli")
     interrupts = 0
@@ -272,6 +300,7 @@ async def _serve(gateway: Gateway) -> None:
         runtime.freeze_heap()
 
     freezer = asyncio.create_task(settle_heap(), name="freeze-heap")
+    watch_owner(gateway.request_stop)  # a part of a two-process gateway
     loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGINT, on_int)
     loop.add_signal_handler(signal.SIGHUP, on_hup)

@@ -109,6 +109,7 @@ class Settings:
     metrics: MetricsSettings | None = None
     cert_warning_days: int = 30  # warn (credentials.expiring) this close to a cert's end
     stats_interval: float = 300.0  # seconds between gateway.stats log lines; 0: none
+    processes: int = 1  # 2: the northbound side and the devices side apart (processes.py)
 
     def credential(self, name: str) -> PluginSettings | None:
         return next((c for c in self.credentials if c.name == name), None)
@@ -144,7 +145,10 @@ def parse(data: dict[str, Any], path: Path) -> Settings:
     state_dir = gw.get_path("state_dir", None, base=base) or base / "state"
     drain_timeout = gw.get_float("drain_timeout", 10.0)
     cert_warning_days = gw.get_int("cert_warning_days", 30, minimum=0)
-    stats_interval = gw.get_float("stats_interval", 300.0, minimum=0.0)
+    stats_interval, processes = (
+        gw.get_float("stats_interval", 300.0, minimum=0.0),
+        _processes(gw, data.get("store")),
+    )
     gw.check_unknown()
 
     credentials = tuple(
@@ -248,7 +252,21 @@ def parse(data: dict[str, Any], path: Path) -> Settings:
         metrics=metrics,
         cert_warning_days=cert_warning_days,
         stats_interval=stats_interval,
+        processes=processes,
     )
+
+
+def _processes(gw: Options, store: Any) -> int:
+    processes = gw.get_int("processes", 1, minimum=1, maximum=2)
+    backend = store.get("backend", "sqlite") if isinstance(store, dict) else "sqlite"
+    if processes > 1 and backend != "sqlite":
+        # PostgreSQL shares by leasing lanes among whole instances (docs/scaling.md).
+        raise gw.error(
+            "processes",
+            "splits one gateway over one SQLite file; with the PostgreSQL store, run "
+            "several instances instead (docs/scaling.md)",
+        )
+    return processes
 
 
 def _allowed_peers(api: Options, server_identity: str) -> tuple[str, ...]:

@@ -59,6 +59,7 @@ from gatewayd.northbound.senders import Senders
 from gatewayd.northbound.server import GatewayApi
 from gatewayd.options import ListenAddress
 from gatewayd.plugins import Plugins
+from gatewayd.processes import Part, PipeNeighbour
 from gatewayd.relay import (
     EXPIRY_SWEEP_SECONDS,
     Directory,
@@ -70,6 +71,7 @@ from gatewayd.relay import (
 from gatewayd.retry import CircuitBreaker
 from gatewayd.security import tls
 from gatewayd.store import Queue, Store, open_store
+from gatewayd.store.follow import Split
 from gatewayd.store.kv import MemoryKV, StoreKV
 from gatewayd.store.schema import private_dir
 from gatewayd.systemd import Notifier
@@ -112,7 +114,11 @@ class _CheckOnlyContext(PluginContext):
 
 
 class Gateway:
-    """One gateway process. ``run`` returns after a clean stop; errors propagate."""
+    """One gateway process. ``run`` returns after a clean stop; errors propagate.
+
+    ``part``: with ``gateway.processes = 2``, the side of the gateway this process runs
+    (:mod:`gatewayd.processes`); ``None`` runs all of it.
+    """
 
     def __init__(
         self,
@@ -121,8 +127,12 @@ class Gateway:
         *,
         notifier: Notifier | None = None,
         expiry_sweep: float = EXPIRY_SWEEP_SECONDS,
+        part: Part | None = None,
     ) -> None:
         self.settings = settings
+        self.part = part
+        self._northbound = part in (None, Part.NORTHBOUND)
+        self._devices = part in (None, Part.DEVICES)
         self.plugins = plugins
         self.notifier = notifier or Notifier()
         self.directory = Directory(settings.transports)
@@ -142,6 +152,7 @@ class Gateway:
         self._client: MsgsClient | None = None
         self._server_tls: ssl.SSLContext | None = None
         self._registrar: Registrar | None = None
+        self._api: GatewayApi | None = None
         self._stop_deadline: StopDeadline | None = None
         self.metrics_port: int | None = None
         self.live = status.LiveState(self)
@@ -189,10 +200,39 @@ class Gateway:
                 token=self.credentials.token_source(),
             )
             stack.push_async_callback(self._client.aclose)
+            await self._open_sides(stack)
 
-            api = GatewayApi(
+            # Every background task runs in this group: leaving it, by a stop or by a
+            # cancelled run(), ends them all before anything above closes.
+            failure: Exception | None = None
+            async with asyncio.TaskGroup() as group:
+                self._tasks = TaskSet(group=group, on_crash=self._task_crashed)
+                try:
+                    await self._serve(shutdown)
+                except Exception as exc:  # raised as itself, not in the group's ExceptionGroup
+                    failure = exc
+                finally:
+                    self._tasks.cancel()
+            if failure is not None:
+                raise failure
+            # Transports, registration, client, store close in reverse (the exit stack).
+        if self._crash is not None:
+            raise self._crash
+        log.info("gateway.stopped")
+
+    async def _open_sides(self, stack: AsyncExitStack) -> None:
+        """The API server, the admin listener and the registration (the API server and
+        the registration only on the northbound side), and, to run once every task has
+        ended, the deregistration and the transports' stop."""
+        s = self.settings
+        assert self._client is not None
+        # Uplink messages and reports share the server, so they share one breaker and
+        # wait for the registration; downlink goes to transports and waits for nothing.
+        breaker = self.live.breaker = CircuitBreaker()
+        if self._northbound:
+            api = self._api = GatewayApi(
                 gateway_type=s.gateway_type,
-                store=self._store,
+                store=self.store,
                 directory=self.directory,
                 allowed_peers=s.api.allowed_peers,
                 max_body=s.api.max_body,
@@ -200,18 +240,16 @@ class Gateway:
                 relay=s.relay,
                 token=s.api.token,
                 limits=s.api.limits,
-                on_unknown=self._sync_directory if self._shared else None,
+                on_unknown=self._sync_directory if self._follows_directory else None,
             )
             stack.push_async_callback(api.close)
             self.notifier.status("starting the API listener")
+            assert self._server_tls is not None
             with ListenError.naming("api.listen", s.api.host, s.api.port):
                 self.api_port = await api.start(s.api.host, s.api.port, self._server_tls)
             log.info("api.listening", host=s.api.host, port=self.api_port, prefix=api.prefix)
-            await self._start_metrics(stack)
-
-            # Uplink messages and reports share the server, so they share one breaker and
-            # wait for the registration; downlink goes to transports and waits for nothing.
-            breaker = self.live.breaker = CircuitBreaker()
+        await self._start_metrics(stack)
+        if self.api_port is not None:  # the northbound side's
             self._registrar = Registrar(
                 self._client,
                 gateway_id=s.gateway_id,
@@ -225,72 +263,55 @@ class Gateway:
                 # A registration that holds means the server answers: the breaker closes.
                 on_registered=breaker.success,
                 shared=StoreKV(self.store, "gatewayd.registration") if self._shared else None,
-                before_update=self._sync_directory if self._shared else None,
+                before_update=self._sync_directory if self._follows_directory else None,
             )
             stack.push_async_callback(self._deregister)
-            # Transports stop after every task of the group has ended (their runs too).
-            stack.push_async_callback(self._stop_transports)
+        # Transports stop after every task of the group has ended (their runs too).
+        stack.push_async_callback(self._stop_transports)
 
-            # Every background task runs in this group: leaving it, by a stop or by a
-            # cancelled run(), ends them all before anything above closes.
-            failure: Exception | None = None
-            async with asyncio.TaskGroup() as group:
-                self._tasks = TaskSet(group=group, on_crash=self._task_crashed)
-                try:
-                    await self._serve(api, breaker, shutdown)
-                except Exception as exc:  # raised as itself, not in the group's ExceptionGroup
-                    failure = exc
-                finally:
-                    self._tasks.cancel()
-            if failure is not None:
-                raise failure
-            # Transports, registration, client, store close in reverse (the exit stack).
-        if self._crash is not None:
-            raise self._crash
-        log.info("gateway.stopped")
-
-    async def _serve(
-        self, api: GatewayApi, breaker: CircuitBreaker, shutdown: Awaitable[Any] | None
-    ) -> None:
+    async def _serve(self, shutdown: Awaitable[Any] | None) -> None:
         s = self.settings
         assert self._client is not None
-        assert self._registrar is not None
-        await self._start_transports()
+        if self._devices:
+            await self._start_transports()
 
-        store, registrar = self.store, self._registrar
-        senders = Senders(self._client, registrar, store, self.directory, shared=self._shared)
+        store = self.store
         dispatcher = Dispatcher(
             store=store,
             directory=self.directory,
             transports=self.transports,
-            on_unknown=self._sync_directory if self._shared else None,
+            on_unknown=self._sync_directory if self._follows_directory else None,
         )
+        # Each process expires only the queues it sends from (the store sees to it).
         self.expiry = ExpirySweep(store, dispatcher, interval=self._expiry_sweep)
+        workers: dict[str, QueueWorker] = {}
+        registrar = self._registrar
+        if registrar is not None:
+            senders = Senders(self._client, registrar, store, self.directory, shared=self._shared)
 
-        def northbound(queue: Queue, handler: Handler) -> QueueWorker:
-            return QueueWorker(
-                store,
-                queue,
-                handler,
-                policy=s.retry,
-                concurrency=s.northbound.concurrency,
-                breaker=breaker,
-                ready=registrar.ready,
-            )
+            def northbound(queue: Queue, handler: Handler) -> QueueWorker:
+                return QueueWorker(
+                    store,
+                    queue,
+                    handler,
+                    policy=s.retry,
+                    concurrency=s.northbound.concurrency,
+                    breaker=self.live.breaker,
+                    ready=registrar.ready,
+                )
 
-        workers = {
-            "uplink": northbound(Queue.UPLINK, senders.uplink),
-            "reports": northbound(Queue.REPORT, senders.report),
-            "downlink": QueueWorker(
+            workers["uplink"] = northbound(Queue.UPLINK, senders.uplink)
+            workers["reports"] = northbound(Queue.REPORT, senders.report)
+            self._tasks.spawn("registration", self._registration())
+        if self._devices:
+            workers["downlink"] = QueueWorker(
                 store,
                 Queue.DOWNLINK,
                 dispatcher.handle,
                 policy=s.retry,
                 concurrency=s.northbound.concurrency,
-            ),
-        }
+            )
         self.live.workers = workers
-        self._tasks.spawn("registration", self._registration())
         for name, worker in workers.items():
             self._tasks.spawn(f"worker:{name}", worker.run())
         self._tasks.spawn("expiry", self.expiry.run())
@@ -301,12 +322,13 @@ class Gateway:
         # READY=1 waits for the registration and a store write (see _announce_ready).
         self._tasks.spawn("readiness", self._announce_ready())
         self._tasks.spawn("stats", self.live.stats_loop(s.stats_interval))
-        if self._shared:
+        if self._follows_directory:
             self._tasks.spawn("directory:sync", self._directory_sync_loop())
         log.info(
             "gateway.started",
             gateway_id=s.gateway_id,
             role=str(s.gateway_type),
+            part=self.part and str(self.part),
             transports=sorted(self.transports),
             service_ids=len(self.directory.service_ids()),
             event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
@@ -318,7 +340,8 @@ class Gateway:
         self.notifier.stopping("draining")
         log.info("gateway.stopping", drain_timeout=s.drain_timeout)
         self._stop_deadline = StopDeadline(s.drain_timeout)
-        await api.stop_intake()  # 1. no new downlink from the server
+        if self._api is not None:
+            await self._api.stop_intake()  # 1. no new downlink from the server
         left = self._stop_deadline.left()
         await asyncio.gather(*(w.stop(left) for w in workers.values()))  # 2. drain
 
@@ -397,7 +420,10 @@ class Gateway:
     async def _open_store(self, stack: AsyncExitStack) -> Store:
         self.notifier.status("opening the store")
         private_dir(self.settings.state_dir)  # 0700: the store holds bodies and Service IDs
-        store = await open_store(self.settings.store)
+        split = None
+        if self.part is not None:
+            split = Split(self.part.works, PipeNeighbour.from_environment())
+        store = await open_store(self.settings.store, split)
         stack.push_async_callback(store.close)
         dropped = self.directory.restore(await store.learned_devices())
         await forget_devices(store, dropped, reason="not produced by the config")
@@ -460,8 +486,10 @@ class Gateway:
             return
         listener = AdminServer(self.live)
         stack.push_async_callback(listener.close)
-        with ListenError.naming("metrics.listen", ms.host, ms.port):
-            bound = await listener.start(ms.host, ms.port, ms.limits)
+        # The devices process, beside the northbound one, serves its own on the next port.
+        port = ms.port + 1 if self.part == Part.DEVICES and ms.port else ms.port
+        with ListenError.naming("metrics.listen", ms.host, port):
+            bound = await listener.start(ms.host, port, ms.limits)
         self.metrics_port = bound.port
         log.info(
             "metrics.listening",
@@ -484,9 +512,14 @@ class Gateway:
     def _shared(self) -> bool:
         return self.settings.store.shared
 
+    @property
+    def _follows_directory(self) -> bool:
+        # Devices another process learned reach this one through the store.
+        return self._shared or self.part is not None
+
     async def _sync_directory(self) -> bool:
-        """Learn what the other instances learned (the shared store's devices); a new
-        device updates the registration, which every instance keeps identical."""
+        """Learn the devices the other instances on a shared store, or the other part of
+        a two-process gateway, learned; a new device updates the registration."""
         try:
             added = self.directory.merge(await self.store.learned_devices())
         except StoreError as exc:
@@ -498,7 +531,7 @@ class Gateway:
                 transport=endpoint.transport,
                 device=endpoint.device.name,
                 service_id=endpoint.device.service_id,
-                by="another instance",
+                by="another instance" if self._shared else "the other part",
             )
         if added and self._registrar is not None:
             self._registrar.changed()
@@ -603,7 +636,7 @@ class Gateway:
         metrics.declare_transports(wanted)
         started = []
         for name in names:
-            if name in wanted:
+            if name in wanted and self._devices:
                 try:
                     await self._start_transport(wanted[name])
                     started.append(name)
@@ -632,10 +665,12 @@ class Gateway:
         return endpoint.transport if endpoint is not None else "unknown"
 
     async def _announce_ready(self) -> None:
-        """READY=1 once the server holds our registration and the store takes a write."""
-        assert self._registrar is not None
-        self.notifier.status(f"waiting for registration with {self.settings.northbound.api_root}")
-        await self._registrar.ready.wait()
+        """READY=1 once the server holds our registration (on the northbound side) and
+        the store takes a write."""
+        if self._registrar is not None:
+            api_root = self.settings.northbound.api_root
+            self.notifier.status(f"waiting for registration with {api_root}")
+            await self._registrar.ready.wait()
         while True:
             try:
                 await self.store.prune()  # a write transaction: a read-only disk fails it

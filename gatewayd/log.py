@@ -100,10 +100,26 @@ def _merge_message(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str,
     return event
 
 
+# Fields on every line of this process, whatever thread logs (tag_process).
+_PROCESS: dict[str, Any] = {}
+
+
+def tag_process(**fields: Any) -> None:
+    """Add ``fields`` to every line this process logs (a two-process gateway's part)."""
+    _PROCESS.update(fields)
+
+
+def _merge_process(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    for key, value in _PROCESS.items():
+        event.setdefault(key, value)
+    return event
+
+
 # Both structlog's own events and stdlib records (foreign) go through these first.
 _SHARED: list[Any] = [
     structlog.contextvars.merge_contextvars,
     _merge_message,
+    _merge_process,
     structlog.stdlib.add_log_level,
     structlog.stdlib.add_logger_name,
     structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from gatewayd import __version__, metrics
+from gatewayd.processes import Part
 from gatewayd.retry import BreakerState, CircuitBreaker
 
 if TYPE_CHECKING:
@@ -79,11 +80,12 @@ class LiveState:
     def not_ready(self) -> list[str]:
         gw = self._gw
         reasons = []
-        if gw.api_port is None:
-            reasons.append("the API is not listening yet")
-        registrar = gw.registrar
-        if registrar is None or not registrar.ready.is_set():
-            reasons.append(f"not registered with {gw.settings.northbound.api_root}")
+        if gw.part is not Part.DEVICES:  # the devices process has neither
+            if gw.api_port is None:
+                reasons.append("the API is not listening yet")
+            registrar = gw.registrar
+            if registrar is None or not registrar.ready.is_set():
+                reasons.append(f"not registered with {gw.settings.northbound.api_root}")
         store = gw.store_if_open
         refusing = store.refusing if store is not None else None
         if not self.store_writable:

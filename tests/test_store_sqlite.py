@@ -19,9 +19,12 @@ from pathlib import Path
 
 import pytest
 import structlog
+from gatewayd_testing import until
 
-from gatewayd.errors import BacklogFullError
+from gatewayd.errors import BacklogFullError, StoreError
+from gatewayd.processes import Part, PipeNeighbour
 from gatewayd.store import Queue, SqliteStore, StoreSettings
+from gatewayd.store.follow import Split
 from gatewayd.store.kv import StoreKV
 from gatewayd.store.writer import Txn
 
@@ -264,3 +267,130 @@ async def test_routes_are_read_from_memory_and_survive_a_reopen(db: Path) -> Non
         assert store._routes == {}
     finally:
         await store.close()
+
+
+# --- two processes on one file (gateway.processes = 2) -------------------------------
+# Two stores on one file in this process: two connections, as two processes have, and
+# the nudge pipes the owner makes for its parts.
+
+
+@pytest.fixture
+async def pair(db: Path) -> AsyncIterator[tuple[SqliteStore, SqliteStore]]:
+    to_north, to_south = os.pipe(), os.pipe()
+    north_side = PipeNeighbour(to_north[0], to_south[1])
+    south_side = PipeNeighbour(to_south[0], to_north[1])
+    north = await SqliteStore.open(StoreSettings(path=db), Split(Part.NORTHBOUND.works, north_side))
+    south = await SqliteStore.open(StoreSettings(path=db), Split(Part.DEVICES.works, south_side))
+    try:
+        yield north, south
+    finally:
+        await south.close()
+        await north.close()
+        for fd in (*to_north, *to_south):
+            os.close(fd)
+
+
+def count_snapshots(store: SqliteStore) -> list[int]:
+    calls: list[int] = []
+    read = store._writer._snapshot
+
+    def counted(conn: sqlite3.Connection) -> object:
+        calls.append(1)
+        return read(conn)
+
+    store._writer._snapshot = counted
+    return calls
+
+
+async def test_a_process_follows_its_neighbours_puts_without_reading_the_file_again(
+    pair: tuple[SqliteStore, SqliteStore],
+) -> None:
+    north, south = pair
+    snapshots = count_snapshots(north)
+    ids = [await put(south, f"m{i}", "a" if i % 2 else "b") for i in range(6)]
+    # The northbound store hears of them by itself: the devices store nudged it.
+    await asyncio.wait_for(north.wait_for_work(Queue.UPLINK, timeout=5), 5)
+    await until(lambda: len(north._lanes[Queue.UPLINK]._lanes) == 2, timeout=5)
+    commits = north._writer.commits
+    heads = await north.take(Queue.UPLINK, limit=10)
+    assert [i.id for i in heads] == [ids[0], ids[1]]
+    assert [i.body["msgId"] for i in heads] == ["m0", "m1"]
+    assert north._writer.commits == commits  # bodies came along with the follow
+    for item in heads:
+        await north.done(item.id)
+    nxt = await north.take(Queue.UPLINK, limit=10)
+    assert [i.id for i in nxt] == [ids[2], ids[3]]
+    assert snapshots == []  # followed by id, never reloaded
+    # The devices store keeps no index of the queues it does not send from.
+    assert set(south._lanes) == {Queue.DOWNLINK}
+    assert set(north._lanes) == {Queue.UPLINK, Queue.REPORT}
+
+
+async def test_a_replay_by_a_third_process_reloads_the_followers(
+    pair: tuple[SqliteStore, SqliteStore], db: Path
+) -> None:
+    """``gatewayd queue replay`` puts an old id back among the pending: a follower that
+    only read new ids would miss it; the bulk counter has it read everything again."""
+    north, south = pair
+    first = await put(south, "old", "a")
+    await until(lambda: bool(north._lanes[Queue.UPLINK]._lanes), timeout=5)
+    (item,) = await north.take(Queue.UPLINK, limit=10)
+    await north.dead(item.id, reason="refused")
+    later = await put(south, "new", "b")
+    cli = await SqliteStore.open(StoreSettings(path=db))
+    try:
+        assert await cli.replay(first)
+    finally:
+        await cli.close()
+    # The CLI nudges nobody: the follower's next transaction (the expiry sweep's prune,
+    # every 2 s in a gateway, at the latest) sees the counter move.
+    await north.prune()
+    assert len(north._lanes[Queue.UPLINK]._lanes) == 2
+    again = await north.take(Queue.UPLINK, limit=10)
+    assert sorted(i.id for i in again) == [first, later]
+
+
+async def test_each_process_expires_only_the_queues_it_sends_from(
+    pair: tuple[SqliteStore, SqliteStore],
+) -> None:
+    north, south = pair
+    past = time.time() - 1
+    await south.put(Queue.UPLINK, msg_id="u", dedup_key="u", lane="a", body={}, expires_at=past)
+    await north.put(Queue.DOWNLINK, msg_id="d", dedup_key="d", lane="a", body={}, expires_at=past)
+    assert [i.msg_id for i in await south.expire()] == ["d"]
+    assert [i.msg_id for i in await north.expire()] == ["u"]
+
+
+async def test_a_route_one_process_remembers_is_read_by_the_other(
+    pair: tuple[SqliteStore, SqliteStore],
+) -> None:
+    north, south = pair
+    await north.remember_route("ue-1", {"addrType": "AS", "addr": "as-1"}, ttl=60)
+    assert await south.route("ue-1") == {"addrType": "AS", "addr": "as-1"}
+    assert await south.route("ue-1", now=time.time() + 61) is None
+
+
+async def test_what_a_rolled_back_transaction_read_of_the_neighbour_is_read_again(
+    pair: tuple[SqliteStore, SqliteStore], db: Path
+) -> None:
+    """A transaction that catches up and then fails rolls back: the next one must read
+    the neighbour's rows again, not take them as seen."""
+    north, _ = pair
+    other = await SqliteStore.open(StoreSettings(path=db))  # puts, and nudges nobody
+    try:
+        first = await put(other, "m1")
+    finally:
+        await other.close()
+
+    def broken(txn: Txn) -> None:
+        txn.conn.execute(
+            "INSERT INTO kv (transport, key, value, expires) VALUES ('t', 'k', 'v', 1)"
+        )
+        raise RuntimeError("a bug in a job")
+
+    with pytest.raises(StoreError):
+        await north._writer.call(broken)
+    assert not north._lanes[Queue.UPLINK]._lanes
+    await north.prune()  # the next transaction
+    (item,) = await north.take(Queue.UPLINK, limit=10)
+    assert item.id == first

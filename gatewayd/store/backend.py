@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+from gatewayd.store.follow import Split
 from gatewayd.store.model import (
     Item,
     PartResult,
@@ -199,12 +200,17 @@ class Store(Protocol):
         ...
 
 
-async def open_store(settings: StoreSettings) -> Store:
-    """Open the backend ``settings.backend`` names (creating its schema if needed)."""
+async def open_store(settings: StoreSettings, split: Split | None = None) -> Store:
+    """Open the backend ``settings.backend`` names (creating its schema if needed).
+
+    ``split``: this process's share when another process on the same SQLite file sends
+    from the other queues (``gateway.processes = 2``; not a PostgreSQL mode, which
+    shares by leasing lanes among whole instances instead)."""
     if settings.backend == "postgresql":
         from gatewayd.store.postgres import PostgresStore  # an optional dependency
 
+        assert split is None, "gateway.processes is for the SQLite store"
         return await PostgresStore.open(settings)
     from gatewayd.store.store import SqliteStore
 
-    return await SqliteStore.open(settings)
+    return await SqliteStore.open(settings, split)

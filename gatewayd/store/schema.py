@@ -13,7 +13,7 @@ from gatewayd.store.model import Item, Queue, StoreSettings
 
 # 2 added the kv table, 3 the indexes of the expiry sweep and of prune; every statement
 # is IF NOT EXISTS, so running _DDL again on an older file upgrades it in place.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # AUTOINCREMENT: ids are never reused after a purge or prune, so an id the CLI printed
 # keeps naming the same message, and a new message always sorts after every old one.
@@ -63,6 +63,12 @@ CREATE TABLE IF NOT EXISTS kv (
     value       TEXT NOT NULL,
     expires     REAL NOT NULL,
     PRIMARY KEY (transport, key)
+) WITHOUT ROWID;
+-- Counters every process sharing the file reads (gatewayd.store.follow): 'bulk' moves
+-- when a replay or purge changes pending rows other than by inserting them.
+CREATE TABLE IF NOT EXISTS meta (
+    key         TEXT PRIMARY KEY,
+    value       INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
 

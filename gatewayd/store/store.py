@@ -18,8 +18,9 @@ from typing import Any
 
 import structlog
 
-from gatewayd.errors import BacklogFullError
+from gatewayd.errors import BacklogFullError, StoreError
 from gatewayd.store import queries
+from gatewayd.store.follow import Follower, Split
 from gatewayd.store.lanes import Change, Lanes
 from gatewayd.store.model import (
     Item,
@@ -58,13 +59,20 @@ class SqliteStore:
 
     Usable from several processes at once (the ``gatewayd queue`` CLI next to a live
     daemon): WAL mode, and a busy timeout for the short moments another writer holds
-    the lock.
+    the lock. With a ``split`` (``gateway.processes = 2``) another process sends from
+    the queues this one does not: only this one's are indexed and expired here, and the
+    index follows the other's inserts (:mod:`.follow`).
     """
 
-    def __init__(self, settings: StoreSettings) -> None:
+    def __init__(self, settings: StoreSettings, split: Split | None = None) -> None:
         self.settings = settings
-        self._writer = Writer(settings, self._committed, _snapshot)
-        self._lanes: dict[Queue, Lanes] = {q: Lanes() for q in WORKED}
+        self._split = split
+        self._works = None if split is None else split.works
+        worked = WORKED if split is None else WORKED & split.works
+        follower = None if split is None else Follower(frozenset(q.value for q in worked))
+        self._writer = Writer(settings, self._committed, _snapshot, follower)
+        self._catching_up = False  # a nudge's transaction is queued
+        self._lanes: dict[Queue, Lanes] = {q: Lanes() for q in worked}
         # Reply routes (service id -> origin JSON, expiry), kept in step with the routes
         # table like the lane index: a device's uplink without a destination looks its
         # route up here, not in a transaction of its own.
@@ -89,12 +97,14 @@ class SqliteStore:
         return self._writer.refusing
 
     @classmethod
-    async def open(cls, settings: StoreSettings) -> SqliteStore:
+    async def open(cls, settings: StoreSettings, split: Split | None = None) -> SqliteStore:
         """Open (creating if needed) the database and start the writer thread."""
-        store = cls(settings)
+        store = cls(settings, split)
         await store._writer.start()
         # The first transaction reads the pending items into the lane index.
         await store._writer.call(lambda txn: None)
+        if split is not None:
+            split.neighbour.watch(store._nudged)
         log.info(
             "store.opened",
             path=str(settings.path),
@@ -361,10 +371,31 @@ class SqliteStore:
                 self._routes[service_id] = (origin, expires)
         for queue in txn.woken:
             self._wake(queue)
+        if self._split is not None and not txn.woken <= self._split.works:
+            self._split.neighbour.nudge()  # work for the other process: committed now
+
+    def _nudged(self) -> None:
+        # The other process committed work for us: a transaction of ours (an empty one,
+        # unless other jobs share it) reads it into the index. One queued at a time.
+        if self._catching_up:
+            return
+        try:
+            future = self._writer.submit(lambda txn: None)
+        except StoreError:
+            return  # closed
+        self._catching_up = True
+        future.add_done_callback(self._caught_up)
+
+    def _caught_up(self, future: asyncio.Future[None]) -> None:
+        self._catching_up = False
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("store.follow_failed", error=str(future.exception()))
 
     def _apply(self, change: Change) -> None:
         queue = Queue(change.queue)
-        lanes = self._lanes[queue]
+        lanes = self._lanes.get(queue)
+        if lanes is None:
+            return  # a queue another process sends from
         if change.kind == "add":
             woke = lanes.add(change.id, change.lane, change.item)
         elif change.kind == "finish":
@@ -479,10 +510,12 @@ class SqliteStore:
         found = await self._writer.call(candidates)
         # Decided on the loop, where take() hands items out: one being sent stays for
         # its send; the others are held, so no sender takes them while they expire.
+        # Another process's queues are its own to expire.
         chosen = [
             item
             for item in found
-            if item.id not in self._claimed
+            if (self._works is None or item.queue in self._works)
+            and item.id not in self._claimed
             and item.id not in self._lanes.get(item.queue, _NO_LANES).settling
         ]
         if not chosen:
@@ -606,7 +639,7 @@ class SqliteStore:
             txn.backlog.bytes += size
             txn.woken.add(Queue(queue))
             # An older id back in its lane, ahead of later items: read the index again.
-            txn.reindex = True
+            txn.bulk = True
             return str(msg_id)
 
         msg_id = await self._writer.call(job)
@@ -635,7 +668,7 @@ class SqliteStore:
                 ).fetchone()
                 txn.backlog.messages -= count
                 txn.backlog.bytes -= size
-                txn.reindex = True
+                txn.bulk = True
             return txn.conn.execute(f"DELETE FROM items WHERE {where}", params).rowcount  # noqa: S608
 
         count = await self._writer.call(job)
@@ -706,9 +739,17 @@ class SqliteStore:
     async def route(self, service_id: str, now: float | None = None) -> dict[str, Any] | None:
         """The originator to send a reply from ``service_id`` to, if still remembered.
 
-        Read from memory (kept in step with every commit), not from the database."""
+        Read from memory (kept in step with every commit), not from the database,
+        unless another process on the file remembers routes too."""
         at = time.time() if now is None else now
-        entry = self._routes.get(service_id)
+        if self._works is None:
+            entry = self._routes.get(service_id)
+        else:
+            entry = await self._writer.call(
+                lambda txn: txn.conn.execute(
+                    "SELECT origin, expires FROM routes WHERE service_id = ?", (service_id,)
+                ).fetchone()
+            )
         if entry is None or entry[1] <= at:
             return None
         value: dict[str, Any] = json.loads(entry[0])

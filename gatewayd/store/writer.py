@@ -29,6 +29,7 @@ from typing import Any, Final, TypeVar
 import structlog
 
 from gatewayd.errors import BacklogFullError, GatewaydError, StoreError
+from gatewayd.store.follow import Follower, bump_bulk
 from gatewayd.store.lanes import Change
 from gatewayd.store.model import Queue, StoreSettings
 from gatewayd.store.schema import connect
@@ -54,6 +55,10 @@ _REOPEN_INTERVAL: Final = 1.0
 # How long a lazy job (a delivered item's done) may wait for another job to ride with
 # before it goes alone: at any rate above ~20 messages a second it never waits that long.
 LAZY_SECONDS: Final = 0.05
+# With a neighbour process on the file (gatewayd.store.follow): how often the backlog is
+# counted again for its commits (in between, the figure follows our own changes only,
+# as the PostgreSQL store's does).
+RECOUNT_SECONDS: Final = 1.0
 
 
 @dataclass(slots=True)
@@ -83,6 +88,7 @@ class Txn:
     changes: list[Change] = field(default_factory=list)
     routes: list[tuple[str, str, float]] = field(default_factory=list)  # remembered
     reindex: bool = False
+    bulk: bool = False  # set by a job that moved pending rows other than by inserting
     snapshot: Any = None
     proven: bool = False  # a probe allocated space: the store writes again
 
@@ -111,9 +117,12 @@ class Writer:
         settings: StoreSettings,
         on_commit: Callable[[Txn], None],
         snapshot: Callable[[sqlite3.Connection], Any],
+        follower: Follower | None = None,
     ) -> None:
         self.settings = settings
         self._snapshot = snapshot
+        self._follower = follower
+        self._counted_at = 0.0
         self.commits = 0
         self.rows_put = 0
         self.backlog = Backlog()
@@ -287,8 +296,16 @@ class Writer:
     def _transaction(self, batch: list[_Job]) -> tuple[list[tuple[_Job, Any]], Txn]:
         conn = self._connection()
         conn.execute("BEGIN IMMEDIATE")
-        moved = self._refresh_backlog(conn) or self._reindex
-        txn = Txn(conn, Backlog(self.backlog.messages, self.backlog.bytes), self, reindex=moved)
+        (version,) = conn.execute("PRAGMA data_version").fetchone()
+        moved = self._refresh_backlog(conn, version)
+        followed: list[Change] | None = None
+        if moved and self._follower is not None and not self._reindex:
+            followed = self._follower.catch_up(conn)
+        reindex = self._reindex or (moved and followed is None)
+        txn = Txn(conn, Backlog(self.backlog.messages, self.backlog.bytes), self, reindex=reindex)
+        if followed:
+            txn.changes.extend(followed)
+            txn.woken.update(Queue(change.queue) for change in followed)
         outcomes: list[tuple[_Job, Any]] = []
         for job in batch:
             changes = conn.total_changes
@@ -302,9 +319,19 @@ class Writer:
                 # Our own refusals (a full backlog) usually come before the job writes:
                 # the others in the batch commit as if it had not run.
                 outcomes.append((job, exc))
+        if txn.bulk:
+            bump_bulk(conn)
+            txn.reindex = True
         if txn.reindex:
             txn.snapshot = self._snapshot(conn)
+        follower = self._follower
+        seen = follower.position(conn) if follower is not None else None
         conn.execute("COMMIT")
+        # Only now: a transaction rolled back must leave the next one to read again
+        # what this one read of the others' commits.
+        self._data_version = version
+        if follower is not None and seen is not None:
+            follower.advance(seen)
         if txn.reindex:
             self._reindex = False
         return outcomes, txn
@@ -326,23 +353,24 @@ class Writer:
             self._recount = True
         return self._conn
 
-    def _refresh_backlog(self, conn: sqlite3.Connection) -> bool:
+    def _refresh_backlog(self, conn: sqlite3.Connection, version: int) -> bool:
         """True when another connection committed since our last transaction (or this
-        is the first): the lane index then needs a snapshot. A recount after our own
-        rollback needs none: nothing of it reached the index."""
+        is the first): the lane index then needs a snapshot or a catch-up. A recount
+        after our own rollback needs neither: nothing of it reached the index."""
         # data_version moves when another connection (the queue CLI) commits: only then
         # is a recount needed; our own commits keep the figure exact.
-        (version,) = conn.execute("PRAGMA data_version").fetchone()
         if version == self._data_version and not self._recount:
             return False
-        messages, size = conn.execute(
-            "SELECT count(*), coalesce(sum(size), 0) FROM items WHERE state = 'pending'"
-        ).fetchone()
-        self.backlog = Backlog(messages, size)
-        moved = bool(version != self._data_version)
-        self._data_version = version
+        now = time.monotonic()
+        # A neighbour commits all the time: count at most once a RECOUNT_SECONDS for it.
+        if self._recount or self._follower is None or now - self._counted_at >= RECOUNT_SECONDS:
+            messages, size = conn.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM items WHERE state = 'pending'"
+            ).fetchone()
+            self.backlog = Backlog(messages, size)
+            self._counted_at = now
         self._recount = False
-        return moved
+        return bool(version != self._data_version)
 
     def _rollback(self) -> None:
         if self._conn is not None and self._conn.in_transaction:
