@@ -138,8 +138,30 @@ def test_valid_config_checks_ok(tmp_path: Path, loopback_pki: Pki) -> None:
             "transports.web.plugin",
             "no transport 'lorawan' is installed (installed: coap, http, mqtt, smpp)",
         ),
+        (
+            lambda t: t.replace("drain_timeout = 5.0", "drain_timeout = 5.0\nprocesses = 3"),
+            "gateway.processes",
+            "must be at most 2, got 3",
+        ),
+        (
+            lambda t: (
+                t.replace("drain_timeout = 5.0", "drain_timeout = 5.0\nprocesses = 2")
+                + '[store]\nbackend = "postgresql"\n'
+            ),
+            "gateway.processes",
+            "splits one gateway over one SQLite file; with the PostgreSQL store, run several"
+            " instances instead",
+        ),
     ],
-    ids=["missing key", "wrong type", "inline secret", "misspelt key", "plugin not installed"],
+    ids=[
+        "missing key",
+        "wrong type",
+        "inline secret",
+        "misspelt key",
+        "plugin not installed",
+        "three processes",
+        "two processes on postgresql",
+    ],
 )
 def test_config_errors_name_the_key(
     tmp_path: Path, loopback_pki: Pki, edit: object, key: str, problem: str
