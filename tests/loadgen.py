@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import sys
 import time
@@ -301,10 +302,12 @@ class GatewayProcess:
         while time.monotonic() < deadline:
             if self.proc.returncode is not None:
                 raise AssertionError(f"gatewayd exited {self.proc.returncode}:\n{self.log()}")
-            for event in self.events():
-                if event.get("event") == "gateway.started":
-                    self.port = self._listening_port()
-                    return self.port
+            # Started, with the device listener up (gateway.processes = 2: the devices
+            # part's, which may start after the northbound part).
+            names = {event.get("event") for event in self.events()}
+            if {"gateway.started", "http.listening"} <= names:
+                self.port = self._listening_port()
+                return self.port
             await asyncio.sleep(0.05)
         raise AssertionError(f"gatewayd did not start within {timeout}s:\n{self.log()}")
 
@@ -320,6 +323,19 @@ class GatewayProcess:
         self.port = None
         os.kill(self.proc.pid, signal.SIGKILL)
         await self.proc.wait()
+
+    async def kill_part(self, rng: random.Random) -> str:
+        """gateway.processes = 2: SIGKILL one part, chosen by ``rng``, and wait for the
+        owner to stop the other and exit; the part's name."""
+        assert self.proc is not None
+        self.port = None
+        parts = {
+            e["part"]: e["pid"] for e in self.events() if e.get("event") == "processes.started"
+        }
+        part = rng.choice(sorted(parts))
+        os.kill(parts[part], signal.SIGKILL)
+        await self.proc.wait()
+        return part
 
     async def terminate(self, timeout: float = 60.0) -> tuple[int, float]:
         """SIGTERM; the exit code and the seconds the process took to exit."""

@@ -37,11 +37,24 @@ def _pending(db: Path) -> int:
 
 
 async def _crash_cycles(
-    tmp_path: Path, tls: Pki, sim: SimServer, *, cycles: int, devices: int, per_device: int
+    tmp_path: Path,
+    tls: Pki,
+    sim: SimServer,
+    *,
+    cycles: int,
+    devices: int,
+    per_device: int,
+    processes: int = 1,
 ) -> dict[str, int]:
     tokens = device_tokens(devices)
     config = write_gateway_config(tmp_path / "gw.toml", tls, api_root=sim.api_root, tokens=tokens)
+    if processes > 1:
+        text = config.read_text().replace(
+            "drain_timeout = 5.0", "drain_timeout = 5.0\nprocesses = 2"
+        )
+        config.write_text(text)
     gw = GatewayProcess(config, tokens, tmp_path)
+    killed: list[str] = []
     rng = random.Random()
     # Spread the load over the kill cycles (a restart takes a second or two).
     total = devices * per_device
@@ -52,7 +65,10 @@ async def _crash_cycles(
         for _ in range(cycles):
             # A random moment: in intake, in a commit, in a send, between ack and done.
             await asyncio.sleep(rng.uniform(0.2, 1.5))
-            await gw.kill()
+            if processes > 1:
+                killed.append(await gw.kill_part(rng))  # the owner stops the other part
+            else:
+                await gw.kill()
             await asyncio.sleep(rng.uniform(0.0, 0.3))
             await gw.start()
         stats = await asyncio.wait_for(running, 300)
@@ -66,6 +82,8 @@ async def _crash_cycles(
         await gw.ensure_dead()
     assert _pending(tmp_path / "state" / "gatewayd.db") == 0
     figures["kills"] = cycles
+    if killed:
+        figures["northbound_killed"] = killed.count("northbound")
     figures["p99_accept_ms"] = round(percentile(stats.latencies, 0.99) * 1000)
     print(f"\ncrash cycles: {figures}")
     return figures
@@ -76,6 +94,25 @@ async def test_sigkill_under_load_loses_nothing_acknowledged(
 ) -> None:
     figures = await _crash_cycles(tmp_path, loopback_pki, sim, cycles=3, devices=6, per_device=50)
     assert figures["delivered"] == 300
+
+
+async def test_sigkill_of_either_part_of_a_two_process_gateway_loses_nothing_acknowledged(
+    tmp_path: Path, loopback_pki: Pki, sim: SimServer
+) -> None:
+    figures = await _crash_cycles(
+        tmp_path, loopback_pki, sim, cycles=3, devices=6, per_device=50, processes=2
+    )
+    assert figures["delivered"] == 300
+
+
+@pytest.mark.slow
+async def test_sigkill_of_a_part_twenty_cycles(
+    tmp_path: Path, loopback_pki: Pki, sim: SimServer
+) -> None:
+    figures = await _crash_cycles(
+        tmp_path, loopback_pki, sim, cycles=20, devices=8, per_device=250, processes=2
+    )
+    assert figures["delivered"] == 2000
 
 
 @pytest.mark.slow
