@@ -231,12 +231,14 @@ class Owner:
 
     async def _supervise(self) -> int:
         ended = {
-            asyncio.ensure_future(child.process.wait()): child for child in self._children.values()
+            asyncio.create_task(child.process.wait(), name=f"owner:wait:{child.part}"): child
+            for child in self._children.values()
         }
-        stop = asyncio.ensure_future(self._stop.wait())
+        stop = asyncio.create_task(self._stop.wait(), name="owner:stop")
         watchdog = None
         if self._notifier.watchdog_interval:
-            watchdog = asyncio.ensure_future(self._watchdog(self._notifier.watchdog_interval))
+            interval = self._notifier.watchdog_interval
+            watchdog = asyncio.create_task(self._watchdog(interval), name="owner:watchdog")
         try:
             done, _ = await asyncio.wait([*ended, stop], return_when=asyncio.FIRST_COMPLETED)
         finally:
