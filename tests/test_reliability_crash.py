@@ -89,37 +89,28 @@ async def _crash_cycles(
     return figures
 
 
+# Two processes (gateway.processes = 2): either part is killed; its owner stops the other.
+PROCESSES = pytest.mark.parametrize("processes", [1, 2], ids=["one process", "two processes"])
+
+
+@PROCESSES
 async def test_sigkill_under_load_loses_nothing_acknowledged(
-    tmp_path: Path, loopback_pki: Pki, sim: SimServer
-) -> None:
-    figures = await _crash_cycles(tmp_path, loopback_pki, sim, cycles=3, devices=6, per_device=50)
-    assert figures["delivered"] == 300
-
-
-async def test_sigkill_of_either_part_of_a_two_process_gateway_loses_nothing_acknowledged(
-    tmp_path: Path, loopback_pki: Pki, sim: SimServer
+    tmp_path: Path, loopback_pki: Pki, sim: SimServer, processes: int
 ) -> None:
     figures = await _crash_cycles(
-        tmp_path, loopback_pki, sim, cycles=3, devices=6, per_device=50, processes=2
+        tmp_path, loopback_pki, sim, cycles=3, devices=6, per_device=50, processes=processes
     )
     assert figures["delivered"] == 300
 
 
 @pytest.mark.slow
-async def test_sigkill_of_a_part_twenty_cycles(
-    tmp_path: Path, loopback_pki: Pki, sim: SimServer
-) -> None:
-    figures = await _crash_cycles(
-        tmp_path, loopback_pki, sim, cycles=20, devices=8, per_device=250, processes=2
-    )
-    assert figures["delivered"] == 2000
-
-
-@pytest.mark.slow
+@PROCESSES
 async def test_sigkill_under_load_twenty_cycles(
-    tmp_path: Path, loopback_pki: Pki, sim: SimServer
+    tmp_path: Path, loopback_pki: Pki, sim: SimServer, processes: int
 ) -> None:
-    figures = await _crash_cycles(tmp_path, loopback_pki, sim, cycles=20, devices=8, per_device=250)
+    figures = await _crash_cycles(
+        tmp_path, loopback_pki, sim, cycles=20, devices=8, per_device=250, processes=processes
+    )
     assert figures["delivered"] == 2000
 
 
