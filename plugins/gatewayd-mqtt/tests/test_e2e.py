@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -210,6 +212,55 @@ async def test_learned_device_is_registered_before_its_first_message(
         push = await sim.send_downlink(new, "reset", msg_id="d-m7")
         assert push.status == 204
         assert (await next_json(dev, "devices/meter-7/down"))["msgId"] == "d-m7"
+
+
+async def test_two_processes_register_a_learned_device_before_its_first_message(
+    broker: Mosquitto, sim: RecordingSim, gateway_config: Callable[..., config.Settings]
+) -> None:
+    """gateway.processes = 2, a real ``gatewayd run``: the devices part learns meter-7 from
+    its first message; the northbound part, which registers, learns it through the store
+    and has the server's registration name it before the message goes out. A downlink to
+    it then crosses back: the northbound part takes it, the devices part delivers it."""
+    settings = gateway_config(mqtt_tables(broker), extra='[log]\nformat = "json"\n')
+    source = settings.source
+    text = source.read_text().replace("drain_timeout = 5.0", "drain_timeout = 5.0\nprocesses = 2")
+    source.write_text(text)
+    log = source.parent / "gateway.log"
+    with log.open("wb") as stderr:
+        owner = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gatewayd.cli", "run", "--config", str(source), stderr=stderr
+        )
+    try:
+        async with device_client(broker, "newcomer", tls=True) as dev:
+            await sim.wait_for(lambda: bool(sim.registrations), timeout=30)
+            assert sim.registrations[0].ue_svc_ids == (SENSOR,)
+            await dev.subscribe("devices/meter-7/down", qos=1)
+            new = "ue-meter-7@iot.example"
+            # Until the devices part has subscribed, the broker drops what is published:
+            # the same msgId again until it arrives (the gateway keeps one).
+            envelope = json.dumps({"msgId": "m-1", "payload": "kWh=3"})
+            while not sim.uplinks:
+                await dev.publish("devices/meter-7/up", envelope, qos=1)
+                await asyncio.sleep(0.3)
+            await sim.wait_for(lambda: len(sim.uplinks) >= 1, timeout=10)
+            assert {u.message.ori_addr.addr for u in sim.uplinks} == {new}
+            (reg,) = sim.registrations
+            assert set(reg.ue_svc_ids) == {SENSOR, new}
+            assert all(registered for *_, registered in sim.uplink_arrivals)
+
+            push = await sim.send_downlink(new, "reset", msg_id="d-m7")
+            assert push.status == 204
+            assert (await next_json(dev, "devices/meter-7/down"))["msgId"] == "d-m7"
+        owner.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(owner.wait(), 30) == 0, log.read_text()[-3000:]
+    finally:
+        if owner.returncode is None:
+            owner.kill()
+            await owner.wait()
+    learned = [
+        json.loads(line) for line in log.read_text().splitlines() if '"device.learned"' in line
+    ]
+    assert {e["part"] for e in learned} == {"devices", "northbound"}  # learnt, then synced
 
 
 async def _uplink_burst(
