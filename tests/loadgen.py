@@ -302,10 +302,12 @@ class GatewayProcess:
         while time.monotonic() < deadline:
             if self.proc.returncode is not None:
                 raise AssertionError(f"gatewayd exited {self.proc.returncode}:\n{self.log()}")
-            # Started, with the device listener up (gateway.processes = 2: the devices
-            # part's, which may start after the northbound part).
-            names = {event.get("event") for event in self.events()}
-            if {"gateway.started", "http.listening"} <= names:
+            # Started with its transports: with gateway.processes = 2, the devices part
+            # (the northbound part may be up before it).
+            if any(
+                event.get("event") == "gateway.started" and event.get("part") != "northbound"
+                for event in self.events()
+            ):
                 self.port = self._listening_port()
                 return self.port
             await asyncio.sleep(0.05)
