@@ -131,8 +131,9 @@ class Gateway:
     ) -> None:
         self.settings = settings
         self.part = part
-        self._northbound = part in (None, Part.NORTHBOUND)
-        self._devices = part in (None, Part.DEVICES)
+        # What this process runs (both unless it is one part of two).
+        self.runs_northbound = part in (None, Part.NORTHBOUND)
+        self.runs_devices = part in (None, Part.DEVICES)
         self.plugins = plugins
         self.notifier = notifier or Notifier()
         self.directory = Directory(settings.transports)
@@ -229,7 +230,7 @@ class Gateway:
         # Uplink messages and reports share the server, so they share one breaker and
         # wait for the registration; downlink goes to transports and waits for nothing.
         breaker = self.live.breaker = CircuitBreaker()
-        if self._northbound:
+        if self.runs_northbound:
             api = self._api = GatewayApi(
                 gateway_type=s.gateway_type,
                 store=self.store,
@@ -249,7 +250,8 @@ class Gateway:
                 self.api_port = await api.start(s.api.host, s.api.port, self._server_tls)
             log.info("api.listening", host=s.api.host, port=self.api_port, prefix=api.prefix)
         await self._start_metrics(stack)
-        if self.api_port is not None:  # the northbound side's
+        if self.runs_northbound:
+            assert self.api_port is not None
             self._registrar = Registrar(
                 self._client,
                 gateway_id=s.gateway_id,
@@ -272,7 +274,7 @@ class Gateway:
     async def _serve(self, shutdown: Awaitable[Any] | None) -> None:
         s = self.settings
         assert self._client is not None
-        if self._devices:
+        if self.runs_devices:
             await self._start_transports()
 
         store = self.store
@@ -303,7 +305,7 @@ class Gateway:
             workers["uplink"] = northbound(Queue.UPLINK, senders.uplink)
             workers["reports"] = northbound(Queue.REPORT, senders.report)
             self._tasks.spawn("registration", self._registration())
-        if self._devices:
+        if self.runs_devices:
             workers["downlink"] = QueueWorker(
                 store,
                 Queue.DOWNLINK,
@@ -636,7 +638,7 @@ class Gateway:
         metrics.declare_transports(wanted)
         started = []
         for name in names:
-            if name in wanted and self._devices:
+            if name in wanted and self.runs_devices:
                 try:
                     await self._start_transport(wanted[name])
                     started.append(name)

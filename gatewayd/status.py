@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from gatewayd import __version__, metrics
-from gatewayd.processes import Part
 from gatewayd.retry import BreakerState, CircuitBreaker
 
 if TYPE_CHECKING:
@@ -80,7 +79,7 @@ class LiveState:
     def not_ready(self) -> list[str]:
         gw = self._gw
         reasons = []
-        if gw.part is not Part.DEVICES:  # the devices process has neither
+        if gw.runs_northbound:  # the devices part of two has neither
             if gw.api_port is None:
                 reasons.append("the API is not listening yet")
             registrar = gw.registrar

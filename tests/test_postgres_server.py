@@ -31,12 +31,6 @@ def _uid(pid: int) -> int:
     raise AssertionError(f"no Uid line for {pid}")
 
 
-def _alive(pid: int) -> bool:
-    # A backend of a connection that just closed may be gone between the listing and
-    # the read of its status.
-    return Path(f"/proc/{pid}").exists()
-
-
 def test_fixture_database_accepts_the_password(postgres_dsn: str) -> None:
     with psycopg.connect(postgres_dsn) as conn:
         user, database, tables = conn.execute(
@@ -66,7 +60,7 @@ def test_the_server_runs_unprivileged(postgres_server: PostgresServer) -> None:
         assert uid == postgres_server.home.stat().st_uid
     else:
         assert uid == os.geteuid()
-    assert all(_uid(p) == uid for p in postgres_server.processes() if _alive(p))
+    assert all(_uid(p) == uid for p in postgres_server.processes() if alive(p))
     assert postgres_server.execute("SHOW fsync") == [("on",)], "durability is tested for real"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import tomllib
@@ -23,6 +24,7 @@ from gatewayd_sim import harness
 from gatewayd_sim.harness import DEMO_SERVICE_ID, Pki
 from gatewayd_sim.server import SimServer
 from gatewayd_testing import until
+from gatewayd_testing.postgres import alive
 from jsonlog import entries, events, tail, wait_for_event
 from test_operability import GATEWAYD, NotifySocket, free_port, get
 
@@ -30,9 +32,13 @@ from gatewayd.errors import ExitCode
 
 
 def admin_ports() -> int:
-    """A port free together with the next one: the devices part listens on the next."""
+    """A port free together with the next one: the devices part listens on the next.
+
+    Taken below Linux's ephemeral range (32768 and up): a port picked there and freed
+    again may be handed to some other connection before the gateway binds it.
+    """
     while True:
-        port = free_port()
+        port = random.randrange(20_000, 32_000)
         with contextlib.ExitStack() as held:
             try:
                 for candidate in (port, port + 1):
@@ -67,17 +73,6 @@ def device_port(config: Path) -> int:
 def folder(path: Path) -> Path:
     path.mkdir()
     return path
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is gone for our purposes: its parent has not reaped it yet.
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    return False
 
 
 class Split:
@@ -170,6 +165,12 @@ async def test_two_processes_carry_both_ways_in_order_under_one_owner(
                 port, "sensor-1", {"payload": f"n={n}", "msgId": f"up-{n}"}
             )
             assert status == 202
+            if n == 9:  # one hostile body among them: refused alone
+                status, problem = await world.device.send(
+                    port, "sensor-1", {"payload": {"not": "text"}, "msgId": "hostile"}
+                )
+                assert status == 400, problem
+                assert problem["status"] == 400
         await world.sim.wait_for(lambda: len(world.sim.uplinks) == 20, timeout=20)
         assert [u.message.msg_id for u in world.sim.uplinks] == [f"up-{n}" for n in range(20)]
 
@@ -191,6 +192,8 @@ async def test_two_processes_carry_both_ways_in_order_under_one_owner(
         # Each part's admin listener: the northbound one on the port, the other next.
         assert await get(world.admin, "/readyz") == (200, "ready\n")
         assert await get(world.admin + 1, "/readyz") == (200, "ready\n")
+        (rejected,) = events(split.log, "intake.rejected")
+        assert (rejected["part"], rejected["transport"]) == ("devices", "web")
         # Every line says which part wrote it, the writer thread's too.
         parts = {e.get("part") for e in entries(split.log.read_text())}
         assert {"northbound", "devices"} <= parts

@@ -6,6 +6,7 @@ The behaviour every backend shares is tested in test_store.py."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import shutil
 import sqlite3
@@ -26,6 +27,7 @@ from gatewayd.processes import Part, PipeNeighbour
 from gatewayd.store import Queue, SqliteStore, StoreSettings
 from gatewayd.store.follow import Split
 from gatewayd.store.kv import StoreKV
+from gatewayd.store.schema import connect
 from gatewayd.store.writer import Txn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -394,3 +396,22 @@ async def test_what_a_rolled_back_transaction_read_of_the_neighbour_is_read_agai
     await north.prune()  # the next transaction
     (item,) = await north.take(Queue.UPLINK, limit=10)
     assert item.id == first
+
+
+def _open_and_close(path: str) -> str:
+    try:
+        connect(StoreSettings(path=Path(path))).close()
+    except sqlite3.Error as exc:
+        return repr(exc)
+    return "ok"
+
+
+def test_two_processes_creating_one_store_at_once_both_open_it(tmp_path: Path) -> None:
+    """The two parts of a two-process gateway open a fresh file at the same moment:
+    switching it to WAL failed with "database is locked" at once for one of them in about
+    one start in ten (SQLite does not wait for that lock); now it waits."""
+    context = multiprocessing.get_context("fork")
+    with context.Pool(2) as pool:
+        for n in range(30):
+            path = str(tmp_path / f"store-{n}" / "gatewayd.db")
+            assert pool.map(_open_and_close, [path, path]) == ["ok", "ok"]

@@ -6,14 +6,18 @@ import contextlib
 import json
 import os
 import sqlite3
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from gatewayd.store.model import Item, Queue, StoreSettings
 
-# 2 added the kv table, 3 the indexes of the expiry sweep and of prune; every statement
-# is IF NOT EXISTS, so running _DDL again on an older file upgrades it in place.
+# 2 added the kv table, 3 the indexes of the expiry sweep and of prune, 4 the meta table;
+# every statement is IF NOT EXISTS, so running _DDL again on an older file upgrades it
+# in place.
 SCHEMA_VERSION = 4
+SQLITE_BUSY: Final = 5  # SQLite's primary result code for a lock held elsewhere
+_WAL_RETRY_SECONDS: Final = 0.01
 
 # AUTOINCREMENT: ids are never reused after a purge or prune, so an id the CLI printed
 # keeps naming the same message, and a new message always sorts after every old one.
@@ -92,7 +96,7 @@ def connect(settings: StoreSettings) -> sqlite3.Connection:
     )
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(settings.busy_timeout * 1000)}")
-        conn.execute("PRAGMA journal_mode = WAL")
+        _enter_wal(conn, settings.busy_timeout)
         conn.execute(f"PRAGMA synchronous = {settings.synchronous.upper()}")
         # Truncate the WAL after a checkpoint so a burst does not leave a huge file behind.
         conn.execute("PRAGMA journal_size_limit = 67108864")
@@ -103,6 +107,25 @@ def connect(settings: StoreSettings) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _enter_wal(conn: sqlite3.Connection, timeout: float) -> None:
+    """``journal_mode = WAL``, waiting up to ``timeout`` for another connection.
+
+    On a file another process is creating at the same moment (the two parts of a
+    ``gateway.processes = 2`` gateway at their first start), the switch fails with
+    SQLITE_BUSY at once: SQLite does not call the busy handler for it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF == SQLITE_BUSY
+            if not busy or time.monotonic() >= deadline:
+                raise
+            time.sleep(_WAL_RETRY_SECONDS)
 
 
 def private_dir(path: Path) -> None:

@@ -67,7 +67,6 @@ class SqliteStore:
     def __init__(self, settings: StoreSettings, split: Split | None = None) -> None:
         self.settings = settings
         self._split = split
-        self._works = None if split is None else split.works
         worked = WORKED if split is None else WORKED & split.works
         follower = None if split is None else Follower(frozenset(q.value for q in worked))
         self._writer = Writer(settings, self._committed, _snapshot, follower)
@@ -514,7 +513,7 @@ class SqliteStore:
         chosen = [
             item
             for item in found
-            if (self._works is None or item.queue in self._works)
+            if (self._split is None or item.queue in self._split.works)
             and item.id not in self._claimed
             and item.id not in self._lanes.get(item.queue, _NO_LANES).settling
         ]
@@ -742,7 +741,7 @@ class SqliteStore:
         Read from memory (kept in step with every commit), not from the database,
         unless another process on the file remembers routes too."""
         at = time.time() if now is None else now
-        if self._works is None:
+        if self._split is None:
             entry = self._routes.get(service_id)
         else:
             entry = await self._writer.call(

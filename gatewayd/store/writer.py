@@ -32,14 +32,13 @@ from gatewayd.errors import BacklogFullError, GatewaydError, StoreError
 from gatewayd.store.follow import Follower, bump_bulk
 from gatewayd.store.lanes import Change
 from gatewayd.store.model import Queue, StoreSettings
-from gatewayd.store.schema import connect
+from gatewayd.store.schema import SQLITE_BUSY, connect
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
 # SQLite primary result codes (extended codes carry them in the low byte).
-_SQLITE_BUSY: Final = 5
 _SQLITE_LOCKED: Final = 6
 _SQLITE_READONLY: Final = 8
 _SQLITE_IOERR: Final = 10
@@ -432,7 +431,7 @@ def _settle(future: asyncio.Future[Any], outcome: Any) -> None:
 _FAILURES: Final = {
     _SQLITE_FULL: ("disk", "the disk is full"),
     _SQLITE_READONLY: ("readonly", "the database is read-only"),
-    _SQLITE_BUSY: ("busy", "the database stayed locked"),
+    SQLITE_BUSY: ("busy", "the database stayed locked"),
     _SQLITE_LOCKED: ("busy", "the database stayed locked"),
     _SQLITE_IOERR: ("io", "the database cannot be written"),
 }
