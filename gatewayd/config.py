@@ -83,6 +83,12 @@ class MetricsSettings:
     allow_remote: bool  # a non-loopback listen address must be asked for explicitly
     limits: ListenerLimits = METRICS_LIMITS
 
+    @property
+    def devices_port(self) -> int:
+        """Where the devices part of a two-process gateway listens: the next port
+        (0, any free port, stays 0)."""
+        return self.port + 1 if self.port else 0
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LogSettings:
@@ -501,10 +507,14 @@ def secret_refs(settings: Settings) -> list[SecretRef]:
 
 def listen_addresses(settings: Settings) -> list[tuple[str, ListenAddress]]:
     """Every address the gateway will listen on, by config key: the API, the metrics
-    listener, and each transport's ``listen`` option (the convention for listeners)."""
+    listener (and the devices part's next to it, with ``gateway.processes = 2``), and
+    each transport's ``listen`` option (the convention for listeners)."""
     out = [("api.listen", ListenAddress(settings.api.host, settings.api.port))]
-    if settings.metrics is not None:
-        out.append(("metrics.listen", ListenAddress(settings.metrics.host, settings.metrics.port)))
+    ms = settings.metrics
+    if ms is not None:
+        out.append(("metrics.listen", ListenAddress(ms.host, ms.port)))
+        if settings.processes > 1:  # the devices part's admin listener
+            out.append(("metrics.listen", ListenAddress(ms.host, ms.devices_port)))
     data = read_raw(settings.source)
     for name, table in data.get("transports", {}).items():
         if isinstance(table, dict) and isinstance(table.get("listen"), str):

@@ -488,8 +488,8 @@ class Gateway:
             return
         listener = AdminServer(self.live)
         stack.push_async_callback(listener.close)
-        # The devices process, beside the northbound one, serves its own on the next port.
-        port = ms.port + 1 if self.part == Part.DEVICES and ms.port else ms.port
+        # The devices part, beside the northbound one, serves its own on the next port.
+        port = ms.devices_port if self.part == Part.DEVICES else ms.port
         with ListenError.naming("metrics.listen", ms.host, port):
             bound = await listener.start(ms.host, port, ms.limits)
         self.metrics_port = bound.port

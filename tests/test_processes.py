@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import socket
+import subprocess
 import tomllib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -294,3 +295,24 @@ async def test_nothing_acknowledged_is_lost_when_a_part_is_killed(
     async with owner(world.config, folder(tmp_path / "third"), notify):
         while not set(pushed) <= set(got):
             got.append((await world.device.next(timeout=30))["msgId"])
+
+
+def test_check_config_binds_the_devices_parts_admin_port_too(
+    tmp_path: Path, loopback_pki: Pki
+) -> None:
+    """What a start would refuse, check-config refuses: the devices part listens on the
+    port after metrics.listen's, and another process holds it."""
+    admin = admin_ports()
+    config = write_config(tmp_path, loopback_pki, free_port(), "https://localhost:9/x", admin)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", admin + 1))
+        held.listen()
+        result = subprocess.run(
+            [*GATEWAYD, "check-config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == ExitCode.UNAVAILABLE, result.stderr
+    assert f"metrics.listen: cannot listen on 127.0.0.1:{admin + 1}" in result.stderr
